@@ -1,0 +1,147 @@
+"""The project's task runner: lint, typecheck, tests per package, isolation, gates, benchmarks.
+
+CPU sessions run by default; `nox -s ci` is what `.ci/run` runs. Every install goes through
+`constraints.txt` so torch stays on the pinned CPU wheel.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import nox
+
+ROOT = Path(__file__).parent
+CONSTRAINTS = ("-c", str(ROOT / "constraints.txt"))
+PACKAGES = ("contracts", "store", "control", "train", "launch")
+# In-repo dependencies of each package (what its wheel needs beside it).
+INTERNAL_DEPS = {
+    "contracts": (),
+    "store": ("contracts",),
+    "control": ("contracts",),
+    "train": ("contracts", "store", "control"),
+    "launch": ("contracts", "store", "control", "train"),
+}
+# Extras each package's tests need (beyond "test").
+TEST_EXTRAS = {
+    "contracts": ("test",),
+    "store": ("test", "mooncake-cpu"),
+    "control": ("test", "redis"),
+    "train": ("test",),
+    "launch": ("test", "hf", "plots", "redis", "mooncake-cpu"),
+}
+TORCH_FREE = ("contracts", "control")
+
+nox.options.sessions = ["lint", "typecheck", "tests", "isolation"]
+nox.options.reuse_existing_virtualenvs = True
+nox.options.error_on_missing_interpreters = True
+
+
+def pkg_dir(name: str) -> str:
+    return str(ROOT / "packages" / f"dataflow-{name}")
+
+
+def install_editable(session: nox.Session, name: str, extras: tuple[str, ...] = ()) -> None:
+    """Install a package and its in-repo dependencies in editable mode."""
+    args: list[str] = []
+    for dep in INTERNAL_DEPS[name]:
+        args += ["-e", pkg_dir(dep)]
+    suffix = f"[{','.join(extras)}]" if extras else ""
+    args += ["-e", pkg_dir(name) + suffix]
+    session.install(*CONSTRAINTS, *args)
+
+
+@nox.session
+def lint(session: nox.Session) -> None:
+    """ruff (check + format) and the import-linter layer contracts."""
+    session.install(*CONSTRAINTS, "ruff>=0.6", "import-linter>=2.1")
+    session.install("--no-deps", *[arg for p in PACKAGES for arg in ("-e", pkg_dir(p))])
+    session.run("ruff", "check", ".")
+    session.run("ruff", "format", "--check", ".")
+    session.run("lint-imports", "--config", str(ROOT / "pyproject.toml"))
+
+
+@nox.session
+def typecheck(session: nox.Session) -> None:
+    """mypy over every package's source."""
+    session.install(*CONSTRAINTS, "mypy>=1.10", "types-PyYAML", "pytest")
+    install_editable(session, "launch", ("redis", "hf"))
+    srcs = [str(ROOT / "packages" / f"dataflow-{p}" / "src" / "dataflow" / p) for p in PACKAGES]
+    session.run("mypy", *srcs)
+
+
+@nox.session
+@nox.parametrize("package", PACKAGES)
+def tests(session: nox.Session, package: str) -> None:
+    """pytest for one package (``nox -s "tests(package='store')"``)."""
+    install_editable(session, package, TEST_EXTRAS[package])
+    args = session.posargs or ["-m", "not slow and not gpu"]
+    session.run("pytest", str(ROOT / "packages" / f"dataflow-{package}" / "tests"), *args)
+
+
+def _build_wheels(session: nox.Session, outdir: str) -> None:
+    session.install("build>=1.0")
+    for name in PACKAGES:
+        session.run(
+            "python", "-m", "build", "--wheel", "--outdir", outdir, pkg_dir(name), silent=True
+        )
+
+
+@nox.session(reuse_venv=False)
+@nox.parametrize("package", PACKAGES)
+def isolation(session: nox.Session, package: str) -> None:
+    """Build wheels, install one package ALONE (plus declared deps) in a fresh venv, import it.
+
+    For the torch-free packages, also prove torch is absent and never imported.
+    """
+    outdir = tempfile.mkdtemp(prefix="dataflow-wheels-")
+    try:
+        _build_wheels(session, outdir)
+        # Our own wheels are installed by path so pip never looks for same-named packages on
+        # an index; third-party dependencies come from the index as a user would get them.
+        ours = [package, *INTERNAL_DEPS[package]]
+        wheels = [glob.glob(os.path.join(outdir, f"dataflow_{p}-*.whl"))[0] for p in ours]
+        session.run(
+            "python",
+            "-m",
+            "pip",
+            "uninstall",
+            "-y",
+            "build",
+            "pyproject_hooks",
+            "packaging",
+            silent=True,
+        )
+        session.install(*CONSTRAINTS, *wheels)
+        listing = session.run("python", "-m", "pip", "list", "--format=freeze", silent=True) or ""
+        installed = {line.split("==")[0].lower() for line in listing.splitlines() if "==" in line}
+        ours_installed = sorted(n for n in installed if n.startswith("dataflow-"))
+        expected = sorted(f"dataflow-{p}" for p in ours)
+        if ours_installed != expected:
+            session.error(f"expected exactly {expected} of ours, found {ours_installed}")
+        session.log(f"installed of ours: {ours_installed}; total distributions: {len(installed)}")
+        check = f"import dataflow.{package} as m, sys; print('imported', m.__name__, m.__version__)"
+        if package in TORCH_FREE:
+            if "torch" in installed or "numpy" in installed:
+                session.error(f"dataflow-{package} pulled in torch/numpy: {sorted(installed)}")
+            check += (
+                "; import pkgutil, importlib, importlib.util;"
+                f" [importlib.import_module(i.name) for i in pkgutil.walk_packages(m.__path__, 'dataflow.{package}.')"
+                " if '.tests' not in i.name];"
+                " bad = sorted(k for k in sys.modules if k.split('.')[0] in ('torch', 'numpy'));"
+                " assert not bad, bad;"
+                " print('all modules imported; torch importable:', importlib.util.find_spec('torch') is not None)"
+            )
+        session.run("python", "-c", check)
+    finally:
+        shutil.rmtree(outdir, ignore_errors=True)
+
+
+@nox.session(venv_backend="none")
+def ci(session: nox.Session) -> None:
+    """Everything `.ci/run` runs: lint, typecheck, per-package tests, isolation."""
+    for name in ("lint", "typecheck", "tests", "isolation"):
+        session.notify(name)

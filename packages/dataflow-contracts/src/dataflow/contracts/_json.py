@@ -1,0 +1,57 @@
+"""Deep freezing of JSON-like values, so frozen records are immutable all the way down."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Any
+
+from dataflow.contracts.errors import InvalidInputError
+
+JsonMap = Mapping[str, Any]
+"""A read-only JSON object: str keys; values are None, bool, int, float, str, tuples, JsonMaps."""
+
+
+def freeze_json(value: Any, path: str = "value") -> Any:
+    """Return a deep read-only copy of a JSON-compatible value.
+
+    dicts become read-only mappings, lists become tuples. Raises :class:`InvalidInputError`
+    naming the path of anything that is not JSON-compatible (non-str keys, NaN, objects).
+    """
+    if value is None or isinstance(value, (bool, int, str)):
+        return value
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            raise InvalidInputError(f"{path} is {value!r}; JSON values must be finite")
+        return value
+    if isinstance(value, Mapping):
+        out = {}
+        for key, child in value.items():
+            if not isinstance(key, str):
+                raise InvalidInputError(f"{path} has a non-str key {key!r}")
+            out[key] = freeze_json(child, f"{path}[{key!r}]")
+        return MappingProxyType(out)
+    if isinstance(value, (list, tuple)):
+        return tuple(freeze_json(child, f"{path}[{i}]") for i, child in enumerate(value))
+    raise InvalidInputError(
+        f"{path} holds a {type(value).__module__}.{type(value).__qualname__}; "
+        "only JSON values (None, bool, int, float, str, lists, str-keyed dicts) are allowed"
+    )
+
+
+def freeze_map(value: Any, path: str) -> JsonMap:
+    """:func:`freeze_json` for a value that must be a JSON object."""
+    if not isinstance(value, Mapping):
+        raise InvalidInputError(f"{path} must be a mapping, got {type(value).__name__}")
+    frozen: JsonMap = freeze_json(value, path)
+    return frozen
+
+
+def thaw_json(value: Any) -> Any:
+    """Inverse of :func:`freeze_json`: plain dicts and lists, ready for ``json.dumps``."""
+    if isinstance(value, Mapping):
+        return {key: thaw_json(child) for key, child in value.items()}
+    if isinstance(value, tuple):
+        return [thaw_json(child) for child in value]
+    return value

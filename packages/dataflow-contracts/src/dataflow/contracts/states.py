@@ -1,0 +1,137 @@
+"""The ledger's states and the tensor-free reports it and the stores hand out."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+
+class SampleState(enum.StrEnum):
+    """Where a sample is in its life (ARCHITECTURE §4)."""
+
+    COMMITTED = "committed"
+    ASSIGNED = "assigned"
+    TRAINED = "trained"
+    RELEASED = "released"
+    DROPPED = "dropped"
+
+
+class PromptState(enum.StrEnum):
+    """Where a prompt task is in its life."""
+
+    PENDING = "pending"
+    LEASED = "leased"
+    DONE = "done"
+    FAILED = "failed"
+
+
+class ProducerState(enum.StrEnum):
+    """The producer side's run marker; ``failed`` never reads as a clean end of stream."""
+
+    NOT_STARTED = "not_started"
+    RUNNING = "running"
+    CLOSED = "closed"
+    FAILED = "failed"
+
+
+class ConsumerState(enum.StrEnum):
+    """The consumer side's run marker."""
+
+    NOT_STARTED = "not_started"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class RunMarkers:
+    """The run-level facts a ledger keeps besides samples and prompts."""
+
+    run_id: str = ""
+    quantum: int = 0
+    durable_step: int = -1
+    producer: ProducerState = ProducerState.NOT_STARTED
+    producer_reason: str = ""
+    consumer: ConsumerState = ConsumerState.NOT_STARTED
+    consumer_reason: str = ""
+
+
+@dataclass(frozen=True)
+class LedgerStatus:
+    """A snapshot of a ledger, cheap to take at any run length.
+
+    ``samples`` and ``prompts`` map every state's value to a count (zeros included);
+    ``in_flight`` = committed + assigned samples, ``in_flight_bytes`` their estimated bytes.
+    ``dropped_reasons`` counts dropped samples per reason.
+    """
+
+    backend: str
+    durable: bool
+    markers: RunMarkers
+    samples: Mapping[str, int] = field(default_factory=dict, hash=False)
+    prompts: Mapping[str, int] = field(default_factory=dict, hash=False)
+    in_flight: int = 0
+    in_flight_bytes: int = 0
+    dropped_reasons: Mapping[str, int] = field(default_factory=dict, hash=False)
+    latest_weight_order: int = 0
+    drift_mean: float | None = None
+    drift_max: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("samples", "prompts", "dropped_reasons"):
+            object.__setattr__(self, name, MappingProxyType(dict(getattr(self, name))))
+
+
+@dataclass(frozen=True)
+class StoreHealth:
+    """Tensor-free figures of a feature store; after a full drain they return to the baseline."""
+
+    backend: str
+    resident_samples: int = 0
+    resident_bytes: int = 0
+    active_leases: int = 0
+    pending_frees: int = 0
+    oldest_age_s: float = 0.0
+    budget_bytes: int | None = None
+
+
+@dataclass(frozen=True)
+class GcReport:
+    """What one ``gc()`` pass did."""
+
+    freed_samples: int = 0
+    freed_bytes: int = 0
+    retried_frees: int = 0
+    failed_frees: int = 0
+
+
+@dataclass(frozen=True)
+class CommitResult:
+    """Outcome of committing refs: which were new, which were already known (never re-delivered)."""
+
+    committed: tuple[str, ...] = ()
+    duplicates: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Window:
+    """One optimizer window: ``assignments[rank]`` is that rank's ordered sample ids."""
+
+    window_id: int
+    assignments: tuple[tuple[str, ...], ...]
+
+    @property
+    def size(self) -> int:
+        """Samples in the window (= the quantum)."""
+        return sum(len(ids) for ids in self.assignments)
+
+
+@dataclass(frozen=True)
+class ReconcileResult:
+    """What restart reconciliation did for a restored checkpoint step."""
+
+    checkpoint_step: int
+    released: tuple[str, ...] = ()
+    requeued: tuple[str, ...] = ()

@@ -1,0 +1,7 @@
+from importlib.metadata import version
+
+import dataflow.contracts as package
+
+
+def test_version_is_single_sourced():
+    assert package.__version__ == version("dataflow-contracts")
