@@ -45,8 +45,8 @@ def pkg_dir(name: str) -> str:
 
 
 def install_editable(session: nox.Session, name: str, extras: tuple[str, ...] = ()) -> None:
-    """Install a package and its in-repo dependencies in editable mode."""
-    args: list[str] = []
+    """Install a package, its in-repo dependencies (editable) and the test-support plugin."""
+    args: list[str] = ["-e", str(ROOT / "tools" / "dataflow-testing")]
     for dep in INTERNAL_DEPS[name]:
         args += ["-e", pkg_dir(dep)]
     suffix = f"[{','.join(extras)}]" if extras else ""
@@ -78,13 +78,15 @@ def typecheck(session: nox.Session) -> None:
 def tests(session: nox.Session, package: str) -> None:
     """pytest for one package (``nox -s "tests(package='store')"``)."""
     install_editable(session, package, TEST_EXTRAS[package])
+    if package == "contracts":  # the no-tensor guard is tested against real torch and numpy values
+        session.install(*CONSTRAINTS, "torch", "numpy")
     args = session.posargs or ["-m", "not slow and not gpu"]
     session.run("pytest", str(ROOT / "packages" / f"dataflow-{package}" / "tests"), *args)
 
 
-def _build_wheels(session: nox.Session, outdir: str) -> None:
+def _build_wheels(session: nox.Session, outdir: str, names: list[str]) -> None:
     session.install("build>=1.0")
-    for name in PACKAGES:
+    for name in names:
         session.run(
             "python", "-m", "build", "--wheel", "--outdir", outdir, pkg_dir(name), silent=True
         )
@@ -99,10 +101,10 @@ def isolation(session: nox.Session, package: str) -> None:
     """
     outdir = tempfile.mkdtemp(prefix="dataflow-wheels-")
     try:
-        _build_wheels(session, outdir)
         # Our own wheels are installed by path so pip never looks for same-named packages on
         # an index; third-party dependencies come from the index as a user would get them.
         ours = [package, *INTERNAL_DEPS[package]]
+        _build_wheels(session, outdir, ours)
         wheels = [glob.glob(os.path.join(outdir, f"dataflow_{p}-*.whl"))[0] for p in ours]
         session.run(
             "python",
@@ -145,3 +147,9 @@ def ci(session: nox.Session) -> None:
     """Everything `.ci/run` runs: lint, typecheck, per-package tests, isolation."""
     for name in ("lint", "typecheck", "tests", "isolation"):
         session.notify(name)
+
+
+# Plane-specific sessions (benchmarks, gates) live in tools/sessions/*.py, one file each, and
+# share this file's helpers; they are loaded here so `nox -l` lists them all.
+for _path in sorted((ROOT / "tools" / "sessions").glob("*.py")):
+    exec(compile(_path.read_text(), str(_path), "exec"), globals())

@@ -1,0 +1,4 @@
+"""pytest plugin: fixtures starting real services on loopback (loaded via the pytest11 entry point).
+
+Service modules add their fixtures here by import, e.g. ``from dataflow_testing.redis import *``.
+"""
