@@ -145,8 +145,13 @@ def isolation(session: nox.Session, package: str) -> None:
 @nox.session(venv_backend="none")
 def ci(session: nox.Session) -> None:
     """Everything `.ci/run` runs: lint, typecheck, per-package tests, isolation."""
-    for name in ("lint", "typecheck", "tests", "isolation"):
-        session.notify(name)
+    session.notify("lint")
+    session.notify("typecheck")
+    # A parametrized session must be notified once per parameter, by its full name.
+    for package in PACKAGES:
+        session.notify(f"tests(package='{package}')")
+    for package in PACKAGES:
+        session.notify(f"isolation(package='{package}')")
 
 
 # Plane-specific sessions (benchmarks, gates) live in tools/sessions/*.py, one file each, and
