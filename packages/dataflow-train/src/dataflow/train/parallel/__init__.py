@@ -1,0 +1,1 @@
+"""Distributed building blocks of the trainer (sequence parallelism, sharding)."""
