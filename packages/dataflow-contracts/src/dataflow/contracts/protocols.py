@@ -79,9 +79,62 @@ class SampleAborter(Protocol):
 class Ledger(Protocol):
     """One run's durable source of truth; every method is one atomic transaction.
 
-    State machines (ARCHITECTURE §4): samples COMMITTED → ASSIGNED → TRAINED → RELEASED, or
-    DROPPED from COMMITTED/ASSIGNED; prompts PENDING → LEASED → DONE | FAILED. A transition that
-    is not allowed raises ``LedgerConflictError`` and changes nothing.
+    State machines (ARCHITECTURE §4): samples COMMITTED → ASSIGNED(rank, window) → TRAINED(step)
+    → RELEASED, or DROPPED(reason) from COMMITTED/ASSIGNED; prompts PENDING → LEASED(worker,
+    deadline) → DONE | FAILED(reason). A transition that is not allowed from a record's current
+    state raises ``LedgerConflictError``; a malformed argument raises ``InvalidInputError`` (a
+    tensor inside a record raises ``TypeError`` naming its path). In every refused case nothing
+    changes: a call applies all of its changes or none.
+
+    Run markers:
+    - ``open_run(run_id, quantum, resume=False)`` starts a run on an empty ledger (refused on a
+      ledger holding a run, samples or prompts); ``resume=True`` joins/continues the ledger's
+      run (the run id must match) or starts it when the ledger is empty. ``quantum`` = samples
+      per optimizer window (dp_size * per-rank); once set it is fixed: a different one is
+      refused. ``quantum=0`` means "take the run's".
+    - ``set_producer_state`` / ``set_consumer_state``: RUNNING from any state (restart);
+      CLOSED/DONE only from RUNNING (or again, idempotently); FAILED from any state and needs a
+      reason. A failure never turns into a clean end: FAILED → CLOSED/DONE is refused.
+    - ``set_durable_step(step)``: the newest durable checkpoint step; never goes backwards.
+
+    Prompts:
+    - ``add_prompts``: new task ids become PENDING in input order; an id already known (in any
+      state, or twice in one call) is reported as a duplicate and never queued twice.
+    - ``lease_prompts(worker, limit, lease_s)`` first returns expired leases to PENDING (attempt
+      + 1, or FAILED when the ledger's maximum attempts are used up), then leases up to
+      ``limit`` PENDING tasks FIFO; the returned tasks carry their current attempt.
+    - ``complete_prompt`` (LEASED by that worker → DONE; again on DONE: no-op) and
+      ``fail_prompt`` (LEASED by that worker → PENDING with attempt + 1 when retryable and
+      attempts remain, else FAILED(reason)); return the new state.
+    - ``reclaim_leases(worker)``: a restarted worker gives back its leases as if they expired.
+    - Committing a ref whose ``source_task_id`` is PENDING or LEASED marks that task DONE in the
+      same transaction, so a finished prompt is never rolled out again.
+
+    Samples:
+    - ``commit``: idempotent on sample id; duplicates (known ids, or repeated in the call) are
+      reported and never delivered twice. Refused while the producer is CLOSED.
+    - ``assign_window(dp_size, per_rank)``: dp_size * per_rank must equal the run's quantum; if
+      at least a quantum of samples is COMMITTED, assigns the oldest (commit order) as one
+      window, rank r getting the r-th slice of per_rank ids, and returns it; else ``None``.
+    - ``assigned(rank, after_window)``: that rank's ASSIGNED refs in windows after
+      ``after_window``, in window and commit order. ``refs(ids)``: the committed refs by id.
+    - ``ack(step, ids)``: every id must be ASSIGNED and ``step`` ≥ the last acked step; marks
+      them TRAINED(step) and records the step.
+    - ``drop(ids, reason)``: COMMITTED/ASSIGNED → DROPPED(reason); returns the dropped refs.
+    - ``drop_partial_tail()``: at end of stream (producer CLOSED) the COMMITTED remainder,
+      fewer than a quantum, becomes DROPPED("partial_window"); returns those refs.
+    - ``release_through(step)``: TRAINED(s ≤ step) → RELEASED; returns the released refs.
+    - ``reconcile(checkpoint_step, dp_size)``: TRAINED(s ≤ C) → RELEASED, TRAINED(s > C) and
+      ASSIGNED → COMMITTED (commit order kept, so windows re-cut deterministically for any
+      dp_size dividing the quantum); the acked and durable steps become C. Idempotent.
+      Refused when C is ahead of the last acked step or behind ``released_through``.
+
+    Weights: ``publish_weight`` assigns the next publish order (1, 2, …) and is idempotent on
+    ``version_id`` (the stored record is returned; a different record under a known id is a
+    conflict). ``weight_versions`` lists them in publish order.
+
+    ``status()`` is cheap at any run length: counters kept in the same transaction as each
+    transition, no scan over history.
     """
 
     @property
@@ -106,22 +159,28 @@ class Ledger(Protocol):
 
     def lease_prompts(self, worker: str, limit: int, lease_s: float) -> list[PromptTask]: ...
 
-    def complete_prompt(self, task_id: str, worker: str) -> None: ...
+    def complete_prompt(self, task_id: str, worker: str) -> PromptState: ...
 
     def fail_prompt(
         self, task_id: str, worker: str, reason: str, *, retryable: bool
     ) -> PromptState: ...
+
+    def reclaim_leases(self, worker: str) -> list[str]: ...
 
     # samples
     def commit(self, refs: Sequence[SampleRef]) -> CommitResult: ...
 
     def assign_window(self, dp_size: int, per_rank: int) -> Window | None: ...
 
-    def assigned(self, rank: int) -> list[SampleRef]: ...
+    def assigned(self, rank: int, after_window: int = -1) -> list[SampleRef]: ...
+
+    def refs(self, sample_ids: Sequence[str]) -> list[SampleRef]: ...
 
     def ack(self, step: int, sample_ids: Sequence[str]) -> None: ...
 
     def drop(self, sample_ids: Sequence[str], reason: str) -> list[SampleRef]: ...
+
+    def drop_partial_tail(self) -> list[SampleRef]: ...
 
     def release_through(self, step: int) -> list[SampleRef]: ...
 

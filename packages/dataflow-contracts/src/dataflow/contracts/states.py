@@ -47,7 +47,13 @@ class ConsumerState(enum.StrEnum):
 
 @dataclass(frozen=True)
 class RunMarkers:
-    """The run-level facts a ledger keeps besides samples and prompts."""
+    """The run-level facts a ledger keeps besides samples and prompts.
+
+    ``quantum`` is fixed once set (0 = not set yet). ``durable_step`` is the newest durable
+    checkpoint step, ``trained_step`` the newest acked optimizer step and ``released_through``
+    the newest step whose samples were released (features freed); -1 = none yet. ``dp_size`` is
+    the data-parallel size of the last reconcile (0 = never reconciled).
+    """
 
     run_id: str = ""
     quantum: int = 0
@@ -56,6 +62,9 @@ class RunMarkers:
     producer_reason: str = ""
     consumer: ConsumerState = ConsumerState.NOT_STARTED
     consumer_reason: str = ""
+    trained_step: int = -1
+    released_through: int = -1
+    dp_size: int = 0
 
 
 @dataclass(frozen=True)
@@ -82,6 +91,11 @@ class LedgerStatus:
     def __post_init__(self) -> None:
         for name in ("samples", "prompts", "dropped_reasons"):
             object.__setattr__(self, name, MappingProxyType(dict(getattr(self, name))))
+
+    @property
+    def backlog(self) -> int:
+        """Committed samples not yet assigned to a window."""
+        return self.samples.get(SampleState.COMMITTED.value, 0)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,107 @@
+"""What a ledger backend provides: atomic transactions over a few primitive reads and writes.
+
+The rules of the ledger live once, in the operations of ``_samples``, ``_prompts`` and
+``_run``; a backend only stores. Every operation runs inside ``LedgerStorage.write`` (or
+``read``) and follows one pattern: read what it needs, validate, then write. Operations never
+read back their own writes, so a backend may buffer writes until the transaction ends (Redis
+does: MULTI/EXEC), and a refused operation has written nothing.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable, Mapping, Sequence
+from typing import TypeVar
+
+from dataflow.contracts.features import SampleRef
+from dataflow.contracts.prompt import PromptTask
+from dataflow.contracts.states import PromptState, SampleState
+from dataflow.contracts.weights import WeightVersion
+from dataflow.control.ledger._rows import PromptChange, PromptRow, SampleChange, SampleRow
+
+R = TypeVar("R")
+
+
+class LedgerTx(abc.ABC):
+    """One transaction's view of a ledger backend (valid only inside ``write``/``read``)."""
+
+    # -- reads ---------------------------------------------------------------------------
+    @abc.abstractmethod
+    def meta(self) -> dict[str, str]:
+        """The run-level key/value markers (small, fixed set of keys)."""
+
+    @abc.abstractmethod
+    def counters(self) -> dict[str, int]:
+        """Every counter kept beside the transitions (per-state counts, bytes, drop reasons)."""
+
+    @abc.abstractmethod
+    def samples(self, sample_ids: Sequence[str]) -> dict[str, SampleRow]:
+        """The rows of the known ids among ``sample_ids``."""
+
+    @abc.abstractmethod
+    def samples_in(self, state: SampleState, limit: int | None = None) -> list[SampleRow]:
+        """Rows in ``state`` in commit order, at most ``limit``; never used for terminal states."""
+
+    @abc.abstractmethod
+    def refs(self, sample_ids: Sequence[str]) -> dict[str, SampleRef]:
+        """The committed refs of the known ids among ``sample_ids``."""
+
+    @abc.abstractmethod
+    def prompts(self, task_ids: Sequence[str]) -> dict[str, PromptRow]:
+        """The rows of the known task ids among ``task_ids``."""
+
+    @abc.abstractmethod
+    def prompts_in(self, state: PromptState, limit: int | None = None) -> list[PromptRow]:
+        """Rows in ``state`` (PENDING or LEASED) in FIFO order, at most ``limit``."""
+
+    @abc.abstractmethod
+    def tasks(self, task_ids: Sequence[str]) -> dict[str, PromptTask]:
+        """The tasks as added, by id."""
+
+    @abc.abstractmethod
+    def weights(self) -> list[WeightVersion]:
+        """Published weight versions in publish order."""
+
+    # -- writes (may be buffered until the transaction commits) --------------------------
+    @abc.abstractmethod
+    def set_meta(self, values: Mapping[str, str]) -> None: ...
+
+    @abc.abstractmethod
+    def add_counters(self, deltas: Mapping[str, int]) -> None: ...
+
+    @abc.abstractmethod
+    def insert_samples(self, rows: Sequence[SampleRow], refs: Sequence[SampleRef]) -> None: ...
+
+    @abc.abstractmethod
+    def update_samples(self, changes: Sequence[SampleChange]) -> None: ...
+
+    @abc.abstractmethod
+    def insert_prompts(self, rows: Sequence[PromptRow], tasks: Sequence[PromptTask]) -> None: ...
+
+    @abc.abstractmethod
+    def update_prompts(self, changes: Sequence[PromptChange]) -> None: ...
+
+    @abc.abstractmethod
+    def append_weight(self, version: WeightVersion) -> None: ...
+
+
+class LedgerStorage(abc.ABC):
+    """A backend: runs operations as atomic transactions and says what it is."""
+
+    backend: str
+    durable: bool
+
+    @abc.abstractmethod
+    def write(self, operation: Callable[[LedgerTx], R]) -> R:
+        """Run ``operation`` as one serialisable read-write transaction; all or nothing.
+
+        If ``operation`` raises, nothing it wrote is kept and the error propagates.
+        """
+
+    @abc.abstractmethod
+    def read(self, operation: Callable[[LedgerTx], R]) -> R:
+        """Run a read-only ``operation`` against one consistent snapshot."""
+
+    @abc.abstractmethod
+    def close(self) -> None:
+        """Release connections; later calls raise ``ClosedError``."""
