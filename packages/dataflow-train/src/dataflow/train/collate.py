@@ -1,0 +1,159 @@
+"""Batch checks and collation: refs that disagree are refused; samples are padded and stacked.
+
+Every sample feature is a tensor shaped ``[1, T, ...]`` (a batch dim of one, then the sequence).
+A batch pads each feature to the longest ``T`` in the batch, rounded up to a multiple of the
+sequence-parallel degree, stacks along dim 0 and adds ``attention_mask`` (int64 ``[B, T]``, 1 on
+real tokens). Padding is zero everywhere, so padded positions carry ``loss_mask == 0``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from dataflow.contracts import FeatureSpec, SampleRef, SchemaMismatchError, TrainBatch
+
+ATTENTION_MASK = "attention_mask"
+"""Name of the mask collation adds; a sample must not carry a feature of this name."""
+
+
+def check_refs_agree(refs: Sequence[SampleRef], strategy: str, schema_version: int) -> None:
+    """Raise :class:`SchemaMismatchError` unless every ref fits one batch.
+
+    Guarantees: strategy equals ``strategy``; schema version equals ``schema_version``; refs that
+    carry specs share one set of feature names and, per feature, one dtype and one rank. Reads
+    only the refs: nothing is fetched or leased.
+    """
+    if not refs:
+        raise SchemaMismatchError("a batch needs at least one ref")
+    for ref in refs:
+        if ref.strategy != strategy:
+            raise SchemaMismatchError(
+                f"sample {ref.sample_id!r} has strategy {ref.strategy!r}; "
+                f"this loader trains {strategy!r}"
+            )
+        if ref.schema_version != schema_version:
+            raise SchemaMismatchError(
+                f"sample {ref.sample_id!r} has feature schema version {ref.schema_version}; "
+                f"this loader reads version {schema_version}"
+            )
+    described = [ref for ref in refs if ref.feature_specs]
+    if described:
+        first = described[0]
+        for ref in described[1:]:
+            _check_specs_agree(
+                first.sample_id, first.feature_specs, ref.sample_id, ref.feature_specs
+            )
+
+
+def _check_specs_agree(
+    first_id: str,
+    first: Mapping[str, FeatureSpec],
+    other_id: str,
+    other: Mapping[str, FeatureSpec],
+) -> None:
+    if set(first) != set(other):
+        raise SchemaMismatchError(
+            f"samples {first_id!r} and {other_id!r} carry different features: "
+            f"{sorted(first)} vs {sorted(other)}"
+        )
+    for name, spec in first.items():
+        theirs = other[name]
+        if spec.dtype != theirs.dtype:
+            raise SchemaMismatchError(
+                f"feature {name!r} is {spec.dtype} in {first_id!r} but {theirs.dtype} in {other_id!r}"
+            )
+        if len(spec.shape) != len(theirs.shape):
+            raise SchemaMismatchError(
+                f"feature {name!r} has rank {len(spec.shape)} in {first_id!r} "
+                f"but rank {len(theirs.shape)} in {other_id!r}"
+            )
+
+
+def sequence_length(sample_id: str, tensors: Mapping[str, torch.Tensor]) -> int:
+    """The sample's token count ``T``; every feature must be ``[1, T, ...]`` with the same ``T``."""
+    if not tensors:
+        raise SchemaMismatchError(f"sample {sample_id!r} has no features")
+    if ATTENTION_MASK in tensors:
+        raise SchemaMismatchError(
+            f"sample {sample_id!r} carries {ATTENTION_MASK!r}, which collation owns"
+        )
+    lengths = {}
+    for name, tensor in tensors.items():
+        if tensor.dim() < 2 or tensor.shape[0] != 1:
+            raise SchemaMismatchError(
+                f"feature {name!r} of sample {sample_id!r} has shape {tuple(tensor.shape)}; "
+                "expected [1, T, ...]"
+            )
+        lengths[name] = int(tensor.shape[1])
+    if len(set(lengths.values())) != 1:
+        raise SchemaMismatchError(
+            f"features of sample {sample_id!r} disagree on the sequence length: {lengths}"
+        )
+    return next(iter(lengths.values()))
+
+
+def _check_samples_agree(ids: Sequence[str], samples: Sequence[Mapping[str, torch.Tensor]]) -> None:
+    first = samples[0]
+    for sample_id, sample in zip(ids[1:], samples[1:], strict=True):
+        if set(sample) != set(first):
+            raise SchemaMismatchError(
+                f"samples {ids[0]!r} and {sample_id!r} carry different features: "
+                f"{sorted(first)} vs {sorted(sample)}"
+            )
+        for name, tensor in first.items():
+            theirs = sample[name]
+            if tensor.dtype != theirs.dtype or tensor.dim() != theirs.dim():
+                raise SchemaMismatchError(
+                    f"feature {name!r} is {tensor.dtype} rank {tensor.dim()} in {ids[0]!r} but "
+                    f"{theirs.dtype} rank {theirs.dim()} in {sample_id!r}"
+                )
+            if tensor.shape[2:] != theirs.shape[2:]:
+                raise SchemaMismatchError(
+                    f"feature {name!r} has trailing shape {tuple(tensor.shape[2:])} in "
+                    f"{ids[0]!r} but {tuple(theirs.shape[2:])} in {sample_id!r}"
+                )
+
+
+def padded_length(longest: int, multiple: int) -> int:
+    """``longest`` rounded up to a multiple of ``multiple`` (the sequence-parallel degree)."""
+    return -(-longest // multiple) * multiple
+
+
+def collate(
+    sample_ids: Sequence[str],
+    samples: Sequence[Mapping[str, torch.Tensor]],
+    *,
+    strategy: str,
+    pad_multiple: int = 1,
+    metadata: Mapping[str, Any] | None = None,
+) -> TrainBatch:
+    """Stack samples into one :class:`TrainBatch`, padding the sequence dim with zeros.
+
+    Guarantees: row ``i`` of every tensor is ``sample_ids[i]``; the padded length is the
+    longest sample's, rounded up to ``pad_multiple``; ``attention_mask`` marks real tokens.
+    Samples whose feature names, dtypes, ranks or trailing shapes disagree are refused with
+    :class:`SchemaMismatchError`.
+    """
+    if len(sample_ids) != len(samples) or not samples:
+        raise SchemaMismatchError(
+            f"collate needs one sample per id, got {len(samples)} samples for {len(sample_ids)} ids"
+        )
+    lengths = [sequence_length(sid, s) for sid, s in zip(sample_ids, samples, strict=True)]
+    _check_samples_agree(sample_ids, samples)
+    target = padded_length(max(lengths), pad_multiple)
+    out: dict[str, torch.Tensor] = {}
+    for name, proto in samples[0].items():
+        batched = proto.new_zeros((len(samples), target, *proto.shape[2:]))
+        for row, (sample, length) in enumerate(zip(samples, lengths, strict=True)):
+            batched[row, :length] = sample[name][0]
+        out[name] = batched
+    mask = torch.zeros((len(samples), target), dtype=torch.int64)
+    for row, length in enumerate(lengths):
+        mask[row, :length] = 1
+    out[ATTENTION_MASK] = mask
+    meta = dict(metadata or {})
+    meta["sequence_lengths"] = tuple(lengths)
+    return TrainBatch(sample_ids=tuple(sample_ids), strategy=strategy, tensors=out, metadata=meta)

@@ -1,0 +1,364 @@
+"""Trainer: batches in, optimizer steps out, every boundary acknowledged, resumable at any step.
+
+The loop is the same for every topology: colocated or disaggregated, offline or online, one
+rank or many differ only in the loader's ref source, the store behind it and the backend.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from tqdm import tqdm
+
+from dataflow.contracts import InvalidInputError, RunFailedError, TrainBatch
+from dataflow.train.checkpoint import (
+    CheckpointInfo,
+    CheckpointManager,
+    config_differences,
+    fingerprint,
+)
+from dataflow.train.config import TrainerConfig
+from dataflow.train.hooks import AckHook, HookContext, StepEvent, TrainerHook
+from dataflow.train.loader import FeatureDataLoader
+from dataflow.train.metrics import MetricsSink
+from dataflow.train.optim import WarmupCosineSchedule, build_adamw
+from dataflow.train.parallel.backend import LocalBackend, TrainBackend
+from dataflow.train.rng import capture_rng, restore_rng
+
+
+class ObjectiveOutput(Protocol):
+    """What an objective's ``forward`` returns: a scalar loss and detached scalar metrics."""
+
+    @property
+    def loss(self) -> torch.Tensor: ...
+
+    @property
+    def metrics(self) -> Mapping[str, torch.Tensor]: ...
+
+
+@dataclass
+class FitResult:
+    """What ``fit`` did: the optimizer steps reached and the loss of each step it ran."""
+
+    step: int
+    losses: dict[int, float] = field(default_factory=dict)
+    checkpoints: list[CheckpointInfo] = field(default_factory=list)
+
+
+@dataclass
+class _Window:
+    """One optimizer window in progress on this rank."""
+
+    micro: int = 0
+    sample_ids: list[str] = field(default_factory=list)
+    loss: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.float64))
+    metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+    data_wait_s: float = 0.0
+
+
+class Trainer:
+    """Trains ``objective`` on ``loader``'s batches (see the module docstring).
+
+    Guarantees:
+    - one optimizer step per ``accumulation_steps`` batches (the window); LR warmup + cosine,
+      global-norm clipping, AdamW over fp32 parameters whatever the compute precision;
+    - at each boundary, in order: clip, step, hooks (e.g. the ack with this rank's window ids),
+      metrics (rank 0), checkpoint when due;
+    - ranks fail together: data, forward and hook failures are agreed on across ranks so every
+      rank raises; any other failure tears the process groups down so peers fail at once;
+    - ``fit(resume=...)`` restores model, optimizer, schedule, RNG, loader position and hook
+      states, after refusing a checkpoint written under a different config.
+    """
+
+    def __init__(
+        self,
+        objective: nn.Module,
+        loader: FeatureDataLoader,
+        config: TrainerConfig,
+        *,
+        backend: TrainBackend | None = None,
+        hooks: Sequence[TrainerHook] = (),
+        metrics: MetricsSink | None = None,
+        checkpoint_dir: str | Path | None = None,
+        checkpoint_fault_hook: Any = None,
+        contract_extra: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.config = config
+        self.loader = loader
+        self.backend: TrainBackend = backend or LocalBackend()
+        self.hooks = list(hooks)
+        self._metrics = metrics if self.backend.rank == 0 else None
+        self.total_steps = self._horizon()
+        torch.manual_seed(config.seed)
+        self.model = self.backend.prepare(objective)
+        self._params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = build_adamw(self._params, config.optim)
+        self.schedule = WarmupCosineSchedule(self.optimizer, config.optim, self.total_steps)
+        self.checkpoints = (
+            CheckpointManager(
+                checkpoint_dir,
+                self.backend.collective,
+                keep_last=config.keep_last,
+                fault_hook=checkpoint_fault_hook,
+            )
+            if checkpoint_dir is not None
+            else None
+        )
+        self.contract = {
+            "trainer": {**config.resume_contract(), "total_steps": self.total_steps},
+            "world_size": self.backend.world_size,
+            "loader": loader.contract(),
+            "extra": dict(contract_extra or {}),
+        }
+        self.step = 0
+        self._saved_step = -1
+
+    def _horizon(self) -> int:
+        cfg, planned = self.config, self.loader.planned_batches
+        if planned is not None:
+            runs_to_end = cfg.max_steps is None or cfg.max_steps * cfg.accumulation_steps > planned
+            if runs_to_end and planned % cfg.accumulation_steps:
+                raise InvalidInputError(
+                    f"the loader plans {planned} batches per rank, not a multiple of "
+                    f"accumulation_steps={cfg.accumulation_steps}: the last optimizer window "
+                    "could not be completed (set max_steps or change the batch plan)"
+                )
+        horizon = cfg.total_steps or cfg.max_steps
+        if horizon is None and planned is not None:
+            horizon = planned // cfg.accumulation_steps
+        if not horizon:
+            raise InvalidInputError(
+                "the LR schedule needs a horizon: set total_steps or max_steps (a streamed "
+                "source has no planned length), and give the loader at least one window"
+            )
+        return horizon
+
+    # ------------------------------------------------------------------- resume
+    def restore(self, checkpoint: CheckpointInfo) -> None:
+        """Load ``checkpoint`` into this trainer; refuse it if its config differs.
+
+        Raises :class:`InvalidInputError` naming every differing field and changes nothing then.
+        """
+        if self.checkpoints is None:
+            raise InvalidInputError("restore needs a trainer built with checkpoint_dir")
+        shared = self.checkpoints.read_shared(checkpoint)
+        diffs = config_differences(shared.get("config", {}), self.contract)
+        if diffs:
+            raise InvalidInputError(
+                f"checkpoint {checkpoint.path} was written under a different config; "
+                "differing fields: " + "; ".join(diffs)
+            )
+        tensors = self._tensor_state()
+        rank_state = self.checkpoints.load(checkpoint, tensors)
+        set_state_dict(
+            self.model,
+            self.optimizer,
+            model_state_dict=tensors["model"],
+            optim_state_dict=tensors["optim"],
+        )
+        self.schedule.load_state_dict(shared["schedule"])
+        self.loader.load_state_dict(rank_state["loader"])
+        for hook, state in zip(self.hooks, rank_state["hooks"], strict=True):
+            hook.load_state_dict(state)
+        restore_rng(rank_state["rng"])
+        self.step = self._saved_step = int(shared["step"])
+
+    def _tensor_state(self) -> dict[str, Any]:
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        return {"model": model_sd, "optim": optim_sd}
+
+    def save_checkpoint(self) -> CheckpointInfo:
+        """Save the current step (every rank calls this together)."""
+        if self.checkpoints is None:
+            raise InvalidInputError("save_checkpoint needs a trainer built with checkpoint_dir")
+        acked = [h.acked_step for h in self.hooks if isinstance(h, AckHook)]
+        shared = {
+            "config": self.contract,
+            "fingerprint": fingerprint(self.contract),
+            "schedule": self.schedule.state_dict(),
+            "run_id": self.config.run_id,
+            "ledger_step": max(acked) if acked else None,
+        }
+        rank_state = {
+            "rng": capture_rng(),
+            "loader": self.loader.state_dict(),
+            "hooks": [hook.state_dict() for hook in self.hooks],
+        }
+        info = self.checkpoints.save(self.step, self._tensor_state(), rank_state, shared)
+        self._saved_step = self.step
+        error: BaseException | None = None
+        try:
+            for hook in self.hooks:
+                hook.on_checkpoint(self.step, str(info.path))
+        except Exception as exc:  # agreed below
+            error = exc
+        self.backend.agree("checkpoint hooks", error)
+        return info
+
+    # --------------------------------------------------------------------- fit
+    def fit(self, resume: bool | str | Path = False) -> FitResult:
+        """Train until ``max_steps`` or the end of the data; see the class guarantees.
+
+        ``resume``: ``True`` continues from the latest complete checkpoint (if any), a path
+        from that checkpoint directory.
+        """
+        if resume:
+            if self.checkpoints is None:
+                raise InvalidInputError("resume needs a trainer built with checkpoint_dir")
+            info = (
+                self.checkpoints.latest()
+                if resume is True
+                else self.checkpoints.resolve(Path(resume))
+            )
+            if info is not None:
+                self.restore(info)
+        result = FitResult(step=self.step)
+        context = HookContext(self.model, self.backend, self.config.run_id)
+        ok = False
+        try:
+            for hook in self.hooks:
+                hook.on_fit_start(context)
+            self._run(result)
+            if self.checkpoints is not None and self.step > 0 and self._saved_step != self.step:
+                result.checkpoints.append(self.save_checkpoint())
+            ok = True
+        except BaseException:
+            self.backend.abort()
+            raise
+        finally:
+            self._finish(ok)
+        result.step = self.step
+        return result
+
+    def _finish(self, ok: bool) -> None:
+        errors: list[BaseException] = []
+        self.loader.close()
+        for hook in self.hooks:
+            try:
+                hook.on_fit_end(ok)
+            except Exception as exc:  # every hook gets its call; the first error is raised
+                errors.append(exc)
+        if self._metrics is not None:
+            try:
+                self._metrics.close()
+            except Exception as exc:
+                errors.append(exc)
+        if ok and errors:
+            raise errors[0]
+
+    def _run(self, result: FitResult) -> None:
+        cfg = self.config
+        if cfg.max_steps is not None and self.step >= cfg.max_steps:
+            return
+        bar = tqdm(
+            total=cfg.max_steps or self.total_steps,
+            initial=self.step,
+            desc="Training",
+            unit="step",
+            disable=None if cfg.progress and self.backend.rank == 0 else True,
+        )
+        batches = iter(self.loader)
+        window = _Window()
+        started = time.perf_counter()
+        try:
+            while True:
+                batch = self._next_batch(batches, window)
+                if batch is None:
+                    break
+                self._micro_step(batch, window)
+                if window.micro < cfg.accumulation_steps:
+                    continue
+                self._boundary(window, started, result)
+                bar.update(1)
+                window, started = _Window(), time.perf_counter()
+                if cfg.max_steps is not None and self.step >= cfg.max_steps:
+                    return
+        finally:
+            bar.close()
+        if window.micro:
+            raise RunFailedError(
+                f"the data ended {window.micro} micro-batches into an optimizer window of "
+                f"{cfg.accumulation_steps}; a partial window is never stepped"
+            )
+
+    def _next_batch(self, batches: Any, window: _Window) -> TrainBatch | None:
+        began = time.perf_counter()
+        batch: TrainBatch | None = None
+        error: BaseException | None = None
+        try:
+            batch = next(batches)
+        except StopIteration:
+            pass
+        except Exception as exc:  # agreed below so every rank raises
+            error = exc
+        window.data_wait_s += time.perf_counter() - began
+        all_ended = self.backend.agree("data loading", error, end=batch is None)
+        return None if all_ended else batch
+
+    def _micro_step(self, batch: TrainBatch, window: _Window) -> None:
+        boundary = window.micro + 1 == self.config.accumulation_steps
+        self.backend.set_gradient_sync(self.model, boundary)
+        output: ObjectiveOutput | None = None
+        error: BaseException | None = None
+        try:
+            device = self.backend.device
+            tensors = {name: t.to(device) for name, t in batch.tensors.items()}  # type: ignore[attr-defined]
+            with self.backend.autocast():
+                output = self.model(tensors)
+        except Exception as exc:  # agreed below so every rank raises
+            error = exc
+        self.backend.agree("forward", error)
+        assert output is not None
+        (output.loss / self.config.accumulation_steps).backward()
+        window.micro += 1
+        window.sample_ids.extend(batch.sample_ids)
+        window.loss += output.loss.detach().double().cpu()
+        for name, value in output.metrics.items():
+            window.metrics[name] = window.metrics.get(name, 0) + value.detach().double().cpu()
+
+    def _boundary(self, window: _Window, started: float, result: FitResult) -> None:
+        cfg = self.config
+        grad_norm = self.backend.clip_grad_norm(self._params, cfg.optim.max_grad_norm)
+        lr = self.schedule.lr
+        self.optimizer.step()
+        self.schedule.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        names = sorted(window.metrics)
+        packed = torch.stack([window.loss, *(window.metrics[n] for n in names)]) / window.micro
+        reduced = self.backend.mean_over_ranks(packed).tolist()
+        loss, metrics = reduced[0], dict(zip(names, reduced[1:], strict=True))
+        result.losses[self.step] = loss
+        event = StepEvent(self.step, tuple(window.sample_ids), loss, lr, grad_norm, metrics)
+        error: BaseException | None = None
+        try:
+            for hook in self.hooks:
+                hook.on_optimizer_step(event)
+        except Exception as exc:  # agreed below so every rank raises
+            error = exc
+        self.backend.agree("optimizer-step hooks", error)
+        if self._metrics is not None and self.step % cfg.log_interval == 0:
+            elapsed = time.perf_counter() - started
+            row = {
+                "loss": loss,
+                "lr": lr,
+                "grad_norm": grad_norm,
+                "step_time_s": elapsed,
+                "data_wait_s": window.data_wait_s,
+                "samples_per_s": len(window.sample_ids) * self.backend.world_size / elapsed,
+                **{f"train/{k}": v for k, v in metrics.items()},
+            }
+            self._metrics.write(self.step, row)
+        if (
+            self.checkpoints is not None
+            and cfg.checkpoint_interval
+            and self.step % cfg.checkpoint_interval == 0
+        ):
+            result.checkpoints.append(self.save_checkpoint())
