@@ -2,3 +2,5 @@
 
 Service modules add their fixtures here by import, e.g. ``from dataflow_testing.redis import *``.
 """
+
+from dataflow_testing.mooncake import *  # noqa: F403
