@@ -74,7 +74,8 @@ class Layout:
 def plan(specs: Iterable[FeatureSpec], metadata: Mapping[str, str] | None = None) -> Layout:
     """Lay out ``specs`` (item size descending, then name) after a 64-byte-aligned header."""
     ordered = sorted(specs, key=lambda s: (-DTYPE_ITEMSIZE[s.dtype], s.name))
-    body: dict[str, Any] = {}
+    meta = dict(metadata or {})
+    body: dict[str, Any] = {"__metadata__": meta} if meta else {}  # first: found in one block
     offset = 0
     for spec in ordered:
         body[spec.name] = {
@@ -83,9 +84,6 @@ def plan(specs: Iterable[FeatureSpec], metadata: Mapping[str, str] | None = None
             "data_offsets": [offset, offset + spec.nbytes],
         }
         offset += spec.nbytes
-    meta = dict(metadata or {})
-    if meta:
-        body["__metadata__"] = meta
     text = json.dumps(body, separators=(",", ":")).encode()
     pad = -(_PREFIX.size + len(text)) % ALIGN
     header = _PREFIX.pack(len(text) + pad) + text + b" " * pad

@@ -1,0 +1,127 @@
+"""Writing one sample into a file (a /dev/shm segment or a shared-directory file) and reading it.
+
+The bytes follow :mod:`dataflow.store.layout` (safetensors). Writers copy each tensor's bytes
+straight from its memory into the file (``pwrite``, no staging buffer); readers either map the
+file and view tensors in place (:func:`map_sample`, zero copy) or read it once into one private
+buffer (:func:`read_sample`, one copy).
+
+Guarantees: files are opened with ``O_NOFOLLOW`` (a planted symlink is refused, never
+followed); a missing file raises ``NotFoundError``; a malformed header ``CorruptRecordError``;
+stored specs that disagree with the ref ``SchemaMismatchError`` — all before any tensor is
+returned.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+from collections.abc import Mapping
+
+import torch
+
+from dataflow.contracts import CorruptRecordError, FeatureSpec, NotFoundError
+from dataflow.store.layout import MAX_HEADER_BYTES, Layout, check_against, plan, read_header, view
+from dataflow.store.tensors import TORCH_DTYPES, PreparedSample, as_bytes
+
+_CHUNK = 1 << 30  # Linux writes at most ~2 GiB per call; stay well below
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    done = 0
+    while done < len(data):
+        done += os.pwrite(fd, data[done : done + _CHUNK], offset + done)
+
+
+def write_sample(fd: int, sample: PreparedSample, metadata: Mapping[str, str]) -> Layout:
+    """Write ``sample`` into the open file ``fd`` (header then tensors, no staging copy)."""
+    layout = plan(sample.specs.values(), metadata)
+    _pwrite_all(fd, memoryview(layout.header), 0)
+    for name, entry in layout.entries.items():
+        _pwrite_all(fd, as_bytes(sample.tensors[name]), entry.start)
+    if os.fstat(fd).st_size != layout.total_bytes:
+        os.ftruncate(fd, layout.total_bytes)
+    return layout
+
+
+def _open(path: str, where: str) -> int:
+    try:
+        return os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise NotFoundError(f"{where} is not stored (released, aborted or never written)") from None
+    except OSError as exc:
+        if exc.errno == 40:  # ELOOP: the name is a symlink
+            raise CorruptRecordError(
+                f"{where}: {path} is a symlink; refusing to follow it"
+            ) from None
+        raise
+
+
+def map_sample(
+    path: str, wanted: Mapping[str, FeatureSpec], where: str
+) -> tuple[dict[str, torch.Tensor], Layout]:
+    """Map ``path`` copy-on-write and return tensors viewing it in place (zero copy).
+
+    The mapping lives as long as any returned tensor; unlinking the file does not affect it, and
+    writes to the tensors never reach the file.
+    """
+    fd = _open(path, where)
+    try:
+        size = os.fstat(fd).st_size
+        if size == 0:
+            raise CorruptRecordError(f"{where}: {path} is empty")
+        mapped = mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    finally:
+        os.close(fd)
+    layout = read_header(mapped, size, where)
+    check_against(layout, wanted, where)
+    return {name: view(mapped, layout.entries[name]) for name in wanted}, layout
+
+
+def _header_of(fd: int, size: int, where: str) -> Layout:
+    head = os.pread(fd, 4096, 0)
+    if len(head) >= 8:
+        need = 8 + int.from_bytes(head[:8], "little")
+        if len(head) < need <= min(size, 8 + MAX_HEADER_BYTES):
+            head += os.pread(fd, need - len(head), len(head))
+    return read_header(head, size, where)
+
+
+def read_sample(
+    path: str, wanted: Mapping[str, FeatureSpec], where: str
+) -> tuple[dict[str, torch.Tensor], Layout]:
+    """Read ``path`` once into one private buffer and return tensors viewing that buffer."""
+    fd = _open(path, where)
+    try:
+        size = os.fstat(fd).st_size
+        layout = _header_of(fd, size, where)
+        check_against(layout, wanted, where)
+        start = len(layout.header)
+        data = torch.empty(layout.total_bytes - start, dtype=torch.uint8)
+        buffer = data.numpy().data
+        got = 0
+        while got < len(buffer):
+            n = os.preadv(fd, [buffer[got : got + _CHUNK]], start + got)
+            if n == 0:
+                raise CorruptRecordError(f"{where}: {path} ended early")
+            got += n
+    finally:
+        os.close(fd)
+    out = {}
+    for name in wanted:
+        entry = layout.entries[name]
+        dtype = TORCH_DTYPES[entry.spec.dtype]
+        if entry.spec.numel == 0:
+            out[name] = torch.empty(entry.spec.shape, dtype=dtype)
+        else:
+            raw = data[entry.start - start : entry.end - start]
+            out[name] = raw.view(dtype).view(entry.spec.shape)
+    return out, layout
+
+
+def read_metadata(path: str, where: str) -> Mapping[str, str]:
+    """The header metadata of ``path`` (reads only the header)."""
+    fd = _open(path, where)
+    try:
+        return _header_of(fd, os.fstat(fd).st_size, where).metadata
+    finally:
+        os.close(fd)
