@@ -38,10 +38,12 @@ class Eagle3DraftModel(nn.Module):
         super().__init__()
         self.config = config
         h = config.hidden_size
-        self.fc = nn.Linear(3 * h, h, bias=False)
-        self.midlayer = Eagle3DecoderLayer(config)
-        self.norm = RMSNorm(h, config.rms_norm_eps)
-        self.lm_head = nn.Linear(h, config.draft_vocab_size, bias=False)
+        # torch's default module init draws from the global RNG; keep the caller's stream intact.
+        with torch.random.fork_rng(devices=[]):
+            self.fc = nn.Linear(3 * h, h, bias=False)
+            self.midlayer = Eagle3DecoderLayer(config)
+            self.norm = RMSNorm(h, config.rms_norm_eps)
+            self.lm_head = nn.Linear(h, config.draft_vocab_size, bias=False)
         self.register_buffer("d2t", torch.zeros(config.draft_vocab_size, dtype=torch.int64))
         t2d = torch.zeros(config.vocab_size, dtype=torch.bool)
         t2d[: config.draft_vocab_size] = True

@@ -99,8 +99,9 @@ class Eagle3Objective(nn.Module):
         super().__init__()
         self.config = config
         self.draft = Eagle3DraftModel(config, seed=seed)
-        self.target_embedding = nn.Embedding(config.vocab_size, config.hidden_size)
-        self.target_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        with torch.random.fork_rng(devices=[]):
+            self.target_embedding = nn.Embedding(config.vocab_size, config.hidden_size)
+            self.target_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         gen = torch.Generator().manual_seed(seed + 1)
         with torch.no_grad():
             for module in (self.target_embedding, self.target_head):
