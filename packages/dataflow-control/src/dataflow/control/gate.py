@@ -1,0 +1,155 @@
+"""The staleness gate in front of the trainer's queues and the producer's admission control.
+
+The gate screens committed samples *before* they are cut into optimizer windows (dispatch calls
+it), so a dropped sample never leaves a hole in a rank's share of a window: the window is filled
+from the next fresh samples instead. Stale samples are DROPPED in the ledger with their reasons
+(so ``status()`` shows every one) and their features aborted.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections.abc import Sequence
+
+from dataflow.contracts.errors import InvalidInputError
+from dataflow.contracts.features import SampleRef
+from dataflow.contracts.protocols import Ledger, SampleAborter
+from dataflow.control._abort import abort_features
+from dataflow.control._validate import positive_int
+from dataflow.control.drift import DriftMonitor
+from dataflow.control.staleness import StalenessAssessment, StalenessPolicy, WeightRegistry
+
+
+class StalenessGate:
+    """Drops stale samples from the ledger and frees their features; passes fresh ones on.
+
+    Guarantees: ``screen`` returns the fresh refs in their given order; every rejected ref is
+    DROPPED in the ledger with its reasons joined by "," (one transaction per distinct reason)
+    before its features are aborted. The drift monitor sees each sample once: a dropped one
+    when it is dropped, a fresh one when ``record_passed`` says it went into a window (a
+    sample can be screened several times while it waits for its window).
+    """
+
+    def __init__(
+        self,
+        ledger: Ledger,
+        registry: WeightRegistry,
+        policy: StalenessPolicy,
+        current_target_version: str,
+        *,
+        aborter: SampleAborter | None = None,
+        drift: DriftMonitor | None = None,
+    ) -> None:
+        if not isinstance(current_target_version, str) or not current_target_version:
+            raise InvalidInputError(
+                "StalenessGate: current_target_version must be a non-empty str, "
+                f"got {current_target_version!r}"
+            )
+        self._ledger = ledger
+        self.registry = registry
+        self.policy = policy
+        self.current_target_version = current_target_version
+        self._aborter = aborter
+        self.drift = drift if drift is not None else DriftMonitor()
+        self._lock = threading.Lock()
+        self.passed = 0
+        self.dropped = 0
+
+    def assess(self, ref: SampleRef) -> StalenessAssessment:
+        """The policy's verdict on ``ref`` against the registry as last refreshed."""
+        return self.policy.assess(
+            self.registry.draft_lag(ref), ref.target_version, self.current_target_version
+        )
+
+    def screen(self, refs: Sequence[SampleRef]) -> list[SampleRef]:
+        """Drop the stale refs of ``refs`` (ledger + features) and return the fresh ones."""
+        if not refs:
+            return []
+        self.registry.refresh()
+        fresh: list[SampleRef] = []
+        stale: dict[str, list[str]] = {}
+        lags: list[int | None] = []
+        for ref in refs:
+            verdict = self.assess(ref)
+            if verdict.accept:
+                fresh.append(ref)
+            else:
+                lags.append(verdict.draft_lag)
+                stale.setdefault(verdict.reason, []).append(ref.sample_id)
+        for reason, ids in stale.items():
+            self._ledger.drop(ids, reason)
+        for lag in lags:
+            self.drift.observe(lag)
+        with self._lock:
+            self.dropped += len(lags)
+        for reason, ids in stale.items():
+            abort_features(self._aborter, ids, reason)
+        return fresh
+
+    def record_passed(self, refs: Sequence[SampleRef]) -> None:
+        """Count ``refs`` as passed into a window and feed their lags to the drift monitor."""
+        for ref in refs:
+            self.drift.observe(self.registry.draft_lag(ref))
+        with self._lock:
+            self.passed += len(refs)
+
+
+class StalenessAdmission:
+    """Refuses to start a rollout whose sample would be too stale by the time it is trained.
+
+    The predicted lag is the draft version's lag now plus the weight publishes expected while
+    the samples already in flight are trained ahead of it:
+    ``floor(in_flight / quantum x publishes_per_window)``. Counts what it admitted and refused.
+    """
+
+    def __init__(
+        self,
+        ledger: Ledger,
+        registry: WeightRegistry,
+        policy: StalenessPolicy,
+        current_target_version: str,
+        quantum: int,
+        *,
+        publishes_per_window: float = 0.0,
+    ) -> None:
+        positive_int("StalenessAdmission", "quantum", quantum)
+        if (
+            isinstance(publishes_per_window, bool)
+            or not isinstance(publishes_per_window, int | float)
+            or publishes_per_window < 0
+        ):
+            raise InvalidInputError(
+                "StalenessAdmission: publishes_per_window must be a number >= 0, "
+                f"got {publishes_per_window!r}"
+            )
+        self._ledger = ledger
+        self.registry = registry
+        self.policy = policy
+        self.current_target_version = current_target_version
+        self.quantum = quantum
+        self.publishes_per_window = float(publishes_per_window)
+        self._lock = threading.Lock()
+        self.admitted = 0
+        self.refused = 0
+
+    def expected_extra_lag(self) -> int:
+        """Publishes expected before a rollout started now reaches the optimizer."""
+        windows_ahead = self._ledger.status().in_flight / self.quantum
+        return math.floor(windows_ahead * self.publishes_per_window)
+
+    def assess(self, draft_version: str | None, target_version: str) -> StalenessAssessment:
+        """The verdict on starting a rollout with these versions now (counted)."""
+        self.registry.refresh()
+        verdict = self.policy.assess(
+            self.registry.draft_lag(draft_version),
+            target_version,
+            self.current_target_version,
+            extra_lag=self.expected_extra_lag(),
+        )
+        with self._lock:
+            if verdict.accept:
+                self.admitted += 1
+            else:
+                self.refused += 1
+        return verdict

@@ -1,0 +1,167 @@
+"""WeightRegistry, StalenessGate and StalenessAdmission over a real (memory://) ledger."""
+
+from __future__ import annotations
+
+import pytest
+from control_fixtures import ResidentFeatures, make_ref, make_refs, memory_uri
+
+from dataflow.contracts import NotFoundError, WeightVersion
+from dataflow.contracts.errors import InvalidInputError, LedgerConflictError
+from dataflow.control.drift import DriftMonitor
+from dataflow.control.gate import StalenessAdmission, StalenessGate
+from dataflow.control.ledger import open_ledger
+from dataflow.control.staleness import StalenessPolicy, WeightRegistry
+
+
+@pytest.fixture
+def uri():
+    return memory_uri()
+
+
+@pytest.fixture
+def ledger(uri):
+    ledger = open_ledger(uri)
+    ledger.open_run("run-stale", 4, resume=False)
+    yield ledger
+    ledger.close()
+
+
+def publish(registry: WeightRegistry, *names: str) -> None:
+    for step, name in enumerate(names):
+        registry.publish(WeightVersion(name, step))
+
+
+def test_registry_lag_follows_publish_order_and_unknown_is_none(ledger):
+    registry = WeightRegistry(ledger)
+    assert registry.latest() is None
+    assert registry.draft_lag("v1") is None
+    publish(registry, "v1", "v2", "v3")
+    assert [v.version_id for v in registry.history()] == ["v1", "v2", "v3"]
+    assert registry.latest().version_id == "v3"
+    assert [registry.draft_lag(v) for v in ("v3", "v2", "v1")] == [0, 1, 2]
+    assert registry.draft_lag(make_ref(0, draft="v2")) == 1
+    assert registry.draft_lag(make_ref(1, draft=None)) is None
+    assert registry.draft_lag("never") is None
+    with pytest.raises(NotFoundError, match="weight version 'never' was never published"):
+        registry.get("never")
+
+
+def test_registry_publish_is_idempotent_and_shared_through_the_ledger(ledger, uri):
+    writer, reader = WeightRegistry(ledger), WeightRegistry(open_ledger(uri))
+    first = writer.publish(WeightVersion("v1", 10))
+    again = writer.publish(WeightVersion("v1", 10))
+    assert first == again and first.publish_order >= 1
+    writer.publish(WeightVersion("v2", 20))
+    assert reader.draft_lag("v1") is None  # not refreshed yet
+    reader.refresh()
+    assert reader.draft_lag("v1") == 1
+    with pytest.raises(InvalidInputError, match="needs a WeightVersion, got dict"):
+        writer.publish({"version_id": "v3"})  # type: ignore[arg-type]
+    assert len(writer.history()) == 2
+
+
+def test_gate_drops_stale_samples_in_the_ledger_with_reasons_and_frees_them(ledger):
+    registry = WeightRegistry(ledger)
+    publish(registry, "v1", "v2", "v3")
+    features = ResidentFeatures()
+    refs = [
+        make_ref(0, draft="v3"),  # fresh
+        make_ref(1, draft="v1"),  # lag 2 > 1
+        make_ref(2, draft=None),  # unknown
+        make_ref(3, draft="v2", target="target-old"),  # lag ok, wrong target
+        make_ref(4, draft="v2"),  # fresh
+        make_ref(5, draft="v1", target="target-old"),  # both
+    ]
+    ledger.commit(refs)
+    features.put(refs)
+    drift = DriftMonitor()
+    gate = StalenessGate(
+        ledger,
+        registry,
+        StalenessPolicy(max_draft_lag=1, require_target_match=True),
+        "target-a",
+        aborter=features,
+        drift=drift,
+    )
+    fresh = gate.screen(refs)
+    assert [r.sample_id for r in fresh] == ["s00000", "s00004"]
+    status = ledger.status()
+    assert status.samples["dropped"] == 4
+    assert dict(status.dropped_reasons) == {
+        "draft_lag>1": 1,
+        "unknown_draft_version": 1,
+        "target_version_mismatch": 1,
+        "draft_lag>1,target_version_mismatch": 1,
+    }
+    assert features.resident == {"s00000", "s00004"}
+    assert features.reasons()["s00002"] == "unknown_draft_version"
+    # drift: only the dropped ones so far; the fresh ones count once they enter a window
+    assert (drift.snapshot().observed, drift.snapshot().unknown) == (4, 1)
+    gate.record_passed(fresh)
+    snap = drift.snapshot()
+    assert (snap.observed, snap.max_lag, gate.passed, gate.dropped) == (6, 2, 2, 4)
+
+
+def test_gate_with_no_bounds_passes_everything(ledger):
+    refs = make_refs(0, 3, draft=None)
+    ledger.commit(refs)
+    gate = StalenessGate(
+        ledger, WeightRegistry(ledger), StalenessPolicy(require_target_match=False), "t"
+    )
+    assert gate.screen(refs) == refs
+    assert ledger.status().samples["dropped"] == 0
+
+
+def test_gate_refuses_an_empty_target_version(ledger):
+    with pytest.raises(InvalidInputError, match="current_target_version must be a non-empty str"):
+        StalenessGate(ledger, WeightRegistry(ledger), StalenessPolicy(), "")
+
+
+def test_gate_drop_of_a_sample_no_longer_in_flight_changes_nothing(ledger):
+    refs = make_refs(0, 2, draft=None)
+    ledger.commit(refs)
+    ledger.drop(["s00001"], "elsewhere")
+    features = ResidentFeatures()
+    features.put(refs)
+    gate = StalenessGate(
+        ledger,
+        WeightRegistry(ledger),
+        StalenessPolicy(max_draft_lag=0),
+        "target-a",
+        aborter=features,
+    )
+    before = ledger.status()
+    with pytest.raises(LedgerConflictError, match="drop refused, nothing changed"):
+        gate.screen(refs)
+    assert ledger.status() == before
+    assert features.resident == {"s00000", "s00001"}
+
+
+def test_admission_refuses_rollouts_that_would_arrive_too_stale(ledger):
+    registry = WeightRegistry(ledger)
+    publish(registry, "v1", "v2")
+    policy = StalenessPolicy(max_draft_lag=1, require_target_match=True)
+    admission = StalenessAdmission(
+        ledger, registry, policy, "target-a", quantum=4, publishes_per_window=0.5
+    )
+    assert admission.assess("v1", "target-a").accept  # lag 1, nothing in flight
+    assert not admission.assess(None, "target-a").accept
+    assert admission.assess("v1", "target-b").reasons == ("target_version_mismatch",)
+    ledger.commit(make_refs(0, 8))  # two windows ahead → one more publish expected
+    assert admission.expected_extra_lag() == 1
+    verdict = admission.assess("v1", "target-a")
+    assert (verdict.accept, verdict.draft_lag, verdict.reasons) == (False, 2, ("draft_lag>1",))
+    assert admission.assess("v2", "target-a").accept
+    assert (admission.admitted, admission.refused) == (2, 3)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"quantum": 0}, "quantum must be an int >= 1, got 0"),
+        ({"quantum": 4, "publishes_per_window": -1}, "publishes_per_window must be a number >= 0"),
+    ],
+)
+def test_bad_admission_arguments_are_refused(ledger, kwargs, message):
+    with pytest.raises(InvalidInputError, match=message):
+        StalenessAdmission(ledger, WeightRegistry(ledger), StalenessPolicy(), "t", **kwargs)
