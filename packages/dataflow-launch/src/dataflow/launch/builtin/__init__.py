@@ -1,0 +1,1 @@
+"""The built-in small target: a seeded random LLaMA, its shipped tokenizer and demo prompts."""

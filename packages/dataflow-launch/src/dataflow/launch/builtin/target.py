@@ -1,0 +1,79 @@
+"""The built-in small target: a LLaMA with random weights that are a pure function of a seed.
+
+The target is random but FIXED: every weight is drawn from ``torch.Generator(seed)`` in a fixed
+order by this module (not by transformers' own initialiser), so the same seed gives bit-identical
+weights on every machine and transformers version, and the global RNG is left untouched. Its
+next-token choices are therefore a fixed function of the context; a draft trained on its features
+learns to imitate that function and its acceptance rises. The LM head is drawn wider than the
+other weights (std ``logit_std / sqrt(H)``) so the target's distribution is sharp enough for argmax agreement
+to be a meaningful signal.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+import torch
+
+from dataflow.launch.builtin.tokenizer import load_builtin_tokenizer
+from dataflow.launch.config import BuiltinTargetSection
+
+_INIT_STD = 0.02
+_MAX_POSITIONS = 8192
+
+
+def builtin_version(section: BuiltinTargetSection) -> str:
+    """A target version id that changes with any field of the built-in target's config."""
+    digest = hashlib.sha256(
+        json.dumps(section.model_dump(mode="json"), sort_keys=True).encode()
+    ).hexdigest()
+    return f"builtin-{digest[:12]}"
+
+
+def builtin_llama_config(section: BuiltinTargetSection, vocab_size: int) -> Any:
+    """The ``LlamaConfig`` of the built-in target over a vocabulary of ``vocab_size`` ids."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=section.hidden_size,
+        intermediate_size=section.intermediate_size,
+        num_hidden_layers=section.num_layers,
+        num_attention_heads=section.num_heads,
+        num_key_value_heads=section.num_kv_heads,
+        max_position_embeddings=_MAX_POSITIONS,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+        initializer_range=_INIT_STD,
+    )
+
+
+@torch.no_grad()
+def _seed_weights(model: torch.nn.Module, seed: int, head_std: float) -> None:
+    # Sorted names make the draw order independent of module registration order.
+    generator = torch.Generator().manual_seed(seed)
+    for name, param in sorted(model.named_parameters(), key=lambda item: item[0]):
+        if name.endswith("norm.weight"):
+            param.fill_(1.0)
+            continue
+        std = head_std if name.startswith("lm_head") else _INIT_STD
+        values = torch.randn(param.shape, generator=generator, dtype=torch.float32) * std
+        param.copy_(values.to(param.dtype))
+
+
+def build_builtin_target(section: BuiltinTargetSection, dtype: torch.dtype) -> tuple[Any, Any]:
+    """``(model, tokenizer)``: the built-in target in eval mode, weights fixed by
+    ``section.seed``, over the shipped tokenizer.
+    """
+    from transformers import LlamaForCausalLM
+
+    tokenizer = load_builtin_tokenizer()
+    config = builtin_llama_config(section, len(tokenizer))
+    with torch.random.fork_rng(devices=[]):  # transformers' own init draws from the global RNG
+        model: Any = LlamaForCausalLM(config)
+    _seed_weights(model, section.seed, section.logit_std / section.hidden_size**0.5)
+    return model.to(dtype).eval(), tokenizer

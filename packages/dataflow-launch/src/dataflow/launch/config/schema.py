@@ -1,0 +1,152 @@
+"""``LaunchConfig``: the one typed config of a run, with its cross-section rules.
+
+Defaults that depend on the topology (deployment mode, ledger and store URIs) are filled in at
+validation, so a validated config is fully resolved: dumping it shows what actually runs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import model_validator
+
+from dataflow.contracts import DeploymentMode, parse_ledger_uri, parse_store_uri
+from dataflow.launch.config.sections import (
+    DataSection,
+    FlowSection,
+    LedgerSection,
+    ProducerSection,
+    RunSection,
+    Section,
+    StalenessSection,
+    StoreSection,
+    TargetSection,
+    TrainerSection,
+)
+
+_SHARED_STORES = ("shm", "dir", "mooncake")
+_DURABLE_LEDGERS = ("sqlite", "redis")
+
+
+def _section(data: dict[str, Any], name: str) -> dict[str, Any]:
+    value = data.get(name)
+    return value if isinstance(value, dict) else {}
+
+
+def _default_mode(topology: str) -> str:
+    return "local_colocated" if topology.startswith("colocated") else "disaggregated"
+
+
+# ``scheme://`` + an absolute path gives ``scheme:///abs``; + a relative one stays cwd-relative.
+def _default_ledger(mode: str, out_dir: str) -> str:
+    if mode == "local_colocated":
+        return "noop://"
+    return f"sqlite://{out_dir.rstrip('/')}/ledger.sqlite"
+
+
+def _default_store(topology: str, run_id: str, out_dir: str) -> str:
+    base = out_dir.rstrip("/")
+    return {
+        "colocated_offline": f"file://{base}/features",
+        "colocated_online": "memory://",
+        "disaggregated_offline": f"dir://{base}/store",
+        "disaggregated_online": f"shm://{run_id}",
+    }[topology]
+
+
+class LaunchConfig(Section):
+    """Everything one run needs: ``run``, ``target``, ``data``, ``store``, ``ledger``, ``flow``,
+    ``staleness``, ``producer``, ``trainer``.
+
+    Guarantees once constructed: every key was known, every value had the right type and range,
+    topology-dependent defaults are filled in, and the cross-section rules hold (a disaggregated
+    run has a cross-process store and a durable ledger; the high watermark holds one window).
+    """
+
+    run: RunSection = RunSection()
+    target: TargetSection = TargetSection()
+    data: DataSection = DataSection()
+    store: StoreSection = StoreSection()
+    ledger: LedgerSection = LedgerSection()
+    flow: FlowSection = FlowSection()
+    staleness: StalenessSection = StalenessSection()
+    producer: ProducerSection = ProducerSection()
+    trainer: TrainerSection = TrainerSection()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _fill_topology_defaults(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        run = _section(data, "run")
+        topology = run.get("topology", RunSection.model_fields["topology"].default)
+        out_dir = run.get("out_dir", RunSection.model_fields["out_dir"].default)
+        run_id = run.get("id", RunSection.model_fields["id"].default)
+        if not all(isinstance(v, str) for v in (topology, out_dir, run_id)):
+            return data  # field validation reports the bad types
+        if topology not in _STORE_RULES:
+            return data
+        mode = run.get("deployment_mode") or _default_mode(topology)
+        out = dict(data)
+        out["run"] = {**run, "deployment_mode": mode}
+        ledger = _section(data, "ledger")
+        if not ledger.get("uri"):
+            out["ledger"] = {**ledger, "uri": _default_ledger(str(mode), out_dir)}
+        store = _section(data, "store")
+        if not store.get("uri"):
+            out["store"] = {**store, "uri": _default_store(topology, run_id, out_dir)}
+        return out
+
+    @model_validator(mode="after")
+    def _cross_rules(self) -> LaunchConfig:
+        topology = self.run.topology
+        mode = self.deployment_mode
+        store_scheme = parse_store_uri(self.store.uri).scheme
+        ledger_scheme = parse_ledger_uri(self.ledger.uri).scheme
+        if topology.startswith("disaggregated") and mode is not DeploymentMode.DISAGGREGATED:
+            raise ValueError(
+                f"run.deployment_mode: {topology} needs 'disaggregated', got {mode.value!r}"
+            )
+        if topology.startswith("colocated") and mode is DeploymentMode.DISAGGREGATED:
+            raise ValueError(
+                f"run.deployment_mode: {topology} runs in one process; use 'local_colocated' or "
+                "'dataflow_colocated'"
+            )
+        allowed = _STORE_RULES[topology]
+        if store_scheme not in allowed:
+            raise ValueError(
+                f"store.uri: {topology} needs a store of scheme "
+                + " or ".join(f"{s}://" for s in allowed)
+                + f", got {self.store.uri!r}"
+            )
+        if topology == "disaggregated_online" and ledger_scheme not in _DURABLE_LEDGERS:
+            raise ValueError(
+                "ledger.uri: disaggregated_online shares its ledger between processes; use "
+                f"sqlite:///PATH or redis://HOST:PORT/DB, got {self.ledger.uri!r}"
+            )
+        if mode.durable and ledger_scheme == "noop":
+            raise ValueError(
+                f"ledger.uri: deployment mode {mode.value!r} keeps a durable ledger; noop:// "
+                "retains nothing"
+            )
+        if self.flow.high_watermark < self.trainer.quantum:
+            raise ValueError(
+                f"flow.high_watermark: {self.flow.high_watermark} is below one optimizer window "
+                f"(trainer quantum {self.trainer.quantum} = dp_size * batch_size * "
+                "accumulation_steps); the first window could never fill"
+            )
+        return self
+
+    @property
+    def deployment_mode(self) -> DeploymentMode:
+        """The resolved deployment mode (selects the ledger and ack policy)."""
+        assert self.run.deployment_mode is not None  # filled in before validation
+        return DeploymentMode(self.run.deployment_mode)
+
+
+_STORE_RULES: dict[str, tuple[str, ...]] = {
+    "colocated_offline": ("file",),
+    "colocated_online": ("memory", *_SHARED_STORES),
+    "disaggregated_offline": _SHARED_STORES,
+    "disaggregated_online": _SHARED_STORES,
+}

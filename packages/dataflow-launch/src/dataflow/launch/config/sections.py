@@ -1,0 +1,257 @@
+"""The sections of the launch config; each is strict, closed (``extra="forbid"``) and frozen."""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
+
+from dataflow.contracts import parse_ledger_uri, parse_store_uri, validate_id
+
+Topology = Literal[
+    "colocated_offline", "colocated_online", "disaggregated_offline", "disaggregated_online"
+]
+Mode = Literal["local_colocated", "dataflow_colocated", "disaggregated"]
+Dtype = Literal["bfloat16", "float16", "float32"]
+
+_DEVICE = re.compile(r"cpu|cuda(:\d+)?|mps")
+
+
+class Section(BaseModel):
+    """Base of every config section: unknown keys refused, values type-strict, immutable."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+
+
+class RunSection(Section):
+    """Identity and shape of a run."""
+
+    id: str = "dataflow-run"
+    out_dir: str = "runs/dataflow-run"
+    seed: int = Field(default=0, ge=0)
+    topology: Topology = "disaggregated_online"
+    deployment_mode: Mode | None = None
+    """None → derived from the topology (colocated → local_colocated, else disaggregated)."""
+
+    @field_validator("id")
+    @classmethod
+    def _safe_id(cls, value: str) -> str:
+        return validate_id(value, "run id")
+
+
+class BuiltinTargetSection(Section):
+    """The built-in small target: a random LLaMA fixed by ``seed`` over the shipped tokenizer."""
+
+    hidden_size: int = Field(default=256, ge=8)
+    num_layers: int = Field(default=8, ge=1)
+    num_heads: int = Field(default=4, ge=1)
+    num_kv_heads: int = Field(default=2, ge=1)
+    intermediate_size: int = Field(default=512, ge=1)
+    seed: int = Field(default=0, ge=0)
+    logit_std: float = Field(default=5.0, gt=0)
+    """Spread of the target's logits (the LM head is drawn with std ``logit_std / sqrt(H)``):
+    large enough that the target's next-token choice is sharp."""
+
+    @model_validator(mode="after")
+    def _heads_divide(self) -> BuiltinTargetSection:
+        if self.hidden_size % self.num_heads:
+            raise ValueError(
+                f"hidden_size: {self.hidden_size} must be a multiple of num_heads {self.num_heads}"
+            )
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_heads: {self.num_heads} must be a multiple of num_kv_heads {self.num_kv_heads}"
+            )
+        return self
+
+
+class TargetSection(Section):
+    """Which target model captures features, and how."""
+
+    engine: Literal["hf", "sglang"] = "hf"
+    model_dir: str | None = None
+    builtin: BuiltinTargetSection | None = None
+    """Set (or defaulted) exactly when ``model_dir`` is not."""
+    dtype: Dtype = "bfloat16"
+    device: str = "cpu"
+    batch_size: int = Field(default=4, ge=1)
+    # Lax container (a YAML list is accepted) with strict elements ("1" is still refused).
+    aux_layer_ids: tuple[StrictInt, StrictInt, StrictInt] | None = Field(default=None, strict=False)
+    """None → the rule [1, N//2 - 1, N - 4] for an N-layer target."""
+    server_url: str | None = None
+    request_timeout_s: float = Field(default=300.0, gt=0)
+    version: str | None = None
+    """Target version stamped on refs; None → derived from the model."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_builtin(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("model_dir") is None and "builtin" not in data:
+            return {**data, "builtin": {}}
+        return data
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        if not _DEVICE.fullmatch(value):
+            raise ValueError(f"unknown device {value!r}; expected cpu, cuda, cuda:N or mps")
+        return value
+
+    @model_validator(mode="after")
+    def _one_model(self) -> TargetSection:
+        if self.model_dir is not None and self.builtin is not None:
+            raise ValueError("model_dir: set either model_dir or builtin, not both")
+        if self.model_dir is None and self.builtin is None:
+            raise ValueError("model_dir: set model_dir or builtin")
+        if self.engine == "sglang":
+            if self.server_url is None:
+                raise ValueError("server_url: required by the sglang engine")
+            if self.model_dir is None:
+                raise ValueError(
+                    "model_dir: required by the sglang engine (the directory the server loaded: "
+                    "tokenizer, embedding and LM head come from it)"
+                )
+        return self
+
+    @field_validator("aux_layer_ids")
+    @classmethod
+    def _distinct_layers(cls, value: tuple[int, int, int] | None) -> tuple[int, int, int] | None:
+        if value is not None and (len(set(value)) != 3 or min(value) < 0):
+            raise ValueError("must be three distinct non-negative layer ids")
+        return value
+
+
+class DataSection(Section):
+    """Where prompts come from and how they are cut into tasks."""
+
+    path: str | None = None
+    """Prompt JSONL; None → the shipped demo prompts (sharegpt format)."""
+    format: Literal["sharegpt", "token_ids"] = "sharegpt"
+    max_length: int = Field(default=512, ge=2)
+    passes: int = Field(default=1, ge=1)
+    max_malformed_lines: int = Field(default=0, ge=0)
+    """More malformed lines than this fail the load (naming the lines)."""
+    max_prompts: int | None = Field(default=None, ge=1)
+    shuffle: bool = False
+    """Shuffle each pass with ``Random(run.seed + pass)``."""
+
+
+class StoreOptions(Section):
+    """Options passed to ``open_store``."""
+
+    budget_bytes: int | None = Field(default=None, ge=1)
+    max_age_s: float | None = Field(default=None, gt=0)
+    token: str | None = None
+
+
+class StoreSection(Section):
+    """The feature store."""
+
+    uri: str = ""
+    """Empty → chosen from the topology."""
+    options: StoreOptions = StoreOptions()
+
+    @field_validator("uri")
+    @classmethod
+    def _valid_uri(cls, value: str) -> str:
+        if value:
+            parse_store_uri(value)
+        return value
+
+
+class LedgerOptions(Section):
+    """Options passed to ``open_ledger``."""
+
+    timeout_s: float = Field(default=10.0, gt=0)
+
+
+class LedgerSection(Section):
+    """The run's ledger."""
+
+    uri: str = ""
+    """Empty → chosen from the topology and deployment mode."""
+    options: LedgerOptions = LedgerOptions()
+
+    @field_validator("uri")
+    @classmethod
+    def _valid_uri(cls, value: str) -> str:
+        if value:
+            parse_ledger_uri(value)
+        return value
+
+
+class FlowSection(Section):
+    """Producer backpressure: watermarks in refs and bytes, and a hard byte cap."""
+
+    high_watermark: int = Field(default=64, ge=1)
+    low_watermark: int = Field(default=48, ge=0)
+    high_bytes: int | None = Field(default=None, ge=1)
+    low_bytes: int | None = Field(default=None, ge=0)
+    byte_cap: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> FlowSection:
+        if self.low_watermark > self.high_watermark:
+            raise ValueError(
+                f"low_watermark: {self.low_watermark} must be <= high_watermark {self.high_watermark}"
+            )
+        if (self.low_bytes is None) != (self.high_bytes is None):
+            raise ValueError("low_bytes: set both high_bytes and low_bytes, or neither")
+        if self.low_bytes is not None and self.high_bytes is not None:
+            if self.low_bytes > self.high_bytes:
+                raise ValueError(
+                    f"low_bytes: {self.low_bytes} must be <= high_bytes {self.high_bytes}"
+                )
+            if self.byte_cap is not None and self.high_bytes > self.byte_cap:
+                raise ValueError(
+                    f"high_bytes: {self.high_bytes} must be <= byte_cap {self.byte_cap}"
+                )
+        return self
+
+
+class StalenessSection(Section):
+    """Draft-weight staleness: off by default."""
+
+    enabled: bool = False
+    max_draft_lag: int = Field(default=2, ge=0)
+    require_target_match: bool = True
+    admission: bool = True
+    """Also refuse to start rollouts that would arrive too stale."""
+
+
+class ProducerSection(Section):
+    """The rollout producer's workers."""
+
+    workers: int = Field(default=1, ge=1)
+    max_attempts: int = Field(default=3, ge=1)
+    """A prompt is tried at most this many times, then FAILED."""
+    worker_max_failures: int = Field(default=3, ge=1)
+    """A worker failing this many captures in a row is dropped."""
+    lease_s: float = Field(default=120.0, gt=0)
+    poll_s: float = Field(default=0.05, gt=0)
+
+
+class TrainerSection(Section):
+    """The draft trainer."""
+
+    batch_size: int = Field(default=1, ge=1)
+    accumulation_steps: int = Field(default=1, ge=1)
+    dp_size: int = Field(default=1, ge=1)
+    sp_size: int = Field(default=1, ge=1)
+    lr: float = Field(default=1e-3, gt=0)
+    warmup_steps: int = Field(default=0, ge=0)
+    total_steps: int = Field(default=100, ge=1)
+    max_grad_norm: float = Field(default=0.5, gt=0)
+    bf16: bool = True
+    checkpoint_every: int = Field(default=0, ge=0)
+    """0 → only at the end."""
+    keep_last: int = Field(default=2, ge=1)
+    ttt_length: int = Field(default=7, ge=1)
+    draft_vocab_size: int = Field(default=512, ge=2)
+    log_every: int = Field(default=1, ge=1)
+
+    @property
+    def quantum(self) -> int:
+        """Samples per optimizer window: dp_size * batch_size * accumulation_steps."""
+        return self.dp_size * self.batch_size * self.accumulation_steps

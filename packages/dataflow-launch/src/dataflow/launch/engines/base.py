@@ -1,0 +1,94 @@
+"""The target-engine contract: what every engine captures and what it tells the trainer."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Protocol, runtime_checkable
+
+import torch
+
+from dataflow.contracts import FeatureSpec, PromptTask
+
+FEATURE_NAMES = ("input_ids", "loss_mask", "hidden_state", "aux_hidden_state")
+"""The four EAGLE3 features of a captured sample, in this order."""
+
+
+@dataclass(frozen=True)
+class TargetInfo:
+    """Tensor-free facts about the target that the trainer and the feature checks need.
+
+    ``aux_layer_ids`` are decoder-layer indices (layer k = output of decoder layer k);
+    ``dtype`` is the feature dtype of the hidden states (torch name without ``torch.``).
+    """
+
+    hidden_size: int
+    vocab_size: int
+    num_layers: int
+    aux_layer_ids: tuple[int, int, int]
+    dtype: str
+    version: str
+    pad_token_id: int = 0
+
+
+@dataclass(frozen=True)
+class TargetHead:
+    """The frozen target weights the EAGLE3 draft reuses: token embedding and LM head, both
+    ``[vocab_size, hidden_size]``, on CPU, detached.
+    """
+
+    info: TargetInfo
+    embed_weight: torch.Tensor
+    lm_head_weight: torch.Tensor
+
+
+@dataclass(frozen=True)
+class CapturedSample:
+    """One prompt's features, checked against the engine's feature specs.
+
+    ``tensors`` holds :data:`FEATURE_NAMES`: ``input_ids`` int64 ``[1,T]``, ``loss_mask`` int64
+    ``[1,T]``, ``hidden_state`` ``[1,T,H]`` (last post-norm hidden state) and
+    ``aux_hidden_state`` ``[1,T,3H]`` (the three captured layers, concatenated in order).
+    """
+
+    task_id: str
+    tensors: Mapping[str, torch.Tensor] = field(hash=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "tensors", MappingProxyType(dict(self.tensors)))
+
+    @property
+    def num_tokens(self) -> int:
+        """T, the sample's token count."""
+        return int(self.tensors["input_ids"].shape[-1])
+
+    @property
+    def nbytes(self) -> int:
+        """Raw bytes of all four features."""
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+
+@runtime_checkable
+class TargetEngine(Protocol):
+    """Runs the target over prompt tasks and captures EAGLE3 features.
+
+    - ``capture(tasks)`` returns one :class:`CapturedSample` per task, in task order, each
+      already checked against ``feature_specs(T)``; it raises ``InvalidInputError`` when a task's
+      payload is unusable (naming the task), ``SchemaMismatchError`` when the target produced
+      features of the wrong shape or dtype, and ``BackendUnavailableError`` when a remote target
+      cannot be reached. Captured tensors live on the CPU.
+    - ``feature_specs(T)`` gives the four specs of a T-token sample.
+    - ``target_head()`` gives the embedding and LM-head weights the trainer freezes.
+    """
+
+    @property
+    def info(self) -> TargetInfo: ...
+
+    def capture(self, tasks: Sequence[PromptTask]) -> list[CapturedSample]: ...
+
+    def feature_specs(self, num_tokens: int) -> dict[str, FeatureSpec]: ...
+
+    def target_head(self) -> TargetHead: ...
+
+    def close(self) -> None: ...

@@ -1,0 +1,61 @@
+"""EAGLE3 feature specs and the check every captured sample passes before it is put."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+
+from dataflow.contracts import FeatureSpec, SchemaMismatchError
+from dataflow.launch.engines.base import FEATURE_NAMES, CapturedSample, TargetInfo
+
+
+def eagle3_feature_specs(info: TargetInfo, num_tokens: int) -> dict[str, FeatureSpec]:
+    """The four feature specs of a ``num_tokens``-token sample of this target."""
+    h = info.hidden_size
+    return {
+        "input_ids": FeatureSpec("input_ids", (1, num_tokens), "int64"),
+        "loss_mask": FeatureSpec("loss_mask", (1, num_tokens), "int64"),
+        "hidden_state": FeatureSpec("hidden_state", (1, num_tokens, h), info.dtype),
+        "aux_hidden_state": FeatureSpec("aux_hidden_state", (1, num_tokens, 3 * h), info.dtype),
+    }
+
+
+def torch_dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` → ``"bfloat16"``."""
+    return str(dtype).removeprefix("torch.")
+
+
+def check_features(
+    task_id: str, tensors: Mapping[str, torch.Tensor], specs: Mapping[str, FeatureSpec]
+) -> None:
+    """Raise :class:`SchemaMismatchError` naming the task and feature unless ``tensors`` has
+    exactly the spec'd names, shapes and dtypes, a 0/1 loss mask and finite hidden states.
+    """
+    if set(tensors) != set(specs):
+        raise SchemaMismatchError(
+            f"task {task_id!r}: captured features {sorted(tensors)} != expected {sorted(specs)}"
+        )
+    for name, spec in specs.items():
+        tensor = tensors[name]
+        got_dtype = torch_dtype_name(tensor.dtype)
+        if tuple(tensor.shape) != spec.shape or got_dtype != spec.dtype:
+            raise SchemaMismatchError(
+                f"task {task_id!r}: feature {name!r} is {got_dtype}{list(tensor.shape)}, "
+                f"expected {spec.dtype}{list(spec.shape)}"
+            )
+    mask = tensors["loss_mask"]
+    if bool(((mask != 0) & (mask != 1)).any()):
+        raise SchemaMismatchError(f"task {task_id!r}: loss_mask holds values other than 0 and 1")
+    for name in ("hidden_state", "aux_hidden_state"):
+        if not bool(torch.isfinite(tensors[name]).all()):
+            raise SchemaMismatchError(f"task {task_id!r}: feature {name!r} has NaN or inf values")
+
+
+def checked_sample(
+    task_id: str, tensors: Mapping[str, torch.Tensor], info: TargetInfo
+) -> CapturedSample:
+    """A :class:`CapturedSample` after :func:`check_features` against this target's specs."""
+    num_tokens = int(tensors["input_ids"].shape[-1]) if "input_ids" in tensors else 0
+    check_features(task_id, tensors, eagle3_feature_specs(info, num_tokens))
+    return CapturedSample(task_id, {name: tensors[name] for name in FEATURE_NAMES})

@@ -1,0 +1,221 @@
+"""The ``hf`` engine: the target runs in-process under transformers (CPU or GPU).
+
+Aux layers are captured with forward hooks on the decoder layers themselves (layer k's output,
+whatever a model's ``hidden_states`` tuple convention), and the last hidden state is the base
+model's ``last_hidden_state``, which is post-final-norm. Prompts are batched with right padding;
+causal attention keeps every real position independent of the padding after it. Features are
+bit-reproducible for the same batch composition (different batch shapes can change the last
+bits of float results, so equivalence runs use a fixed batch size).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dataflow.contracts import FeatureSpec, InvalidInputError, PromptTask
+from dataflow.launch.config import TargetSection
+from dataflow.launch.engines.base import CapturedSample, TargetHead, TargetInfo
+from dataflow.launch.engines.features import checked_sample, eagle3_feature_specs, torch_dtype_name
+from dataflow.launch.engines.layers import resolve_aux_layer_ids
+from dataflow.launch.engines.payload import encode_payload
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def _base_model(model: Any) -> Any:
+    base = getattr(model, "model", None)
+    if base is None or not hasattr(base, "layers"):
+        raise InvalidInputError(
+            f"{type(model).__name__} has no `.model.layers` decoder stack; the hf engine "
+            "supports LLaMA-style causal LMs"
+        )
+    return base
+
+
+def resolve_device(name: str) -> torch.device:
+    """``name`` as a torch device, refusing an accelerator that is not present."""
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise InvalidInputError(f"target.device {name!r}: CUDA is not available on this machine")
+    if name == "mps" and not torch.backends.mps.is_available():
+        raise InvalidInputError("target.device 'mps': MPS is not available on this machine")
+    return torch.device(name)
+
+
+class HFTargetEngine:
+    """A transformers causal LM captured in-process; implements :class:`TargetEngine`.
+
+    Guarantees: one sample per task in task order; every sample checked against
+    :meth:`feature_specs` before it is returned; tensors on CPU, detached, each owning its own
+    storage; a bad payload raises before any forward pass. Safe to share between threads
+    (captures are serialised).
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        *,
+        aux_layer_ids: Sequence[int] | None = None,
+        device: str = "cpu",
+        batch_size: int = 4,
+        version: str = "unknown",
+    ) -> None:
+        self._device = resolve_device(device)
+        self._model = model.to(self._device).eval()
+        self._base = _base_model(self._model)
+        self._tokenizer = tokenizer
+        self._batch_size = batch_size
+        config = self._model.config
+        num_layers = int(config.num_hidden_layers)
+        dtype = next(self._model.parameters()).dtype
+        pad = config.pad_token_id if config.pad_token_id is not None else 0
+        self._info = TargetInfo(
+            hidden_size=int(config.hidden_size),
+            vocab_size=int(config.vocab_size),
+            num_layers=num_layers,
+            aux_layer_ids=resolve_aux_layer_ids(num_layers, aux_layer_ids),
+            dtype=torch_dtype_name(dtype),
+            version=version,
+            pad_token_id=int(pad),
+        )
+        self._lock = threading.Lock()
+
+    @property
+    def info(self) -> TargetInfo:
+        return self._info
+
+    @property
+    def model(self) -> Any:
+        """The underlying transformers model (eval mode; do not train it)."""
+        return self._model
+
+    @property
+    def tokenizer(self) -> Any:
+        """The target's tokenizer (renders chat prompts)."""
+        return self._tokenizer
+
+    def feature_specs(self, num_tokens: int) -> dict[str, FeatureSpec]:
+        return eagle3_feature_specs(self._info, num_tokens)
+
+    def target_head(self) -> TargetHead:
+        embed = self._model.get_input_embeddings().weight
+        head = self._model.get_output_embeddings().weight
+        return TargetHead(
+            info=self._info,
+            embed_weight=embed.detach().to("cpu", copy=True),
+            lm_head_weight=head.detach().to("cpu", copy=True),
+        )
+
+    def capture(self, tasks: Sequence[PromptTask]) -> list[CapturedSample]:
+        encoded = [encode_payload(t, self._tokenizer, self._info.vocab_size) for t in tasks]
+        samples: list[CapturedSample] = []
+        with self._lock:
+            for start in range(0, len(tasks), self._batch_size):
+                chunk = range(start, min(start + self._batch_size, len(tasks)))
+                samples.extend(
+                    self._capture_batch([tasks[i] for i in chunk], [encoded[i] for i in chunk])
+                )
+        return samples
+
+    @torch.no_grad()
+    def _capture_batch(
+        self, tasks: list[PromptTask], encoded: list[tuple[list[int], list[int]]]
+    ) -> list[CapturedSample]:
+        longest = max(len(ids) for ids, _ in encoded)
+        ids = torch.full((len(tasks), longest), self._info.pad_token_id, dtype=torch.int64)
+        attention = torch.zeros((len(tasks), longest), dtype=torch.int64)
+        for row, (tokens, _) in enumerate(encoded):
+            ids[row, : len(tokens)] = torch.tensor(tokens, dtype=torch.int64)
+            attention[row, : len(tokens)] = 1
+        captured: dict[int, torch.Tensor] = {}
+        hooks = [
+            self._base.layers[layer].register_forward_hook(self._recorder(captured, layer))
+            for layer in self._info.aux_layer_ids
+        ]
+        try:
+            out = self._base(
+                input_ids=ids.to(self._device),
+                attention_mask=attention.to(self._device),
+                use_cache=False,
+            )
+        finally:
+            for hook in hooks:
+                hook.remove()
+        last = out.last_hidden_state.to("cpu")
+        aux = torch.cat([captured[k].to("cpu") for k in self._info.aux_layer_ids], dim=-1)
+        samples = []
+        for row, (task, (tokens, mask)) in enumerate(zip(tasks, encoded, strict=True)):
+            n = len(tokens)
+            tensors = {
+                "input_ids": torch.tensor([tokens], dtype=torch.int64),
+                "loss_mask": torch.tensor([mask], dtype=torch.int64),
+                "hidden_state": last[row : row + 1, :n].clone(),
+                "aux_hidden_state": aux[row : row + 1, :n].clone(),
+            }
+            samples.append(checked_sample(task.task_id, tensors, self._info))
+        return samples
+
+    @staticmethod
+    def _recorder(store: dict[int, torch.Tensor], layer: int) -> Any:
+        def hook(_module: Any, _inputs: Any, output: Any) -> None:
+            store[layer] = output[0] if isinstance(output, tuple) else output
+
+        return hook
+
+    def close(self) -> None:
+        self._model = None
+        self._base = None
+
+
+def _check_model_dir(model_dir: str) -> Path:
+    path = Path(model_dir)
+    if not path.is_dir():
+        raise InvalidInputError(f"target.model_dir {model_dir!r} does not exist")
+    if not (path / "config.json").is_file():
+        raise InvalidInputError(
+            f"target.model_dir {model_dir!r} is not a model directory: it has no config.json"
+        )
+    return path
+
+
+def load_model_dir(model_dir: str, dtype: str) -> tuple[Any, Any]:
+    """``(model, tokenizer)`` from a local transformers directory; never downloads."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = _check_model_dir(model_dir)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise InvalidInputError(
+            f"target.model_dir {model_dir!r}: cannot load its tokenizer ({exc})"
+        ) from None
+    model = AutoModelForCausalLM.from_pretrained(
+        str(path), dtype=_DTYPES[dtype], local_files_only=True
+    )
+    return model, tokenizer
+
+
+def open_hf_engine(target: TargetSection) -> HFTargetEngine:
+    """The ``hf`` engine for ``target``: the model directory, or the built-in small target."""
+    if target.model_dir is not None:
+        model, tokenizer = load_model_dir(target.model_dir, target.dtype)
+        version = target.version or Path(target.model_dir).resolve().name
+    else:
+        from dataflow.launch.builtin.target import build_builtin_target, builtin_version
+
+        assert target.builtin is not None  # the config guarantees one of the two
+        model, tokenizer = build_builtin_target(target.builtin, _DTYPES[target.dtype])
+        version = target.version or builtin_version(target.builtin)
+    return HFTargetEngine(
+        model,
+        tokenizer,
+        aux_layer_ids=target.aux_layer_ids,
+        device=target.device,
+        batch_size=target.batch_size,
+        version=version,
+    )
