@@ -1,0 +1,237 @@
+"""``dir:///path``: a directory shared by processes, possibly on different hosts.
+
+Layout of the root::
+
+    .dataflow-store.json         marker: format version, salted token digest (or none)
+    .generation                  the store-wide generation counter (flock-protected)
+    <sample id>~<gen>.safetensors   one file per generation (safetensors layout)
+    .tmp~<host>~<owner>~<sample id>~<gen>   a write in progress
+
+Guarantees:
+- **Atomic publish.** A put writes a temporary file, fsyncs it, renames it to its final name and
+  fsyncs the directory: a reader on any host sees a whole generation or none. Each generation is
+  its own file, so a stale ref can never read newer bytes.
+- **Generations** come from one counter file under an exclusive ``flock``, so they increase
+  across every process sharing the root (never reused, even after a sample is freed).
+- **Auth.** A root created with ``token=...`` records a salted digest of it; opening it, and then
+  every operation, requires the same token (compared with ``hmac.compare_digest``), so a token
+  rotated on disk locks out old clients at their next call. See :mod:`dataflow.store.auth`.
+- **No escape.** Sample ids are validated (no separators, no ``..``), every path is checked to
+  sit directly in the root, and files are opened with ``O_NOFOLLOW``.
+- **Reads copy once** into private memory (the file may be deleted by another host right after).
+- ``gc()`` also removes temporaries of writers on this host that died mid-write.
+
+Options: the common ones, plus ``token`` (str or None), ``fsync`` (default True; False trades
+crash durability for speed, e.g. on tmpfs) and ``create`` (default True: create a missing root).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import socket
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from dataflow.contracts import (
+    CorruptRecordError,
+    FeatureSpec,
+    InvalidInputError,
+    NotFoundError,
+    ParsedURI,
+)
+from dataflow.store.auth import TokenPolicy, check_token, policy_for
+from dataflow.store.base import BookkeepingStore, Generation
+from dataflow.store.owner import current_owner, owner_alive
+from dataflow.store.segments import read_sample, write_sample
+from dataflow.store.tensors import PreparedSample
+
+MARKER = ".dataflow-store.json"
+COUNTER = ".generation"
+SUFFIX = ".safetensors"
+FORMAT = 1
+
+
+class SharedDirFeatureStore(BookkeepingStore):
+    """Feature store in a shared directory (``dir:///abs/path``)."""
+
+    backend = "dir"
+    shared = True
+
+    def __init__(
+        self,
+        parsed: ParsedURI,
+        *,
+        token: str | None = None,
+        fsync: bool = True,
+        create: bool = True,
+        **options: Any,
+    ) -> None:
+        if not os.path.isabs(parsed.location):
+            raise InvalidInputError(
+                f"dir store path {parsed.location!r} must be absolute, e.g. dir:///srv/features"
+            )
+        root = os.path.realpath(parsed.location)
+        if not os.path.isdir(root):
+            if not create:
+                raise NotFoundError(f"dir store root {root!r} does not exist (create=False)")
+            os.makedirs(root, mode=0o700, exist_ok=True)
+        super().__init__(parsed, **options)
+        self._root = root
+        self._token = token
+        self._fsync = fsync
+        self._host = socket.gethostname().replace("~", "_")
+        self._owner = current_owner()
+        self._policy = _load_or_create_marker(root, token)
+        check_token(self._policy, token, self.uri)
+
+    # ------------------------------------------------------------------ names
+
+    def _path(self, sample_id: str, generation: int) -> str:
+        path = os.path.join(self._root, f"{sample_id}~{generation}{SUFFIX}")
+        if os.path.dirname(os.path.normpath(path)) != self._root:  # defence in depth
+            raise InvalidInputError(f"sample id {sample_id!r} would leave the store root")
+        return path
+
+    def _where(self, sample_id: str, generation: int) -> str:
+        return f"{self.uri}: sample {sample_id!r} generation {generation}"
+
+    # ------------------------------------------------------------------ hooks
+
+    def _check_access(self) -> None:
+        policy = _read_marker(self._root)
+        check_token(policy, self._token, self.uri)
+
+    def _next_generation(self, sample_id: str) -> int:
+        fd = os.open(
+            os.path.join(self._root, COUNTER), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600
+        )
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            raw = os.pread(fd, 32, 0)
+            current = int(raw.decode().strip() or 0) if raw else 0
+            generation = max(current, self._last_generation) + 1
+            os.pwrite(fd, f"{generation:020d}\n".encode(), 0)
+            if self._fsync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)  # closing releases the lock
+        self._last_generation = generation
+        return generation
+
+    def _write(self, sample_id: str, generation: int, sample: PreparedSample) -> None:
+        final = self._path(sample_id, generation)
+        temp = os.path.join(self._root, f".tmp~{self._host}~{self._owner}~{sample_id}~{generation}")
+        fd = os.open(
+            temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
+        )
+        try:
+            try:
+                write_sample(fd, sample, {"sample_id": sample_id, "generation": str(generation)})
+                if self._fsync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.rename(temp, final)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(temp)
+            raise
+        if self._fsync:
+            _fsync_dir(self._root)
+
+    def _read(
+        self, sample_id: str, generation: int, wanted: Mapping[str, FeatureSpec]
+    ) -> dict[str, torch.Tensor]:
+        tensors, _ = read_sample(
+            self._path(sample_id, generation), wanted, self._where(sample_id, generation)
+        )
+        return tensors
+
+    def _delete(self, stored: Generation) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self._path(stored.sample_id, stored.generation))
+
+    def _exists(self, sample_id: str, generation: int) -> bool:
+        return os.path.exists(self._path(sample_id, generation))
+
+    def _generations(self, sample_id: str) -> list[int]:
+        prefix = f"{sample_id}~"
+        out = []
+        for entry in os.listdir(self._root):
+            if entry.startswith(prefix) and entry.endswith(SUFFIX):
+                with contextlib.suppress(ValueError):
+                    out.append(int(entry[len(prefix) : -len(SUFFIX)]))
+        return sorted(out)
+
+    def _reclaim_orphans(self) -> tuple[int, int]:
+        freed_bytes = 0
+        for entry in os.listdir(self._root):
+            parts = entry.split("~")
+            if len(parts) != 5 or parts[0] != ".tmp" or parts[1] != self._host:
+                continue  # not a temporary, or another host's: its owner cannot be checked here
+            if owner_alive(parts[2]):
+                continue
+            path = os.path.join(self._root, entry)
+            try:
+                freed_bytes += os.stat(path, follow_symlinks=False).st_size
+                os.unlink(path)
+            except FileNotFoundError:
+                continue
+        return 0, freed_bytes
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _read_marker(root: str) -> TokenPolicy:
+    path = os.path.join(root, MARKER)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise NotFoundError(
+            f"{root} is no longer a dataflow store: its marker {MARKER} is gone"
+        ) from None
+    with os.fdopen(fd, "rb") as f:
+        raw = f.read(65536)
+    try:
+        body = json.loads(raw)
+        if body.get("format") != FORMAT:
+            raise ValueError(f"format {body.get('format')!r}, expected {FORMAT}")
+        return TokenPolicy(str(body.get("salt", "")), body.get("token_sha256"))
+    except (ValueError, AttributeError) as exc:
+        raise CorruptRecordError(f"{path} is not a valid store marker ({exc})") from None
+
+
+def _load_or_create_marker(root: str, token: str | None) -> TokenPolicy:
+    """Read the root's marker, or create it (first opener decides the token policy)."""
+    path = os.path.join(root, MARKER)
+    if not os.path.lexists(path):
+        if os.listdir(root):
+            raise InvalidInputError(
+                f"{root} is not empty and is not a dataflow store (no {MARKER}); "
+                "refusing to take it over: use an empty or new directory"
+            )
+        policy = policy_for(token)
+        body = {"format": FORMAT, "salt": policy.salt, "token_sha256": policy.digest}
+        temp = f"{path}.{os.getpid()}.tmp"
+        with open(temp, "w", encoding="utf-8") as f:
+            json.dump(body, f)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(temp, path)  # fails if another process created it first: theirs wins
+        except FileExistsError:
+            pass
+        finally:
+            os.unlink(temp)
+    return _read_marker(root)
