@@ -1,0 +1,40 @@
+"""Views of the root namespace and capability gates for the virtual-host harness tests."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+from dataflow_testing.netns import GUARD_PROTO, multihost_available, netns_available
+
+NETNS_OK, NETNS_REASON = netns_available()
+MULTIHOST_OK, MULTIHOST_REASON = multihost_available()
+
+needs_netns = pytest.mark.skipif(not NETNS_OK, reason=f"NOT RUN: {NETNS_REASON}")
+needs_services = pytest.mark.skipif(not MULTIHOST_OK, reason=f"NOT RUN: {MULTIHOST_REASON}")
+
+
+def ip_json(*args: str) -> list[dict[str, object]]:
+    out = subprocess.run(
+        ["ip", "-j", *args], capture_output=True, text=True, check=True, timeout=10
+    ).stdout
+    return json.loads(out) if out.strip() else []
+
+
+def root_links() -> set[str]:
+    """Interface names in the root namespace."""
+    return {str(link["ifname"]) for link in ip_json("link", "show")}
+
+
+def namespaces() -> set[str]:
+    out = subprocess.run(
+        ["ip", "netns", "list"], capture_output=True, text=True, check=True, timeout=10
+    ).stdout
+    return {line.split()[0] for line in out.splitlines() if line.strip()}
+
+
+def guard_routes() -> set[tuple[str, int]]:
+    """(subnet, owner pid) of every harness guard route in the root namespace."""
+    routes = ip_json("-4", "route", "show", "table", "main", "proto", str(GUARD_PROTO))
+    return {(str(r["dst"]), int(str(r.get("metric", 0)))) for r in routes}
