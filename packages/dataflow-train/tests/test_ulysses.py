@@ -163,7 +163,7 @@ def test_shard_sequence_refuses_a_length_not_divisible_by_the_degree():
     with pytest.raises(InvalidInputError, match="'input_ids' of shape \\(1, 5\\)"):
         from dataflow.train.parallel.ulysses import shard_sequence
 
-        shard_sequence({"input_ids": torch.zeros(1, 5)}, TwoRanks())  # type: ignore[arg-type]
+        shard_sequence({"input_ids": torch.zeros(1, 5)}, TwoRanks())
 
 
 def test_objective_refuses_heads_not_divisible_by_the_degree():

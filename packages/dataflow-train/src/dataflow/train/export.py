@@ -138,7 +138,9 @@ def export_draft(
 ) -> Path:
     """Write the draft of ``objective`` to ``out_dir`` in format ``fmt`` (``sglang`` or ``hf``).
 
-    Guarantees: the directory appears complete or not at all (written beside it, then renamed);
+    ``objective`` must hold full (unsharded) tensors: export from an objective rebuilt from a
+    checkpoint, not from an FSDP-sharded one. Guarantees: the directory appears complete or not
+    at all (written beside it, then renamed);
     an existing non-empty ``out_dir`` is refused; floating tensors are cast to ``dtype``, ``d2t``
     (int64) and ``t2d`` (bool) are kept exact. Returns the directory.
     """

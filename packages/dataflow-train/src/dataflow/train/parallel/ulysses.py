@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from dataflow.contracts.errors import InvalidInputError
+from dataflow.train.eagle3.sequence import SequenceExchange
 
 
 def _all_to_all(
@@ -124,7 +125,7 @@ class UlyssesExchange:
 
 
 def shard_sequence(
-    tensors: Mapping[str, torch.Tensor], exchange: UlyssesExchange
+    tensors: Mapping[str, torch.Tensor], exchange: SequenceExchange
 ) -> dict[str, torch.Tensor]:
     """Slice out this rank's chunk (dimension 1) of every ``[B, T, ...]`` tensor.
 
