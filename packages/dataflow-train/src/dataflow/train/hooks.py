@@ -18,7 +18,8 @@ import torch
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-from dataflow.contracts import InvalidInputError, WeightVersion, validate_id
+from dataflow.contracts import Collective, InvalidInputError, Ledger, WeightVersion, validate_id
+from dataflow.control.dist_ack import DistAckResult, distributed_ack
 from dataflow.train.parallel.backend import TrainBackend
 
 
@@ -97,6 +98,37 @@ class AckHook(TrainerHook):
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.acked_step = int(state.get("acked_step", 0))
+
+
+class LedgerAck:
+    """The ack a multi-rank (or single-rank) trainer plugs into :class:`AckHook`.
+
+    Runs the control plane's distributed ack over ``collective``: every rank's window ids are
+    gathered, rank 0 writes them to ``ledger`` in one ``ack(step, ids)`` transaction, the outcome
+    is broadcast, then each rank frees its own samples with ``free_local`` (if given). Every rank
+    raises alike when the write or any rank's free failed.
+    """
+
+    def __init__(
+        self,
+        collective: Collective,
+        ledger: Ledger | None,
+        free_local: Callable[[int, list[str]], None] | None = None,
+    ) -> None:
+        if collective.rank == 0 and ledger is None:
+            raise InvalidInputError("rank 0 writes the acks: it needs the ledger")
+        self._collective = collective
+        self._ledger = ledger
+        self._free_local = free_local
+
+    def _write(self, step: int, ids: list[str]) -> None:
+        assert self._ledger is not None
+        self._ledger.ack(step, ids)
+
+    def __call__(self, step: int, sample_ids: Sequence[str]) -> DistAckResult:
+        return distributed_ack(
+            self._collective, step, sample_ids, write=self._write, free_local=self._free_local
+        )
 
 
 class WeightRegistry(Protocol):

@@ -165,10 +165,23 @@ class Trainer:
         )
         self.schedule.load_state_dict(shared["schedule"])
         self.loader.load_state_dict(rank_state["loader"])
-        for hook, state in zip(self.hooks, rank_state["hooks"], strict=True):
-            hook.load_state_dict(state)
+        saved_hooks = rank_state["hooks"]
+        for key, hook in self._keyed_hooks().items():
+            if key in saved_hooks:
+                hook.load_state_dict(saved_hooks[key])
         restore_rng(rank_state["rng"])
         self.step = self._saved_step = int(shared["step"])
+
+    def _keyed_hooks(self) -> dict[str, TrainerHook]:
+        keyed: dict[str, TrainerHook] = {}
+        for hook in self.hooks:
+            name = type(hook).__name__
+            key, n = name, 1
+            while key in keyed:
+                n += 1
+                key = f"{name}#{n}"
+            keyed[key] = hook
+        return keyed
 
     def _tensor_state(self) -> dict[str, Any]:
         model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
@@ -189,7 +202,11 @@ class Trainer:
         rank_state = {
             "rng": capture_rng(),
             "loader": self.loader.state_dict(),
-            "hooks": [hook.state_dict() for hook in self.hooks],
+            "hooks": {
+                key: state
+                for key, hook in self._keyed_hooks().items()
+                if (state := hook.state_dict())
+            },
         }
         info = self.checkpoints.save(self.step, self._tensor_state(), rank_state, shared)
         self._saved_step = self.step
@@ -209,20 +226,13 @@ class Trainer:
         ``resume``: ``True`` continues from the latest complete checkpoint (if any), a path
         from that checkpoint directory.
         """
-        if resume:
-            if self.checkpoints is None:
-                raise InvalidInputError("resume needs a trainer built with checkpoint_dir")
-            info = (
-                self.checkpoints.latest()
-                if resume is True
-                else self.checkpoints.resolve(Path(resume))
-            )
-            if info is not None:
-                self.restore(info)
         result = FitResult(step=self.step)
         context = HookContext(self.model, self.backend, self.config.run_id)
         ok = False
         try:
+            if resume:
+                self._resume(resume)
+                result.step = self.step
             for hook in self.hooks:
                 hook.on_fit_start(context)
             self._run(result)
@@ -236,6 +246,17 @@ class Trainer:
             self._finish(ok)
         result.step = self.step
         return result
+
+    def _resume(self, resume: bool | str | Path) -> None:
+        if self.checkpoints is None:
+            raise InvalidInputError("resume needs a trainer built with checkpoint_dir")
+        if resume is True:
+            info = self.checkpoints.latest()
+        else:
+            assert not isinstance(resume, bool)
+            info = self.checkpoints.resolve(Path(resume))
+        if info is not None:
+            self.restore(info)
 
     def _finish(self, ok: bool) -> None:
         errors: list[BaseException] = []

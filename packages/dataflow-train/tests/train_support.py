@@ -1,0 +1,87 @@
+"""Shared builders for the trainer-infrastructure tests: tiny EAGLE3 shapes, samples in a store."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from dataflow.contracts import FeatureStore, SampleRef
+from dataflow.train.eagle3 import Eagle3Config, Eagle3Objective
+
+HIDDEN = 16
+VOCAB = 64
+
+
+def tiny_config(ttt_length: int = 2) -> Eagle3Config:
+    return Eagle3Config(
+        hidden_size=HIDDEN,
+        intermediate_size=32,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=8,
+        vocab_size=VOCAB,
+        draft_vocab_size=32,
+        target_layers=(1, 2, 3),
+        ttt_length=ttt_length,
+    )
+
+
+def tiny_objective(seed: int = 0) -> Eagle3Objective:
+    return Eagle3Objective(tiny_config(), seed=seed)
+
+
+def sample_tensors(seed: int, length: int, hidden: int = HIDDEN) -> dict[str, torch.Tensor]:
+    """One EAGLE3 sample as the rollout side captures it: ``[1, T, ...]`` features."""
+    gen = torch.Generator().manual_seed(seed)
+    loss_mask = torch.ones(1, length, dtype=torch.int64)
+    loss_mask[0, : length // 4] = 0
+    return {
+        "input_ids": torch.randint(0, VOCAB, (1, length), generator=gen),
+        "loss_mask": loss_mask,
+        "hidden_state": torch.randn(1, length, hidden, generator=gen),
+        "aux_hidden_state": torch.randn(1, length, 3 * hidden, generator=gen),
+    }
+
+
+def put_samples(
+    store: FeatureStore, count: int, lengths: Sequence[int] | int = 8, prefix: str = "s"
+) -> list[SampleRef]:
+    """Put ``count`` deterministic samples (seeded by index) and return their refs in order."""
+    refs = []
+    for i in range(count):
+        length = lengths if isinstance(lengths, int) else lengths[i % len(lengths)]
+        refs.append(store.put(f"{prefix}{i:03d}", sample_tensors(1000 + i, length)))
+    return refs
+
+
+class CountingStore:
+    """Wraps a real store and records which samples were fetched (to prove seeks fetch nothing)."""
+
+    def __init__(self, inner: FeatureStore) -> None:
+        self.inner = inner
+        self.fetched: list[str] = []
+
+    def get(self, ref, names=None):  # type: ignore[no-untyped-def]
+        self.fetched.append(ref.sample_id)
+        return self.inner.get(ref, names)
+
+    def __getattr__(self, name: str):  # type: ignore[no-untyped-def]
+        return getattr(self.inner, name)
+
+
+class ListQueue:
+    """A consume-once RefQueue over a fixed list: ``None`` once drained (a closed producer)."""
+
+    def __init__(self, refs: Sequence[SampleRef]) -> None:
+        self._refs = list(refs)
+        self.pulled = 0
+
+    def get(self, timeout: float | None = None) -> SampleRef | None:
+        if self.pulled >= len(self._refs):
+            return None
+        self.pulled += 1
+        return self._refs[self.pulled - 1]
+
+    def close(self) -> None:
+        self._refs = self._refs[: self.pulled]
