@@ -179,6 +179,23 @@ def test_config_refuses_bad_values(overrides, message):
         config(**overrides)
 
 
+def test_target_config_from_an_attribute_object():
+    from types import SimpleNamespace
+
+    target = SimpleNamespace(
+        hidden_size=64,
+        num_attention_heads=8,
+        num_key_value_heads=None,
+        vocab_size=300,
+        num_hidden_layers=32,
+        intermediate_size=None,
+    )
+    cfg = Eagle3Config.from_target_config(target, draft_vocab_size=100, ttt_length=4)
+    assert cfg.target_layers == (1, 15, 28) and cfg.num_target_layers == 32
+    assert (cfg.num_key_value_heads, cfg.head_dim, cfg.intermediate_size) == (8, 8, 256)
+    assert cfg.step_weights == pytest.approx((1.0, 0.8, 0.64, 0.512))
+
+
 def test_target_config_missing_field_is_named():
     with pytest.raises(InvalidInputError, match="num_hidden_layers"):
         Eagle3Config.from_target_config(

@@ -139,3 +139,50 @@ def test_load_refuses_a_directory_with_foreign_tensor_names(tmp_path, trained):
     save_file(tensors, str(out / "model.safetensors"))
     with pytest.raises(SchemaMismatchError, match="missing \\['midlayer.mlp.up_proj.weight'\\]"):
         load_exported(out)
+
+
+def test_every_parameter_of_sglangs_module_tree_is_filled_by_the_export(tmp_path, trained):
+    """Replay the name mapping of SGLang's EAGLE3 ``load_weights`` (as read from its source):
+    q/k/v fill the stacked ``qkv_proj``, gate/up fill ``gate_up_proj``, bare names get the
+    ``model.`` prefix unless they exist at top level (``lm_head``), ``d2t`` becomes hot token
+    ids and ``t2d`` is skipped. Every parameter of that module tree must be filled exactly."""
+    out = export_draft(trained, tmp_path / "draft", dtype=torch.float32)
+    _, tensors = load_exported(out)
+    q, kv, inter = 32, 16, 48
+    sglang_params = {  # name -> rows; embed_tokens comes from the target at runtime
+        "model.fc.weight": 32,
+        "model.midlayer.self_attn.qkv_proj.weight": q + 2 * kv,
+        "model.midlayer.self_attn.o_proj.weight": 32,
+        "model.midlayer.mlp.gate_up_proj.weight": 2 * inter,
+        "model.midlayer.mlp.down_proj.weight": 32,
+        "model.midlayer.input_layernorm.weight": 32,
+        "model.midlayer.hidden_norm.weight": 32,
+        "model.midlayer.post_attention_layernorm.weight": 32,
+        "model.norm.weight": 32,
+        "lm_head.weight": 31,
+    }
+    stacked = {
+        ".q_proj": ".qkv_proj",
+        ".k_proj": ".qkv_proj",
+        ".v_proj": ".qkv_proj",
+        ".gate_proj": ".gate_up_proj",
+        ".up_proj": ".gate_up_proj",
+    }
+    filled: dict[str, int] = {}
+    hot_token_ids = None
+    for name, value in tensors.items():
+        if "d2t" in name:
+            hot_token_ids = value + torch.arange(value.shape[0])
+            continue
+        if "t2d" in name:
+            continue
+        for shard, param in stacked.items():
+            if shard in name:
+                name = name.replace(shard, param)
+                break
+        target = name if name in sglang_params else f"model.{name}"
+        assert target in sglang_params, f"{name} would be silently dropped by the loader"
+        filled[target] = filled.get(target, 0) + value.shape[0]
+    assert filled == sglang_params
+    assert hot_token_ids is not None
+    assert torch.equal(hot_token_ids, trained.draft.t2d.nonzero().flatten())
