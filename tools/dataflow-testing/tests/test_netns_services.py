@@ -20,6 +20,8 @@ from dataflow_testing.netns import (
 )
 from netns_support import needs_services
 
+from dataflow.contracts.uris import parse_store_uri
+
 pytestmark = needs_services
 
 CLIENT = str(Path(__file__).parent / "clients" / "mooncake_client.py")
@@ -140,6 +142,14 @@ def test_services_are_stopped_on_exit(hosts: VirtualHosts, tmp_path: Path) -> No
         assert services.mooncake_setup_args(hosts["c"].address, 1, 2) == (
             hosts["c"].address, f"http://{b.address}:6402/metadata", 1, 2, "tcp", "", f"{b.address}:6401"
         )  # fmt: skip
+    uri = parse_store_uri(services.mooncake_store_uri(hosts["c"].address, segment="64MiB"))
+    assert (uri.scheme, uri.host, uri.port) == ("mooncake", b.address, 6401)
+    assert dict(uri.options) == {
+        "metadata": f"http://{b.address}:6402/metadata",
+        "local_hostname": hosts["c"].address,
+        "protocol": "tcp",
+        "segment": "64MiB",
+    }
     assert b.pids() == []
     assert not b.wait_for_port(6400, 0.3) and not b.wait_for_port(6401, 0.3)
     assert {p.name for p in tmp_path.iterdir()} >= {"redis-server.log", "mooncake_master.log"}

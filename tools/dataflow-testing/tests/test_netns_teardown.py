@@ -10,6 +10,7 @@ import sys
 import time
 
 import pytest
+from dataflow_testing import netns
 from dataflow_testing.netns import VirtualHostError, VirtualHosts, cleanup_leftovers
 from netns_support import guard_routes, namespaces, needs_netns, root_links
 
@@ -135,3 +136,58 @@ def test_wait_for_port_is_bounded(hosts: VirtualHosts) -> None:
     started = time.monotonic()
     assert not hosts["c"].wait_for_port(7999, 1.0)
     assert time.monotonic() - started < 10
+
+
+def test_ctrl_c_during_teardown_is_held_until_teardown_ends(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Fault injection: a real SIGINT raised while the first namespace is being removed.
+    real = netns._kill_namespace
+    calls: list[str] = []
+
+    def interrupted(name: str, **kwargs: bool) -> None:
+        if not calls:
+            signal.raise_signal(signal.SIGINT)
+        calls.append(name)
+        real(name, **kwargs)
+
+    monkeypatch.setattr(netns, "_kill_namespace", interrupted)
+    with pytest.raises(KeyboardInterrupt), VirtualHosts(2, prefix="dftctrlc") as hosts:
+        created = hosts.namespaces
+        owner, subnet = hosts.owner, str(hosts.subnet)
+    assert sorted(calls) == sorted(created)  # every namespace was still removed
+    assert not set(created) & namespaces()
+    assert (subnet, owner) not in guard_routes()
+
+
+def test_crash_kills_every_process_on_a_host_and_only_there(hosts: VirtualHosts) -> None:
+    a, b = hosts["a"], hosts["b"]
+    bystander = a.popen(["sleep", "60"])
+    tree = b.popen(["sh", "-c", "sleep 60 & sleep 60 & wait"])
+    deadline = time.monotonic() + 10
+    while len(b.pids()) < 3 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    before = b.pids()
+    assert len(before) == 3
+    assert sorted(b.crash()) == sorted(before)
+    assert b.pids() == [] and tree.returncode == -signal.SIGKILL
+    assert bystander.poll() is None and bystander.pid in a.pids()
+    bystander.kill()
+    bystander.wait(timeout=5)
+
+
+def test_disconnect_and_reconnect_a_host(hosts: VirtualHosts) -> None:
+    a, c = hosts["a"], hosts["c"]
+    server = c.popen(
+        [sys.executable, "-c", "import socket,sys,time; s=socket.create_server((sys.argv[1], 7300)); time.sleep(60)", c.address]
+    )  # fmt: skip
+    try:
+        assert a.wait_for_port(7300, 10, address=c.address)
+        c.disconnect()
+        assert not a.wait_for_port(7300, 0.5, address=c.address)
+        c.reconnect()
+        assert a.wait_for_port(7300, 10, address=c.address)
+    finally:
+        c.reconnect()
+        server.kill()
+        server.wait(timeout=5)

@@ -73,6 +73,9 @@ def test_no_route_out_of_the_hosts(hosts: VirtualHosts) -> None:
             proc = host.run(["ip", "route", "get", address], capture_output=True, text=True)
             assert proc.returncode != 0, (host.name, address, proc.stdout)
             assert "Network is unreachable" in proc.stderr
+        for address in ("2001:db8::1", "::ffff:8.8.8.8"):  # and no IPv6 way out either
+            proc = host.run(["ip", "-6", "route", "get", address], capture_output=True, text=True)
+            assert proc.returncode != 0, (host.name, address, proc.stdout)
 
 
 def test_root_namespace_cannot_send_to_the_hosts(hosts: VirtualHosts) -> None:

@@ -41,12 +41,14 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Any
+from urllib.parse import urlencode
 
 DEFAULT_PREFIX = "dft"
 SUBNET_POOL = ipaddress.IPv4Network("198.18.0.0/15")
@@ -147,7 +149,7 @@ def _guard_routes() -> list[tuple[str, int]]:
     return [(r["dst"], int(r.get("metric", 0))) for r in routes if r.get("type") == "unreachable"]
 
 
-def _kill_namespace(name: str) -> None:
+def _kill_namespace(name: str, *, delete: bool = True) -> None:
     """SIGKILL every process inside namespace ``name``, wait (bounded) for them, delete it."""
     out = _ip("netns", "pids", name, check=False).stdout
     pids = [int(p) for p in out.split()]
@@ -157,6 +159,8 @@ def _kill_namespace(name: str) -> None:
     deadline = time.monotonic() + 5.0
     while any(_pid_alive(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.02)
+    if not delete:
+        return
     proc = _ip("netns", "del", name, check=False)
     if proc.returncode != 0 and name in _list_namespaces():
         raise VirtualHostError(f"cannot delete network namespace {name}: {proc.stderr.strip()}")
@@ -325,6 +329,25 @@ class VirtualHost:
         """Pids of every process currently inside this host's namespace."""
         return [int(p) for p in _ip("netns", "pids", self.namespace).stdout.split()]
 
+    def crash(self) -> list[int]:
+        """SIGKILL every process on this host (children of children too) and wait until they are
+        gone, as if the machine lost power; the host itself stays up. Returns the killed pids.
+        """
+        killed = self.pids()
+        _kill_namespace(self.namespace, delete=False)
+        for proc in self._processes:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(timeout=5)
+        return killed
+
+    def disconnect(self) -> None:
+        """Take this host's ``eth0`` down: no other host reaches it until :meth:`reconnect`."""
+        _ip("-n", self.namespace, "link", "set", "eth0", "down")
+
+    def reconnect(self) -> None:
+        """Bring ``eth0`` back up (its address and route are restored with it)."""
+        _ip("-n", self.namespace, "link", "set", "eth0", "up")
+
     def _kill_started(self) -> None:
         for proc in self._processes:
             if proc.poll() is None:
@@ -435,8 +458,7 @@ class VirtualHosts:
     def close(self) -> None:
         """Kill every process in the hosts, delete namespaces and the guard route (idempotent)."""
         errors: list[str] = []
-        blocked = _block_sigint()
-        try:
+        with _sigint_deferred():
             for host in self.hosts:
                 host._kill_started()
             for name in reversed(self._created):
@@ -451,9 +473,6 @@ class VirtualHosts:
                     self.subnet = None
                 except (VirtualHostError, OSError, subprocess.TimeoutExpired) as exc:
                     errors.append(str(exc))
-        finally:
-            if blocked:
-                signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
         if errors:
             raise VirtualHostError("; ".join(errors))
 
@@ -472,13 +491,22 @@ class VirtualHosts:
         return len(self.hosts)
 
 
-def _block_sigint() -> bool:
-    """Hold SIGINT back (delivered when unblocked) so Ctrl-C cannot cut a teardown short."""
+@contextlib.contextmanager
+def _sigint_deferred() -> Iterator[None]:
+    """Hold a Ctrl-C back until the block ends, then deliver it, so it cannot cut a teardown
+    short. (Python handles signals in the main thread only; elsewhere nothing needs holding.)
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
     try:
-        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
-    except (OSError, ValueError):
-        return False
-    return True
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if received:
+            signal.raise_signal(signal.SIGINT)
 
 
 # --------------------------------------------------------------------------- services
@@ -508,6 +536,18 @@ class ClusterServices:
     def mooncake_metadata_url(self) -> str:
         """The HTTP metadata server's URL (``metadata_server`` of ``setup``)."""
         return f"http://{self.address}:{self.metadata_port}/metadata"
+
+    def mooncake_store_uri(self, local_hostname: str, **options: str) -> str:
+        """A ``mooncake://`` store URI for a client on ``local_hostname`` using this master and
+        its metadata server over TCP; ``options`` are added to the query string as given.
+        """
+        query = {
+            "metadata": self.mooncake_metadata_url,
+            "local_hostname": local_hostname,
+            "protocol": "tcp",
+            **options,
+        }
+        return f"mooncake://{self.mooncake_master}?{urlencode(query)}"
 
     def mooncake_setup_args(
         self, local_hostname: str, global_segment_size: int, local_buffer_size: int
