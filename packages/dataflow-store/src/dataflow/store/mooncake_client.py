@@ -78,7 +78,9 @@ class RemoveReport:
         if self.leased:
             parts.append(f"{len(self.leased)} under read lease")
         if self.failed:
-            shown = ", ".join(f"{k!r}: {codes.code_name(c)}" for k, c in list(self.failed.items())[:4])
+            shown = ", ".join(
+                f"{k!r}: {codes.code_name(c)}" for k, c in list(self.failed.items())[:4]
+            )
             parts.append(f"{len(self.failed)} failed ({shown})")
         return "; ".join(parts)
 

@@ -28,7 +28,8 @@ _PROBE = r"""
 import json, os, sys
 args = json.loads(sys.argv[1])
 from mooncake.store import MooncakeDistributedStore
-rc = MooncakeDistributedStore().setup(*args)
+client = MooncakeDistributedStore()  # kept alive: dropping it would run its ~1 s teardown
+rc = client.setup(*args)
 sys.stdout.write(json.dumps({"rc": rc}))
 sys.stdout.flush()
 os._exit(0)  # skip the client's ~1 s teardown: this process only proves the handshake works

@@ -118,10 +118,10 @@ def read_sample(
     return out, layout
 
 
-def read_metadata(path: str, where: str) -> Mapping[str, str]:
-    """The header metadata of ``path`` (reads only the header)."""
+def read_layout(path: str, where: str) -> Layout:
+    """The header of ``path`` (reads only the header, never the tensor bytes)."""
     fd = _open(path, where)
     try:
-        return _header_of(fd, os.fstat(fd).st_size, where).metadata
+        return _header_of(fd, os.fstat(fd).st_size, where)
     finally:
         os.close(fd)

@@ -45,7 +45,7 @@ from dataflow.contracts import (
 )
 from dataflow.store.base import BookkeepingStore, Generation
 from dataflow.store.owner import DETACHED, current_owner, owner_alive
-from dataflow.store.segments import map_sample, read_metadata, write_sample
+from dataflow.store.segments import map_sample, read_layout, write_sample
 from dataflow.store.tensors import PreparedSample
 
 PREFIX = "dfs~"
@@ -171,7 +171,7 @@ class ShmFeatureStore(BookkeepingStore):
 
     def _owner_of(self, path: str, sample_id: str, generation: int) -> str | None:
         try:
-            return read_metadata(path, self._where(sample_id, generation)).get(_OWNER_KEY)
+            return read_layout(path, self._where(sample_id, generation)).metadata.get(_OWNER_KEY)
         except CorruptRecordError:
             return None  # not a segment we wrote: leave it alone
         except DataflowError:
