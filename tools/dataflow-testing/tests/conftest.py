@@ -18,8 +18,9 @@ def hosts() -> Iterator[VirtualHosts]:
 
 @pytest.fixture(scope="module")
 def cluster(hosts: VirtualHosts) -> Iterator[ClusterServices]:
-    """Redis and a Mooncake master on host a. Redis takes a port that is free on the root
-    namespace's loopback, so "not reachable there" is a meaningful check.
+    """Redis and a Mooncake master on host a, on ports that are free on the root namespace's
+    loopback, so "not reachable there" is a meaningful check.
     """
-    with serve_cluster(hosts["a"], redis_port=free_port()) as services:
+    ports = {n: free_port() for n in ("redis_port", "master_port", "metadata_port", "metrics_port")}
+    with serve_cluster(hosts["a"], **ports) as services:
         yield services

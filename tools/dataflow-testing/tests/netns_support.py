@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import select
 import subprocess
+from typing import IO
 
 import pytest
 from dataflow_testing.netns import GUARD_PROTO, multihost_available, netns_available
@@ -38,3 +40,12 @@ def guard_routes() -> set[tuple[str, int]]:
     """(subnet, owner pid) of every harness guard route in the root namespace."""
     routes = ip_json("-4", "route", "show", "table", "main", "proto", str(GUARD_PROTO))
     return {(str(r["dst"]), int(str(r.get("metric", 0)))) for r in routes}
+
+
+def read_line(pipe: IO[str] | None, timeout: float) -> str:
+    """The next line from a child's pipe, or TimeoutError after ``timeout`` seconds."""
+    assert pipe is not None
+    ready, _, _ = select.select([pipe], [], [], timeout)
+    if not ready:
+        raise TimeoutError(f"no output within {timeout:g} s")
+    return pipe.readline()

@@ -69,3 +69,10 @@ def test_check_command_prints_not_run_with_reason_and_exit_code() -> None:
 def test_check_command_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["frobnicate"]) == 2
     assert "usage:" in capsys.readouterr().err
+
+
+def test_cleanup_command_refuses_a_bad_prefix(capsys: pytest.CaptureFixture[str]) -> None:
+    before = namespaces()
+    assert main(["cleanup", "Bad-Prefix"]) == 2
+    assert "prefix must be 1-12 lowercase letters/digits" in capsys.readouterr().err
+    assert namespaces() == before

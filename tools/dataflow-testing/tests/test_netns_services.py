@@ -18,7 +18,7 @@ from dataflow_testing.netns import (
     VirtualHosts,
     serve_cluster,
 )
-from netns_support import needs_services
+from netns_support import needs_services, read_line
 
 from dataflow.contracts.uris import parse_store_uri
 
@@ -71,15 +71,26 @@ def test_redis_on_a_serves_b(hosts: VirtualHosts, cluster: ClusterServices) -> N
 
 
 @pytest.mark.redis
-def test_redis_is_reachable_only_inside_the_namespaces(
-    hosts: VirtualHosts, cluster: ClusterServices
-) -> None:
-    with pytest.raises(ConnectionRefusedError), socket.socket() as sock:
-        sock.settimeout(2)
-        sock.connect(("127.0.0.1", cluster.redis_port))
-    # Bound to a's address only: not on a's own loopback, and b's loopback is b's alone.
-    assert not hosts["a"].wait_for_port(cluster.redis_port, 0.3, address="127.0.0.1")
-    assert not hosts["b"].wait_for_port(cluster.redis_port, 0.3, address="127.0.0.1")
+@pytest.mark.mooncake
+def test_services_listen_only_inside_host_a(hosts: VirtualHosts, cluster: ClusterServices) -> None:
+    a = hosts["a"]
+    ports = (cluster.redis_port, cluster.master_port, cluster.metadata_port, cluster.metrics_port)
+    listening = a.run(["ss", "-ltnH"], capture_output=True, text=True).stdout
+    bound = {int(local.rsplit(":", 1)[1]): local.rsplit(":", 1)[0] for local in (line.split()[3] for line in listening.splitlines())}  # fmt: skip
+    assert bound == {
+        cluster.redis_port: a.address,
+        cluster.master_port: a.address,
+        cluster.metrics_port: a.address,
+        cluster.metadata_port: "0.0.0.0",  # Mooncake ignores --http_metadata_server_host
+    }
+    for port in ports:
+        with pytest.raises(ConnectionRefusedError), socket.socket() as sock:
+            sock.settimeout(2)
+            sock.connect(("127.0.0.1", port))  # the root namespace's loopback
+        # Other hosts' own loopbacks are theirs alone.
+        assert not hosts["b"].wait_for_port(port, 0.2, address="127.0.0.1")
+    # Redis is bound to a's address: not even on a's own loopback.
+    assert not a.wait_for_port(cluster.redis_port, 0.3, address="127.0.0.1")
     assert hosts["c"].wait_for_port(cluster.redis_port, 5, address=cluster.address)
 
 
@@ -95,7 +106,7 @@ def test_mooncake_put_on_c_read_on_c_and_b(
         )  # fmt: skip
     assert writer.stdin is not None and writer.stdout is not None
     try:
-        line = writer.stdout.readline()
+        line = read_line(writer.stdout, 60)
         assert line, (tmp_path / "writer.log").read_text()[-3000:]
         written = json.loads(line)
         assert written["put"] == [0] * KEYS

@@ -12,7 +12,7 @@ import time
 import pytest
 from dataflow_testing import netns
 from dataflow_testing.netns import VirtualHostError, VirtualHosts, cleanup_leftovers
-from netns_support import guard_routes, namespaces, needs_netns, root_links
+from netns_support import guard_routes, namespaces, needs_netns, read_line, root_links
 
 pytestmark = needs_netns
 
@@ -40,8 +40,7 @@ def start_child(prefix: str) -> tuple[subprocess.Popen[str], dict]:
     child = subprocess.Popen(
         [sys.executable, "-c", CHILD, prefix], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )  # fmt: skip
-    assert child.stdout is not None
-    line = child.stdout.readline()
+    line = read_line(child.stdout, 60)
     assert line, child.stderr.read() if child.stderr else ""
     return child, json.loads(line)
 

@@ -655,11 +655,15 @@ def serve_cluster(
     log_dir: Path | None = None,
     timeout: float = 20.0,
 ) -> Iterator[ClusterServices]:
-    """Run redis-server and mooncake_master (HTTP metadata server on) on ``host``, bound to its
-    address only; yield where they listen once all ports accept connections; stop both on exit
-    (SIGTERM, then SIGKILL after 5 s). A service that fails to start raises
-    :class:`VirtualHostError` with the tail of its log. Logs go to ``log_dir`` (a temporary
-    directory, removed on exit, when not given).
+    """Run redis-server and mooncake_master (HTTP metadata server on) on ``host``; yield where
+    they listen once each process itself listens on all its ports; stop both on exit (SIGTERM,
+    then SIGKILL after 5 s). A service that fails to start raises :class:`VirtualHostError`
+    with the tail of its log. Logs go to ``log_dir`` (a temporary directory, removed on exit,
+    when not given).
+
+    Redis and the master's RPC and metrics servers bind the host's address. Mooncake's HTTP
+    metadata server binds every interface whatever it is told (mooncake 0.3.13), which inside
+    the host's namespace still means this host alone.
     """
     temporary = log_dir is None
     logs = Path(tempfile.mkdtemp(prefix="dft-services-")) if log_dir is None else log_dir
@@ -706,7 +710,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"available: {reason}" if ok else f"NOT RUN: {reason}")
         return 0 if ok else 3
     if args[:1] == ["cleanup"] and len(args) <= 2:
-        for item in cleanup_leftovers(*args[1:]):
+        try:
+            removed = cleanup_leftovers(*args[1:])
+        except ValueError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        for item in removed:
             print(f"removed {item}")
         return 0
     print("usage: python -m dataflow_testing.netns check | cleanup [PREFIX]", file=sys.stderr)
