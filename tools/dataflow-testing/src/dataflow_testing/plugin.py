@@ -4,3 +4,4 @@ Service modules add their fixtures here by import, e.g. ``from dataflow_testing.
 """
 
 from dataflow_testing.mooncake import *  # noqa: F403
+from dataflow_testing.redis import *  # noqa: F403

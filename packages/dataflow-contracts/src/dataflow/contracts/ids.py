@@ -32,7 +32,8 @@ def validate_id(value: object, kind: str = "id") -> str:
         raise InvalidInputError(
             f"{kind} is {len(value)} characters long; the limit is {MAX_ID_LENGTH}"
         )
-    bad = next((c for c in value if not _ALLOWED.fullmatch(c)), None)
+    # One match for the common, valid case; the per-character scan only to name the culprit.
+    bad = None if _ALLOWED.fullmatch(value) else next(c for c in value if not _ALLOWED.fullmatch(c))
     if bad is not None:
         raise InvalidInputError(
             f"{kind} {value!r} contains the forbidden character {bad!r}; "

@@ -15,13 +15,16 @@ _QUERY_OPTIONS: dict[str, Callable[[str], Any]] = {
     "max_prompt_attempts": int,
     "busy_timeout_s": float,
     "connect_timeout_s": float,
+    "op_timeout_s": float,
     "namespace": str,
 }
 _BACKEND_OPTIONS = {
     "noop": frozenset(),
     "memory": frozenset({"max_prompt_attempts", "clock"}),
     "sqlite": frozenset({"max_prompt_attempts", "clock", "busy_timeout_s"}),
-    "redis": frozenset({"max_prompt_attempts", "clock", "connect_timeout_s", "namespace"}),
+    "redis": frozenset(
+        {"max_prompt_attempts", "clock", "connect_timeout_s", "op_timeout_s", "namespace"}
+    ),
 }
 
 
@@ -57,8 +60,8 @@ def open_ledger(uri: str, **options: Any) -> Ledger:
 
     Options (keyword or ``?name=value`` in the URI): ``max_prompt_attempts`` (default 3),
     ``clock`` (keyword only; wall-clock seconds for lease deadlines), SQLite's
-    ``busy_timeout_s`` (default 30), Redis's ``connect_timeout_s`` (default 5) and
-    ``namespace`` (key prefix; default ``default``). A bad URI or option raises
+    ``busy_timeout_s`` (default 30), Redis's ``connect_timeout_s`` (default 5),
+    ``op_timeout_s`` (default 30) and ``namespace`` (key prefix; default ``default``). A bad URI or option raises
     ``InvalidInputError``; an unreachable Redis ``BackendUnavailableError``; a file that is not
     a ledger ``CorruptRecordError``.
     """
@@ -77,9 +80,14 @@ def open_ledger(uri: str, **options: Any) -> Ledger:
         from dataflow.control.ledger.memory import MemoryStorage
 
         storage = MemoryStorage(parsed.location)
+    elif parsed.scheme == "sqlite":
+        from dataflow.control.ledger.sqlite import SQLiteStorage
+
+        storage = SQLiteStorage(parsed.location, **opts)
     else:
-        # The SQLite and Redis backends land in the next commits.
-        raise InvalidInputError(f"the {parsed.scheme}:// ledger backend is not available yet")
+        from dataflow.control.ledger.redis import RedisStorage
+
+        storage = RedisStorage(parsed, **opts)
     try:
         return StorageLedger(storage, uri, **common)
     except BaseException:

@@ -173,11 +173,7 @@ def assign_window(tx: LedgerTx, dp_size: int, per_rank: int) -> Window | None:
 
 def assigned(tx: LedgerTx, rank: int, after_window: int) -> list[SampleRef]:
     """A rank's ASSIGNED refs in windows after ``after_window``, in window and commit order."""
-    rows = [
-        row for row in tx.samples_in(ASSIGNED) if row.rank == rank and row.window > after_window
-    ]
-    rows.sort(key=lambda row: (row.window, row.seq))
-    return _ordered_refs(tx, rows)
+    return _ordered_refs(tx, tx.assigned_rows(rank, after_window))
 
 
 def refs(tx: LedgerTx, sample_ids: Sequence[str]) -> list[SampleRef]:

@@ -43,6 +43,10 @@ class LedgerTx(abc.ABC):
         """Rows in ``state`` in commit order, at most ``limit``; never used for terminal states."""
 
     @abc.abstractmethod
+    def assigned_rows(self, rank: int, after_window: int) -> list[SampleRow]:
+        """ASSIGNED rows of ``rank`` in windows after ``after_window``, by window then seq."""
+
+    @abc.abstractmethod
     def refs(self, sample_ids: Sequence[str]) -> dict[str, SampleRef]:
         """The committed refs of the known ids among ``sample_ids``."""
 

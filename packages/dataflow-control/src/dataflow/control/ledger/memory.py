@@ -63,6 +63,12 @@ class _MemoryTx(LedgerTx):
         rows = sorted((self._s.samples[sid] for sid in self._s.sample_index[state]), key=_seq)
         return rows if limit is None else rows[:limit]
 
+    def assigned_rows(self, rank: int, after_window: int) -> list[SampleRow]:
+        rows = self._s.samples
+        found = [rows[sid] for sid in self._s.sample_index[SampleState.ASSIGNED]]
+        found = [row for row in found if row.rank == rank and row.window > after_window]
+        return sorted(found, key=lambda row: (row.window, row.seq))
+
     def refs(self, sample_ids: Sequence[str]) -> dict[str, SampleRef]:
         refs = self._s.refs
         return {sid: refs[sid] for sid in sample_ids if sid in refs}

@@ -1,0 +1,114 @@
+"""Text forms of the records a durable ledger stores (the contracts' JSON wire format).
+
+``SampleRef`` is on the hot path (every commit writes one, every dispatch reads one), so it has
+a direct encoder and decoder producing and accepting exactly what ``dataflow.contracts.codec``
+does; anything unusual (another schema version, unknown fields) goes through the strict codec.
+Stored text that does not decode is a ``CorruptRecordError``: the ledger wrote it validated.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from typing import Any, TypeVar
+
+from dataflow.contracts.codec import SCHEMA_VERSIONS, dumps, loads
+from dataflow.contracts.errors import CorruptRecordError, DataflowError
+from dataflow.contracts.features import FeatureSpec, SampleRef
+
+R = TypeVar("R")
+
+_REF_VERSION = SCHEMA_VERSIONS["SampleRef"]
+_SPEC_VERSION = SCHEMA_VERSIONS["FeatureSpec"]
+_REF_FIELDS = frozenset(
+    {
+        "kind",
+        "v",
+        "sample_id",
+        "store_uri",
+        "feature_keys",
+        "feature_specs",
+        "generation",
+        "source_task_id",
+        "run_id",
+        "strategy",
+        "schema_version",
+        "estimated_bytes",
+        "num_tokens",
+        "target_version",
+        "draft_weight_version",
+        "metadata",
+    }
+)
+
+
+def _thaw(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {key: _thaw(child) for key, child in value.items()}
+    if isinstance(value, tuple):
+        return [_thaw(child) for child in value]
+    return value
+
+
+def encode_ref(ref: SampleRef) -> str:
+    """The codec's JSON text of ``ref`` (same fields and values), built directly."""
+    return json.dumps(
+        {
+            "kind": "SampleRef",
+            "v": _REF_VERSION,
+            "sample_id": ref.sample_id,
+            "store_uri": ref.store_uri,
+            "feature_keys": dict(ref.feature_keys),
+            "feature_specs": {
+                name: {"name": s.name, "shape": list(s.shape), "dtype": s.dtype}
+                for name, s in ref.feature_specs.items()
+            },
+            "generation": ref.generation,
+            "source_task_id": ref.source_task_id,
+            "run_id": ref.run_id,
+            "strategy": ref.strategy,
+            "schema_version": ref.schema_version,
+            "estimated_bytes": ref.estimated_bytes,
+            "num_tokens": ref.num_tokens,
+            "target_version": ref.target_version,
+            "draft_weight_version": ref.draft_weight_version,
+            "metadata": _thaw(ref.metadata),
+        },
+        separators=(",", ":"),
+        allow_nan=False,
+    )
+
+
+def _spec(name: str, body: Any) -> FeatureSpec:
+    if type(body) is not dict or set(body) - {"name", "shape", "dtype", "kind", "v"}:
+        raise TypeError(f"feature_specs[{name!r}] is not a FeatureSpec object")
+    return FeatureSpec(body["name"], tuple(body["shape"]), body["dtype"])
+
+
+def decode_ref(text: str, where: str) -> SampleRef:
+    """Rebuild a stored ref; ``where`` names the row in the error if it does not decode."""
+    try:
+        data = json.loads(text)
+        if type(data) is dict and data.get("v") == _REF_VERSION and set(data) == _REF_FIELDS:
+            specs = data["feature_specs"]
+            if type(specs) is not dict:
+                raise TypeError("feature_specs is not an object")
+            data["feature_specs"] = {name: _spec(name, body) for name, body in specs.items()}
+            del data["kind"], data["v"]
+            return SampleRef(**data)
+        return loads(text, SampleRef)
+    except (DataflowError, ValueError, TypeError, KeyError) as exc:
+        raise CorruptRecordError(f"{where}: stored ref does not decode ({exc})") from None
+
+
+def encode_record(record: Any) -> str:
+    """The codec's JSON text of any other record (tasks, weight versions)."""
+    return dumps(record)
+
+
+def decode_record(text: str, kind: type[R], where: str) -> R:
+    """Rebuild a stored record of ``kind``; ``CorruptRecordError`` naming ``where`` if bad."""
+    try:
+        return loads(text, kind)
+    except DataflowError as exc:
+        raise CorruptRecordError(f"{where}: stored record does not decode ({exc})") from None

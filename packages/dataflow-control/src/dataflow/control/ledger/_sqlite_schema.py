@@ -1,0 +1,122 @@
+"""The SQLite ledger's schema, its version, and the checks run when a file is opened."""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from pathlib import Path
+
+from dataflow.contracts.errors import CorruptRecordError, InvalidInputError, SchemaVersionError
+
+SCHEMA_NAME = "dataflow-ledger"
+SCHEMA_VERSION = 1
+_SQLITE_MAGIC = b"SQLite format 3\x00"
+
+# Sample and prompt states are stored as small integers (see sqlite.py for the mapping).
+# samples.seq is the commit order and the rowid; the (state, seq) indexes serve every scan of a
+# live state in commit/FIFO order without touching history; (win, rank) serves a rank's
+# newest windows.
+SCHEMA = (
+    "CREATE TABLE IF NOT EXISTS ledger_schema (name TEXT PRIMARY KEY, version INTEGER NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL) WITHOUT ROWID",
+    "CREATE TABLE IF NOT EXISTS counters (k TEXT PRIMARY KEY, v INTEGER NOT NULL) WITHOUT ROWID",
+    """CREATE TABLE IF NOT EXISTS samples (
+        seq INTEGER PRIMARY KEY, id TEXT NOT NULL UNIQUE, state INTEGER NOT NULL,
+        rank INTEGER NOT NULL, win INTEGER NOT NULL, step INTEGER NOT NULL,
+        reason TEXT NOT NULL, nbytes INTEGER NOT NULL, ref TEXT NOT NULL)""",
+    "CREATE INDEX IF NOT EXISTS samples_by_state ON samples (state, seq)",
+    "CREATE INDEX IF NOT EXISTS samples_by_window ON samples (win, rank)",
+    """CREATE TABLE IF NOT EXISTS prompts (
+        id TEXT PRIMARY KEY, seq INTEGER NOT NULL, state INTEGER NOT NULL,
+        attempt INTEGER NOT NULL, worker TEXT NOT NULL, deadline REAL NOT NULL,
+        reason TEXT NOT NULL, task TEXT NOT NULL) WITHOUT ROWID""",
+    "CREATE INDEX IF NOT EXISTS prompts_by_state ON prompts (state, seq)",
+    """CREATE TABLE IF NOT EXISTS weights (
+        ord INTEGER PRIMARY KEY, id TEXT NOT NULL UNIQUE, record TEXT NOT NULL)""",
+)
+
+_NETWORK_FILESYSTEMS = frozenset(
+    {
+        "nfs",
+        "nfs4",
+        "cifs",
+        "smb3",
+        "smbfs",
+        "afs",
+        "ceph",
+        "glusterfs",
+        "fuse.sshfs",
+        "fuse.glusterfs",
+        "lustre",
+        "gpfs",
+        "beegfs",
+    }
+)
+
+
+def network_filesystem(path: Path) -> str | None:
+    """The type of the network filesystem holding ``path`` (Linux /proc/mounts), else None."""
+    try:
+        mounts = Path("/proc/mounts").read_text().splitlines()
+    except OSError:
+        return None
+    target = os.path.realpath(path)
+    best, kind = "", ""
+    for line in mounts:
+        parts = line.split()
+        if len(parts) < 3:
+            continue
+        point = parts[1].replace("\\040", " ")
+        inside = target == point or target.startswith(point.rstrip("/") + "/")
+        if inside and len(point) >= len(best):
+            best, kind = point, parts[2]
+    return kind if kind in _NETWORK_FILESYSTEMS else None
+
+
+def check_file(path: Path) -> None:
+    """Refuse a network filesystem and a file that is not an SQLite database at all."""
+    remote = network_filesystem(path.parent)
+    if remote is not None:
+        raise InvalidInputError(
+            f"{path} is on a {remote} network filesystem: SQLite's locking and WAL are not safe "
+            "there; use a local disk or a redis:// ledger"
+        )
+    if path.is_dir():
+        raise InvalidInputError(f"{path} is a directory, not a ledger file")
+    if path.exists() and path.stat().st_size > 0:
+        with path.open("rb") as handle:
+            header = handle.read(len(_SQLITE_MAGIC))
+        if header != _SQLITE_MAGIC:
+            raise CorruptRecordError(
+                f"{path} is not an SQLite database (bad header {header[:16]!r}); "
+                "refusing to use it as a ledger"
+            )
+
+
+def check_schema(conn: sqlite3.Connection, path: Path) -> bool:
+    """True if the file already holds a ledger of this schema version; False if it is empty.
+
+    A database with other tables, a newer schema or failing its quick integrity check is
+    refused, so a wrong path never gets ledger tables mixed into it.
+    """
+    tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    if not tables:
+        return False
+    if "ledger_schema" not in tables:
+        raise CorruptRecordError(
+            f"{path} is an SQLite database but not a dataflow ledger (tables: {sorted(tables)})"
+        )
+    row = conn.execute(
+        "SELECT version FROM ledger_schema WHERE name = ?", (SCHEMA_NAME,)
+    ).fetchone()
+    if row is None or not isinstance(row[0], int):
+        raise CorruptRecordError(f"{path}: the ledger schema row is missing or malformed")
+    if row[0] > SCHEMA_VERSION:
+        raise SchemaVersionError(
+            f"{path} holds ledger schema {row[0]}, newer than the {SCHEMA_VERSION} this code "
+            "supports; upgrade dataflow-control"
+        )
+    verdict = conn.execute("PRAGMA quick_check").fetchone()
+    if verdict is None or verdict[0] != "ok":
+        raise CorruptRecordError(f"{path} fails SQLite's integrity check: {verdict}")
+    return True

@@ -1,0 +1,269 @@
+"""``sqlite:///path``: the durable single-host ledger in one SQLite file.
+
+Guarantees: WAL journal with ``synchronous=FULL`` (a returned call survives power loss), one
+``BEGIN IMMEDIATE`` transaction per state change (so writers in several processes sharing the
+file are serialised, and readers see consistent snapshots), a busy timeout instead of instant
+"database is locked" failures, and a versioned schema. A file that is not a ledger, or fails
+its integrity check, raises ``CorruptRecordError`` and is left untouched.
+
+Never put the file on a network filesystem (NFS, SMB, …): SQLite's locks and WAL shared memory
+do not work there; opening such a path is refused. Open a ledger per process (after any fork).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+from dataflow.contracts.errors import (
+    BackendUnavailableError,
+    ClosedError,
+    CorruptRecordError,
+    InvalidInputError,
+)
+from dataflow.contracts.features import SampleRef
+from dataflow.contracts.prompt import PromptTask
+from dataflow.contracts.states import PromptState, SampleState
+from dataflow.contracts.weights import WeightVersion
+from dataflow.control.ledger._rows import PromptChange, PromptRow, SampleChange, SampleRow
+from dataflow.control.ledger._serial import decode_record, decode_ref, encode_record, encode_ref
+from dataflow.control.ledger._sqlite_schema import (
+    SCHEMA,
+    SCHEMA_NAME,
+    SCHEMA_VERSION,
+    check_file,
+    check_schema,
+)
+from dataflow.control.ledger._tx import LedgerStorage, LedgerTx
+
+R = TypeVar("R")
+
+SAMPLE_CODES = {state: code for code, state in enumerate(SampleState)}
+SAMPLE_STATES = dict(enumerate(SampleState))
+PROMPT_CODES = {state: code for code, state in enumerate(PromptState)}
+PROMPT_STATES = dict(enumerate(PromptState))
+_CHUNK = 500  # ids per IN (...) list, well under SQLite's variable limit
+_SAMPLE_COLUMNS = "id, seq, state, rank, win, step, reason, nbytes"
+_PROMPT_COLUMNS = "id, seq, state, attempt, worker, deadline, reason"
+
+
+def _chunks(items: Sequence[str]) -> Iterator[Sequence[str]]:
+    for start in range(0, len(items), _CHUNK):
+        yield items[start : start + _CHUNK]
+
+
+def _sample(row: tuple[Any, ...]) -> SampleRow:
+    return SampleRow(row[0], row[1], SAMPLE_STATES[row[2]], *row[3:])
+
+
+def _prompt(row: tuple[Any, ...]) -> PromptRow:
+    return PromptRow(row[0], row[1], PROMPT_STATES[row[2]], *row[3:])
+
+
+class _SQLiteTx(LedgerTx):
+    def __init__(self, conn: sqlite3.Connection, path: Path) -> None:
+        self._c = conn
+        self._path = path
+
+    def _in(self, sql: str, ids: Sequence[str]) -> Iterator[tuple[Any, ...]]:
+        for chunk in _chunks(ids):
+            marks = ",".join("?" * len(chunk))
+            yield from self._c.execute(sql.format(marks), chunk)
+
+    def meta(self) -> dict[str, str]:
+        return dict(self._c.execute("SELECT k, v FROM meta"))
+
+    def counters(self) -> dict[str, int]:
+        return dict(self._c.execute("SELECT k, v FROM counters"))
+
+    def samples(self, sample_ids: Sequence[str]) -> dict[str, SampleRow]:
+        sql = f"SELECT {_SAMPLE_COLUMNS} FROM samples WHERE id IN ({{}})"
+        return {row[0]: _sample(row) for row in self._in(sql, sample_ids)}
+
+    def samples_in(self, state: SampleState, limit: int | None = None) -> list[SampleRow]:
+        sql = f"SELECT {_SAMPLE_COLUMNS} FROM samples WHERE state = ? ORDER BY seq LIMIT ?"
+        rows = self._c.execute(sql, (SAMPLE_CODES[state], -1 if limit is None else limit))
+        return [_sample(row) for row in rows]
+
+    def assigned_rows(self, rank: int, after_window: int) -> list[SampleRow]:
+        sql = (
+            f"SELECT {_SAMPLE_COLUMNS} FROM samples WHERE win > ? AND rank = ? AND state = ? "
+            "ORDER BY win, seq"
+        )
+        rows = self._c.execute(sql, (after_window, rank, SAMPLE_CODES[SampleState.ASSIGNED]))
+        return [_sample(row) for row in rows]
+
+    def refs(self, sample_ids: Sequence[str]) -> dict[str, SampleRef]:
+        rows = self._in("SELECT id, ref FROM samples WHERE id IN ({})", sample_ids)
+        return {sid: decode_ref(text, f"{self._path} sample {sid!r}") for sid, text in rows}
+
+    def prompts(self, task_ids: Sequence[str]) -> dict[str, PromptRow]:
+        sql = f"SELECT {_PROMPT_COLUMNS} FROM prompts WHERE id IN ({{}})"
+        return {row[0]: _prompt(row) for row in self._in(sql, task_ids)}
+
+    def prompts_in(self, state: PromptState, limit: int | None = None) -> list[PromptRow]:
+        sql = f"SELECT {_PROMPT_COLUMNS} FROM prompts WHERE state = ? ORDER BY seq LIMIT ?"
+        rows = self._c.execute(sql, (PROMPT_CODES[state], -1 if limit is None else limit))
+        return [_prompt(row) for row in rows]
+
+    def tasks(self, task_ids: Sequence[str]) -> dict[str, PromptTask]:
+        rows = self._in("SELECT id, task FROM prompts WHERE id IN ({})", task_ids)
+        return {
+            tid: decode_record(text, PromptTask, f"{self._path} task {tid!r}") for tid, text in rows
+        }
+
+    def weights(self) -> list[WeightVersion]:
+        rows = self._c.execute("SELECT id, record FROM weights ORDER BY ord")
+        return [
+            decode_record(text, WeightVersion, f"{self._path} weight {vid!r}") for vid, text in rows
+        ]
+
+    def set_meta(self, values: Mapping[str, str]) -> None:
+        self._c.executemany("INSERT OR REPLACE INTO meta (k, v) VALUES (?, ?)", values.items())
+
+    def add_counters(self, deltas: Mapping[str, int]) -> None:
+        self._c.executemany(
+            "INSERT INTO counters (k, v) VALUES (?, ?) ON CONFLICT (k) DO UPDATE SET v = v + excluded.v",
+            deltas.items(),
+        )
+
+    def insert_samples(self, rows: Sequence[SampleRow], refs: Sequence[SampleRef]) -> None:
+        self._c.executemany(
+            "INSERT INTO samples (seq, id, state, rank, win, step, reason, nbytes, ref) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            [
+                (r.seq, r.sample_id, SAMPLE_CODES[r.state], r.rank, r.window, r.step, r.reason,
+                 r.nbytes, encode_ref(ref))
+                for r, ref in zip(rows, refs, strict=True)
+            ],
+        )  # fmt: skip
+
+    def update_samples(self, changes: Sequence[SampleChange]) -> None:
+        self._c.executemany(
+            "UPDATE samples SET state = ?, rank = ?, win = ?, step = ?, reason = ? WHERE seq = ?",
+            [
+                (SAMPLE_CODES[r.state], r.rank, r.window, r.step, r.reason, r.seq)
+                for _, r in changes
+            ],
+        )
+
+    def insert_prompts(self, rows: Sequence[PromptRow], tasks: Sequence[PromptTask]) -> None:
+        self._c.executemany(
+            "INSERT INTO prompts (id, seq, state, attempt, worker, deadline, reason, task) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+            [
+                (r.task_id, r.seq, PROMPT_CODES[r.state], r.attempt, r.worker, r.deadline,
+                 r.reason, encode_record(task))
+                for r, task in zip(rows, tasks, strict=True)
+            ],
+        )  # fmt: skip
+
+    def update_prompts(self, changes: Sequence[PromptChange]) -> None:
+        self._c.executemany(
+            "UPDATE prompts SET seq = ?, state = ?, attempt = ?, worker = ?, deadline = ?, "
+            "reason = ? WHERE id = ?",
+            [
+                (r.seq, PROMPT_CODES[r.state], r.attempt, r.worker, r.deadline, r.reason, r.task_id)
+                for _, r in changes
+            ],
+        )
+
+    def append_weight(self, version: WeightVersion) -> None:
+        self._c.execute(
+            "INSERT INTO weights (ord, id, record) VALUES (?, ?, ?)",
+            (version.publish_order, version.version_id, encode_record(version)),
+        )
+
+
+class SQLiteStorage(LedgerStorage):
+    """One SQLite connection per ledger object; calls from several threads are serialised."""
+
+    backend = "sqlite"
+    durable = True
+
+    def __init__(self, path: str, *, busy_timeout_s: float = 30.0) -> None:
+        if not isinstance(busy_timeout_s, (int, float)) or busy_timeout_s <= 0:
+            raise InvalidInputError(f"busy_timeout_s must be a number > 0, got {busy_timeout_s!r}")
+        self._path = Path(path)
+        self._lock = threading.Lock()
+        self._path.parent.mkdir(parents=True, exist_ok=True)
+        check_file(self._path)
+        self._conn: sqlite3.Connection | None = None
+        conn = sqlite3.connect(
+            self._path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False
+        )
+        try:
+            with self._errors("open"):
+                self._configure(conn, busy_timeout_s)
+                self._create_schema(conn)
+        except BaseException:
+            conn.close()
+            raise
+        self._conn = conn
+
+    def _configure(self, conn: sqlite3.Connection, busy_timeout_s: float) -> None:
+        conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
+        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        if str(mode).lower() != "wal":
+            raise BackendUnavailableError(f"{self._path}: SQLite refused WAL mode (got {mode!r})")
+        conn.execute("PRAGMA synchronous = FULL")
+
+    def _create_schema(self, conn: sqlite3.Connection) -> None:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            if not check_schema(conn, self._path):
+                for statement in SCHEMA:
+                    conn.execute(statement)
+                conn.execute(
+                    "INSERT INTO ledger_schema (name, version) VALUES (?, ?)",
+                    (SCHEMA_NAME, SCHEMA_VERSION),
+                )
+            conn.execute("COMMIT")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+
+    @contextmanager
+    def _errors(self, what: str) -> Iterator[None]:
+        """Map sqlite3's errors onto the taxonomy: busy → unavailable, damage → corrupt."""
+        try:
+            yield
+        except sqlite3.OperationalError as exc:
+            if "locked" in str(exc) or "busy" in str(exc):
+                raise BackendUnavailableError(
+                    f"{self._path}: {what} gave up waiting for the database lock ({exc})"
+                ) from None
+            raise CorruptRecordError(f"{self._path}: {what} failed: {exc}") from None
+        except sqlite3.DatabaseError as exc:
+            raise CorruptRecordError(f"{self._path}: {what} failed: {exc}") from None
+
+    def _run(self, begin: str, operation: Callable[[LedgerTx], R]) -> R:
+        with self._lock:
+            conn = self._conn
+            if conn is None:
+                raise ClosedError(f"the ledger {self._path} is closed")
+            with self._errors("transaction"):
+                conn.execute(begin)
+                try:
+                    result = operation(_SQLiteTx(conn, self._path))
+                except BaseException:
+                    conn.execute("ROLLBACK")
+                    raise
+                conn.execute("COMMIT")
+            return result
+
+    def write(self, operation: Callable[[LedgerTx], R]) -> R:
+        return self._run("BEGIN IMMEDIATE", operation)
+
+    def read(self, operation: Callable[[LedgerTx], R]) -> R:
+        return self._run("BEGIN", operation)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._conn is not None:
+                self._conn.close()
+                self._conn = None

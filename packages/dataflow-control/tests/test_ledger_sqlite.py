@@ -1,0 +1,80 @@
+"""The ledger conformance suite on ``sqlite:///path``, plus what only a file can get wrong."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+import pytest
+from ledger_conformance import LedgerConformance, make_refs
+
+from dataflow.contracts import CorruptRecordError, InvalidInputError
+from dataflow.control.ledger import open_ledger
+
+
+class TestSQLiteLedger(LedgerConformance):
+    @pytest.fixture
+    def uri(self, tmp_path: Path) -> str:
+        return f"sqlite://{tmp_path}/ledger.db"
+
+
+def test_pragmas_wal_and_full_sync(tmp_path: Path) -> None:
+    ledger = open_ledger(f"sqlite://{tmp_path}/l.db")
+    ledger.open_run("run-1", 4, resume=False)
+    ledger.close()
+    conn = sqlite3.connect(tmp_path / "l.db")
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert conn.execute("SELECT name, version FROM ledger_schema").fetchall() == [
+        ("dataflow-ledger", 1)
+    ]
+    conn.close()
+
+
+def test_a_file_that_is_not_sqlite_is_refused_and_left_alone(tmp_path: Path) -> None:
+    path = tmp_path / "notes.txt"
+    path.write_bytes(b"hello, this is not a database\n" * 10)
+    with pytest.raises(CorruptRecordError, match="not an SQLite database"):
+        open_ledger(f"sqlite://{path}")
+    assert path.read_bytes() == b"hello, this is not a database\n" * 10
+
+
+def test_an_sqlite_file_that_is_not_a_ledger_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "other.db"
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE users (name TEXT)")
+    conn.commit()
+    conn.close()
+    with pytest.raises(CorruptRecordError, match=r"not a dataflow ledger \(tables: \['users'\]\)"):
+        open_ledger(f"sqlite://{path}")
+    conn = sqlite3.connect(path)
+    tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")]
+    conn.close()
+    assert tables == ["users"]
+
+
+def test_a_corrupted_ledger_file_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "ledger.db"
+    ledger = open_ledger(f"sqlite://{path}")
+    ledger.open_run("run-1", 4, resume=False)
+    ledger.commit(make_refs(0, 200))
+    ledger.close()
+    data = bytearray(path.read_bytes())
+    # Scribble over everything after the first page: tables and indexes are damaged.
+    data[4096:] = b"\xff" * (len(data) - 4096)
+    path.write_bytes(bytes(data))
+    with pytest.raises(CorruptRecordError, match=str(path)):
+        open_ledger(f"sqlite://{path}")
+
+
+def test_a_directory_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(InvalidInputError, match="is a directory"):
+        open_ledger(f"sqlite://{tmp_path}")
+
+
+def test_uri_options(tmp_path: Path) -> None:
+    ledger = open_ledger(f"sqlite://{tmp_path}/l.db?busy_timeout_s=2&max_prompt_attempts=1")
+    ledger.close()
+    with pytest.raises(InvalidInputError, match="unknown option 'namespace'"):
+        open_ledger(f"sqlite://{tmp_path}/l.db?namespace=x")
+    with pytest.raises(InvalidInputError, match="does not parse"):
+        open_ledger(f"sqlite://{tmp_path}/l.db?busy_timeout_s=soon")
