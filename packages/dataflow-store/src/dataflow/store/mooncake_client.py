@@ -15,6 +15,7 @@ Two Mooncake behaviours shape this API (measured on 0.3.13):
 
 from __future__ import annotations
 
+import ctypes
 import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -264,6 +265,31 @@ class MooncakeClient:
                 raise codes.error_for(int(rc), "existence check", key)
             out.append(rc == 1)
         return out
+
+    def object_bytes(self, key: str) -> bytes:
+        """The whole stored object (a copy). For diagnosing a refused read only: it takes a read
+        lease and copies through Python memory.
+        """
+        store = self._live()
+        size = int(store.get_size(key))
+        if size < 0:
+            raise codes.error_for(size, "size query", key)
+        buffer = bytearray(size)
+        view = memoryview(buffer)
+        address = ctypes.addressof(ctypes.c_char.from_buffer(buffer)) if size else 0
+        with self._registrations.held([Region(address, size)]):
+            rc = int(store.get_into(key, address, size)) if size else 0
+        view.release()
+        if rc != size:
+            raise codes.error_for(rc if rc < 0 else codes.TRANSFER_FAIL, "get", key)
+        return bytes(buffer)
+
+    def remove_matching(self, pattern: str, *, force: bool) -> int:
+        """Remove every key matching the (ECMAScript) regular expression; return how many."""
+        removed = int(self._live().remove_by_regex(pattern, force))
+        if removed < 0:
+            raise codes.error_for(removed, "remove by pattern", pattern)
+        return removed
 
     def healthy(self) -> bool:
         """True while the client is set up and the master answers its heartbeat."""
