@@ -149,21 +149,27 @@ def _guard_routes() -> list[tuple[str, int]]:
     return [(r["dst"], int(r.get("metric", 0))) for r in routes if r.get("type") == "unreachable"]
 
 
-def _kill_namespace(name: str, *, delete: bool = True) -> None:
-    """SIGKILL every process inside namespace ``name``, wait (bounded) for them, delete it."""
+def _kill_namespace(name: str, *, delete: bool = True, grace: float = 5.0) -> None:
+    """SIGKILL every process inside namespace ``name`` and wait up to ``grace`` seconds for them;
+    then (``delete``) remove the namespace. Raises :class:`VirtualHostError` naming survivors
+    (the namespace is removed anyway: it is freed when they finally die).
+    """
     out = _ip("netns", "pids", name, check=False).stdout
     pids = [int(p) for p in out.split()]
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-    deadline = time.monotonic() + 5.0
-    while any(_pid_alive(p) for p in pids) and time.monotonic() < deadline:
+    deadline = time.monotonic() + grace
+    while (survivors := [p for p in pids if _pid_alive(p)]) and time.monotonic() < deadline:
         time.sleep(0.02)
-    if not delete:
-        return
-    proc = _ip("netns", "del", name, check=False)
-    if proc.returncode != 0 and name in _list_namespaces():
-        raise VirtualHostError(f"cannot delete network namespace {name}: {proc.stderr.strip()}")
+    if delete:
+        proc = _ip("netns", "del", name, check=False)
+        if proc.returncode != 0 and name in _list_namespaces():
+            raise VirtualHostError(f"cannot delete network namespace {name}: {proc.stderr.strip()}")
+    if survivors:
+        raise VirtualHostError(
+            f"processes {survivors} in namespace {name} outlived SIGKILL by {grace:g} s"
+        )
 
 
 def _delete_guard(subnet: str, owner: int) -> None:
@@ -176,8 +182,10 @@ def _delete_guard(subnet: str, owner: int) -> None:
 
 
 def cleanup_leftovers(prefix: str = DEFAULT_PREFIX) -> list[str]:
-    """Remove what crashed runs left: namespaces named ``<prefix>-<pid>-…`` and guard routes
-    whose owning pid is no longer running. Returns what was removed; never touches a live run.
+    """Remove what crashed runs left: namespaces named ``<prefix>-<pid>-…`` (with every process
+    still inside) and guard routes whose owning pid is no longer running. Returns what was
+    removed. A live run is never touched; a leftover whose pid was since reused by an unrelated
+    process is left alone too (harmless: nothing routes to it).
     """
     _check_prefix(prefix)
     removed: list[str] = []
@@ -414,8 +422,11 @@ class VirtualHosts:
             cleanup_leftovers(self.prefix)
             self.subnet = _reserve_subnet(self.owner)
             self._build(self.subnet)
-        except BaseException:
-            self.close()
+        except BaseException as exc:
+            try:
+                self.close()
+            except VirtualHostError as err:
+                exc.add_note(f"virtual hosts teardown also failed: {err}")
             raise
         return self
 
@@ -504,7 +515,8 @@ def _sigint_deferred() -> Iterator[None]:
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        # None: the old handler was not installed from Python and cannot be put back.
+        signal.signal(signal.SIGINT, signal.default_int_handler if previous is None else previous)
         if received:
             signal.raise_signal(signal.SIGINT)
 
