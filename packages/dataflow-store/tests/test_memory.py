@@ -3,10 +3,11 @@
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 from conformance import StoreConformance, eagle_sample
 
-from dataflow.contracts import FeatureStore
+from dataflow.contracts import FeatureStore, NotFoundError
 from dataflow.store import open_store
 
 
@@ -32,3 +33,34 @@ def test_non_contiguous_and_non_cpu_inputs_are_staged_as_contiguous_cpu():
     got, handle = store.get(ref)
     assert got["x"].is_contiguous() and torch.equal(got["x"], base.t())
     store.release(handle)
+
+
+def test_bookkeeping_stays_bounded_over_a_long_run(monkeypatch):
+    store = open_store("memory://long")
+    monkeypatch.setattr(store, "tombstone_capacity", 8)
+    refs = []
+    for i in range(50):
+        ref = store.put(f"s{i}", {"x": torch.arange(4)})
+        store.release(store.get(ref)[1])
+        refs.append(ref)
+    assert len(store._freed_through) == 8
+    assert len(store._leases) == 0 and len(store._lease_counts) == 0
+    # Freed refs are refused whether or not their tombstone is still remembered.
+    with pytest.raises(NotFoundError, match="released or aborted"):
+        store.get(refs[-1])
+    with pytest.raises(NotFoundError, match="is not stored here"):
+        store.get(refs[0])
+
+
+def test_handles_of_two_stores_never_collide():
+    a, b = open_store("memory://same"), open_store("memory://same")
+    ref_a = a.put("s", {"x": torch.arange(3)})
+    ref_b = b.put("s", {"x": torch.arange(3)})
+    _, handle_a = a.get(ref_a)
+    _, handle_b = b.get(ref_b)
+    assert handle_a.token != handle_b.token
+    b.release(handle_a)  # a foreign handle is not b's lease: nothing happens
+    assert b.health().active_leases == 1
+    b.release(handle_b)
+    a.release(handle_a)
+    assert a.health().resident_samples == b.health().resident_samples == 0

@@ -52,9 +52,10 @@ from __future__ import annotations
 import abc
 import dataclasses
 import itertools
+import secrets
 import threading
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -143,6 +144,8 @@ class BookkeepingStore(abc.ABC):
 
     backend: str = "abstract"
     shared: bool = False
+    tombstone_capacity: int = 1 << 16
+    """Most recently freed sample ids remembered, bounding bookkeeping over a long run."""
 
     def __init__(
         self,
@@ -163,11 +166,12 @@ class BookkeepingStore(abc.ABC):
         self._closed = False
         self._last_generation = 0
         self._tokens = itertools.count(1)
+        self._nonce = secrets.token_hex(4)  # handles of two instances never share a token
         self._resident: dict[str, Generation] = {}
         self._leases: dict[str, FeatureHandle] = {}
         self._lease_counts: Counter[tuple[str, int]] = Counter()
         self._pending: dict[tuple[str, int], _Pending] = {}
-        self._freed_through: dict[str, int] = {}
+        self._freed_through: OrderedDict[str, int] = OrderedDict()
         self._reserved = 0
 
     # ----------------------------------------------------------------- backend hooks
@@ -251,7 +255,7 @@ class BookkeepingStore(abc.ABC):
         self._enter()
         wanted = self._wanted(ref, names)
         sid, generation = ref.sample_id, ref.generation
-        token = f"{sid}:{generation}:{next(self._tokens)}"
+        token = f"{sid}:{generation}:{self._nonce}:{next(self._tokens)}"
         handle = FeatureHandle(sample_id=sid, generation=generation, token=token)
         with self._lock:
             self._check_live(sid, generation)
@@ -430,8 +434,9 @@ class BookkeepingStore(abc.ABC):
                 f"{self._uri}: ref to sample {sid!r} generation {generation} is stale; "
                 f"generation {entry.generation} replaced it"
             )
-        if generation <= self._freed_through.get(sid, -1) and (
-            entry is None or entry.generation != generation
+        if (sid, generation) in self._pending or (
+            generation <= self._freed_through.get(sid, -1)
+            and (entry is None or entry.generation != generation)
         ):
             raise NotFoundError(
                 f"{self._uri}: sample {sid!r} generation {generation} was released or aborted"
@@ -490,6 +495,11 @@ class BookkeepingStore(abc.ABC):
 
     def _tombstone(self, sid: str, generation: int) -> None:
         self._freed_through[sid] = max(generation, self._freed_through.get(sid, -1))
+        self._freed_through.move_to_end(sid)
+        while len(self._freed_through) > self.tombstone_capacity:
+            # The oldest tombstones go first: a ref that old is still refused (its bytes are
+            # gone), only with "not stored" instead of "released or aborted".
+            self._freed_through.popitem(last=False)
 
     def _forget(self, entry: Generation) -> None:
         del self._resident[entry.sample_id]

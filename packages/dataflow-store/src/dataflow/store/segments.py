@@ -13,6 +13,7 @@ returned.
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 from collections.abc import Mapping
@@ -23,6 +24,7 @@ from dataflow.contracts import CorruptRecordError, FeatureSpec, NotFoundError
 from dataflow.store.layout import MAX_HEADER_BYTES, Layout, check_against, plan, read_header, view
 from dataflow.store.tensors import TORCH_DTYPES, PreparedSample, as_bytes
 
+_MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)
 _CHUNK = 1 << 30  # Linux writes at most ~2 GiB per call; stay well below
 
 
@@ -74,7 +76,22 @@ def map_sample(
         os.close(fd)
     layout = read_header(mapped, size, where)
     check_against(layout, wanted, where)
+    for name in wanted:
+        _prefault(mapped, layout.entries[name].start, layout.entries[name].end)
     return {name: view(mapped, layout.entries[name]) for name in wanted}, layout
+
+
+def _prefault(mapped: mmap.mmap, start: int, end: int) -> None:
+    """Map the pages of [start, end) in one call, read-only (no copy; writes still COW).
+
+    Faulting 4 KiB pages one at a time on first touch costs more than one batched populate.
+    Kernels before 5.14 lack MADV_POPULATE_READ: the pages then fault in lazily, as usual.
+    """
+    first = start - start % mmap.PAGESIZE
+    if end <= first:
+        return
+    with contextlib.suppress(OSError, ValueError):
+        mapped.madvise(_MADV_POPULATE_READ, first, end - first)
 
 
 def _header_of(fd: int, size: int, where: str) -> Layout:

@@ -1,0 +1,264 @@
+"""Store throughput for one EAGLE3 8B-shaped 2,048-token sample, producer and consumer processes.
+
+Workload (issue 3): input_ids int64[2048], loss_mask int64[2048], hidden_state
+bf16[1,2048,4096], aux_hidden_state bf16[1,2048,12288] (~64 MiB). Each repetition: this process
+``put``s the sample and sends the ref (a JSON line) to a consumer process, which ``get``s it,
+touches every page of every tensor (so a lazily mapped store pays for its page faults) and
+``release``s it (consume-once: the store frees it); the consumer replies with its timings.
+Time of one repetition = put + get + touch + release. Baselines, measured in the same run on
+the same bytes:
+
+- memcpy: ``clone()`` of every tensor, then dropping the clones (allocation, copy, free);
+- raw file: write the bytes to a new file in the same directory, read them back into fresh
+  memory, unlink it (``+fsync``: with an fsync after the write, the durability dir:// adds).
+
+Targets: shm >= 0.8x memcpy; dir >= 0.7x raw file write+read (on /dev/shm and on disk).
+
+Usage: python bench_store.py [--repeat N] [--disk-dir PATH] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+
+from dataflow.contracts import SampleRef, dumps, loads
+from dataflow.store import open_store
+
+TOKENS, HIDDEN = 2048, 4096
+PAGE = 4096
+
+
+def workload() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return {
+        "input_ids": torch.randint(0, 128_000, (TOKENS,), generator=g),
+        "loss_mask": torch.randint(0, 2, (TOKENS,), generator=g),
+        "hidden_state": torch.randn(1, TOKENS, HIDDEN, generator=g).to(torch.bfloat16),
+        "aux_hidden_state": torch.randn(1, TOKENS, 3 * HIDDEN, generator=g).to(torch.bfloat16),
+    }
+
+
+def nbytes(tensors: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def touch(tensors: dict[str, torch.Tensor]) -> int:
+    """Read one byte of every page (faults in lazily mapped memory)."""
+    return sum(int(t.reshape(-1).view(torch.uint8)[::PAGE].sum()) for t in tensors.values())
+
+
+@dataclass
+class Row:
+    name: str
+    where: str
+    median_s: float
+    min_s: float
+    gbps_median: float
+    gbps_min_time: float
+    baseline: str = ""
+    ratio: float | None = None
+    target: float | None = None
+
+    @property
+    def verdict(self) -> str:
+        if self.target is None or self.ratio is None:
+            return ""
+        return "meets" if self.ratio >= self.target else "BELOW"
+
+
+def timed(fn: Callable[[], object], repeat: int, warmup: int = 2) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - start)
+    return out
+
+
+def row(name: str, where: str, times: list[float], size: int) -> Row:
+    med, low = statistics.median(times), min(times)
+    return Row(name, where, med, low, size / med / 1e9, size / low / 1e9)
+
+
+# ---------------------------------------------------------------------- baselines
+
+
+def memcpy_baseline(tensors: dict[str, torch.Tensor], repeat: int) -> list[float]:
+    def once() -> None:
+        clones = [t.clone() for t in tensors.values()]
+        del clones
+
+    return timed(once, repeat)
+
+
+def raw_file_baseline(
+    tensors: dict[str, torch.Tensor], directory: str, repeat: int, fsync: bool
+) -> list[float]:
+    views = [t.reshape(-1).view(torch.uint8).numpy() for t in tensors.values()]
+    size = sum(v.size for v in views)
+    path = os.path.join(directory, f"bench-raw-{uuid.uuid4().hex}")
+
+    def once() -> None:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        offset = 0
+        for v in views:
+            offset += os.pwrite(fd, v.data, offset)
+        if fsync:
+            os.fsync(fd)
+        os.close(fd)
+        out = torch.empty(size, dtype=torch.uint8)
+        fd = os.open(path, os.O_RDONLY)
+        os.preadv(fd, [out.numpy().data], 0)
+        os.close(fd)
+        os.unlink(path)
+
+    return timed(once, repeat)
+
+
+# ---------------------------------------------------------------------- store, two processes
+
+
+def consumer(uri: str, options_json: str) -> None:
+    store = open_store(uri, **json.loads(options_json))
+    for line in sys.stdin:
+        ref = loads(line, SampleRef)
+        start = time.perf_counter()
+        tensors, handle = store.get(ref)
+        touch(tensors)
+        store.release(handle)
+        del tensors
+        print(time.perf_counter() - start, flush=True)
+    store.close()
+
+
+def store_round_trips(
+    uri: str, options: dict[str, object], tensors: dict[str, torch.Tensor], repeat: int
+) -> list[float]:
+    child = subprocess.Popen(
+        [sys.executable, __file__, "--consumer", uri, json.dumps(options)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert child.stdin is not None and child.stdout is not None
+    store = open_store(uri, **options)
+    times = []
+    try:
+        for i in range(repeat + 2):
+            start = time.perf_counter()
+            ref = store.put(f"bench-{i}", tensors)
+            put_s = time.perf_counter() - start
+            child.stdin.write(dumps(ref) + "\n")
+            child.stdin.flush()
+            get_s = float(child.stdout.readline())
+            if i >= 2:  # two warm-up rounds
+                times.append(put_s + get_s)
+        left = store.health()
+        if left.resident_samples:  # the consumer freed everything: nothing may remain
+            raise RuntimeError(f"{uri}: samples left after the run: {left}")
+    finally:
+        child.stdin.close()
+        child.wait(timeout=60)
+        child.stdout.close()
+        store.close()
+    return times
+
+
+# ---------------------------------------------------------------------- main
+
+
+def measure(repeat: int, disk_dir: str) -> tuple[int, list[Row]]:
+    tensors = workload()
+    size = nbytes(tensors)
+    rows: list[Row] = []
+    memcpy = row("memcpy (clone)", "RAM", memcpy_baseline(tensors, repeat), size)
+    rows.append(memcpy)
+    name = f"bench{uuid.uuid4().hex[:8]}"
+    shm = row("shm://", "/dev/shm", store_round_trips(f"shm://{name}", {}, tensors, repeat), size)
+    shm.baseline, shm.ratio, shm.target = memcpy.name, memcpy.median_s / shm.median_s, 0.8
+    rows.append(shm)
+    for where in ("/dev/shm", disk_dir):
+        for fsync in (False, True):
+            suffix = "+fsync" if fsync else ""
+            base = row(
+                f"raw write+read{suffix}",
+                where,
+                raw_file_baseline(tensors, where, repeat, fsync),
+                size,
+            )
+            root = tempfile.mkdtemp(prefix="bench-dir-", dir=where)
+            try:
+                times = store_round_trips(f"dir://{root}/s", {"fsync": fsync}, tensors, repeat)
+            finally:
+                for dirpath, _, names in os.walk(root, topdown=False):
+                    for n in names:
+                        os.unlink(os.path.join(dirpath, n))
+                    os.rmdir(dirpath)
+            store = row(f"dir:// fsync={fsync}", where, times, size)
+            store.baseline, store.ratio, store.target = (
+                base.name,
+                base.median_s / store.median_s,
+                0.7,
+            )
+            rows += [base, store]
+    return size, rows
+
+
+def table(size: int, rows: list[Row]) -> str:
+    lines = [
+        f"sample: {size / 2**20:.1f} MiB; times per put+get+touch+release (store) or per op (baselines)",
+        "",
+        "| path | where | median ms | min ms | GB/s (median) | GB/s (min) | vs baseline (median) | target |",
+        "|---|---|---:|---:|---:|---:|---|---|",
+    ]
+    for r in rows:
+        vs = f"{r.ratio:.2f}x {r.baseline}" if r.ratio is not None else ""
+        target = f">= {r.target}x: {r.verdict}" if r.target is not None else ""
+        lines.append(
+            f"| {r.name} | {r.where} | {r.median_s * 1e3:.1f} | {r.min_s * 1e3:.1f} | "
+            f"{r.gbps_median:.2f} | {r.gbps_min_time:.2f} | {vs} | {target} |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeat", type=int, default=15)
+    parser.add_argument("--disk-dir", default=tempfile.gettempdir())
+    parser.add_argument("--json", action="store_true", help="print one JSON object instead")
+    parser.add_argument("--consumer", nargs=2, metavar=("URI", "OPTIONS"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.consumer:
+        consumer(*args.consumer)
+        return
+    size, rows = measure(args.repeat, args.disk_dir)
+    if args.json:
+        out = {
+            "benchmark": "store",
+            "sample_bytes": size,
+            "repeat": args.repeat,
+            "torch_threads": torch.get_num_threads(),
+            "cpus": os.cpu_count(),
+            "rows": [{**asdict(r), "verdict": r.verdict} for r in rows],
+        }
+        print(json.dumps(out, indent=2))
+    else:
+        print(table(size, rows))
+
+
+if __name__ == "__main__":
+    main()
