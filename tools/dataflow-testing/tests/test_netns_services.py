@@ -25,6 +25,7 @@ from dataflow.contracts.uris import parse_store_uri
 pytestmark = needs_services
 
 CLIENT = str(Path(__file__).parent / "clients" / "mooncake_client.py")
+STORE_CLIENT = str(Path(__file__).parent / "clients" / "store_client.py")
 MIB = 1 << 20
 KEYS, SIZE, SEED = 3, 2 * MIB, 7
 
@@ -125,6 +126,42 @@ def test_mooncake_put_on_c_read_on_c_and_b(
     # With c's segment unmounted the objects are gone, so b really was reading from c.
     after = b.run(client_argv("get", b, cluster), capture_output=True, text=True, timeout=60)
     assert [row["length"] for row in json.loads(after.stdout.splitlines()[-1])["got"]] == [0] * KEYS
+
+
+@pytest.mark.mooncake
+def test_dataflow_store_producer_on_b_consumer_on_c(
+    hosts: VirtualHosts, cluster: ClusterServices, tmp_path: Path
+) -> None:
+    # The real mooncake:// backend through the URI the harness hands out: the shape of the
+    # multihost gate's producer/consumer run.
+    b, c = hosts["b"], hosts["c"]
+    # The master is known to be up (serve_cluster waited for it), so the store's guard against
+    # a setup() hang — a probe in a child process — would only cost time here.
+    options = {"segment": "64MiB", "buffer": "16MiB", "handshake_probe": "false"}
+    with (tmp_path / "producer.log").open("w") as log:
+        producer = b.popen(
+            [sys.executable, STORE_CLIENT, "put", cluster.mooncake_store_uri(b.address, **options)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log, text=True,
+        )  # fmt: skip
+    assert producer.stdin is not None and producer.stdout is not None
+    try:
+        ref = read_line(producer.stdout, 60)
+        assert ref, (tmp_path / "producer.log").read_text()[-3000:]
+        consumer = c.run(
+            [sys.executable, STORE_CLIENT, "get", cluster.mooncake_store_uri(c.address, **options)],
+            input=ref, capture_output=True, text=True, timeout=60,
+        )  # fmt: skip
+        assert consumer.returncode == 0, consumer.stderr[-3000:]
+        report = json.loads(consumer.stdout.splitlines()[-1])
+        assert report == {
+            "equal": {"hidden": True, "input_ids": True},
+            "names": ["hidden", "input_ids"],
+        }
+    finally:
+        producer.stdin.write("done\n")
+        producer.stdin.close()
+        assert producer.wait(timeout=30) == 0
+        producer.stdout.close()
 
 
 @pytest.mark.redis
