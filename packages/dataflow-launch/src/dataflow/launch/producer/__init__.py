@@ -1,0 +1,15 @@
+"""The rollout producer: lease prompts, capture target features, put them, commit refs."""
+
+from dataflow.launch.producer.producer import RolloutProducer
+from dataflow.launch.producer.report import ProducerReport, WorkerReport
+from dataflow.launch.producer.settings import ProducerSettings
+from dataflow.launch.producer.worker import RolloutWorker, pool_drained
+
+__all__ = [
+    "ProducerReport",
+    "ProducerSettings",
+    "RolloutProducer",
+    "RolloutWorker",
+    "WorkerReport",
+    "pool_drained",
+]

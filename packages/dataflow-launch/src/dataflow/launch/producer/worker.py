@@ -1,0 +1,212 @@
+"""One rollout worker: lease prompts → capture features → put them → commit refs.
+
+Failure classes, each handled one way:
+- a bad prompt (``InvalidInputError`` from the engine) fails that prompt for good; in a batch the
+  tasks are retried one by one so only the bad ones fail; the worker is not blamed;
+- a failed capture or put (engine, transport, store) returns the batch's prompts to the ledger
+  as retryable and counts against the worker; ``worker_max_failures`` in a row drop it;
+- a ledger refusal of a commit is fatal for the producer (raised to it), after the sample's
+  features are aborted so nothing leaks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from dataflow.contracts import (
+    CapacityExceededError,
+    FeatureStore,
+    InvalidInputError,
+    Ledger,
+    LedgerConflictError,
+    NotFoundError,
+    PromptState,
+    PromptTask,
+)
+from dataflow.control.flow import Admission
+from dataflow.control.producer import ProducerSide
+from dataflow.launch.engines import CapturedSample, TargetEngine
+from dataflow.launch.producer.report import WorkerReport
+from dataflow.launch.producer.settings import ProducerSettings
+
+
+def pool_drained(ledger: Ledger) -> bool:
+    """No prompt is pending or leased: every prompt is DONE or FAILED."""
+    prompts = ledger.status().prompts
+    return prompts.get(PromptState.PENDING.value, 0) == 0 and (
+        prompts.get(PromptState.LEASED.value, 0) == 0
+    )
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"[:500]
+
+
+class RolloutWorker:
+    """Runs the lease → capture → put → commit loop until the pool drains, it is stopped or
+    dropped. Guarantees: every leased prompt ends committed, failed back to the ledger, or handed
+    back at exit (``reclaim``); every put sample is committed or aborted.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        side: ProducerSide,
+        ledger: Ledger,
+        store: FeatureStore,
+        engine: TargetEngine,
+        settings: ProducerSettings,
+        stop: threading.Event,
+        commit_lock: threading.Lock,
+        draft_version: Callable[[], str | None],
+    ) -> None:
+        self.name = name
+        self._side = side
+        self._ledger = ledger
+        self._store = store
+        self._engine = engine
+        self._settings = settings
+        self._stop = stop
+        self._commit_lock = commit_lock
+        self._draft_version = draft_version
+        self._streak = 0
+        self._tally: dict[str, Any] = dict.fromkeys(
+            ("committed", "duplicates", "rejected", "failures", "tokens", "bytes"), 0
+        )
+        self._dropped = False
+        self._last_error = ""
+
+    def report(self) -> WorkerReport:
+        """The tallies so far."""
+        return WorkerReport(
+            self.name, dropped=self._dropped, last_error=self._last_error, **self._tally
+        )
+
+    @property
+    def dropped(self) -> bool:
+        """Whether the worker gave up after too many failures in a row."""
+        return self._dropped
+
+    def run(self) -> None:
+        """The loop; returns when drained, stopped or dropped. Fatal errors propagate."""
+        try:
+            while not self._stop.is_set() and not self._dropped:
+                draft = self._draft_version()
+                tasks = self._side.lease(
+                    self.name,
+                    self._settings.prompts_per_lease,
+                    self._settings.lease_s,
+                    draft_version=draft,
+                    target_version=self._engine.info.version,
+                )
+                if tasks:
+                    self._process(tasks, draft)
+                elif pool_drained(self._ledger):
+                    return
+                else:  # peers hold the rest, or admission refused: look again shortly
+                    self._stop.wait(self._settings.poll_s)
+        finally:
+            self._side.reclaim(self.name)
+
+    def _process(self, tasks: Sequence[PromptTask], draft: str | None) -> None:
+        try:
+            samples = self._engine.capture(tasks)
+        except InvalidInputError as exc:
+            if len(tasks) == 1:
+                self._fail(tasks[0], _describe(exc), retryable=False)
+                self._tally["rejected"] += 1
+            else:
+                for task in tasks:  # isolate the bad prompt(s); the others still run
+                    self._process([task], draft)
+            return
+        except Exception as exc:  # engine or transport trouble: the prompts are not to blame
+            self._blame(tasks, exc)
+            return
+        for task, sample in zip(tasks, samples, strict=True):
+            if self._stop.is_set():
+                return  # unfinished leases are handed back by run()
+            self._publish(task, sample, draft)
+        self._streak = 0
+
+    def _fail(self, task: PromptTask, reason: str, *, retryable: bool) -> None:
+        # A conflict means the lease expired and was taken over: its new holder owns the prompt.
+        with contextlib.suppress(LedgerConflictError):
+            self._side.fail_prompt(task.task_id, self.name, reason, retryable=retryable)
+
+    def _blame(self, tasks: Sequence[PromptTask], exc: BaseException) -> None:
+        reason = _describe(exc)
+        for task in tasks:
+            self._fail(task, reason, retryable=True)
+        self._streak += 1
+        self._tally["failures"] += 1
+        self._last_error = reason
+        if self._streak >= self._settings.worker_max_failures:
+            self._dropped = True
+
+    def _committed(self, sample_id: str) -> bool:
+        try:
+            return bool(self._ledger.refs([sample_id]))
+        except NotFoundError:
+            return False
+
+    def _wait_for_capacity(self, nbytes: int) -> Admission | None:
+        while not self._stop.is_set():
+            try:
+                return self._side.wait_for_capacity(nbytes, timeout=self._settings.poll_s)
+            except TimeoutError:
+                continue
+        return None
+
+    def _publish(self, task: PromptTask, sample: CapturedSample, draft: str | None) -> None:
+        sample_id = task.task_id
+        if self._committed(sample_id):
+            # A peer that took over our expired lease committed it first; putting now would
+            # replace the generation its committed ref points at.
+            self._tally["duplicates"] += 1
+            return
+        try:
+            admission = self._wait_for_capacity(sample.nbytes)
+        except CapacityExceededError as exc:  # this sample can never fit under the byte cap
+            self._fail(task, _describe(exc), retryable=False)
+            self._tally["rejected"] += 1
+            return
+        if admission is None:
+            return
+        with admission:
+            metadata = {
+                "num_tokens": sample.num_tokens,
+                "worker": self.name,
+                "attempt": task.attempt,
+                **{k: v for k, v in task.metadata.items() if k in ("pass", "line")},
+            }
+            try:
+                ref = self._store.put(sample_id, dict(sample.tensors), metadata)
+            except Exception as exc:  # store full or unreachable: retry the prompt later
+                self._blame([task], exc)
+                return
+            ref = dataclasses.replace(
+                ref,
+                source_task_id=task.task_id,
+                run_id=self._settings.run_id,
+                target_version=self._engine.info.version,
+                draft_weight_version=draft,
+                num_tokens=sample.num_tokens,
+                estimated_bytes=max(ref.estimated_bytes, sample.nbytes),
+            )
+            try:
+                with self._commit_lock:
+                    result = self._side.commit([ref])
+            except BaseException:
+                self._store.abort(sample_id, "commit refused")
+                raise
+        if result.committed:
+            self._tally["committed"] += 1
+            self._tally["tokens"] += sample.num_tokens
+            self._tally["bytes"] += ref.estimated_bytes
+        else:
+            self._tally["duplicates"] += 1
