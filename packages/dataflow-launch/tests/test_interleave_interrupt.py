@@ -1,6 +1,6 @@
 """Ctrl-C in the main thread stops the producer too: a real SIGINT to a real process.
 
-The child runs the interleaved loop over the control plane's rank queue on a real SQLite
+The child runs the interleaved loop over the control plane's rank queue on a ``memory://``
 ledger, with the trainer blocked waiting for refs; the test sends SIGINT once it is there.
 """
 
@@ -14,14 +14,14 @@ import textwrap
 
 CHILD = textwrap.dedent(
     """
-    import json, sys, threading
+    import json, threading
     from dataflow.contracts import FeatureSpec, SampleRef
     from dataflow.control import open_ledger
     from dataflow.control.controller import Controller
     from dataflow.control.window import WindowShape
     from dataflow.launch.interleave import run_interleaved
 
-    ledger = open_ledger("sqlite:///" + sys.argv[1])
+    ledger = open_ledger("memory://")
     controller = Controller(ledger)
     consumer = controller.consumer(WindowShape(1, 1), idle_timeout_s=60)
     consumer.open("run")
@@ -55,9 +55,9 @@ CHILD = textwrap.dedent(
 )
 
 
-def test_sigint_in_the_main_thread_stops_the_producer(tmp_path):
+def test_sigint_in_the_main_thread_stops_the_producer():
     child = subprocess.Popen(
-        [sys.executable, "-c", CHILD, str(tmp_path / "ledger.sqlite")],
+        [sys.executable, "-c", CHILD],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
