@@ -78,17 +78,6 @@ class Row:
         return "meets" if self.ratio >= self.target else "BELOW"
 
 
-def timed(fn: Callable[[], object], repeat: int, warmup: int = 2) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    out = []
-    for _ in range(repeat):
-        start = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - start)
-    return out
-
-
 def row(name: str, where: str, times: list[float], size: int) -> Row:
     med, low = statistics.median(times), min(times)
     return Row(name, where, med, low, size / med / 1e9, size / low / 1e9)
@@ -97,17 +86,17 @@ def row(name: str, where: str, times: list[float], size: int) -> Row:
 # ---------------------------------------------------------------------- baselines
 
 
-def memcpy_baseline(tensors: dict[str, torch.Tensor], repeat: int) -> list[float]:
+def memcpy_baseline(tensors: dict[str, torch.Tensor]) -> Callable[[], None]:
     def once() -> None:
         clones = [t.clone() for t in tensors.values()]
         del clones
 
-    return timed(once, repeat)
+    return once
 
 
 def raw_file_baseline(
-    tensors: dict[str, torch.Tensor], directory: str, repeat: int, fsync: bool
-) -> list[float]:
+    tensors: dict[str, torch.Tensor], directory: str, fsync: bool
+) -> Callable[[], None]:
     views = [t.reshape(-1).view(torch.uint8).numpy() for t in tensors.values()]
     size = sum(v.size for v in views)
     path = os.path.join(directory, f"bench-raw-{uuid.uuid4().hex}")
@@ -125,8 +114,9 @@ def raw_file_baseline(
         os.preadv(fd, [out.numpy().data], 0)
         os.close(fd)
         os.unlink(path)
+        del out
 
-    return timed(once, repeat)
+    return once
 
 
 # ---------------------------------------------------------------------- store, two processes
@@ -145,9 +135,17 @@ def consumer(uri: str, options_json: str) -> None:
     store.close()
 
 
-def store_round_trips(
-    uri: str, options: dict[str, object], tensors: dict[str, torch.Tensor], repeat: int
-) -> list[float]:
+def paired(
+    uri: str,
+    options: dict[str, object],
+    tensors: dict[str, torch.Tensor],
+    baseline: Callable[[], None],
+    repeat: int,
+) -> tuple[list[float], list[float]]:
+    """Alternate one store round trip and one baseline op, so both see the same machine load.
+
+    Returns (store times, baseline times); the first two pairs are warm-up.
+    """
     child = subprocess.Popen(
         [sys.executable, __file__, "--consumer", uri, json.dumps(options)],
         stdin=subprocess.PIPE,
@@ -156,7 +154,7 @@ def store_round_trips(
     )
     assert child.stdin is not None and child.stdout is not None
     store = open_store(uri, **options)
-    times = []
+    store_times, base_times = [], []
     try:
         for i in range(repeat + 2):
             start = time.perf_counter()
@@ -165,8 +163,12 @@ def store_round_trips(
             child.stdin.write(dumps(ref) + "\n")
             child.stdin.flush()
             get_s = float(child.stdout.readline())
-            if i >= 2:  # two warm-up rounds
-                times.append(put_s + get_s)
+            start = time.perf_counter()
+            baseline()
+            base_s = time.perf_counter() - start
+            if i >= 2:
+                store_times.append(put_s + get_s)
+                base_times.append(base_s)
         left = store.health()
         if left.resident_samples:  # the consumer freed everything: nothing may remain
             raise RuntimeError(f"{uri}: samples left after the run: {left}")
@@ -175,46 +177,55 @@ def store_round_trips(
         child.wait(timeout=60)
         child.stdout.close()
         store.close()
-    return times
+    return store_times, base_times
 
 
 # ---------------------------------------------------------------------- main
 
 
+def compare(
+    name: str,
+    where: str,
+    pair: tuple[list[float], list[float]],
+    base_name: str,
+    target: float,
+    size: int,
+) -> list[Row]:
+    store_times, base_times = pair
+    base = row(base_name, "RAM" if base_name.startswith("memcpy") else where, base_times, size)
+    store = row(name, where, store_times, size)
+    store.baseline, store.target = base_name, target
+    # Median of per-pair ratios: each pair ran back to back under the same load.
+    store.ratio = statistics.median(b / s for b, s in zip(base_times, store_times, strict=True))
+    return [base, store]
+
+
 def measure(repeat: int, disk_dir: str) -> tuple[int, list[Row]]:
     tensors = workload()
     size = nbytes(tensors)
-    rows: list[Row] = []
-    memcpy = row("memcpy (clone)", "RAM", memcpy_baseline(tensors, repeat), size)
-    rows.append(memcpy)
     name = f"bench{uuid.uuid4().hex[:8]}"
-    shm = row("shm://", "/dev/shm", store_round_trips(f"shm://{name}", {}, tensors, repeat), size)
-    shm.baseline, shm.ratio, shm.target = memcpy.name, memcpy.median_s / shm.median_s, 0.8
-    rows.append(shm)
+    pair = paired(f"shm://{name}", {}, tensors, memcpy_baseline(tensors), repeat)
+    rows = compare("shm://", "/dev/shm", pair, "memcpy (clone)", 0.8, size)
     for where in ("/dev/shm", disk_dir):
         for fsync in (False, True):
             suffix = "+fsync" if fsync else ""
-            base = row(
-                f"raw write+read{suffix}",
-                where,
-                raw_file_baseline(tensors, where, repeat, fsync),
-                size,
-            )
             root = tempfile.mkdtemp(prefix="bench-dir-", dir=where)
             try:
-                times = store_round_trips(f"dir://{root}/s", {"fsync": fsync}, tensors, repeat)
+                pair = paired(
+                    f"dir://{root}/s",
+                    {"fsync": fsync},
+                    tensors,
+                    raw_file_baseline(tensors, where, fsync),
+                    repeat,
+                )
             finally:
                 for dirpath, _, names in os.walk(root, topdown=False):
                     for n in names:
                         os.unlink(os.path.join(dirpath, n))
                     os.rmdir(dirpath)
-            store = row(f"dir:// fsync={fsync}", where, times, size)
-            store.baseline, store.ratio, store.target = (
-                base.name,
-                base.median_s / store.median_s,
-                0.7,
+            rows += compare(
+                f"dir:// fsync={fsync}", where, pair, f"raw write+read{suffix}", 0.7, size
             )
-            rows += [base, store]
     return size, rows
 
 
@@ -222,11 +233,11 @@ def table(size: int, rows: list[Row]) -> str:
     lines = [
         f"sample: {size / 2**20:.1f} MiB; times per put+get+touch+release (store) or per op (baselines)",
         "",
-        "| path | where | median ms | min ms | GB/s (median) | GB/s (min) | vs baseline (median) | target |",
+        "| path | where | median ms | min ms | GB/s (median) | GB/s (min) | speed vs baseline | target |",
         "|---|---|---:|---:|---:|---:|---|---|",
     ]
     for r in rows:
-        vs = f"{r.ratio:.2f}x {r.baseline}" if r.ratio is not None else ""
+        vs = f"{r.ratio:.2f}x {r.baseline}" if r.ratio is not None else "(baseline)"
         target = f">= {r.target}x: {r.verdict}" if r.target is not None else ""
         lines.append(
             f"| {r.name} | {r.where} | {r.median_s * 1e3:.1f} | {r.min_s * 1e3:.1f} | "

@@ -233,3 +233,26 @@ def test_gc_removes_temporaries_of_dead_writers_on_this_host(tmp_path: Path) -> 
     assert not dead.exists() and other_host.exists()
     other_host.unlink()
     assert os.listdir(tmp_path) and samples(tmp_path) == []
+
+
+def test_gc_retries_a_free_that_really_failed(tmp_path: Path) -> None:
+    """A real OS failure (no fault hook): the file's name is taken by a non-empty directory."""
+    store = open_store(f"dir://{tmp_path}")
+    ref = store.put("f", eagle_sample(0))
+    _, handle = store.get(ref)
+    path = tmp_path / f"f~{ref.generation}.safetensors"
+    path.unlink()
+    path.mkdir()
+    (path / "blocker").write_text("x")
+    store.release(handle)  # unlink fails (EISDIR): parked, still counted
+    assert store.health().pending_frees == 1
+    with pytest.raises(NotFoundError, match="released or aborted"):
+        store.get(ref)
+    report = store.gc()
+    assert (report.retried_frees, report.failed_frees) == (1, 1)
+    (path / "blocker").unlink()
+    path.rmdir()
+    report = store.gc()
+    assert (report.retried_frees, report.failed_frees, report.freed_samples) == (1, 0, 1)
+    health = store.health()
+    assert (health.pending_frees, health.resident_samples, health.resident_bytes) == (0, 0, 0)

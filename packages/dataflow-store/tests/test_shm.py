@@ -242,3 +242,26 @@ def test_planted_symlink_is_not_followed(name: str, tmp_path: Path) -> None:
         os.unlink(segment)
     store.abort("sym", "done")
     assert target.read_bytes() == b"x" * 100
+
+
+def test_gc_retries_a_free_that_really_failed(name: str) -> None:
+    """A real OS failure (no fault hook): the segment's name is taken by a non-empty directory."""
+    store = open_store(f"shm://{name}")
+    ref = store.put("f", eagle_sample(0))
+    _, handle = store.get(ref)
+    segment = os.path.join(SHM, leftovers(name)[0])
+    os.unlink(segment)
+    os.mkdir(segment)
+    blocker = os.path.join(segment, "blocker")
+    open(blocker, "w").close()
+    try:
+        store.release(handle)  # unlink fails (EISDIR): parked, still counted
+        assert store.health().pending_frees == 1
+        report = store.gc()
+        assert (report.retried_frees, report.failed_frees) == (1, 1)
+    finally:
+        os.unlink(blocker)
+        os.rmdir(segment)
+    report = store.gc()
+    assert (report.retried_frees, report.failed_frees, report.freed_samples) == (1, 0, 1)
+    assert store.health().pending_frees == 0

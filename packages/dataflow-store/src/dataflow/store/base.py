@@ -559,5 +559,3 @@ class BookkeepingStore(abc.ABC):
                 sid, entry.generation
             ):
                 self._forget(entry)
-        for key in [k for k in self._pending if not self._exists(*k)]:
-            del self._pending[key]

@@ -172,8 +172,8 @@ class ShmFeatureStore(BookkeepingStore):
     def _owner_of(self, path: str, sample_id: str, generation: int) -> str | None:
         try:
             return read_layout(path, self._where(sample_id, generation)).metadata.get(_OWNER_KEY)
-        except CorruptRecordError:
-            return None  # not a segment we wrote: leave it alone
+        except (CorruptRecordError, OSError):
+            return None  # not a segment we wrote (or not a file at all): leave it alone
         except DataflowError:
             return None  # vanished meanwhile
 
