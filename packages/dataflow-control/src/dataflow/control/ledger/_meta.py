@@ -90,14 +90,18 @@ WEIGHTS = "weights"
 _DROP_PREFIX = "drop."
 
 
+_SAMPLE_COUNTERS = {state: f"s.{state.value}" for state in SampleState}
+_PROMPT_COUNTERS = {state: f"p.{state.value}" for state in PromptState}
+
+
 def sample_counter(state: SampleState) -> str:
     """Counter name of the samples in ``state``."""
-    return f"s.{state.value}"
+    return _SAMPLE_COUNTERS[state]
 
 
 def prompt_counter(state: PromptState) -> str:
     """Counter name of the prompts in ``state``."""
-    return f"p.{state.value}"
+    return _PROMPT_COUNTERS[state]
 
 
 def drop_counter(reason: str) -> str:

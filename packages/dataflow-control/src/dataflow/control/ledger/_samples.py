@@ -50,17 +50,27 @@ def _apply(
     tx: LedgerTx, changes: Sequence[SampleChange], extra: Counter[str] | None = None
 ) -> None:
     """Write sample changes with the counters they imply (state counts, in-flight bytes)."""
-    deltas: Counter[str] = Counter(extra or {})
+    moves: Counter[tuple[SampleState, SampleState]] = Counter()
+    in_flight = 0
+    dropped: Counter[str] = Counter()
     for old, row in changes:
-        if old is row.state:
+        new = row.state
+        if old is new:
             continue
-        deltas[sample_counter(old)] -= 1
-        deltas[sample_counter(row.state)] += 1
-        was, now = old in _IN_FLIGHT, row.state in _IN_FLIGHT
+        moves[old, new] += 1
+        was, now = old in _IN_FLIGHT, new in _IN_FLIGHT
         if was != now:
-            deltas[IN_FLIGHT_BYTES] += row.nbytes if now else -row.nbytes
-        if row.state is DROPPED:
-            deltas[drop_counter(row.reason)] += 1
+            in_flight += row.nbytes if now else -row.nbytes
+        if new is DROPPED:
+            dropped[row.reason] += 1
+    deltas: Counter[str] = Counter(extra or {})
+    for (old, new), count in moves.items():
+        deltas[sample_counter(old)] -= count
+        deltas[sample_counter(new)] += count
+    if in_flight:
+        deltas[IN_FLIGHT_BYTES] += in_flight
+    for reason, count in dropped.items():
+        deltas[drop_counter(reason)] += count
     if changes:
         tx.update_samples(changes)
     if deltas:

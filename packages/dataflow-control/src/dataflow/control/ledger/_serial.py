@@ -42,17 +42,24 @@ _REF_FIELDS = frozenset(
 )
 
 
+_SCALARS = frozenset({str, int, float, bool, type(None)})
+_ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
+
+
 def _thaw(value: Any) -> Any:
+    kind = type(value)
+    if kind in _SCALARS:
+        return value
+    if kind is tuple:
+        return [_thaw(child) for child in value]
     if isinstance(value, Mapping):
         return {key: _thaw(child) for key, child in value.items()}
-    if isinstance(value, tuple):
-        return [_thaw(child) for child in value]
     return value
 
 
 def encode_ref(ref: SampleRef) -> str:
     """The codec's JSON text of ``ref`` (same fields and values), built directly."""
-    return json.dumps(
+    return _ENCODER.encode(
         {
             "kind": "SampleRef",
             "v": _REF_VERSION,
@@ -73,9 +80,7 @@ def encode_ref(ref: SampleRef) -> str:
             "target_version": ref.target_version,
             "draft_weight_version": ref.draft_weight_version,
             "metadata": _thaw(ref.metadata),
-        },
-        separators=(",", ":"),
-        allow_nan=False,
+        }
     )
 
 

@@ -7,15 +7,19 @@ import sqlite3
 from pathlib import Path
 
 from dataflow.contracts.errors import CorruptRecordError, InvalidInputError, SchemaVersionError
+from dataflow.contracts.states import PromptState, SampleState
 
 SCHEMA_NAME = "dataflow-ledger"
 SCHEMA_VERSION = 1
 _SQLITE_MAGIC = b"SQLite format 3\x00"
 
-# Sample and prompt states are stored as small integers (see sqlite.py for the mapping).
+# Sample and prompt states are stored as small integers.
+SAMPLE_CODES = {state: code for code, state in enumerate(SampleState)}
+PROMPT_CODES = {state: code for code, state in enumerate(PromptState)}
+_ASSIGNED = SAMPLE_CODES[SampleState.ASSIGNED]
 # samples.seq is the commit order and the rowid; the (state, seq) indexes serve every scan of a
-# live state in commit/FIFO order without touching history; (win, rank) serves a rank's
-# newest windows.
+# live state in commit/FIFO order without touching history; the partial index over ASSIGNED
+# rows serves a rank's newest windows and holds only what is in flight.
 SCHEMA = (
     "CREATE TABLE IF NOT EXISTS ledger_schema (name TEXT PRIMARY KEY, version INTEGER NOT NULL)",
     "CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL) WITHOUT ROWID",
@@ -25,7 +29,7 @@ SCHEMA = (
         rank INTEGER NOT NULL, win INTEGER NOT NULL, step INTEGER NOT NULL,
         reason TEXT NOT NULL, nbytes INTEGER NOT NULL, ref TEXT NOT NULL)""",
     "CREATE INDEX IF NOT EXISTS samples_by_state ON samples (state, seq)",
-    "CREATE INDEX IF NOT EXISTS samples_by_window ON samples (win, rank)",
+    f"CREATE INDEX IF NOT EXISTS samples_assigned ON samples (rank, win) WHERE state = {_ASSIGNED}",
     """CREATE TABLE IF NOT EXISTS prompts (
         id TEXT PRIMARY KEY, seq INTEGER NOT NULL, state INTEGER NOT NULL,
         attempt INTEGER NOT NULL, worker TEXT NOT NULL, deadline REAL NOT NULL,

@@ -69,6 +69,7 @@ class _Keys:
         self.tasks = p + "tasks"
         self.weights = p + "weights"
         self.sample_index = {s: f"{p}idx:sample:{s.value}" for s in _SAMPLE_INDEXED}
+        self.assigned_by_window = p + "idx:assigned-window"
         self.prompt_index = {s: f"{p}idx:prompt:{s.value}" for s in _PROMPT_INDEXED}
 
 
@@ -144,10 +145,11 @@ class _RedisTx(LedgerTx):
         return [rows[i] for i in ids if i in rows]
 
     def assigned_rows(self, rank: int, after_window: int) -> list[SampleRow]:
+        ids = self._p.zrangebyscore(self._k.assigned_by_window, f"({after_window}", "+inf")
         rows = [
             row
-            for row in self.samples_in(SampleState.ASSIGNED)
-            if row.rank == rank and row.window > after_window
+            for row in self.samples(ids).values()
+            if row.state is SampleState.ASSIGNED and row.rank == rank
         ]
         return sorted(rows, key=lambda row: (row.window, row.seq))
 
@@ -211,6 +213,14 @@ class _RedisTx(LedgerTx):
         texts = {r.sample_id: _sample_text(r) for _, r in changes}
         self._queue("hset", self._k.samples, mapping=texts)
         self._move(self._k.sample_index, [(o, r.state, r.sample_id, r.seq) for o, r in changes])
+        # A rank's newest windows are found by window id (see assigned_rows).
+        assigned = SampleState.ASSIGNED
+        entered = {r.sample_id: r.window for o, r in changes if r.state is assigned}
+        left = [r.sample_id for o, r in changes if o is assigned and r.state is not assigned]
+        if entered:
+            self._queue("zadd", self._k.assigned_by_window, entered)
+        if left:
+            self._queue("zrem", self._k.assigned_by_window, *left)
 
     def insert_prompts(self, rows: Sequence[PromptRow], tasks: Sequence[PromptTask]) -> None:
         texts = {r.task_id: _prompt_text(r) for r in rows}

@@ -32,6 +32,8 @@ from dataflow.contracts.weights import WeightVersion
 from dataflow.control.ledger._rows import PromptChange, PromptRow, SampleChange, SampleRow
 from dataflow.control.ledger._serial import decode_record, decode_ref, encode_record, encode_ref
 from dataflow.control.ledger._sqlite_schema import (
+    PROMPT_CODES,
+    SAMPLE_CODES,
     SCHEMA,
     SCHEMA_NAME,
     SCHEMA_VERSION,
@@ -42,10 +44,8 @@ from dataflow.control.ledger._tx import LedgerStorage, LedgerTx
 
 R = TypeVar("R")
 
-SAMPLE_CODES = {state: code for code, state in enumerate(SampleState)}
-SAMPLE_STATES = dict(enumerate(SampleState))
-PROMPT_CODES = {state: code for code, state in enumerate(PromptState)}
-PROMPT_STATES = dict(enumerate(PromptState))
+SAMPLE_STATES = {code: state for state, code in SAMPLE_CODES.items()}
+PROMPT_STATES = {code: state for state, code in PROMPT_CODES.items()}
 _CHUNK = 500  # ids per IN (...) list, well under SQLite's variable limit
 _SAMPLE_COLUMNS = "id, seq, state, rank, win, step, reason, nbytes"
 _PROMPT_COLUMNS = "id, seq, state, attempt, worker, deadline, reason"
@@ -91,10 +91,11 @@ class _SQLiteTx(LedgerTx):
 
     def assigned_rows(self, rank: int, after_window: int) -> list[SampleRow]:
         sql = (
-            f"SELECT {_SAMPLE_COLUMNS} FROM samples WHERE win > ? AND rank = ? AND state = ? "
+            f"SELECT {_SAMPLE_COLUMNS} FROM samples INDEXED BY samples_assigned "
+            f"WHERE state = {SAMPLE_CODES[SampleState.ASSIGNED]} AND rank = ? AND win > ? "
             "ORDER BY win, seq"
         )
-        rows = self._c.execute(sql, (after_window, rank, SAMPLE_CODES[SampleState.ASSIGNED]))
+        rows = self._c.execute(sql, (rank, after_window))
         return [_sample(row) for row in rows]
 
     def refs(self, sample_ids: Sequence[str]) -> dict[str, SampleRef]:

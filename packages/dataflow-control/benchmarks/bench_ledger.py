@@ -1,0 +1,339 @@
+"""Ledger throughput: refs committed, dispatched and acked in windows through the public API.
+
+    python bench_ledger.py [--refs 20000] [--window 64] [--repeats 3] [--json]
+
+For SQLite and Redis (a redis-server started on loopback for the run) the same refs go through
+``commit`` (one call per window), dispatch (``assign_window`` + ``assigned`` for every rank)
+and ``ack`` (one call per window). Two raw ``sqlite3`` baselines run in the same process on the
+same disk, one transaction per window, with the same pragmas (WAL, synchronous=FULL):
+
+- ``raw-same-rows``: what a hand-written sqlite3 ledger does with the same rows: each ref
+  encoded to the same text when committed and decoded back to a SampleRef when dispatched,
+  but no validation, no transition rules, no counters.
+- ``raw-sql-only``: the database floor: pre-encoded text in, text out.
+
+Each measurement is repeated and the best run kept (the machine is shared; the best run is the
+least disturbed one); raw and API runs are interleaved so both see the same conditions.
+``status()`` is timed on ledgers holding 10k and 100k samples.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sqlite3
+import statistics
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
+from typing import Any
+
+from dataflow.contracts import FeatureSpec, Ledger, SampleRef
+from dataflow.control.ledger import open_ledger
+from dataflow.control.ledger._serial import decode_ref, encode_ref
+
+DP_SIZE = 2
+TARGETS = {"commit_refs_s": 20_000.0, "ack_ids_s": 50_000.0, "ratio": 0.5, "status_growth": 2.0}
+
+
+def make_refs(count: int, prefix: str = "s") -> list[SampleRef]:
+    """Refs shaped like EAGLE3 samples: three features, a source task, some metadata."""
+    refs = []
+    for i in range(count):
+        tokens = 256 + i % 1792
+        specs = {
+            "hidden_states": FeatureSpec("hidden_states", (tokens, 3 * 4096), "bfloat16"),
+            "target_hidden": FeatureSpec("target_hidden", (tokens, 4096), "bfloat16"),
+            "input_ids": FeatureSpec("input_ids", (tokens,), "int64"),
+        }
+        sid = f"{prefix}{i:07d}"
+        refs.append(
+            SampleRef(
+                sample_id=sid,
+                store_uri="mooncake://127.0.0.1:50051",
+                feature_keys={name: f"{sid}/g1/{name}" for name in specs},
+                feature_specs=specs,
+                generation=1,
+                source_task_id=f"t{i:07d}",
+                run_id="bench",
+                estimated_bytes=sum(s.nbytes for s in specs.values()),
+                num_tokens=tokens,
+                target_version="llama-3.1-8b",
+                draft_weight_version="draft-0",
+                metadata={"source": "sharegpt", "turns": 1 + i % 5},
+            )
+        )
+    return refs
+
+
+def _timed(fn: Callable[[], Any]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def _fresh_sqlite_path(directory: Path, name: str) -> Path:
+    path = directory / name
+    for suffix in ("", "-wal", "-shm"):
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
+    return path
+
+
+# -- the public API --------------------------------------------------------------------------
+def run_api(ledger: Ledger, refs: list[SampleRef], window: int) -> dict[str, float]:
+    """Seconds spent committing, dispatching and acking every ref, one window per call."""
+    per_rank = window // DP_SIZE
+    ledger.open_run("bench", window, resume=False)
+    batches = [refs[i : i + window] for i in range(0, len(refs), window)]
+    windows: list[list[str]] = []
+
+    def commit() -> None:
+        for batch in batches:
+            ledger.commit(batch)
+
+    def dispatch() -> None:
+        last = -1
+        while (assigned := ledger.assign_window(DP_SIZE, per_rank)) is not None:
+            got = [ref for rank in range(DP_SIZE) for ref in ledger.assigned(rank, last)]
+            last = assigned.window_id
+            windows.append([ref.sample_id for ref in got])
+
+    def ack() -> None:
+        for step, ids in enumerate(windows):
+            ledger.ack(step, ids)
+
+    times = {"commit": _timed(commit), "dispatch": _timed(dispatch), "ack": _timed(ack)}
+    status = ledger.status()
+    assert status.samples["trained"] == len(refs) - len(refs) % window, status
+    return times
+
+
+# -- raw sqlite3 -----------------------------------------------------------------------------
+_RAW_SCHEMA = (
+    "CREATE TABLE samples (seq INTEGER PRIMARY KEY, id TEXT NOT NULL UNIQUE, "
+    "state INTEGER NOT NULL, rank INTEGER, win INTEGER, step INTEGER, ref TEXT NOT NULL)",
+    "CREATE INDEX samples_by_state ON samples (state, seq)",
+)
+
+
+def run_raw(path: Path, refs: list[SampleRef], window: int, same_rows: bool) -> dict[str, float]:
+    """The same state changes with bare sqlite3: one transaction per window."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA journal_mode = WAL")
+    conn.execute("PRAGMA synchronous = FULL")
+    for statement in _RAW_SCHEMA:
+        conn.execute(statement)
+    pre_encoded = None if same_rows else [encode_ref(ref) for ref in refs]
+    windows: list[list[str]] = []
+
+    def commit() -> None:
+        for start in range(0, len(refs), window):
+            batch = refs[start : start + window]
+            texts = (
+                [encode_ref(ref) for ref in batch]
+                if pre_encoded is None
+                else pre_encoded[start : start + window]
+            )
+            conn.execute("BEGIN IMMEDIATE")
+            conn.executemany(
+                "INSERT INTO samples (id, state, ref) VALUES (?, 0, ?)",
+                [(ref.sample_id, text) for ref, text in zip(batch, texts, strict=True)],
+            )
+            conn.execute("COMMIT")
+
+    def dispatch() -> None:
+        per_rank = window // DP_SIZE
+        for win in range(len(refs) // window):
+            conn.execute("BEGIN IMMEDIATE")
+            rows = conn.execute(
+                "SELECT seq, id, ref FROM samples WHERE state = 0 ORDER BY seq LIMIT ?", (window,)
+            ).fetchall()
+            conn.executemany(
+                "UPDATE samples SET state = 1, rank = ?, win = ? WHERE seq = ?",
+                [(i // per_rank, win, row[0]) for i, row in enumerate(rows)],
+            )
+            conn.execute("COMMIT")
+            if same_rows:
+                [decode_ref(row[2], "raw") for row in rows]
+            windows.append([row[1] for row in rows])
+
+    def ack() -> None:
+        for step, ids in enumerate(windows):
+            conn.execute("BEGIN IMMEDIATE")
+            conn.executemany(
+                "UPDATE samples SET state = 2, step = ? WHERE id = ?", [(step, i) for i in ids]
+            )
+            conn.execute("COMMIT")
+
+    times = {"commit": _timed(commit), "dispatch": _timed(dispatch), "ack": _timed(ack)}
+    conn.close()
+    return times
+
+
+# -- status() at two run lengths -------------------------------------------------------------
+def status_seconds(ledger: Ledger, rows: int, window: int, calls: int = 300) -> float:
+    """Median seconds of one status() call on a ledger holding ``rows`` samples."""
+    ledger.open_run("bench", window, resume=False)
+    refs = make_refs(rows, prefix="h")
+    for start in range(0, rows, 1000):
+        ledger.commit(refs[start : start + 1000])
+    # Most of the history trained, some in flight: status must not care how much history.
+    step = 0
+    while (assigned := ledger.assign_window(DP_SIZE, window // DP_SIZE)) is not None:
+        if ledger.status().samples["committed"] < 5 * window:
+            break
+        ledger.ack(step, [sid for rank in assigned.assignments for sid in rank])
+        step += 1
+    samples = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        ledger.status()
+        samples.append(time.perf_counter() - start)
+    return statistics.median(samples)
+
+
+# -- driver ----------------------------------------------------------------------------------
+@contextmanager
+def redis_url(workdir: Path) -> Iterator[str]:
+    from dataflow_testing.redis import start_redis_server
+
+    with start_redis_server(workdir) as server:
+        yield server.url(0)
+
+
+def rates(times: dict[str, float], count: int, window: int) -> dict[str, float]:
+    dispatched = count - count % window
+    return {
+        "commit_refs_s": count / times["commit"],
+        "dispatch_refs_s": dispatched / times["dispatch"],
+        "ack_ids_s": dispatched / times["ack"],
+        "total_refs_s": count / sum(times.values()),
+    }
+
+
+def best(runs: list[dict[str, float]]) -> dict[str, float]:
+    return {key: min(run[key] for run in runs) for key in runs[0]}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--refs", type=int, default=20_000)
+    parser.add_argument("--window", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--status-rows", type=int, nargs=2, default=(10_000, 100_000))
+    parser.add_argument("--no-redis", action="store_true", help="skip the Redis backend")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    args = parser.parse_args()
+    refs = make_refs(args.refs)
+    with ExitStack() as stack:
+        work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-ledger-")))
+        redis = None if args.no_redis else stack.enter_context(redis_url(work))
+        runs: dict[str, list[dict[str, float]]] = {}
+        for rep in range(args.repeats):
+            for name in ("raw-sql-only", "raw-same-rows", "sqlite", "redis"):
+                if name == "redis" and redis is None:
+                    continue
+                if name.startswith("raw"):
+                    path = _fresh_sqlite_path(work, f"{name}.db")
+                    times = run_raw(path, refs, args.window, same_rows=name == "raw-same-rows")
+                else:
+                    uri = (
+                        f"sqlite://{_fresh_sqlite_path(work, 'api.db')}"
+                        if name == "sqlite"
+                        else f"{redis}?namespace=bench-{rep}"
+                    )
+                    ledger = open_ledger(uri)
+                    times = run_api(ledger, refs, args.window)
+                    ledger.close()
+                runs.setdefault(name, []).append(times)
+        results = {name: rates(best(r), args.refs, args.window) for name, r in runs.items()}
+        status: dict[str, dict[str, float]] = {}
+        for name in ("sqlite", "redis"):
+            if name == "redis" and redis is None:
+                continue
+            for rows in args.status_rows:
+                uri = (
+                    f"sqlite://{_fresh_sqlite_path(work, f'status-{rows}.db')}"
+                    if name == "sqlite"
+                    else f"{redis}?namespace=status-{rows}"
+                )
+                ledger = open_ledger(uri)
+                status.setdefault(name, {})[str(rows)] = status_seconds(ledger, rows, args.window)
+                ledger.close()
+    report = summarize(args, results, status)
+    if args.json:
+        print(json.dumps(report, indent=2, sort_keys=True))
+    else:
+        print_table(report)
+
+
+def summarize(
+    args: argparse.Namespace, results: dict[str, Any], status: dict[str, Any]
+) -> dict[str, Any]:
+    small, large = (str(n) for n in args.status_rows)
+    sqlite, same, floor = results["sqlite"], results["raw-same-rows"], results["raw-sql-only"]
+    growth = {name: s[large] / s[small] for name, s in status.items()}
+    checks = {
+        "sqlite commit refs/s": (sqlite["commit_refs_s"], TARGETS["commit_refs_s"]),
+        "sqlite ack ids/s": (sqlite["ack_ids_s"], TARGETS["ack_ids_s"]),
+        "sqlite total / raw-same-rows total": (
+            sqlite["total_refs_s"] / same["total_refs_s"],
+            TARGETS["ratio"],
+        ),
+    }
+    verdicts = {k: {"value": v, "target": t, "met": v >= t} for k, (v, t) in checks.items()}
+    verdicts["sqlite status() 100k/10k"] = {
+        "value": growth["sqlite"],
+        "target": TARGETS["status_growth"],
+        "met": growth["sqlite"] <= TARGETS["status_growth"],
+    }
+    ratios = {
+        f"sqlite/{base} {phase}": results["sqlite"][phase] / results[base][phase]
+        for base in ("raw-same-rows", "raw-sql-only")
+        for phase in ("commit_refs_s", "dispatch_refs_s", "ack_ids_s", "total_refs_s")
+    }
+    del floor
+    return {
+        "refs": args.refs,
+        "window": args.window,
+        "dp_size": DP_SIZE,
+        "repeats": args.repeats,
+        "cpus": os.cpu_count(),
+        "results": results,
+        "ratios": ratios,
+        "status_seconds": status,
+        "status_growth": growth,
+        "targets": verdicts,
+    }
+
+
+def print_table(report: dict[str, Any]) -> None:
+    print(
+        f"{report['refs']} refs, windows of {report['window']} (dp {report['dp_size']}), "
+        f"best of {report['repeats']}"
+    )
+    print(f"{'backend':<15}{'commit/s':>12}{'dispatch/s':>12}{'ack ids/s':>12}{'total/s':>12}")
+    for name, r in report["results"].items():
+        print(
+            f"{name:<15}{r['commit_refs_s']:>12,.0f}{r['dispatch_refs_s']:>12,.0f}"
+            f"{r['ack_ids_s']:>12,.0f}{r['total_refs_s']:>12,.0f}"
+        )
+    print("ratios:")
+    for name, value in report["ratios"].items():
+        print(f"  {name:<45}{value:>6.2f}x")
+    print("status():")
+    for name, by_rows in report["status_seconds"].items():
+        cells = ", ".join(f"{rows} rows {sec * 1e6:,.0f} us" for rows, sec in by_rows.items())
+        print(f"  {name:<8}{cells}  (growth {report['status_growth'][name]:.2f}x)")
+    print("targets:")
+    for name, v in report["targets"].items():
+        print(
+            f"  {name:<40}{v['value']:>12,.2f}  target {v['target']:,}  {'MET' if v['met'] else 'NOT MET'}"
+        )
+
+
+if __name__ == "__main__":
+    main()
