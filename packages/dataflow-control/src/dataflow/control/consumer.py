@@ -17,6 +17,7 @@ from dataflow.contracts.errors import InvalidInputError, LedgerConflictError
 from dataflow.contracts.protocols import Collective, Ledger, SampleAborter
 from dataflow.contracts.states import ConsumerState, LedgerStatus, ReconcileResult, RunMarkers
 from dataflow.control._abort import abort_features
+from dataflow.control._reads import TrainedReader
 from dataflow.control._validate import non_negative_int
 from dataflow.control.dispatch import Dispatcher
 from dataflow.control.dist_ack import DistAckResult, SoloCollective, distributed_ack, run_on_rank0
@@ -189,8 +190,15 @@ class ConsumerSide:
                     f"step {durable} recorded in the ledger: features of samples trained up to "
                     f"step {durable} may already be freed; restore a checkpoint at or after it"
                 )
+            freed: set[str] = set()
+            if isinstance(self._ledger, TrainedReader) and checkpoint_step >= 0:
+                # Free before the ledger marks them RELEASED: a crash in between is redone.
+                due = self._ledger.trained_through(checkpoint_step)
+                freed = {ref.sample_id for ref in due}
+                abort_features(self._aborter, sorted(freed), RECONCILED_REASON)
             result = self._ledger.reconcile(checkpoint_step, self.shape.dp_size)
-            abort_features(self._aborter, result.released, RECONCILED_REASON)
+            rest = [sid for sid in result.released if sid not in freed]
+            abort_features(self._aborter, rest, RECONCILED_REASON)
             return result
 
         result = run_on_rank0(

@@ -11,25 +11,16 @@ from __future__ import annotations
 
 import math
 import threading
-from typing import Protocol, runtime_checkable
 
 from dataflow.contracts.errors import InvalidInputError
-from dataflow.contracts.features import SampleRef
 from dataflow.contracts.protocols import Ledger, SampleAborter
 from dataflow.contracts.states import ProducerState
 from dataflow.control._abort import abort_features
+from dataflow.control._reads import BacklogReader
 from dataflow.control._validate import positive_int
 from dataflow.control.gate import StalenessGate
+from dataflow.control.ledger import PARTIAL_WINDOW
 from dataflow.control.window import WindowShape
-
-PARTIAL_WINDOW = "partial_window"
-
-
-@runtime_checkable
-class BacklogReader(Protocol):
-    """A ledger that can list the head of its backlog (what the staleness gate screens)."""
-
-    def committed(self, limit: int) -> list[SampleRef]: ...
 
 
 class Dispatcher:
@@ -106,7 +97,15 @@ class Dispatcher:
 
     def _drop_tail(self) -> None:
         backlog = self._ledger.status().backlog
-        if 0 < backlog < self.shape.quantum:
-            tail = self._ledger.drop_partial_tail()
-            self.tail_dropped += len(tail)
-            abort_features(self._aborter, [ref.sample_id for ref in tail], PARTIAL_WINDOW)
+        if not 0 < backlog < self.shape.quantum:
+            return
+        freed: set[str] = set()
+        if isinstance(self._ledger, BacklogReader):
+            # Free first, then drop: a crash in between leaves the tail COMMITTED, and the
+            # next dispatcher frees (idempotently) and drops it again — nothing leaks.
+            freed = {ref.sample_id for ref in self._ledger.committed(self.shape.quantum)}
+            abort_features(self._aborter, sorted(freed), PARTIAL_WINDOW)
+        tail = self._ledger.drop_partial_tail()
+        self.tail_dropped += len(tail)
+        rest = [ref.sample_id for ref in tail if ref.sample_id not in freed]
+        abort_features(self._aborter, rest, PARTIAL_WINDOW)

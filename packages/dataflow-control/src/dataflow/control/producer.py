@@ -71,6 +71,12 @@ class ProducerSide:
                 return []
         return self._ledger.lease_prompts(worker, limit, lease_s)
 
+    def prompts_drained(self) -> bool:
+        """True when no prompt is PENDING or LEASED (a lease may still come back retryable)."""
+        prompts = self._ledger.status().prompts
+        pending = prompts.get(PromptState.PENDING.value, 0)
+        return pending == 0 and prompts.get(PromptState.LEASED.value, 0) == 0
+
     def complete(self, task_id: str, worker: str) -> PromptState:
         """The prompt is done without a sample (e.g. captured by a peer)."""
         return self._ledger.complete_prompt(task_id, worker)

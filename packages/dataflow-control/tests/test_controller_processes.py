@@ -1,0 +1,90 @@
+"""Producer and consumer as real processes sharing one SQLite ledger file."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+from exactly_once_audit import audit
+from spawned import Spawned
+
+from dataflow.contracts import NotFoundError
+from dataflow.control.ledger import open_ledger
+
+RUN_ID = "run-eo"  # the run id the audit helper expects
+
+
+def fresh_ledger(run_dir: Path, quantum: int) -> str:
+    uri = f"sqlite:///{run_dir / 'ledger.db'}"
+    (run_dir / "features").mkdir()
+    ledger = open_ledger(uri)
+    ledger.open_run(RUN_ID, quantum, resume=False)
+    ledger.close()
+    return uri
+
+
+def consumer(uri: str, run_dir: Path, dp: int, batch: int) -> Spawned:
+    args = [uri, str(run_dir), RUN_ID, str(dp), str(batch)]
+    return Spawned("exactly_once_consumer.py", args, run_dir)
+
+
+def producer(uri: str, run_dir: Path, prompts: int, *extra: str) -> Spawned:
+    args = [uri, str(run_dir), RUN_ID, "worker-0", str(prompts), *extra]
+    return Spawned("producer_process.py", args, run_dir)
+
+
+def rollouts(run_dir: Path) -> list[list[str]]:
+    """The rollout log split per producer attempt."""
+    attempts: list[list[str]] = []
+    for line in (run_dir / "rollouts.log").read_text(encoding="utf-8").splitlines():
+        if line.startswith("start "):
+            attempts.append([])
+        else:
+            attempts[-1].append(line)
+    return attempts
+
+
+def test_producer_failure_reaches_the_consumer_process_as_an_error(tmp_path):
+    uri = fresh_ledger(tmp_path, quantum=2)
+    cons = consumer(uri, tmp_path, 1, 2)
+    prod = producer(uri, tmp_path, 10, "3")  # fails after 3 commits
+    assert prod.wait(timeout=60) == 3, prod.errors()
+    assert cons.wait(timeout=60) == 1, cons.errors()  # an error exit, never a clean end
+    assert "RunFailedError: the producer failed (injected failure after 3 commits)" in (
+        cons.errors()
+    )
+    ledger = open_ledger(uri)
+    status = ledger.status()
+    ledger.close()
+    assert status.markers.producer == "failed"
+    assert status.markers.consumer != "done"
+
+
+def test_a_restarted_producer_continues_and_the_consumer_trains_everything_once(tmp_path):
+    uri = fresh_ledger(tmp_path, quantum=2)
+    cons = consumer(uri, tmp_path, 2, 1)
+    first = producer(uri, tmp_path, 12)
+    log = tmp_path / "rollouts.log"
+    while not log.exists() or len(log.read_text().splitlines()) < 6:
+        assert first.poll() is None, "the producer finished before it could be killed"
+        time.sleep(0.005)
+    first.kill()
+    ledger = open_ledger(uri)
+    finished = set()
+    for i in range(12):
+        try:
+            ledger.refs([f"s{i:05d}"])
+            finished.add(f"p{i}")
+        except NotFoundError:
+            pass
+    ledger.close()
+    assert finished, "nothing was committed before the kill"
+    second = producer(uri, tmp_path, 12)
+    assert second.wait(timeout=60) == 0, second.errors()
+    assert cons.wait(timeout=60) == 0, cons.errors()
+    before, after = rollouts(tmp_path)
+    assert not finished & set(after), "a finished prompt was rolled out again"
+    assert set(before) | set(after) == {f"p{i}" for i in range(12)}
+    status = audit(uri, tmp_path, [f"s{i:05d}" for i in range(12)], 2)
+    assert status.samples["released"] == 12
+    assert dict(status.prompts) == {"pending": 0, "leased": 0, "done": 12, "failed": 0}
