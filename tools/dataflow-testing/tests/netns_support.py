@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import select
 import subprocess
 from typing import IO
@@ -34,6 +35,22 @@ def namespaces() -> set[str]:
         ["ip", "netns", "list"], capture_output=True, text=True, check=True, timeout=10
     ).stdout
     return {line.split()[0] for line in out.splitlines() if line.strip()}
+
+
+def own_namespaces() -> set[str]:
+    """Namespaces made by this process (their names carry its pid): parallel runs don't count."""
+    return {n for n in namespaces() if f"-{os.getpid()}-" in n}
+
+
+def own_guard_routes() -> set[tuple[str, int]]:
+    """Guard routes owned by this process."""
+    return {(subnet, owner) for subnet, owner in guard_routes() if owner == os.getpid()}
+
+
+def run_prefix(tag: str) -> str:
+    """A namespace prefix unique to this test run (``tag`` up to 5 letters), so parallel runs
+    never clean up each other's crashed children."""
+    return f"{tag}{os.getpid() % 10**7}"
 
 
 def guard_routes() -> set[tuple[str, int]]:

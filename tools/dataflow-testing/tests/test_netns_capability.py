@@ -9,7 +9,7 @@ import sys
 import pytest
 from dataflow_testing import netns
 from dataflow_testing.netns import DEFAULT_PREFIX, main, netns_available
-from netns_support import NETNS_OK, namespaces
+from netns_support import NETNS_OK, namespaces, own_namespaces
 
 CHECK = "from dataflow_testing.netns import netns_available as f; ok, why = f(); print(ok, why)"
 
@@ -72,7 +72,7 @@ def test_check_command_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
 
 
 def test_cleanup_command_refuses_a_bad_prefix(capsys: pytest.CaptureFixture[str]) -> None:
-    before = namespaces()
+    before = own_namespaces()
     assert main(["cleanup", "Bad-Prefix"]) == 2
     assert "prefix must be 1-12 lowercase letters/digits" in capsys.readouterr().err
-    assert namespaces() == before
+    assert own_namespaces() == before

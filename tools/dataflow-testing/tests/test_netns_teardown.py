@@ -11,8 +11,22 @@ import time
 
 import pytest
 from dataflow_testing import netns
-from dataflow_testing.netns import VirtualHostError, VirtualHosts, cleanup_leftovers
-from netns_support import guard_routes, namespaces, needs_netns, read_line, root_links
+from dataflow_testing.netns import (
+    GUARD_PROTO,
+    SUBNET_POOL,
+    VirtualHostError,
+    VirtualHosts,
+    cleanup_leftovers,
+)
+from netns_support import (
+    guard_routes,
+    namespaces,
+    needs_netns,
+    own_guard_routes,
+    read_line,
+    root_links,
+    run_prefix,
+)
 
 pytestmark = needs_netns
 
@@ -74,12 +88,12 @@ def test_failure_while_entering_removes_what_was_built() -> None:
     squatter = f"{hosts.stem}-b"  # host b's namespace name is taken, so building b fails
     subprocess.run(["ip", "netns", "add", squatter], check=True, timeout=10)
     try:
-        before = guard_routes()
+        before = own_guard_routes()
         with pytest.raises(VirtualHostError, match=f"`ip netns add {squatter}` failed"), hosts:
             pytest.fail("entered")
         assert f"{hosts.stem}-a" not in namespaces()
         assert f"{hosts.stem}-sw" not in namespaces()
-        assert guard_routes() == before
+        assert own_guard_routes() == before
         assert hosts.namespaces == []
     finally:
         subprocess.run(["ip", "netns", "del", squatter], check=True, timeout=10)
@@ -87,7 +101,7 @@ def test_failure_while_entering_removes_what_was_built() -> None:
 
 def test_sigint_to_a_run_tears_it_down() -> None:
     links = root_links()
-    child, state = start_child("dftint")
+    child, state = start_child(run_prefix("intr"))
     child.send_signal(signal.SIGINT)
     _, err = child.communicate(timeout=30)
     # An uncaught KeyboardInterrupt makes Python end itself with SIGINT after cleaning up.
@@ -97,9 +111,10 @@ def test_sigint_to_a_run_tears_it_down() -> None:
 
 
 def test_cleanup_removes_a_crashed_run_and_spares_a_live_one() -> None:
-    child, state = start_child("dftcrash")
+    prefix = run_prefix("crash")
+    child, state = start_child(prefix)
     try:
-        assert cleanup_leftovers("dftcrash") == []  # the owner is alive: nothing is touched
+        assert cleanup_leftovers(prefix) == []  # the owner is alive: nothing is touched
         assert set(state["namespaces"]) <= namespaces()
         assert (state["subnet"], child.pid) in guard_routes()
     finally:
@@ -109,13 +124,15 @@ def test_cleanup_removes_a_crashed_run_and_spares_a_live_one() -> None:
             assert pipe is not None
             pipe.close()
     assert set(state["namespaces"]) <= namespaces()  # SIGKILL leaves the run's namespaces
-    removed = cleanup_leftovers("dftcrash")
+    assert cleanup_leftovers(run_prefix("other")) == []  # another prefix's cleanup leaves them
+    assert (state["subnet"], child.pid) in guard_routes()
+    removed = cleanup_leftovers(prefix)
     assert sorted(removed) == sorted(
         [f"netns {n}" for n in state["namespaces"]]
         + [f"route unreachable {state['subnet']} metric {child.pid}"]
     )
     assert_gone(state, child.pid)
-    assert cleanup_leftovers("dftcrash") == []
+    assert cleanup_leftovers(prefix) == []
 
 
 def test_sigkill_of_a_process_inside_a_host(hosts: VirtualHosts) -> None:
@@ -190,3 +207,17 @@ def test_disconnect_and_reconnect_a_host(hosts: VirtualHosts) -> None:
         c.reconnect()
         server.kill()
         server.wait(timeout=5)
+
+
+def test_cleanup_removes_an_orphaned_guard_route() -> None:
+    # A run killed between reserving its subnet and creating any namespace leaves only a route.
+    gone = subprocess.Popen(["true"])
+    gone.wait(timeout=10)
+    owner = gone.pid  # a pid that is no longer running
+    for subnet in reversed(list(SUBNET_POOL.subnets(new_prefix=24))):
+        add = ["ip", "route", "add", "unreachable", str(subnet), "proto", str(GUARD_PROTO), "metric", str(owner)]  # fmt: skip
+        if subprocess.run(add, capture_output=True, timeout=10).returncode == 0:
+            break
+    assert (str(subnet), owner) in guard_routes()
+    assert f"route unreachable {subnet} metric {owner}" in cleanup_leftovers(run_prefix("orph"))
+    assert (str(subnet), owner) not in guard_routes()

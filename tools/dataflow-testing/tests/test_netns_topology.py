@@ -11,7 +11,14 @@ import sys
 
 import pytest
 from dataflow_testing.netns import GUARD_PROTO, SUBNET_POOL, VirtualHosts
-from netns_support import guard_routes, ip_json, namespaces, needs_netns, root_links
+from netns_support import (
+    ip_json,
+    namespaces,
+    needs_netns,
+    own_guard_routes,
+    own_namespaces,
+    root_links,
+)
 
 pytestmark = needs_netns
 
@@ -109,14 +116,14 @@ def test_parallel_instances_get_distinct_names_and_subnets(hosts: VirtualHosts) 
     ],
 )
 def test_bad_arguments_are_refused_before_anything_is_created(kwargs: dict, message: str) -> None:
-    before = (namespaces(), guard_routes(), root_links())
+    before = (own_namespaces(), own_guard_routes(), root_links())
     with pytest.raises(ValueError, match=message):
         VirtualHosts(**kwargs)
-    assert (namespaces(), guard_routes(), root_links()) == before
+    assert (own_namespaces(), own_guard_routes(), root_links()) == before
 
 
 def test_bridge_and_veths_live_only_in_the_namespaces_and_vanish_on_exit() -> None:
-    links_before, netns_before = root_links(), namespaces()
+    links_before, netns_before = root_links(), own_namespaces()
     with VirtualHosts(3, prefix="dftlinks") as vhosts:
         switch = vhosts.switch_namespace
         links = {str(x["ifname"]): x for x in ip_json("-n", switch, "link", "show")}
@@ -128,7 +135,7 @@ def test_bridge_and_veths_live_only_in_the_namespaces_and_vanish_on_exit() -> No
         assert root_links() == links_before
         created = set(vhosts.namespaces)
         assert len(created) == 4 and created.isdisjoint(netns_before)
-    assert namespaces() == netns_before
+    assert own_namespaces() == netns_before
     assert root_links() == links_before
     gone = subprocess.run(["ip", "-n", switch, "link"], capture_output=True, text=True, timeout=10)
     assert gone.returncode != 0

@@ -132,8 +132,10 @@ def multihost_available() -> tuple[bool, str]:
 # --------------------------------------------------------------------------- leftovers
 
 
-def _namespace_owner(name: str, prefix: str) -> int | None:
-    match = re.fullmatch(rf"{re.escape(prefix)}-(\d+)-\d+-[a-z0-9]+", name)
+def _namespace_owner(name: str, prefix: str | None) -> int | None:
+    """The owner pid in a namespace name made with ``prefix`` (any prefix when None)."""
+    pattern = _PREFIX_RE.pattern if prefix is None else re.escape(prefix)
+    match = re.fullmatch(rf"{pattern}-(\d+)-\d+-[a-z0-9]+", name)
     return int(match.group(1)) if match else None
 
 
@@ -189,13 +191,19 @@ def cleanup_leftovers(prefix: str = DEFAULT_PREFIX) -> list[str]:
     """
     _check_prefix(prefix)
     removed: list[str] = []
+    ours: set[int] = set()  # dead owners whose namespaces carry this prefix
     for name in _list_namespaces():
         owner = _namespace_owner(name, prefix)
         if owner is not None and not _pid_alive(owner):
             _kill_namespace(name)
             removed.append(f"netns {name}")
+            ours.add(owner)
+    # A guard route has no prefix: take it when its dead owner's namespaces had this prefix, or
+    # when no namespace of any prefix is left to say whose it was (a crash between reserving the
+    # subnet and building, or between removing namespaces and the route).
+    claimed = {_namespace_owner(name, None) for name in _list_namespaces()}
     for subnet, owner in _guard_routes():
-        if not _pid_alive(owner):
+        if not _pid_alive(owner) and (owner in ours or owner not in claimed):
             _delete_guard(subnet, owner)
             removed.append(f"route unreachable {subnet} metric {owner}")
     return removed
