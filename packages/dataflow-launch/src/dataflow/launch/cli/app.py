@@ -1,0 +1,60 @@
+"""The top-level parser of ``dataflow-launch`` and the entry point that runs a command."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from dataflow.contracts.errors import DataflowError
+from dataflow.launch.cli import status
+from dataflow.launch.version import __version__
+
+EXIT_ERROR = 2
+"""Exit status for a refused command (bad input, a backend that cannot be reached)."""
+
+EXIT_INTERRUPTED = 130
+
+_DESCRIPTION = """\
+Train EAGLE3 draft models from a live target model.
+
+Commands available in this version: status. The main-job commands (demo, run, produce,
+consume, export) are not part of this version yet."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``dataflow-launch``, with one sub-parser per command."""
+    parser = argparse.ArgumentParser(
+        prog="dataflow-launch",
+        description=_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"dataflow-launch {__version__}")
+    commands = parser.add_subparsers(title="commands", dest="command", metavar="COMMAND")
+    status.register(commands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command ``argv`` names (default: ``sys.argv[1:]``); return the exit status.
+
+    No command prints the help and returns 0. A command refused for a reason the user can fix
+    (any ``DataflowError``: bad URI, missing file, unreachable backend, corrupt ledger) prints
+    one line ``dataflow-launch COMMAND: error: …`` on stderr, without a traceback, and returns
+    2, like a usage error; Ctrl-C returns 130.
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    try:
+        code: int = args.run(args)
+    except DataflowError as exc:
+        message = " ".join(str(exc).split()) or type(exc).__name__
+        print(f"dataflow-launch {args.command}: error: {message}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print(f"dataflow-launch {args.command}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    return code
