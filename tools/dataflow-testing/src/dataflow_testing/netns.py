@@ -707,7 +707,7 @@ def serve_cluster(
             f"--http_metadata_server_host={addr}",
             f"--http_metadata_server_port={metadata_port}",
         ]
-        ports = [master_port, metadata_port]
+        ports = [master_port, metadata_port, metrics_port]
         started.append(_start_service(host, "mooncake_master", master_argv, ports, logs, timeout))
         yield ClusterServices(addr, redis_port, master_port, metadata_port, metrics_port)
     finally:
