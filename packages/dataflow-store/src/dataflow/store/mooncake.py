@@ -119,7 +119,14 @@ class MooncakeFeatureStore(BookkeepingStore):
         return self._last_generation
 
     def _exists(self, sample_id: str, generation: int) -> bool:
-        found = self.client.exists([wire.manifest_key(sample_id, generation)])[0]
+        # Unknown counts as present: bookkeeping is only dropped on proof the bytes are gone,
+        # and health() keeps answering (from this instance's records) while the master is down.
+        if not self.client.healthy():
+            return True
+        try:
+            found = self.client.exists([wire.manifest_key(sample_id, generation)])[0]
+        except BackendUnavailableError:
+            return True
         if not found:  # freed by another process: nothing of ours left to retry
             self._forget_refusal((sample_id, generation))
         return found

@@ -31,6 +31,9 @@ from dataflow.store import mooncake_codes as codes
 from dataflow.store.mooncake_connect import check_reachable, load_binding, probe_handshake
 from dataflow.store.mooncake_settings import MooncakeSettings
 
+PUT_ATTEMPTS = 4
+"""How many times a put is tried when the transfer itself fails."""
+
 
 @dataclass(frozen=True)
 class Region:
@@ -177,26 +180,31 @@ class MooncakeClient:
 
         All or nothing: if any object fails, the ones written by this call are force-removed
         and the first failure is raised (``CapacityExceededError`` when no segment has room).
+        A transfer failure is retried up to ``PUT_ATTEMPTS`` times: the master keeps placing
+        objects in the segment of a client that died until its heartbeat times out (~10 s).
         The caller guarantees the keys are new (a put never overwrites an existing key).
         """
         if not objects:
             return
         store = self._live()
         keys = [obj.key for obj in objects]
-        with self._registrations.held([p for obj in objects for p in obj.parts]):
-            results = store.batch_put_from_multi_buffers(
-                keys,
-                [[p.ptr for p in obj.parts] for obj in objects],
-                [[p.nbytes for p in obj.parts] for obj in objects],
-                self._config,
-            )
-        failures = [(k, int(rc)) for k, rc in zip(keys, results, strict=True) if rc != 0]
-        if failures:
+        for attempt in range(1, PUT_ATTEMPTS + 1):
+            with self._registrations.held([p for obj in objects for p in obj.parts]):
+                results = store.batch_put_from_multi_buffers(
+                    keys,
+                    [[p.ptr for p in obj.parts] for obj in objects],
+                    [[p.nbytes for p in obj.parts] for obj in objects],
+                    self._config,
+                )
+            failures = [(k, int(rc)) for k, rc in zip(keys, results, strict=True) if rc != 0]
+            if not failures:
+                return
             written = [k for k, rc in zip(keys, results, strict=True) if rc == 0]
             if written:
                 store.batch_remove(written, True)
             key, rc = failures[0]
-            raise codes.error_for(rc, "put", key)
+            if rc != codes.TRANSFER_FAIL or attempt == PUT_ATTEMPTS:
+                raise codes.error_for(rc, "put", key)
 
     def get(self, objects: Sequence[ObjectIO]) -> None:
         """Read each object into its buffers, in one batch call; returns when all bytes are in.
