@@ -64,3 +64,22 @@ def test_handles_of_two_stores_never_collide():
     b.release(handle_b)
     a.release(handle_a)
     assert a.health().resident_samples == b.health().resident_samples == 0
+
+
+def test_a_put_racing_a_get_makes_the_get_stale_not_missing():
+    from dataflow.contracts import StaleGenerationError, parse_store_uri
+    from dataflow.store.memory import MemoryFeatureStore
+
+    class ReputDuringRead(MemoryFeatureStore):
+        """Replaces the sample between the get's checks and its read (the race, made certain)."""
+
+        def _read(self, sample_id, generation, wanted):
+            self.put(sample_id, {"x": torch.ones(3)})
+            return super()._read(sample_id, generation, wanted)
+
+    store = ReputDuringRead(parse_store_uri("memory://race"))
+    ref = store.put("s", {"x": torch.zeros(3)})
+    with pytest.raises(StaleGenerationError, match=rf"generation {ref.generation} is stale"):
+        store.get(ref)
+    health = store.health()
+    assert (health.active_leases, health.resident_samples) == (0, 1)

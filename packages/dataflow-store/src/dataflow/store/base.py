@@ -263,8 +263,12 @@ class BookkeepingStore(abc.ABC):
         try:
             tensors = self._read(sid, generation, wanted)
         except NotFoundError:
-            self._drop_lease(token)
-            newer = [g for g in self._generations(sid) if g > generation]
+            # A put may have replaced this generation while it was being read.
+            with self._lock:
+                self._pop_lease(token)
+                current = self._resident.get(sid)
+                known = self._generations(sid) + ([current.generation] if current else [])
+            newer = [g for g in known if g > generation]
             if newer:
                 raise StaleGenerationError(
                     f"{self._uri}: ref to sample {sid!r} generation {generation} is stale; "
