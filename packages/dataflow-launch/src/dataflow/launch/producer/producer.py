@@ -13,6 +13,7 @@ from dataflow.contracts import (
     Ledger,
     PromptTask,
     RunFailedError,
+    parse_ledger_uri,
 )
 from dataflow.control.flow import FlowLimits
 from dataflow.control.gate import StalenessAdmission
@@ -72,6 +73,11 @@ class RolloutProducer:
         """Join the run, mark the producer RUNNING, reclaim this producer's old leases."""
         from dataflow.control.controller import Controller
 
+        if parse_ledger_uri(self._ledger.uri).scheme == "noop":
+            raise InvalidInputError(
+                f"the rollout producer leases prompts from its ledger, and {self._ledger.uri} "
+                "retains none; use memory:// for a single-process run"
+            )
         self._ledger.open_run(self.settings.run_id, self.settings.quantum, resume=True)
         admission = self._admission_factory(self._ledger) if self._admission_factory else None
         side = Controller(self._ledger).producer(flow_limits=self._flow_limits, admission=admission)
