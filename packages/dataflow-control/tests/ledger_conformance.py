@@ -425,6 +425,22 @@ class LedgerConformance:
         assert run.status().samples["committed"] == 5
 
     # -- release and reconcile ----------------------------------------------------------
+    def test_read_only_queries_change_nothing(self, run: Ledger) -> None:
+        w1, w2 = self._window(run, 0), self._window(run, 4)
+        run.commit(make_refs(8, 3))
+        run.ack(1, w1)
+        run.ack(2, w2)
+        before = run.status()
+        assert ids(run.committed(2)) == ["s00008", "s00009"]
+        assert ids(run.committed(10)) == ["s00008", "s00009", "s00010"]
+        assert run.committed(0) == []
+        assert ids(run.trained_through(1)) == w1
+        assert ids(run.trained_through(2)) == w1 + w2
+        assert run.trained_through(0) == []
+        assert run.status() == before
+        with pytest.raises(InvalidInputError, match="limit"):
+            run.committed(-1)
+
     def test_release_through(self, run: Ledger) -> None:
         w1, w2 = self._window(run, 0), self._window(run, 4)
         run.ack(1, w1)

@@ -64,6 +64,7 @@ def test_a_corrupted_ledger_file_is_refused(tmp_path: Path) -> None:
     path.write_bytes(bytes(data))
     with pytest.raises(CorruptRecordError, match=str(path)):
         open_ledger(f"sqlite://{path}")
+    assert path.read_bytes() == bytes(data)  # refused, and left exactly as found
 
 
 def test_a_directory_is_refused(tmp_path: Path) -> None:

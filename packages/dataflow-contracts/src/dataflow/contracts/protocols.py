@@ -118,6 +118,9 @@ class Ledger(Protocol):
       window, rank r getting the r-th slice of per_rank ids, and returns it; else ``None``.
     - ``assigned(rank, after_window)``: that rank's ASSIGNED refs in windows after
       ``after_window``, in window and commit order. ``refs(ids)``: the committed refs by id.
+      ``committed(limit)``: the oldest ``limit`` COMMITTED refs (the next window's candidates);
+      ``trained_through(step)``: TRAINED refs with step ≤ ``step`` (what a release would free),
+      so features can be freed before the state change that makes them unneeded.
     - ``ack(step, ids)``: every id must be ASSIGNED and ``step`` ≥ the last acked step; marks
       them TRAINED(step) and records the step.
     - ``drop(ids, reason)``: COMMITTED/ASSIGNED → DROPPED(reason); returns the dropped refs.
@@ -173,6 +176,10 @@ class Ledger(Protocol):
     def assign_window(self, dp_size: int, per_rank: int) -> Window | None: ...
 
     def assigned(self, rank: int, after_window: int = -1) -> list[SampleRef]: ...
+
+    def committed(self, limit: int) -> list[SampleRef]: ...
+
+    def trained_through(self, step: int) -> list[SampleRef]: ...
 
     def refs(self, sample_ids: Sequence[str]) -> list[SampleRef]: ...
 

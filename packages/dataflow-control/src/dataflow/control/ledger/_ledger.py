@@ -149,6 +149,14 @@ class StorageLedger:
         check_int(after_window, "after_window", -1)
         return self._storage.read(lambda tx: _samples.assigned(tx, rank, after_window))
 
+    def committed(self, limit: int) -> list[SampleRef]:
+        check_int(limit, "limit", 0)
+        return self._storage.read(lambda tx: _samples.committed(tx, limit))
+
+    def trained_through(self, step: int) -> list[SampleRef]:
+        check_int(step, "step", -1)
+        return self._storage.read(lambda tx: _samples.trained_through(tx, step))
+
     def refs(self, sample_ids: Sequence[str]) -> list[SampleRef]:
         ids = check_ids(sample_ids)
         return self._storage.read(lambda tx: _samples.refs(tx, ids))

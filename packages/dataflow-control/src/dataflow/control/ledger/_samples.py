@@ -186,6 +186,16 @@ def assigned(tx: LedgerTx, rank: int, after_window: int) -> list[SampleRef]:
     return _ordered_refs(tx, tx.assigned_rows(rank, after_window))
 
 
+def committed(tx: LedgerTx, limit: int) -> list[SampleRef]:
+    """The oldest ``limit`` COMMITTED refs, in commit order (the next windows' candidates)."""
+    return _ordered_refs(tx, tx.samples_in(COMMITTED, limit=limit))
+
+
+def trained_through(tx: LedgerTx, step: int) -> list[SampleRef]:
+    """TRAINED refs with step ≤ ``step``, in commit order (what a release would free)."""
+    return _ordered_refs(tx, [row for row in tx.samples_in(TRAINED) if row.step <= step])
+
+
 def refs(tx: LedgerTx, sample_ids: Sequence[str]) -> list[SampleRef]:
     """The committed refs of ``sample_ids`` (any state); an unknown id is NotFoundError."""
     found = tx.refs(sample_ids)

@@ -127,6 +127,16 @@ class NoopLedger:
         check_int(rank, "rank", 0)
         return []
 
+    def committed(self, limit: int) -> list[SampleRef]:
+        self._check_open()
+        check_int(limit, "limit", 0)
+        return []
+
+    def trained_through(self, step: int) -> list[SampleRef]:
+        self._check_open()
+        check_int(step, "step", -1)
+        return []
+
     def refs(self, sample_ids: Sequence[str]) -> list[SampleRef]:
         self._check_open()
         ids = check_ids(sample_ids)

@@ -140,6 +140,8 @@ class _RedisTx(LedgerTx):
         return {i: _sample_row(i, t) for i, t in self._hmget(self._k.samples, sample_ids).items()}
 
     def samples_in(self, state: SampleState, limit: int | None = None) -> list[SampleRow]:
+        if limit == 0:
+            return []
         ids = self._p.zrange(self._k.sample_index[state], 0, -1 if limit is None else limit - 1)
         rows = self.samples(ids)
         return [rows[i] for i in ids if i in rows]
@@ -161,6 +163,8 @@ class _RedisTx(LedgerTx):
         return {i: _prompt_row(i, t) for i, t in self._hmget(self._k.prompts, task_ids).items()}
 
     def prompts_in(self, state: PromptState, limit: int | None = None) -> list[PromptRow]:
+        if limit == 0:
+            return []
         ids = self._p.zrange(self._k.prompt_index[state], 0, -1 if limit is None else limit - 1)
         rows = self.prompts(ids)
         return [rows[i] for i in ids if i in rows]
