@@ -158,12 +158,20 @@ class FailTogether:
                 raise error
             return end
         flags = torch.tensor([int(error is not None), int(end)], dtype=torch.int64)
-        dist.all_reduce(flags, group=self._group)
+        try:
+            dist.all_reduce(flags, group=self._group)
+        except RuntimeError as exc:  # gloo/NCCL: a peer vanished or the timeout passed
+            raise RunFailedError(f"lost contact with a peer rank during {stage}: {exc}") from exc
         failed, ended = int(flags[0]), int(flags[1])
         if failed:
             text = None if error is None else f"{type(error).__name__}: {error}"
             reports: list[Any] = [None] * self._world
-            dist.all_gather_object(reports, text, group=self._group)
+            try:
+                dist.all_gather_object(reports, text, group=self._group)
+            except RuntimeError as exc:
+                raise RunFailedError(
+                    f"lost contact with a peer rank during {stage}: {exc}"
+                ) from exc
             if error is not None:
                 raise error
             detail = "; ".join(f"rank {r}: {t}" for r, t in enumerate(reports) if t is not None)
