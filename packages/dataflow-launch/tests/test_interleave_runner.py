@@ -333,6 +333,46 @@ def test_trainer_sees_run_failed_from_get(baseline_threads):
     assert isinstance(seen[0].__cause__, ValueError)
 
 
+def test_producer_error_while_winding_down_is_not_swallowed(make_stream, baseline_threads):
+    stream = make_stream()
+
+    def produce(stop: threading.Event) -> None:
+        for i in range(PER_STEP):
+            stream.send(make_ref(i), stop)
+        stop.wait(WATCHDOG_S)
+        raise OSError("could not hand back 3 leases: ledger is read-only")
+
+    with pytest.raises(OSError) as info:
+        finish_within(
+            WATCHDOG_S,
+            lambda: run_interleaved(produce, trainer_for(stream, max_steps=1), stream.queue),
+        )
+    assert str(info.value) == "could not hand back 3 leases: ledger is read-only"
+    assert not hasattr(info.value, "__notes__")
+
+
+@pytest.mark.parametrize("where", ["get", "idle_timeout_s"])
+def test_a_trainer_timeout_is_the_trainers_error(make_stream, where, baseline_threads):
+    stream = make_stream()
+
+    def idle_producer(stop: threading.Event) -> str:
+        stop.wait(WATCHDOG_S)  # produces nothing, stops when asked
+        return "stopped"
+
+    def train(refs) -> None:
+        refs.get(timeout=0.1 if where == "get" else None)
+
+    idle = 0.1 if where == "idle_timeout_s" else None
+    start = time.monotonic()
+    with pytest.raises(TimeoutError) as info:
+        finish_within(
+            WATCHDOG_S,
+            lambda: run_interleaved(idle_producer, train, stream.queue, idle_timeout_s=idle),
+        )
+    assert str(info.value) == "no ref to train on within 0.1s"
+    assert time.monotonic() - start < 5
+
+
 # -- both fail, or the trainer alone ---------------------------------------------------------
 
 

@@ -72,12 +72,12 @@ def run_interleaved(
     reported twice.
     A second Ctrl-C while the producer winds down propagates at once (its stop event is set).
 
-    ``idle_timeout_s`` bounds a ``get(timeout=None)`` of the trainer (None: wait while the
-    producer lives). Bad arguments raise ``InvalidInputError`` before any thread starts.
+    ``idle_timeout_s`` bounds each ``get(timeout=None)`` of the trainer (None: no bound; the
+    trainer waits until a ref, the end of stream or a failure arrives). Bad arguments raise ``InvalidInputError`` before any thread starts.
     """
-    _check_arguments(producer, trainer, queue, stop_timeout_s, poll_s, idle_timeout_s, on_stop)
-    if not isinstance(name, str) or not name:
-        raise InvalidInputError(f"run_interleaved: name must be a non-empty str, got {name!r}")
+    _check_arguments(
+        producer, trainer, queue, stop_timeout_s, poll_s, idle_timeout_s, on_stop, name
+    )
     thread: ProducerThread[P] = ProducerThread(producer, name)
     refs = GuardedQueue(queue, thread, poll_s=poll_s, idle_timeout_s=idle_timeout_s)
     thread.start()
@@ -154,6 +154,7 @@ def _check_arguments(
     poll_s: object,
     idle_timeout_s: object,
     on_stop: object,
+    name: object,
 ) -> None:
     for label, value in (("producer", producer), ("trainer", trainer)):
         if not callable(value):
@@ -173,3 +174,5 @@ def _check_arguments(
             continue
         if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
             raise InvalidInputError(f"run_interleaved: {label} must be a number > 0, got {value!r}")
+    if not isinstance(name, str) or not name:
+        raise InvalidInputError(f"run_interleaved: name must be a non-empty str, got {name!r}")
