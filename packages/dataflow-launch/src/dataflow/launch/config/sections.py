@@ -240,8 +240,13 @@ class TrainerSection(Section):
     dp_size: int = Field(default=1, ge=1)
     sp_size: int = Field(default=1, ge=1)
     lr: float = Field(default=1e-3, gt=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    min_lr_ratio: float = Field(default=0.0, ge=0, le=1)
     warmup_steps: int = Field(default=0, ge=0)
     total_steps: int = Field(default=100, ge=1)
+    """The LR schedule's horizon (warmup then cosine to ``lr * min_lr_ratio``)."""
+    max_steps: int | None = Field(default=None, ge=1)
+    """Stop after this many optimizer steps; None: when the data ends."""
     max_grad_norm: float = Field(default=0.5, gt=0)
     bf16: bool = True
     checkpoint_every: int = Field(default=0, ge=0)
