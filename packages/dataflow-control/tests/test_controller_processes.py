@@ -1,10 +1,11 @@
-"""Producer and consumer as real processes sharing one SQLite ledger file."""
+"""Producer and consumer as real processes sharing one ledger (a SQLite file, a real Redis)."""
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
 
+import pytest
 from exactly_once_audit import audit
 from spawned import Spawned
 
@@ -14,8 +15,18 @@ from dataflow.control.ledger import open_ledger
 RUN_ID = "run-eo"  # the run id the audit helper expects
 
 
-def fresh_ledger(run_dir: Path, quantum: int) -> str:
-    uri = f"sqlite:///{run_dir / 'ledger.db'}"
+@pytest.fixture(params=["sqlite", pytest.param("redis", marks=pytest.mark.redis)])
+def backend(request: pytest.FixtureRequest) -> str:
+    """Where the shared ledger lives: a SQLite file, or a real redis-server."""
+    return str(request.param)
+
+
+def fresh_ledger(run_dir: Path, quantum: int, backend: str, request: pytest.FixtureRequest) -> str:
+    if backend == "redis":
+        server = request.getfixturevalue("redis_server")
+        uri = server.url(0, namespace=f"procs-{run_dir.name}")
+    else:
+        uri = f"sqlite:///{run_dir / 'ledger.db'}"
     (run_dir / "features").mkdir()
     ledger = open_ledger(uri)
     ledger.open_run(RUN_ID, quantum, resume=False)
@@ -44,8 +55,8 @@ def rollouts(run_dir: Path) -> list[list[str]]:
     return attempts
 
 
-def test_producer_failure_reaches_the_consumer_process_as_an_error(tmp_path):
-    uri = fresh_ledger(tmp_path, quantum=2)
+def test_producer_failure_reaches_the_consumer_process_as_an_error(tmp_path, backend, request):
+    uri = fresh_ledger(tmp_path, 2, backend, request)
     cons = consumer(uri, tmp_path, 1, 2)
     prod = producer(uri, tmp_path, 10, "3")  # fails after 3 commits
     assert prod.wait(timeout=60) == 3, prod.errors()
@@ -60,8 +71,10 @@ def test_producer_failure_reaches_the_consumer_process_as_an_error(tmp_path):
     assert status.markers.consumer != "done"
 
 
-def test_a_restarted_producer_continues_and_the_consumer_trains_everything_once(tmp_path):
-    uri = fresh_ledger(tmp_path, quantum=2)
+def test_a_restarted_producer_continues_and_the_consumer_trains_everything_once(
+    tmp_path, backend, request
+):
+    uri = fresh_ledger(tmp_path, 2, backend, request)
     cons = consumer(uri, tmp_path, 2, 1)
     first = producer(uri, tmp_path, 12)
     log = tmp_path / "rollouts.log"

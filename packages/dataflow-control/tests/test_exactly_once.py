@@ -28,9 +28,10 @@ SAMPLES = 38  # 9 windows of 4 and a tail of 2
 LAYOUTS = ((2, 2), (4, 1), (1, 4))
 
 
-def prepare(run_dir: Path) -> tuple[str, list[str]]:
-    """A ledger holding a closed stream of SAMPLES committed refs, each with a feature file."""
-    uri = f"sqlite:///{run_dir / 'ledger.db'}"
+def prepare(run_dir: Path, uri: str | None = None) -> tuple[str, list[str]]:
+    """A ledger (SQLite file unless ``uri`` is given) holding a closed stream of SAMPLES
+    committed refs, each with a feature file."""
+    uri = uri or f"sqlite:///{run_dir / 'ledger.db'}"
     features = run_dir / "features"
     features.mkdir()
     controller = Controller.open(uri)
@@ -82,10 +83,10 @@ def kill_at_random_point(proc: Spawned, run_dir: Path, rng: random.Random) -> bo
     return kill_after(proc, rng.uniform(0.0, 0.02))
 
 
-def one_run(tmp_path: Path, seed: int) -> int:
+def one_run(tmp_path: Path, seed: int, uri: str | None = None) -> int:
     """Kill the consumer 1-2 times at seeded random points, then let it finish; audit."""
     rng = random.Random(seed)
-    uri, committed = prepare(tmp_path)
+    uri, committed = prepare(tmp_path, uri)
     kills, layout_index = 0, seed % len(LAYOUTS)
     for _ in range(rng.choice((1, 2))):
         if kill_at_random_point(start(uri, tmp_path, LAYOUTS[layout_index]), tmp_path, rng):
@@ -116,6 +117,12 @@ def test_the_runs_really_kill_mid_stream_and_change_dp_size(tmp_path):
     assert final.wait(timeout=120) == 0, final.errors()
     status = audit(uri, tmp_path, committed, QUANTUM)
     assert status.markers.dp_size == 4
+
+
+@pytest.mark.redis
+@pytest.mark.parametrize("seed", range(3))
+def test_exactly_once_under_sigkill_on_redis(tmp_path, seed, redis_server):
+    one_run(tmp_path, seed, redis_server.url(0, namespace=f"exactly-once-{seed}"))
 
 
 @pytest.mark.slow
