@@ -241,6 +241,19 @@ def test_a_file_that_is_not_a_ledger_is_refused_untouched(tmp_path):
     assert path.read_bytes() == b"not a database\n"
 
 
+def test_an_sqlite_database_that_is_not_a_ledger_is_refused(tmp_path):
+    import sqlite3
+
+    path = tmp_path / "other.db"
+    with sqlite3.connect(path) as conn:
+        conn.execute("CREATE TABLE notes (x)")
+    conn.close()
+    _assert_refused(
+        cli("status", sqlite(path)),
+        f"{path} is an SQLite database but not a dataflow ledger (tables: ['notes'])",
+    )
+
+
 def test_unreachable_redis(tmp_path):
     port = free_port()  # nothing listens there
     result = cli("status", f"redis://127.0.0.1:{port}/0")
@@ -251,6 +264,23 @@ def test_unreachable_redis(tmp_path):
     )
     assert "Connection refused" in result.stderr
     assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+
+
+def test_a_sqlite_ledger_without_a_run_is_reported(tmp_path):
+    path = tmp_path / "ledger.sqlite"
+    open_ledger(sqlite(path)).close()  # a ledger file nobody opened a run in
+    _assert_refused(
+        cli("status", sqlite(path), "--json"),
+        f"the ledger at {sqlite(path)} holds no run (no run id, sample or prompt)",
+    )
+
+
+@pytest.mark.redis
+def test_a_redis_namespace_without_a_run_is_reported(redis_server):
+    uri = redis_server.url(db=0, namespace=f"never-used-{next(_namespaces)}")
+    _assert_refused(
+        cli("status", uri), f"the ledger at {uri} holds no run (no run id, sample or prompt)"
+    )
 
 
 # -- help ------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ from typing import Any
 
 from dataflow.contracts.errors import InvalidInputError, NotFoundError
 from dataflow.contracts.protocols import Ledger
+from dataflow.contracts.states import LedgerStatus
 from dataflow.contracts.uris import parse_ledger_uri
 
 READABLE_SCHEMES = ("sqlite", "redis")
@@ -23,7 +24,7 @@ and consumer markers, the quantum, the durable step and the bytes in flight.
 
 LEDGER_URI is sqlite:///path/to/ledger.sqlite or redis://host:port/db (a running run's ledger
 may be read while it runs). The ledger is only read: a missing SQLite file is an error, never
-created. Exit status 2 with a one-line error when the ledger cannot be read."""
+created. Exit status 2 with a one-line error when the ledger cannot be read or holds no run."""
 
 
 def register(commands: Any) -> None:
@@ -53,12 +54,22 @@ def run(args: argparse.Namespace) -> int:
         status = ledger.status()
     finally:
         ledger.close()
+    if _holds_no_run(status):
+        # Most often a wrong path, database or namespace: say so rather than print zeros.
+        raise NotFoundError(
+            f"the ledger at {args.ledger_uri} holds no run (no run id, sample or prompt)"
+        )
     if args.json:
         json.dump(status_record(args.ledger_uri, status), sys.stdout, indent=2)
         sys.stdout.write("\n")
     else:
         render_table(args.ledger_uri, status)
     return 0
+
+
+def _holds_no_run(status: LedgerStatus) -> bool:
+    counts = [*status.samples.values(), *status.prompts.values()]
+    return not status.markers.run_id and not any(counts)
 
 
 def open_existing_ledger(uri: str) -> Ledger:
