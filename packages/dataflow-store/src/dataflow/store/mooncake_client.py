@@ -304,6 +304,11 @@ class MooncakeClient:
         return not self._closed and self._store.health_check() == 0
 
     @property
+    def binding(self) -> Any:
+        """The underlying ``MooncakeDistributedStore`` (for benchmarks measuring bare calls)."""
+        return self._live()
+
+    @property
     def closed(self) -> bool:
         """Whether :meth:`close` was called."""
         return self._closed

@@ -15,7 +15,6 @@ settings' ``connect_timeout_s``:
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -80,14 +79,12 @@ def probe_handshake(settings: MooncakeSettings) -> None:
     args = list(settings.setup_args())
     args[2] = 0  # global segment: the probe shares no memory
     args[3] = 1 << 20  # local buffer: the minimum useful
-    env = dict(os.environ, GLOG_minloglevel="1")
     try:
         done = subprocess.run(
             [sys.executable, "-c", _PROBE, json.dumps(args)],
             capture_output=True,
             text=True,
             timeout=settings.connect_timeout_s,
-            env=env,
             check=False,
         )
     except subprocess.TimeoutExpired:
