@@ -7,7 +7,7 @@ import pytest
 import torch
 from conformance import StoreConformance, eagle_sample
 
-from dataflow.contracts import FeatureStore, NotFoundError
+from dataflow.contracts import FeatureStore, InvalidInputError, NotFoundError
 from dataflow.store import open_store
 
 
@@ -83,3 +83,18 @@ def test_a_put_racing_a_get_makes_the_get_stale_not_missing():
         store.get(ref)
     health = store.health()
     assert (health.active_leases, health.resident_samples) == (0, 1)
+
+
+def test_bad_options_and_uris_are_refused_by_name():
+    cases = [
+        ({"budget_bytes": -1}, "budget_bytes must be an int >= 0 or None, got -1"),
+        ({"budget_bytes": 1.5}, "budget_bytes must be an int >= 0 or None, got 1.5"),
+        ({"max_age_s": "soon"}, "max_age_s must be a number >= 0 or None, got 'soon'"),
+        ({"retain_on_release": "yes"}, "retain_on_release must be a bool, got 'yes'"),
+        ({"colour": "blue"}, "unexpected keyword argument 'colour'"),
+    ]
+    for options, message in cases:
+        with pytest.raises(InvalidInputError, match=message):
+            open_store("memory://opts", **options)
+    with pytest.raises(InvalidInputError, match="unknown store scheme 'redis'"):
+        open_store("redis://127.0.0.1")

@@ -35,7 +35,7 @@ def leftovers(name: str) -> list[str]:
 @pytest.fixture
 def name() -> Iterator[str]:
     """A fresh store name; asserts the test left nothing of it in /dev/shm."""
-    store_name = f"t{uuid.uuid4().hex[:12]}"
+    store_name = f"storetest{uuid.uuid4().hex[:12]}"
     yield store_name
     left = leftovers(store_name)
     for entry in left:  # clean up before failing, so one failure does not leak into others
@@ -46,9 +46,9 @@ def name() -> Iterator[str]:
 @pytest.fixture(scope="module", autouse=True)
 def nothing_left_in_dev_shm() -> Iterator[None]:
     """After the whole module, /dev/shm holds no segment of any test store."""
-    before = {e for e in os.listdir(SHM) if e.startswith(f"{PREFIX}t")}
+    before = {e for e in os.listdir(SHM) if e.startswith(f"{PREFIX}storetest")}
     yield
-    after = {e for e in os.listdir(SHM) if e.startswith(f"{PREFIX}t")}
+    after = {e for e in os.listdir(SHM) if e.startswith(f"{PREFIX}storetest")}
     assert after - before == set()
 
 
