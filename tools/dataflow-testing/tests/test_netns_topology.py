@@ -71,7 +71,7 @@ def test_hosts_reach_each_other_only_on_their_subnet(hosts: VirtualHosts) -> Non
 def test_no_route_out_of_the_hosts(hosts: VirtualHosts) -> None:
     # Every address the root namespace knows (its gateway and own addresses) is unroutable from
     # inside the hosts: `ip route get` asks the kernel without sending anything.
-    outside = {"8.8.8.8"}
+    outside = {"192.0.2.1"}  # TEST-NET-1 (documentation range): only looked up, never contacted
     for route in ip_json("-4", "route", "show", "table", "all"):
         outside |= {str(route[k]) for k in ("gateway", "prefsrc") if k in route}
     outside = {a for a in outside if not ipaddress.IPv4Address(a).is_loopback}
@@ -80,7 +80,7 @@ def test_no_route_out_of_the_hosts(hosts: VirtualHosts) -> None:
             proc = host.run(["ip", "route", "get", address], capture_output=True, text=True)
             assert proc.returncode != 0, (host.name, address, proc.stdout)
             assert "Network is unreachable" in proc.stderr
-        for address in ("2001:db8::1", "::ffff:8.8.8.8"):  # and no IPv6 way out either
+        for address in ("2001:db8::1", "::ffff:192.0.2.1"):  # and no IPv6 way out either
             proc = host.run(["ip", "-6", "route", "get", address], capture_output=True, text=True)
             assert proc.returncode != 0, (host.name, address, proc.stdout)
 
