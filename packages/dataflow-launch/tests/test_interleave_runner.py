@@ -420,6 +420,25 @@ def test_trainer_error_alone_stops_the_producer(make_stream, baseline_threads):
     assert seen_stop.is_set()
 
 
+def test_ctrl_c_stays_ctrl_c_and_carries_the_producer_error(baseline_threads):
+    # The real SIGINT path is in test_interleave_interrupt.py; here the interrupt is raised
+    # where the signal handler would raise it, after the producer failed on its own.
+    stream = HandoffStream()
+    name = f"producer-{next(_names)}"
+
+    def produce(stop: threading.Event) -> None:
+        raise ValueError("engine died")
+
+    def train(refs) -> None:
+        join_thread(name)
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt) as info:
+        finish_within(WATCHDOG_S, lambda: run_interleaved(produce, train, stream.queue, name=name))
+    assert info.value.__notes__ == ["the producer failed too: ValueError: engine died"]
+    assert isinstance(info.value.__context__, ValueError)
+
+
 # -- a producer that ignores the stop request ------------------------------------------------
 
 
