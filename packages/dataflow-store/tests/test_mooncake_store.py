@@ -133,7 +133,9 @@ def test_a_port_that_is_not_a_master_fails_within_the_timeout() -> None:
         assert time.monotonic() - start < 4
 
 
-def test_bad_options_are_refused_before_connecting(mooncake_master: MooncakeMaster) -> None:
+def test_bad_options_are_refused_before_connecting(
+    mooncake_master: MooncakeMaster, client: MooncakeClient
+) -> None:
     uri = mooncake_master.uri
     cases: list[tuple[str, dict[str, Any], str]] = [
         (uri, {"segmnet": "1GiB"}, r"unknown mooncake option\(s\) \['segmnet'\]"),
@@ -144,6 +146,7 @@ def test_bad_options_are_refused_before_connecting(mooncake_master: MooncakeMast
         (uri, {"client": "not a client"}, "client must be a MooncakeClient, got str"),
         (uri + "?hard_pin=maybe", {}, "'hard_pin' must be true or false"),
         ("mooncake://10.1.2.3:50051", {}, "is not on loopback: pass local_hostname="),
+        ("mooncake://127.0.0.1:1", {"client": client}, "client is connected to 127.0.0.1:"),
     ]
     for target, options, message in cases:
         start = time.monotonic()

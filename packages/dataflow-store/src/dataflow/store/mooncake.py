@@ -101,6 +101,11 @@ class MooncakeFeatureStore(BookkeepingStore):
         super().__init__(parsed, **common)
         if client is not None and not isinstance(client, MooncakeClient):
             raise InvalidInputError(f"client must be a MooncakeClient, got {type(client).__name__}")
+        if client is not None and client.settings.master_address != settings.master_address:
+            raise InvalidInputError(
+                f"client is connected to {client.settings.master_address}, but the store URI "
+                f"names {settings.master_address}"
+            )
         self._owns_client = client is None
         self.client = client if client is not None else MooncakeClient.connect(settings)
         self.lease_grace_s = float(lease_grace_s)
