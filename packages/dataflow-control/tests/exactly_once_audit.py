@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 from dataflow.contracts import LedgerStatus
-from dataflow.control._reads import BacklogReader
 from dataflow.control.ledger import open_ledger
 
 
@@ -47,12 +46,6 @@ def audit(uri: str, run_dir: Path, committed: list[str], quantum: int) -> Ledger
     assert dict(status.dropped_reasons) == ({"partial_window": len(dropped)} if dropped else {})
     assert status.in_flight_bytes == 0
     assert status.markers.consumer == "done"
-    leaked = {p.name for p in (run_dir / "features").iterdir()}
-    if isinstance(ledger, BacklogReader):
-        assert leaked == set(), f"features never freed: {sorted(leaked)}"
-    else:
-        # Known gap, stated in the README: without a backlog listing the dispatcher must drop
-        # the end-of-stream tail before it can free it, so a kill in between leaks the tail's
-        # features (never a trained sample's: those are freed before they are released).
-        assert leaked <= dropped, f"features never freed: {sorted(leaked - dropped)}"
+    leaked = sorted(p.name for p in (run_dir / "features").iterdir())
+    assert leaked == [], f"features never freed: {leaked}"
     return status

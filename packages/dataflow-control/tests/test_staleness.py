@@ -165,3 +165,76 @@ def test_admission_refuses_rollouts_that_would_arrive_too_stale(ledger):
 def test_bad_admission_arguments_are_refused(ledger, kwargs, message):
     with pytest.raises(InvalidInputError, match=message):
         StalenessAdmission(ledger, WeightRegistry(ledger), StalenessPolicy(), "t", **kwargs)
+
+
+def gated_consumer(ledger, features, *, max_draft_lag: int, lookahead: int = 2):
+    from dataflow.control.consumer import ConsumerSide
+    from dataflow.control.window import WindowShape
+
+    registry = WeightRegistry(ledger)
+    gate = StalenessGate(
+        ledger,
+        registry,
+        StalenessPolicy(max_draft_lag=max_draft_lag, require_target_match=True),
+        "target-a",
+        aborter=features,
+    )
+    side = ConsumerSide(
+        ledger,
+        WindowShape(dp_size=1, batch_size=2),
+        aborter=features,
+        gate=gate,
+        lookahead=lookahead,
+    )
+    return side, registry
+
+
+def test_the_gate_in_front_of_the_queue_keeps_windows_whole(uri):
+    ledger = open_ledger(uri)
+    features = ResidentFeatures()
+    side, registry = gated_consumer(ledger, features, max_draft_lag=1)
+    side.open("run-gated")
+    publish(registry, "v1", "v2", "v3")
+    drafts = ["v3", "v1", "v3", None, "v2", "v3", "v2"]
+    refs = [make_ref(i, draft=d) for i, d in enumerate(drafts)]
+    features.put(refs)
+    ledger.set_producer_state("running")
+    ledger.commit(refs)
+    ledger.set_producer_state("closed")
+    queue = side.queue()
+    windows = []
+    while (first := queue.get(timeout=1)) is not None:
+        windows.append([first.sample_id, queue.get(timeout=1).sample_id])
+    assert windows == [["s00000", "s00002"], ["s00004", "s00005"]]
+    status = side.status()
+    assert dict(status.dropped_reasons) == {
+        "draft_lag>1": 1,
+        "unknown_draft_version": 1,
+        "partial_window": 1,
+    }
+    assert features.reasons()["s00001"] == "draft_lag>1"
+    assert features.reasons()["s00003"] == "unknown_draft_version"
+    assert features.reasons()["s00006"] == "partial_window"
+    assert status.drift_max == 2  # s00001 (lag 2) was observed when dropped
+    assert status.drift_mean == pytest.approx((0 + 2 + 0 + 1 + 0) / 5)
+
+
+def test_a_sample_going_stale_in_the_backlog_is_dropped_at_dispatch(uri):
+    ledger = open_ledger(uri)
+    features = ResidentFeatures()
+    side, registry = gated_consumer(ledger, features, max_draft_lag=0, lookahead=1)
+    side.open("run-gated")
+    publish(registry, "v1")
+    refs = [make_ref(i, draft="v1") for i in range(4)]
+    features.put(refs)
+    ledger.set_producer_state("running")
+    ledger.commit(refs)
+    queue = side.queue()
+    first = [queue.get(timeout=1).sample_id for _ in range(2)]
+    assert first == ["s00000", "s00001"]
+    side.ack(0, first)
+    registry.publish(WeightVersion("v2", 1))  # s00002, s00003 now lag 1 > 0
+    with pytest.raises(TimeoutError):
+        queue.get(timeout=0.05)
+    assert dict(ledger.status().dropped_reasons) == {"draft_lag>0": 2}
+    assert features.resident == {"s00000", "s00001"}

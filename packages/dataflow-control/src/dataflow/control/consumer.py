@@ -17,7 +17,6 @@ from dataflow.contracts.errors import InvalidInputError, LedgerConflictError
 from dataflow.contracts.protocols import Collective, Ledger, SampleAborter
 from dataflow.contracts.states import ConsumerState, LedgerStatus, ReconcileResult, RunMarkers
 from dataflow.control._abort import abort_features
-from dataflow.control._reads import TrainedReader
 from dataflow.control._validate import non_negative_int
 from dataflow.control.dispatch import Dispatcher
 from dataflow.control.dist_ack import DistAckResult, SoloCollective, distributed_ack, run_on_rank0
@@ -190,12 +189,10 @@ class ConsumerSide:
                     f"step {durable} recorded in the ledger: features of samples trained up to "
                     f"step {durable} may already be freed; restore a checkpoint at or after it"
                 )
-            freed: set[str] = set()
-            if isinstance(self._ledger, TrainedReader) and checkpoint_step >= 0:
-                # Free before the ledger marks them RELEASED: a crash in between is redone.
-                due = self._ledger.trained_through(checkpoint_step)
-                freed = {ref.sample_id for ref in due}
-                abort_features(self._aborter, sorted(freed), RECONCILED_REASON)
+            # Free before the ledger marks them RELEASED: a crash in between is redone.
+            due = self._ledger.trained_through(checkpoint_step) if checkpoint_step >= 0 else []
+            freed = {ref.sample_id for ref in due}
+            abort_features(self._aborter, [ref.sample_id for ref in due], RECONCILED_REASON)
             result = self._ledger.reconcile(checkpoint_step, self.shape.dp_size)
             rest = [sid for sid in result.released if sid not in freed]
             abort_features(self._aborter, rest, RECONCILED_REASON)

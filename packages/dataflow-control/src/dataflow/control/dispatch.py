@@ -12,11 +12,9 @@ from __future__ import annotations
 import math
 import threading
 
-from dataflow.contracts.errors import InvalidInputError
 from dataflow.contracts.protocols import Ledger, SampleAborter
 from dataflow.contracts.states import ProducerState
 from dataflow.control._abort import abort_features
-from dataflow.control._reads import BacklogReader
 from dataflow.control._validate import positive_int
 from dataflow.control.gate import StalenessGate
 from dataflow.control.ledger import PARTIAL_WINDOW
@@ -42,11 +40,6 @@ class Dispatcher:
         aborter: SampleAborter | None = None,
         lookahead: int = 2,
     ) -> None:
-        if gate is not None and not isinstance(ledger, BacklogReader):
-            raise InvalidInputError(
-                f"the staleness gate needs a ledger that lists its backlog (committed(limit)); "
-                f"{type(ledger).__name__} does not"
-            )
         self._ledger = ledger
         self.shape = shape
         self._rank = rank
@@ -84,7 +77,6 @@ class Dispatcher:
         """Screen the next quantum until it is all fresh (True) or too short (False)."""
         if self._gate is None:
             return True
-        assert isinstance(self._ledger, BacklogReader)
         quantum = self.shape.quantum
         while True:
             head = self._ledger.committed(quantum)
@@ -99,13 +91,12 @@ class Dispatcher:
         backlog = self._ledger.status().backlog
         if not 0 < backlog < self.shape.quantum:
             return
-        freed: set[str] = set()
-        if isinstance(self._ledger, BacklogReader):
-            # Free first, then drop: a crash in between leaves the tail COMMITTED, and the
-            # next dispatcher frees (idempotently) and drops it again — nothing leaks.
-            freed = {ref.sample_id for ref in self._ledger.committed(self.shape.quantum)}
-            abort_features(self._aborter, sorted(freed), PARTIAL_WINDOW)
-        tail = self._ledger.drop_partial_tail()
-        self.tail_dropped += len(tail)
-        rest = [ref.sample_id for ref in tail if ref.sample_id not in freed]
-        abort_features(self._aborter, rest, PARTIAL_WINDOW)
+        # Free first, then drop: a crash in between leaves the tail COMMITTED, and the next
+        # dispatcher frees it again (idempotently) and drops it — nothing leaks.
+        tail = [ref.sample_id for ref in self._ledger.committed(self.shape.quantum)]
+        abort_features(self._aborter, tail, PARTIAL_WINDOW)
+        dropped = self._ledger.drop_partial_tail()
+        self.tail_dropped += len(dropped)
+        freed = set(tail)
+        late = [ref.sample_id for ref in dropped if ref.sample_id not in freed]
+        abort_features(self._aborter, late, PARTIAL_WINDOW)
