@@ -225,11 +225,15 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--status-rows", type=int, nargs=2, default=(10_000, 100_000))
     parser.add_argument("--no-redis", action="store_true", help="skip the Redis backend")
+    parser.add_argument("--dir", type=Path, default=None, help="where the SQLite files go")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args()
     refs = make_refs(args.refs)
     with ExitStack() as stack:
-        work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-ledger-")))
+        work = Path(
+            stack.enter_context(tempfile.TemporaryDirectory(prefix="bench-ledger-", dir=args.dir))
+        )
+        load_before = os.getloadavg()[0]
         redis = None if args.no_redis else stack.enter_context(redis_url(work))
         runs: dict[str, list[dict[str, float]]] = {}
         for rep in range(args.repeats):
@@ -263,7 +267,9 @@ def main() -> None:
                 ledger = open_ledger(uri)
                 status.setdefault(name, {})[str(rows)] = status_seconds(ledger, rows, args.window)
                 ledger.close()
+        load = (load_before, os.getloadavg()[0])
     report = summarize(args, results, status)
+    report["load_average_1m"] = {"start": load[0], "end": load[1]}
     if args.json:
         print(json.dumps(report, indent=2, sort_keys=True))
     else:
@@ -313,7 +319,8 @@ def summarize(
 def print_table(report: dict[str, Any]) -> None:
     print(
         f"{report['refs']} refs, windows of {report['window']} (dp {report['dp_size']}), "
-        f"best of {report['repeats']}"
+        f"best of {report['repeats']}; {report['cpus']} CPUs, 1-min load average "
+        f"{report['load_average_1m']['start']:.1f} -> {report['load_average_1m']['end']:.1f}"
     )
     print(f"{'backend':<15}{'commit/s':>12}{'dispatch/s':>12}{'ack ids/s':>12}{'total/s':>12}")
     for name, r in report["results"].items():
