@@ -409,3 +409,27 @@ def test_producer_flow_control_needs_the_quantum(controller):
 def test_status_carries_the_gate_drift(controller):
     side = controller.consumer(WindowShape(dp_size=1, batch_size=1))
     assert side.status().drift_mean is None
+
+
+def test_a_fresh_consumer_on_a_non_empty_ledger_is_refused_and_changes_nothing(
+    controller, features
+):
+    shape = WindowShape(dp_size=1, batch_size=2)
+    controller.consumer(shape).open("run-1")
+    produce(controller, features, 2, close=False)
+    before = controller.status()
+    with pytest.raises(LedgerConflictError):
+        controller.consumer(shape).open("run-1", resume=False)
+    assert controller.status() == before
+
+
+def test_a_resume_with_another_quantum_is_refused_and_changes_nothing(controller, features):
+    controller.consumer(WindowShape(dp_size=2, batch_size=2)).open("run-1")
+    produce(controller, features, 4, close=False)
+    before = controller.status()
+    with pytest.raises(LedgerConflictError, match="quantum"):
+        controller.consumer(WindowShape(dp_size=2, batch_size=3)).open("run-1", resume=True)
+    assert controller.status() == before
+    # another dp_size with the same quantum is fine
+    markers = controller.consumer(WindowShape(dp_size=4, batch_size=1)).open("run-1", resume=True)
+    assert markers.quantum == 4
