@@ -433,3 +433,18 @@ def test_a_resume_with_another_quantum_is_refused_and_changes_nothing(controller
     # another dp_size with the same quantum is fine
     markers = controller.consumer(WindowShape(dp_size=4, batch_size=1)).open("run-1", resume=True)
     assert markers.quantum == 4
+
+
+def test_reconcile_ahead_of_the_last_ack_frees_nothing_and_changes_nothing(controller, features):
+    side = controller.consumer(WindowShape(dp_size=1, batch_size=1))
+    side.open("run-1")
+    produce(controller, features, 3)
+    queue = side.queue()
+    for step in range(2):
+        side.ack(step, [queue.get(timeout=1).sample_id])
+    again = controller.consumer(WindowShape(dp_size=1, batch_size=1))
+    before, resident = controller.status(), set(features.resident)
+    with pytest.raises(LedgerConflictError, match="checkpoint step 5 is ahead of the last acked"):
+        again.reconcile(5)
+    assert controller.status() == before
+    assert features.resident == resident

@@ -175,14 +175,22 @@ class ConsumerSide:
         """Settle the ledger with the restored checkpoint (ARCHITECTURE §4), for this dp_size.
 
         TRAINED at ≤ C become RELEASED (features freed), later TRAINED and ASSIGNED return to
-        COMMITTED. Refused (``LedgerConflictError``, nothing changed) when C is older than the
-        ledger's durable step or than the last released step.
+        COMMITTED. Refused (``LedgerConflictError``, nothing changed, nothing freed) when C is
+        ahead of the last acked step, older than the ledger's durable step or than the last
+        released step.
         """
         if self._queue is not None:
             raise InvalidInputError("reconcile must run before this rank's queue is taken")
 
         def settle() -> ReconcileResult:
-            durable = self._ledger.markers().durable_step
+            markers = self._ledger.markers()
+            durable = markers.durable_step
+            if checkpoint_step > markers.trained_step:
+                # checked here too: the frees below must never run for a refused reconcile
+                raise LedgerConflictError(
+                    f"checkpoint step {checkpoint_step} is ahead of the last acked step "
+                    f"{markers.trained_step}: the ledger does not know what those steps trained"
+                )
             if checkpoint_step < durable:
                 raise LedgerConflictError(
                     f"checkpoint step {checkpoint_step} is older than the durable checkpoint "
