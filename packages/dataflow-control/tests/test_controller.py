@@ -448,3 +448,33 @@ def test_reconcile_ahead_of_the_last_ack_frees_nothing_and_changes_nothing(contr
         again.reconcile(5)
     assert controller.status() == before
     assert features.resident == resident
+
+
+@pytest.mark.parametrize("release", ["on_ack", "on_checkpoint"])
+def test_each_rank_frees_only_its_own_features(release):
+    uri = memory_uri()
+    shared = ResidentFeatures()
+    controller = Controller.open(uri, aborter=shared)
+    shape = WindowShape(dp_size=3, batch_size=1)
+    controller.consumer(shape).open("run-1")
+    produce(controller, shared, 6)
+    per_rank = [ResidentFeatures() for _ in range(3)]
+    trained: list = []
+
+    def rank_fn(collective: ThreadCollective) -> int:
+        side = ConsumerSide(
+            open_ledger(uri),
+            shape,
+            rank=collective.rank,
+            collective=collective,
+            aborter=per_rank[collective.rank],
+            release=release,
+        )
+        return train(side, trained)
+
+    assert run_ranks(3, rank_fn) == [2, 2, 2]
+    for rank, features in enumerate(per_rank):
+        own = {sid for r, _, ids in trained if r == rank for sid in ids}
+        assert {sid for sid, _ in features.aborted} == own
+        assert len(own) == 2
+    assert controller.status().samples["released"] == 6
