@@ -49,3 +49,16 @@ def start_child(code: str, *args: str) -> subprocess.Popen[str]:
         stderr=subprocess.PIPE,
         text=True,
     )
+
+
+def prelude_namespace() -> dict[str, object]:
+    """The children's helpers (``sample``, ``digest``) in this process, to compute expectations."""
+    namespace: dict[str, object] = {}
+    exec(PRELUDE, namespace)
+    return namespace
+
+
+def expected_digest(seed: int) -> dict[str, int]:
+    """What a child's ``digest(sample(seed))`` prints, computed here."""
+    ns = prelude_namespace()
+    return ns["digest"](ns["sample"](seed))  # type: ignore[operator,no-any-return]

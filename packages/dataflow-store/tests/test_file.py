@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import torch
 from conformance import StoreConformance, baseline, eagle_sample, same_bits
-from procs import run_child
+from procs import expected_digest, run_child
 from safetensors.torch import save_file
 
 from dataflow.contracts import (
@@ -199,7 +199,5 @@ def test_precomputing_process_writes_consumer_process_gets(tmp_path: Path) -> No
         str(tmp_path),
         ref_json,
     )
-    assert json.loads(out) == json.loads(
-        run_child("import json; print(json.dumps(digest(sample(5))))")
-    )
+    assert json.loads(out) == expected_digest(5)
     assert loads(ref_json, SampleRef).sample_id == "s5" and dumps(loads(ref_json, SampleRef))

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 from conformance import StoreConformance, eagle_sample, same_bits
-from procs import run_child
+from procs import expected_digest, run_child
 
 from dataflow.contracts import (
     CorruptRecordError,
@@ -88,8 +88,7 @@ def test_producer_process_puts_consumer_process_gets(tmp_path: Path) -> None:
         TOKEN,
         ref_json,
     )
-    expected = run_child("import json; print(json.dumps(digest(sample(9))))")
-    assert json.loads(out) == json.loads(expected)
+    assert json.loads(out) == expected_digest(9)
     assert samples(tmp_path / "shared") == []  # the consumer's release deleted it
 
 
