@@ -1,6 +1,6 @@
 """A consumer process for the exactly-once tests: dp ranks as threads over one ledger.
 
-Run as ``python exactly_once_consumer.py LEDGER_URI RUN_DIR RUN_ID DP BATCH [CKPT_EVERY]``.
+Run as ``python exactly_once_consumer.py LEDGER_URI RUN_DIR RUN_ID DP BATCH [CKPT_EVERY [STEP_S]]``.
 The "model" is a checkpoint file holding the last durable step; the audit trail is an
 append-only ``trained.log`` of JSON lines: ``{"resume": C}`` when an attempt starts from
 checkpoint C (what an auditor replays as "steps after C were undone"), and ``{"step": s, "ids":
@@ -63,6 +63,7 @@ def main(argv: list[str]) -> int:
     uri, run_dir, run_id = argv[0], Path(argv[1]), argv[2]
     dp, batch = int(argv[3]), int(argv[4])
     ckpt_every = int(argv[5]) if len(argv) > 5 else 2
+    step_s = float(argv[6]) if len(argv) > 6 else 0.005
     shape = WindowShape(dp_size=dp, batch_size=batch)
     ckpt, log = run_dir / "ckpt.json", run_dir / "trained.log"
     controller = Controller.open(uri, aborter=FileFeatures(run_dir / "features"))
@@ -85,7 +86,7 @@ def main(argv: list[str]) -> int:
                 break
             if len(ids) != shape.per_rank:
                 raise AssertionError(f"rank {collective.rank}: a window was cut short: {ids}")
-            time.sleep(0.005)  # "training"
+            time.sleep(step_s)  # "training"
             result = side.ack(step, ids)
             if collective.rank == 0:
                 append_line(log, {"step": step, "ids": list(result.all_ids)})
