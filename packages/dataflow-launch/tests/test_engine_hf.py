@@ -68,24 +68,18 @@ def test_captured_layers_follow_the_rule_and_last_state_is_post_norm(tiny_engine
     ids = sample.tensors["input_ids"]
     with torch.no_grad():
         out = tiny_engine.model(input_ids=ids, output_hidden_states=True)
-        manual = tiny_engine.model.model.embed_tokens(ids)
-        positions = torch.arange(ids.shape[1]).unsqueeze(0)
-        rotary = tiny_engine.model.model.rotary_emb(manual, positions)
-        layer_outputs = []
-        for layer in tiny_engine.model.model.layers:
-            manual = layer(manual, position_embeddings=rotary, position_ids=positions)
-            manual = manual[0] if isinstance(manual, tuple) else manual
-            layer_outputs.append(manual)
-        logits = out.logits
+        base = tiny_engine.model.model(input_ids=ids)
+    # Layer k = output of decoder layer k = HF's hidden_states[k + 1].
     expected_aux = torch.cat([out.hidden_states[k + 1] for k in (1, 3, 4)], dim=-1)
     torch.testing.assert_close(sample.tensors["aux_hidden_state"], expected_aux)
+    # The last hidden state is the base model's post-norm output: what feeds the LM head.
+    torch.testing.assert_close(sample.tensors["hidden_state"], base.last_hidden_state)
     torch.testing.assert_close(
-        sample.tensors["aux_hidden_state"][..., 32:64], layer_outputs[3], rtol=1e-5, atol=1e-5
+        tiny_engine.model.lm_head(sample.tensors["hidden_state"]), out.logits
     )
-    post_norm = tiny_engine.model.model.norm(layer_outputs[-1])
-    torch.testing.assert_close(sample.tensors["hidden_state"], post_norm, rtol=1e-5, atol=1e-5)
-    # The last hidden state is what feeds the LM head.
-    torch.testing.assert_close(tiny_engine.model.lm_head(sample.tensors["hidden_state"]), logits)
+    # ...and not the pre-norm residual stream of the last layer.
+    normed_again = tiny_engine.model.model.norm(sample.tensors["hidden_state"])
+    assert not torch.allclose(normed_again, sample.tensors["hidden_state"])
 
 
 def test_capture_is_deterministic_and_batching_matches_single(tiny_engine):
