@@ -2,6 +2,9 @@
 
     python ledger_roles.py producer URI COUNT SEED
     python ledger_roles.py consumer URI DP_SIZE PER_RANK
+    python ledger_roles.py churn URI SEED
+
+The churner runs every sample transition in a loop until it is killed (the SIGKILL tests).
 
 The producer commits COUNT refs in batches of random size (re-sending some, as a retrying
 publisher would), then closes the run. The consumer dispatches whole windows, acks each as one
@@ -72,9 +75,31 @@ def consume(uri: str, dp_size: int, per_rank: int) -> None:
     print(json.dumps({"trained": trained, "tail": tail}))
 
 
+def churn(uri: str, seed: int) -> None:
+    rng = random.Random(seed)
+    ledger = open_ledger(uri)
+    ledger.open_run(RUN_ID, 4, resume=True)
+    step = ledger.markers().trained_step + 1
+    start = seed * 10**6  # each churner commits its own ids
+    print("ready", flush=True)
+    for n in range(start, start + 10**6, 6):
+        ledger.commit([make_ref(i, nbytes=rng.randint(1, 999)) for i in range(n, n + 6)])
+        window = ledger.assign_window(2, 2)
+        if window is not None:
+            ids = [sid for rank in window.assignments for sid in rank]
+            if rng.random() < 0.2:
+                ledger.drop(ids[:1], "stale")
+                ids = ids[1:]
+            ledger.ack(step, ids)
+            ledger.release_through(max(step - 2, 0))
+            step += 1
+
+
 if __name__ == "__main__":
     role, uri = sys.argv[1], sys.argv[2]
     if role == "producer":
         produce(uri, int(sys.argv[3]), int(sys.argv[4]))
+    elif role == "churn":
+        churn(uri, int(sys.argv[3]))
     else:
         consume(uri, int(sys.argv[3]), int(sys.argv[4]))
