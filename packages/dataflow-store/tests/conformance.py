@@ -165,6 +165,10 @@ class StoreConformance:
         for sid in ids:
             store.abort(sid, "test teardown")
 
+    def test_implements_the_feature_store_protocol(self, store: FeatureStore) -> None:
+        assert isinstance(store, FeatureStore)
+        assert store.uri.split("://")[0] == store.health().backend
+
     # ------------------------------------------------------------------ round trip
 
     @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -201,3 +201,23 @@ def test_precomputing_process_writes_consumer_process_gets(tmp_path: Path) -> No
     )
     assert json.loads(out) == expected_digest(5)
     assert loads(ref_json, SampleRef).sample_id == "s5" and dumps(loads(ref_json, SampleRef))
+
+
+def test_a_store_over_one_file_serves_that_file_only(tmp_path: Path) -> None:
+    tensors = eagle_sample(6)
+    save_file(tensors, str(tmp_path / "only.safetensors"))
+    save_file(eagle_sample(7), str(tmp_path / "sibling.safetensors"))
+    store = file_store(tmp_path / "only.safetensors")
+    (ref,) = store.refs()
+    got, handle = store.get(ref)
+    assert all(same_bits(got[k], v) for k, v in tensors.items())
+    store.release(handle)
+    with pytest.raises(
+        InvalidInputError, match="path 'sibling.safetensors' escapes the store root"
+    ):
+        store.ref_for("sibling.safetensors")
+    sibling = dataclasses.replace(
+        ref, sample_id="sibling", metadata={"path": "sibling.safetensors"}
+    )
+    with pytest.raises(InvalidInputError, match="escapes the store root"):
+        store.get(sibling)

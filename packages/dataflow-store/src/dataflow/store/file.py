@@ -185,7 +185,11 @@ class FileFeatureStore(BookkeepingStore):
     # ------------------------------------------------------------------ hooks
 
     def _inside(self, resolved: Path, shown: str) -> Path:
-        if resolved != self._root and not resolved.is_relative_to(self._base):
+        # A store over one file serves that file only; over a directory, anything below it.
+        inside = (
+            resolved == self._root if self._root.is_file() else resolved.is_relative_to(self._root)
+        )
+        if not inside:
             raise InvalidInputError(f"{self.uri}: path {shown!r} escapes the store root")
         return resolved
 
