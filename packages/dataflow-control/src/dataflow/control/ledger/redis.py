@@ -21,11 +21,8 @@ import random
 import time
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, TypeVar
-
-import redis as redis_py
-from redis.backoff import NoBackoff
-from redis.retry import Retry
+from types import ModuleType
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from dataflow.contracts.errors import (
     BackendUnavailableError,
@@ -43,6 +40,9 @@ from dataflow.contracts.weights import WeightVersion
 from dataflow.control.ledger._rows import PromptChange, PromptRow, SampleChange, SampleRow
 from dataflow.control.ledger._serial import decode_record, decode_ref, encode_record, encode_ref
 from dataflow.control.ledger._tx import LedgerStorage, LedgerTx
+
+if TYPE_CHECKING:
+    import redis as redis_py
 
 R = TypeVar("R")
 
@@ -244,6 +244,17 @@ class _RedisTx(LedgerTx):
         self._queue("rpush", self._k.weights, text)
 
 
+def _redis_client_library() -> ModuleType:
+    """redis-py, imported on first use: the package imports without the ``redis`` extra."""
+    try:
+        import redis
+    except ImportError:
+        raise BackendUnavailableError(
+            "redis:// ledgers need redis-py: pip install 'dataflow-control[redis]'"
+        ) from None
+    return redis
+
+
 class RedisStorage(LedgerStorage):
     """A ledger in one Redis database under one key namespace."""
 
@@ -265,6 +276,7 @@ class RedisStorage(LedgerStorage):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
                 raise InvalidInputError(f"{name} must be a number > 0, got {value!r}")
         validate_id(namespace, "redis ledger namespace")
+        self._r = _redis_client_library()
         self._where = f"Redis at {parsed.location} db {parsed.database}"
         self._keys = _Keys(namespace)
         probe = self._connect(parsed, connect_timeout_s, connect_timeout_s)
@@ -277,9 +289,11 @@ class RedisStorage(LedgerStorage):
         # server) before they count as unavailable.
         self._client = self._connect(parsed, connect_timeout_s, op_timeout_s)
 
-    @staticmethod
-    def _connect(parsed: ParsedURI, connect_s: float, op_s: float) -> redis_py.Redis:
-        return redis_py.Redis(
+    def _connect(self, parsed: ParsedURI, connect_s: float, op_s: float) -> redis_py.Redis:
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+
+        client: redis_py.Redis = self._r.Redis(
             host=parsed.host,
             port=parsed.port,
             db=parsed.database,
@@ -289,6 +303,7 @@ class RedisStorage(LedgerStorage):
             # No silent reconnect-and-resend: a transaction must not be replayed behind our back.
             retry=Retry(NoBackoff(), 0),
         )
+        return client
 
     def _check_schema(self, client: redis_py.Redis) -> None:
         client.set(self._keys.schema, SCHEMA_VERSION, nx=True)
@@ -307,9 +322,9 @@ class RedisStorage(LedgerStorage):
             raise ClosedError(f"the ledger at {self._where} is closed")
         try:
             return fn(client)
-        except (redis_py.ConnectionError, redis_py.TimeoutError) as exc:
+        except (self._r.ConnectionError, self._r.TimeoutError) as exc:
             raise BackendUnavailableError(f"{what}: cannot reach {self._where}: {exc}") from None
-        except redis_py.ResponseError as exc:
+        except self._r.ResponseError as exc:
             raise CorruptRecordError(
                 f"{what}: {self._where} refused a ledger command: {exc}"
             ) from None
@@ -330,7 +345,7 @@ class RedisStorage(LedgerStorage):
                         pipe.get(self._keys.version)
                     pipe.execute()
                     return result
-                except redis_py.WatchError:
+                except self._r.WatchError:
                     time.sleep(random.uniform(0, 0.0005 * min(attempt + 1, 20)))
         raise BackendUnavailableError(
             f"{self._where}: gave up after {_MAX_ATTEMPTS} attempts under write contention"
