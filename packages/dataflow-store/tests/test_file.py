@@ -221,3 +221,29 @@ def test_a_store_over_one_file_serves_that_file_only(tmp_path: Path) -> None:
     )
     with pytest.raises(InvalidInputError, match="escapes the store root"):
         store.get(sibling)
+
+
+def test_gzip_ckpt_and_required_features(tmp_path: Path) -> None:
+    import gzip
+    import io
+
+    tensors = eagle_sample(8)
+    buffer = io.BytesIO()
+    torch.save(tensors, buffer)
+    (tmp_path / "rows").mkdir()
+    (tmp_path / "rows" / "z.ckpt.gz").write_bytes(gzip.compress(buffer.getvalue()))
+    store = file_store(tmp_path)
+    (ref,) = store.refs(require=("input_ids", "hidden_state"))
+    assert ref.sample_id == "rows:z"
+    got, handle = store.get(ref)
+    assert all(same_bits(got[k], v) for k, v in tensors.items())
+    store.release(handle)
+    store.abort(ref.sample_id, "start over")
+    save_file({"input_ids": torch.arange(3)}, str(tmp_path / "zz_partial.safetensors"))
+    before = store.health()
+    with pytest.raises(
+        SchemaMismatchError,
+        match=r"file 'zz_partial.safetensors' lacks required feature\(s\) \['hidden_state'\]",
+    ):
+        store.refs(require=("input_ids", "hidden_state"))
+    assert baseline(store.health()) == baseline(before)  # rows:z, listed first, was not registered

@@ -1,7 +1,7 @@
 """``file:///path``: read-only, precomputed offline features, one file per sample.
 
 Files are safetensors (``*.safetensors``, read zero-copy through a private mapping) or
-SpecForge-style ``*.ckpt`` dicts of tensors, loaded with ``torch.load(weights_only=True)`` only:
+SpecForge-style ``*.ckpt`` (or gzip-compressed ``*.ckpt.gz``) dicts of tensors, loaded with ``torch.load(weights_only=True)`` only:
 a file that needs anything beyond plain tensors and containers to unpickle is refused, never
 executed. :func:`import_ckpt` converts such a file to safetensors once.
 
@@ -22,6 +22,8 @@ Options: ``retain_on_release`` must stay True; ``budget_bytes`` and ``max_age_s`
 
 from __future__ import annotations
 
+import gzip
+import io
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -44,7 +46,9 @@ from dataflow.store.base import BookkeepingStore, Generation
 from dataflow.store.segments import map_sample, read_layout
 from dataflow.store.tensors import PreparedSample, describe, spec_of
 
-SUFFIXES = (".safetensors", ".ckpt")
+SUFFIXES = (".safetensors", ".ckpt", ".ckpt.gz")
+CKPT_SUFFIXES = (".ckpt", ".ckpt.gz")
+MAX_GZIP_BYTES = 16 << 30  # a decompression bomb stops here
 
 
 def list_feature_files(root: str | Path) -> list[Path]:
@@ -62,8 +66,11 @@ def load_ckpt(path: str | Path) -> dict[str, torch.Tensor]:
     need arbitrary code to unpickle) or is not a mapping of names to tensors; non-tensor values
     are dropped.
     """
+    source: Any = path
+    if str(path).endswith(".gz"):
+        source = io.BytesIO(_gunzip(Path(path)))
     try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
+        loaded = torch.load(source, map_location="cpu", weights_only=True)
     except Exception as exc:  # UnpicklingError, RuntimeError, EOFError...: all mean "refused"
         raise CorruptRecordError(
             f"{path}: refused to load with torch.load(weights_only=True): {exc}"
@@ -71,6 +78,14 @@ def load_ckpt(path: str | Path) -> dict[str, torch.Tensor]:
     if not isinstance(loaded, Mapping):
         raise CorruptRecordError(f"{path}: expected a dict of tensors, got {type(loaded).__name__}")
     return {str(k): v for k, v in loaded.items() if isinstance(v, torch.Tensor)}
+
+
+def _gunzip(path: Path) -> bytes:
+    with gzip.open(path, "rb") as f:
+        data = f.read(MAX_GZIP_BYTES + 1)
+    if len(data) > MAX_GZIP_BYTES:
+        raise CorruptRecordError(f"{path}: decompresses to more than {MAX_GZIP_BYTES} bytes")
+    return data
 
 
 def import_ckpt(source: str | Path, target: str | Path) -> Path:
@@ -110,15 +125,29 @@ class FileFeatureStore(BookkeepingStore):
 
     # ------------------------------------------------------------------ enumeration
 
-    def refs(self) -> list[SampleRef]:
-        """One ref per feature file under the root, in sorted path order."""
-        return [self.ref_for(path) for path in list_feature_files(self._root)]
+    def refs(self, require: Sequence[str] = ()) -> list[SampleRef]:
+        """One ref per feature file under the root, in sorted path order.
 
-    def ref_for(self, path: str | Path) -> SampleRef:
+        ``require`` names features every file must hold (e.g. the EAGLE3 four); a file lacking
+        one raises ``SchemaMismatchError`` naming the file and what is missing.
+        """
+        described = [self._describe(path, require) for path in list_feature_files(self._root)]
+        for ref, resolved in described:  # all or nothing: register only once every file passed
+            self._register(ref, resolved)
+        return [ref for ref, _ in described]
+
+    def ref_for(self, path: str | Path, require: Sequence[str] = ()) -> SampleRef:
         """The ref of one feature file (relative to the root, or absolute inside it)."""
+        ref, resolved = self._describe(path, require)
+        self._register(ref, resolved)
+        return ref
+
+    def _describe(self, path: str | Path, require: Sequence[str]) -> tuple[SampleRef, Path]:
         resolved = self._inside((self._base / path).resolve(), str(path))
         rel = resolved.relative_to(self._base).as_posix()
-        stem = rel.removesuffix(".safetensors").removesuffix(".ckpt")
+        stem = rel
+        for suffix in SUFFIXES:
+            stem = stem.removesuffix(suffix)
         try:
             sample_id = validate_sample_id(stem.replace("/", ":"))
         except InvalidInputError as exc:
@@ -126,6 +155,11 @@ class FileFeatureStore(BookkeepingStore):
                 f"{self.uri}: file {rel!r} cannot name a sample: {exc}"
             ) from None
         specs = self._specs_of(resolved)
+        missing = sorted(set(require) - set(specs))
+        if missing:
+            raise SchemaMismatchError(
+                f"{self.uri}: file {rel!r} lacks required feature(s) {missing}; it has {sorted(specs)}"
+            )
         num_tokens = specs["input_ids"].numel if "input_ids" in specs else 0
         ref = SampleRef(
             sample_id=sample_id,
@@ -137,13 +171,15 @@ class FileFeatureStore(BookkeepingStore):
             num_tokens=num_tokens,
             metadata={"path": rel, "format": "offline_eagle3"},
         )
+        return ref, resolved
+
+    def _register(self, ref: SampleRef, resolved: Path) -> None:
         with self._lock:
-            self._paths[sample_id] = resolved
-            if sample_id not in self._resident:
-                self._resident[sample_id] = Generation(
-                    sample_id, 0, ref.estimated_bytes, tuple(specs), self._clock()
+            self._paths[ref.sample_id] = resolved
+            if ref.sample_id not in self._resident:
+                self._resident[ref.sample_id] = Generation(
+                    ref.sample_id, 0, ref.estimated_bytes, tuple(ref.feature_specs), self._clock()
                 )
-        return ref
 
     # ------------------------------------------------------------------ contract
 
@@ -195,7 +231,7 @@ class FileFeatureStore(BookkeepingStore):
 
     def _specs_of(self, path: Path) -> dict[str, FeatureSpec]:
         where = f"{self.uri}: {path.name}"
-        if path.name.endswith(".ckpt"):
+        if path.name.endswith(CKPT_SUFFIXES):
             return {n: spec_of(n, t) for n, t in load_ckpt(path).items()}
         return _layout_specs(path, where)
 
@@ -210,7 +246,7 @@ class FileFeatureStore(BookkeepingStore):
         where = f"{self.uri}: sample {sample_id!r}"
         if path is None or not path.exists():
             raise NotFoundError(f"{where} has no file (moved or deleted?)")
-        if path.name.endswith(".ckpt"):
+        if path.name.endswith(CKPT_SUFFIXES):
             return _check_ckpt(load_ckpt(path), wanted, where)
         tensors, _ = map_sample(str(path), wanted, where)
         return tensors
