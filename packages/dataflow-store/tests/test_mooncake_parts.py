@@ -122,3 +122,47 @@ def test_remove_report_summary() -> None:
     assert not report.complete
     assert report.describe() == "2 gone; 1 under read lease; 1 failed ('d': -900 RPC_FAIL)"
     assert RemoveReport(removed=("a",)).complete
+
+
+def test_only_zero_copy_calls_reach_the_binding_and_nothing_is_pickled() -> None:
+    """No serialising put/get/put_tensor of Mooncake's, no pickle, anywhere in the backend."""
+    import ast
+    from pathlib import Path
+
+    import dataflow.store as package
+
+    folder = Path(package.__file__).parent
+    allowed = {
+        "MooncakeDistributedStore",  # the module's constructors
+        "ReplicateConfig",
+        "setup",
+        "close",
+        "health_check",
+        "register_buffer",
+        "unregister_buffer",
+        "batch_put_from_multi_buffers",
+        "batch_get_into_multi_buffers",
+        "batch_remove",
+        "batch_is_exist",
+        "get_size",
+        "get_into",
+        "remove_by_regex",
+    }
+    called: set[str] = set()
+    for path in sorted(folder.glob("mooncake*.py")):
+        tree = ast.parse(path.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = [a.name for a in node.names] + [getattr(node, "module", "") or ""]
+                assert not any(n.split(".")[0] in ("pickle", "dill") for n in names), path
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and isinstance(node.func.value, (ast.Name, ast.Attribute))
+            ):
+                target = node.func.value
+                owner = target.id if isinstance(target, ast.Name) else target.attr
+                if owner in ("store", "_store", "binding"):
+                    called.add(node.func.attr)
+    assert called, "found no calls on the Mooncake binding"
+    assert called <= allowed, called - allowed

@@ -211,25 +211,58 @@ def test_a_get_reads_into_fresh_private_tensors(
     store.abort("private", "done")
 
 
+def fill_then_keep_putting(store: Any, seconds: float) -> tuple[list[Any], bool]:
+    """Fill a 16 MiB cluster with ~4 MiB samples, then retry one more put for ``seconds``
+    (each refused put makes Mooncake look for room). Returns the refs that fit and whether the
+    late put eventually succeeded.
+    """
+    refs = []
+    with pytest.raises(CapacityExceededError, match="NO_AVAILABLE_HANDLE"):
+        for i in range(8):
+            refs.append(store.put(f"pin{i}", eagle_sample(60 + i, tokens=128, hidden=4096)))
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            store.put("late", eagle_sample(99, tokens=128, hidden=4096))
+        except CapacityExceededError:
+            time.sleep(0.1)
+        else:
+            return refs, True
+    return refs, False
+
+
+def readable(store: Any, refs: list[Any]) -> list[bool]:
+    out = []
+    for ref in refs:
+        try:
+            _, handle = store.get(ref, names=["input_ids"])
+        except NotFoundError:
+            out.append(False)
+        else:
+            store.release(handle)
+            out.append(True)
+    return out
+
+
 def test_objects_are_hard_pinned_a_full_cluster_refuses_instead_of_evicting(
     start_mooncake_master: MasterFactory,
 ) -> None:
+    # Without the pin Mooncake makes room by evicting a committed sample (silently) ...
+    loose_master = start_mooncake_master()
+    loose = open_store(loose_master.uri, segment="16MiB", buffer="8MiB", hard_pin=False)
+    try:
+        loose_refs, late_fit = fill_then_keep_putting(loose, seconds=8)
+        assert late_fit and not all(readable(loose, loose_refs))
+    finally:
+        loose.close()
+    # ... with it (the default) every put that does not fit is refused and nothing is lost.
     master = start_mooncake_master()
     store = open_store(master.uri, segment="16MiB", buffer="8MiB")
     try:
-        samples = [eagle_sample(60 + i, tokens=128, hidden=4096) for i in range(8)]  # 4 MiB
-        refs = []
-        with pytest.raises(CapacityExceededError, match="NO_AVAILABLE_HANDLE"):
-            for i, tensors in enumerate(samples):
-                refs.append(store.put(f"pin{i}", tensors))
-        assert len(refs) >= 3
-        before = store.health()
-        for i, ref in enumerate(refs):  # nothing already stored was evicted to make room
-            got, handle = store.get(ref, names=["aux_hidden_state"])
-            assert same_bits(got["aux_hidden_state"], samples[i]["aux_hidden_state"])
-            store.release(handle)
-        assert before.resident_samples == len(refs)  # the refused put left nothing behind
-        assert store.health().resident_samples == 0
+        refs, late_fit = fill_then_keep_putting(store, seconds=2)
+        assert len(refs) >= 3 and not late_fit
+        assert store.health().resident_samples == len(refs)  # refused puts left nothing
+        assert readable(store, refs) == [True] * len(refs)
     finally:
         store.close()
 
