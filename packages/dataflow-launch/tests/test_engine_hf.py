@@ -40,6 +40,19 @@ def test_engine_satisfies_protocol_and_reports_target_info(tiny_engine):
     head = tiny_engine.target_head()
     assert head.embed_weight.shape == head.lm_head_weight.shape == (info.vocab_size, 32)
     assert not head.lm_head_weight.requires_grad
+    assert head.model_config["hidden_size"] == 32 and head.model_config["num_hidden_layers"] == 8
+
+
+def test_target_head_builds_the_trainers_draft_config(tiny_engine):
+    from dataflow.train.eagle3 import Eagle3Config, Eagle3Objective
+
+    head = tiny_engine.target_head()
+    config = Eagle3Config.from_target_config(head.model_config, draft_vocab_size=256)
+    assert config.target_layers == tiny_engine.info.aux_layer_ids
+    assert (config.hidden_size, config.vocab_size) == (32, tiny_engine.info.vocab_size)
+    objective = Eagle3Objective(config)
+    objective.init_from_target(head.embed_weight, head.lm_head_weight)
+    assert torch.equal(objective.target_head.weight, head.lm_head_weight)
 
 
 def test_capture_gives_four_checked_features_per_task(tiny_engine):

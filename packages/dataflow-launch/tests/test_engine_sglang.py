@@ -134,6 +134,8 @@ def test_target_head_is_read_from_the_model_directory(client, tiny_engine):
     remote, local = client.target_head(), tiny_engine.target_head()
     assert torch.equal(remote.embed_weight, local.embed_weight)
     assert torch.equal(remote.lm_head_weight, local.lm_head_weight)
+    for key in ("hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size"):
+        assert remote.model_config[key] == local.model_config[key]
 
 
 @pytest.mark.parametrize(

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 
@@ -34,13 +34,18 @@ class TargetInfo:
 
 @dataclass(frozen=True)
 class TargetHead:
-    """The frozen target weights the EAGLE3 draft reuses: token embedding and LM head, both
-    ``[vocab_size, hidden_size]``, on CPU, detached.
+    """What the trainer takes from the target: the frozen token embedding and LM head (both
+    ``[vocab_size, hidden_size]``, on CPU, detached) and the target's model config as plain
+    JSON data (HF ``config.json`` keys: ``hidden_size``, ``num_attention_heads``, …), read-only.
     """
 
     info: TargetInfo
     embed_weight: torch.Tensor
     lm_head_weight: torch.Tensor
+    model_config: Mapping[str, Any] = field(default_factory=dict, hash=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "model_config", MappingProxyType(dict(self.model_config)))
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ bits of float results, so equivalence runs use a fixed batch size).
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -109,6 +110,7 @@ class HFTargetEngine:
             info=self._info,
             embed_weight=embed.detach().to("cpu", copy=True),
             lm_head_weight=head.detach().to("cpu", copy=True),
+            model_config=json.loads(self._model.config.to_json_string(use_diff=False)),
         )
 
     def capture(self, tasks: Sequence[PromptTask]) -> list[CapturedSample]:

@@ -165,7 +165,12 @@ class SGLangTargetEngine:
 
     def target_head(self) -> TargetHead:
         embed, head = read_head_weights(self._model_dir)
-        return TargetHead(self._info, embed.detach().clone(), head.detach().clone())
+        return TargetHead(
+            self._info,
+            embed.detach().clone(),
+            head.detach().clone(),
+            model_config=read_model_config(self._model_dir),
+        )
 
     def capture(self, tasks: Sequence[PromptTask]) -> list[CapturedSample]:
         needs_tokenizer = any("messages" in t.payload for t in tasks)
