@@ -46,9 +46,7 @@ def ref_bytes(ref: SampleRef) -> int:
     return ref.estimated_bytes or ref.spec_bytes
 
 
-def _apply(
-    tx: LedgerTx, changes: Sequence[SampleChange], extra: Counter[str] | None = None
-) -> None:
+def _apply(tx: LedgerTx, changes: Sequence[SampleChange]) -> None:
     """Write sample changes with the counters they imply (state counts, in-flight bytes)."""
     moves: Counter[tuple[SampleState, SampleState]] = Counter()
     in_flight = 0
@@ -63,7 +61,7 @@ def _apply(
             in_flight += row.nbytes if now else -row.nbytes
         if new is DROPPED:
             dropped[row.reason] += 1
-    deltas: Counter[str] = Counter(extra or {})
+    deltas: Counter[str] = Counter()
     for (old, new), count in moves.items():
         deltas[sample_counter(old)] -= count
         deltas[sample_counter(new)] += count
