@@ -12,6 +12,7 @@ The master is started without its HTTP metadata server unless asked: clients use
 
 from __future__ import annotations
 
+import ctypes
 import importlib.util
 import os
 import shutil
@@ -27,6 +28,15 @@ from dataflow_testing.ports import free_port, wait_for_port
 
 HOST = "127.0.0.1"
 _START_ATTEMPTS = 3
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGKILL the master if the test process dies (Linux only)."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
 
 
 def master_binary() -> str:
@@ -77,7 +87,11 @@ class MooncakeMaster:
             args = self._args(lease_ttl_ms, extra_args)
             with open(self.log_path, "wb") as log:
                 self._proc = subprocess.Popen(
-                    args, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+                    args,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                    preexec_fn=_die_with_parent,
                 )
             if wait_for_port(HOST, self.rpc_port, ready_timeout_s) and self._proc.poll() is None:
                 return
