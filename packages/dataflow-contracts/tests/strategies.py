@@ -100,6 +100,9 @@ run_markers = st.builds(
     producer_reason=text,
     consumer=st.sampled_from(list(ConsumerState)),
     consumer_reason=text,
+    trained_step=st.integers(-1, 2**40),
+    released_through=st.integers(-1, 2**40),
+    dp_size=counts,
 )
 finite = st.floats(allow_nan=False, allow_infinity=False)
 ledger_statuses = st.builds(
