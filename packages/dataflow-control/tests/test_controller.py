@@ -478,3 +478,25 @@ def test_each_rank_frees_only_its_own_features(release):
         assert {sid for sid, _ in features.aborted} == own
         assert len(own) == 2
     assert controller.status().samples["released"] == 6
+
+
+def test_the_producer_can_wait_for_the_consumers_quantum(controller):
+    import threading
+    import time
+
+    with pytest.raises(TimeoutError, match="no quantum within 0.05s"):
+        controller.wait_for_quantum(0.05, poll_s=0.01)
+    opener = threading.Timer(
+        0.05, lambda: controller.consumer(WindowShape(dp_size=2, batch_size=3)).open("run-1")
+    )
+    opener.start()
+    start = time.monotonic()
+    assert controller.wait_for_quantum(5, poll_s=0.01) == 6
+    assert time.monotonic() - start < 2
+    opener.join()
+
+
+def test_waiting_for_the_quantum_fails_when_the_consumer_failed(controller):
+    controller.ledger.set_consumer_state("failed", "bad config")
+    with pytest.raises(RunFailedError, match=r"consumer failed before setting the quantum \(bad"):
+        controller.wait_for_quantum(5, poll_s=0.01)

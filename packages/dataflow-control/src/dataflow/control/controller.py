@@ -7,11 +7,13 @@ different processes (or hosts) each build a ``Controller`` over the same ledger 
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
-from dataflow.contracts.errors import LedgerConflictError
+from dataflow.contracts.errors import LedgerConflictError, RunFailedError
 from dataflow.contracts.protocols import Collective, Ledger, SampleAborter
-from dataflow.contracts.states import LedgerStatus
+from dataflow.contracts.states import ConsumerState, LedgerStatus
+from dataflow.control._validate import optional_timeout
 from dataflow.control.consumer import ConsumerSide, ReleasePolicy
 from dataflow.control.flow import FlowControl, FlowLimits
 from dataflow.control.gate import StalenessAdmission, StalenessGate
@@ -35,6 +37,26 @@ class Controller:
     def open(cls, uri: str, *, aborter: SampleAborter | None = None, **options: Any) -> Controller:
         """A controller over the ledger at ``uri`` (see ``open_ledger`` for the options)."""
         return cls(open_ledger(uri, **options), aborter=aborter)
+
+    def wait_for_quantum(self, timeout: float | None = None, *, poll_s: float = 0.05) -> int:
+        """Block until the consumer has opened the run and set its quantum; return it.
+
+        Raises ``RunFailedError`` if the consumer FAILED meanwhile and ``TimeoutError`` after
+        ``timeout`` seconds. A producer calls this before building its flow control.
+        """
+        limit = optional_timeout("Controller.wait_for_quantum", timeout)
+        deadline = None if limit is None else time.monotonic() + limit
+        while True:
+            markers = self.ledger.markers()
+            if markers.quantum > 0:
+                return markers.quantum
+            if markers.consumer == ConsumerState.FAILED:
+                raise RunFailedError(
+                    f"the consumer failed before setting the quantum ({markers.consumer_reason})"
+                )
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError(f"the consumer set no quantum within {limit}s")
+            time.sleep(poll_s)
 
     def producer(
         self,
