@@ -159,6 +159,8 @@ class TestAuth:
     def test_short_token_is_refused_and_creates_nothing(self, tmp_path: Path) -> None:
         with pytest.raises(InvalidInputError, match="at least 8 characters"):
             open_store(f"dir://{tmp_path}", token="short")
+        with pytest.raises(InvalidInputError, match="at least 8 characters"):
+            open_store(f"dir://{tmp_path}/new/root", token="short")
         assert files(tmp_path) == []
 
     def test_marker_holds_no_token(self, tmp_path: Path) -> None:

@@ -32,7 +32,7 @@ def policy_for(token: str | None) -> TokenPolicy:
     """The policy a new store created with ``token`` records."""
     if token is None:
         return TokenPolicy()
-    _check_shape(token)
+    check_token_shape(token)
     salt = secrets.token_hex(16)
     return TokenPolicy(salt, _digest(salt, token))
 
@@ -62,6 +62,7 @@ def _digest(salt: str, token: str) -> str:
     return hashlib.sha256(f"{salt}:{token}".encode()).hexdigest()
 
 
-def _check_shape(token: object) -> None:
+def check_token_shape(token: object) -> None:
+    """Refuse a token that is not a str of at least 8 characters (``InvalidInputError``)."""
     if not isinstance(token, str) or len(token) < 8:
         raise InvalidInputError("a store token must be a str of at least 8 characters")

@@ -44,7 +44,7 @@ from dataflow.contracts import (
     NotFoundError,
     ParsedURI,
 )
-from dataflow.store.auth import TokenPolicy, check_token, policy_for
+from dataflow.store.auth import TokenPolicy, check_token, check_token_shape, policy_for
 from dataflow.store.base import BookkeepingStore, Generation
 from dataflow.store.owner import current_owner, owner_alive
 from dataflow.store.segments import read_sample, write_sample
@@ -75,6 +75,8 @@ class SharedDirFeatureStore(BookkeepingStore):
             raise InvalidInputError(
                 f"dir store path {parsed.location!r} must be absolute, e.g. dir:///srv/features"
             )
+        if token is not None:
+            check_token_shape(token)  # before anything is created
         root = os.path.realpath(parsed.location)
         if not os.path.isdir(root):
             if not create:
