@@ -79,3 +79,28 @@ def test_uri_options(tmp_path: Path) -> None:
         open_ledger(f"sqlite://{tmp_path}/l.db?namespace=x")
     with pytest.raises(InvalidInputError, match="does not parse"):
         open_ledger(f"sqlite://{tmp_path}/l.db?busy_timeout_s=soon")
+
+
+def test_a_forked_child_must_open_its_own_ledger(tmp_path: Path) -> None:
+    import multiprocessing
+
+    ledger = open_ledger(f"sqlite://{tmp_path}/l.db")
+    ledger.open_run("run-1", 4, resume=False)
+    context = multiprocessing.get_context("fork")
+    result = context.Queue()
+
+    def child() -> None:
+        try:
+            ledger.status()
+            result.put("used the parent's connection")
+        except Exception as exc:  # reported to the parent
+            result.put(f"{type(exc).__name__}: {exc}")
+
+    proc = context.Process(target=child)
+    proc.start()
+    proc.join(timeout=30)
+    message = result.get(timeout=5)
+    result.close()
+    assert message.startswith("ClosedError") and "must open its own" in message
+    assert ledger.status().markers.run_id == "run-1"  # the parent's ledger still works
+    ledger.close()

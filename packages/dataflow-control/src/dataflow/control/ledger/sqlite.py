@@ -12,6 +12,7 @@ do not work there; opening such a path is refused. Open a ledger per process (af
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -191,6 +192,7 @@ class SQLiteStorage(LedgerStorage):
             raise InvalidInputError(f"busy_timeout_s must be a number > 0, got {busy_timeout_s!r}")
         self._path = Path(path)
         self._lock = threading.Lock()
+        self._pid = os.getpid()
         self._path.parent.mkdir(parents=True, exist_ok=True)
         check_file(self._path)
         self._conn: sqlite3.Connection | None = None
@@ -247,6 +249,12 @@ class SQLiteStorage(LedgerStorage):
             conn = self._conn
             if conn is None:
                 raise ClosedError(f"the ledger {self._path} is closed")
+            if os.getpid() != self._pid:
+                # A connection copied by fork() shares locks and file offsets with its parent.
+                raise ClosedError(
+                    f"the ledger {self._path} was opened by process {self._pid}; this forked "
+                    f"process {os.getpid()} must open its own"
+                )
             with self._errors("transaction"):
                 conn.execute(begin)
                 try:
@@ -265,6 +273,6 @@ class SQLiteStorage(LedgerStorage):
 
     def close(self) -> None:
         with self._lock:
-            if self._conn is not None:
+            if self._conn is not None and os.getpid() == self._pid:
                 self._conn.close()
-                self._conn = None
+            self._conn = None
