@@ -7,6 +7,7 @@ only through the public ``open_ledger`` API and the ``Ledger`` protocol.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 
 import pytest
@@ -272,6 +273,28 @@ class LedgerConformance:
         assert run.refs(["s00001", "s00000"]) == [refs[1], refs[0]]
         with pytest.raises(NotFoundError, match="s09999"):
             run.refs(["s00000", "s09999"])
+
+    def test_concurrent_committers_each_id_fresh_exactly_once(self, run: Ledger, uri: str) -> None:
+        """Four handles on one ledger commit overlapping batches at once (threads)."""
+        handles = [open_ledger(uri) for _ in range(4)]
+        fresh: list[list[str]] = [[] for _ in handles]
+
+        def commit_all(n: int) -> None:
+            for start in range(0, 60, 6):  # every handle sends every id: 3 of 4 are duplicates
+                result = handles[n].commit(make_refs((start + 6 * n) % 60, 6))
+                fresh[n].extend(result.committed)
+
+        threads = [threading.Thread(target=commit_all, args=(n,)) for n in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        for handle in handles:
+            handle.close()
+        everything = sorted(sid for ids_ in fresh for sid in ids_)
+        assert everything == [f"s{i:05d}" for i in range(60)]  # each id fresh exactly once
+        status = run.status()
+        assert status.samples["committed"] == 60 and status.in_flight_bytes == 60 * 100
 
     # -- windows ------------------------------------------------------------------------
     def test_window_opens_only_when_it_can_be_completed(self, run: Ledger) -> None:
