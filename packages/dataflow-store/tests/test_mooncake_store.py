@@ -261,7 +261,9 @@ def test_objects_are_hard_pinned_a_full_cluster_refuses_instead_of_evicting(
     try:
         refs, late_fit = fill_then_keep_putting(store, seconds=2)
         assert len(refs) >= 3 and not late_fit
-        assert store.health().resident_samples == len(refs)  # refused puts left nothing
+        assert store.health().resident_samples == len(refs)  # refused puts left nothing:
+        for refused in (f"pin{len(refs)}", "late"):  # not even the parts that did fit
+            assert store.client.remove_matching(wire.sample_pattern(refused), force=True) == 0
         assert readable(store, refs) == [True] * len(refs)
     finally:
         store.close()

@@ -200,11 +200,13 @@ class MooncakeClient:
             if not failures:
                 return
             written = [k for k, rc in zip(keys, results, strict=True) if rc == 0]
-            if written:
-                store.batch_remove(written, True)
+            orphans = self.remove(written, force=True).failed if written else {}
             key, rc = failures[0]
-            if rc != codes.TRANSFER_FAIL or attempt == PUT_ATTEMPTS:
-                raise codes.error_for(rc, "put", key)
+            if orphans or rc != codes.TRANSFER_FAIL or attempt == PUT_ATTEMPTS:
+                error = codes.error_for(rc, "put", key)
+                if orphans:  # never silent: these keys outlive the failed put
+                    error.add_note(f"objects it wrote that could not be removed: {sorted(orphans)}")
+                raise error
 
     def get(self, objects: Sequence[ObjectIO]) -> None:
         """Read each object into its buffers, in one batch call; returns when all bytes are in.
