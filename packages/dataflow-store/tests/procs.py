@@ -62,3 +62,19 @@ def expected_digest(seed: int) -> dict[str, int]:
     """What a child's ``digest(sample(seed))`` prints, computed here."""
     ns = prelude_namespace()
     return ns["digest"](ns["sample"](seed))  # type: ignore[operator,no-any-return]
+
+
+FULL_DISK_PUT = """
+import resource, signal
+from dataflow.contracts import CapacityExceededError
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit then fails with EFBIG
+resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, resource.RLIM_INFINITY))
+store = open_store(sys.argv[1])
+before = store.health()
+try:
+    store.put("big", sample(0, tokens=4096, hidden=256))  # 8 MiB, over the 1 MiB limit
+except CapacityExceededError as exc:
+    print("refused:", exc)
+assert store.health() == before, (store.health(), before)
+"""
+"""A child that puts a sample bigger than the file-size limit it set itself (a real EFBIG)."""

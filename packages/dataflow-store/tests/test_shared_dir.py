@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 from conformance import StoreConformance, eagle_sample, same_bits
-from procs import expected_digest, run_child
+from procs import FULL_DISK_PUT, expected_digest, run_child
 
 from dataflow.contracts import (
     CorruptRecordError,
@@ -257,3 +257,13 @@ def test_gc_retries_a_free_that_really_failed(tmp_path: Path) -> None:
     assert (report.retried_frees, report.failed_frees, report.freed_samples) == (1, 0, 1)
     health = store.health()
     assert (health.pending_frees, health.resident_samples, health.resident_bytes) == (0, 0, 0)
+
+
+def test_a_write_the_filesystem_refuses_is_a_capacity_error_and_leaves_nothing(
+    tmp_path: Path,
+) -> None:
+    out = run_child(FULL_DISK_PUT, f"dir://{tmp_path}")
+    assert "refused:" in out and "no room for" in out and "File too large" in out
+    assert [
+        n for n in files(tmp_path) if not n.startswith(".dataflow") and n != ".generation"
+    ] == []

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 from conformance import StoreConformance, eagle_sample, same_bits
-from procs import expected_digest, run_child, start_child
+from procs import FULL_DISK_PUT, expected_digest, run_child, start_child
 
 from dataflow.contracts import (
     FeatureStore,
@@ -270,3 +270,9 @@ def test_gc_retries_a_free_that_really_failed(name: str) -> None:
     report = store.gc()
     assert (report.retried_frees, report.failed_frees, report.freed_samples) == (1, 0, 1)
     assert store.health().pending_frees == 0
+
+
+def test_a_write_the_filesystem_refuses_is_a_capacity_error_and_leaves_nothing(name: str) -> None:
+    out = run_child(FULL_DISK_PUT, f"shm://{name}")
+    assert "refused:" in out and "no room for" in out and "File too large" in out
+    assert leftovers(name) == []

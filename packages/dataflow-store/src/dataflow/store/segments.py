@@ -14,13 +14,14 @@ returned.
 from __future__ import annotations
 
 import contextlib
+import errno
 import mmap
 import os
 from collections.abc import Mapping
 
 import torch
 
-from dataflow.contracts import CorruptRecordError, FeatureSpec, NotFoundError
+from dataflow.contracts import CapacityExceededError, CorruptRecordError, FeatureSpec, NotFoundError
 from dataflow.store.layout import MAX_HEADER_BYTES, Layout, check_against, plan, read_header, view
 from dataflow.store.tensors import TORCH_DTYPES, PreparedSample, as_bytes
 
@@ -34,14 +35,31 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
         done += os.pwrite(fd, data[done : done + _CHUNK], offset + done)
 
 
-def write_sample(fd: int, sample: PreparedSample, metadata: Mapping[str, str]) -> Layout:
-    """Write ``sample`` into the open file ``fd`` (header then tensors, no staging copy)."""
+_OUT_OF_SPACE = frozenset({errno.ENOSPC, errno.EFBIG, errno.EDQUOT})
+
+
+def write_sample(
+    fd: int, sample: PreparedSample, metadata: Mapping[str, str], where: str
+) -> Layout:
+    """Write ``sample`` into the open file ``fd`` (header then tensors, no staging copy).
+
+    A full filesystem (or a file-size limit) raises ``CapacityExceededError`` naming ``where``;
+    the caller removes the partial file.
+    """
     layout = plan(sample.specs.values(), metadata)
-    _pwrite_all(fd, memoryview(layout.header), 0)
-    for name, entry in layout.entries.items():
-        _pwrite_all(fd, as_bytes(sample.tensors[name]), entry.start)
-    if os.fstat(fd).st_size != layout.total_bytes:
-        os.ftruncate(fd, layout.total_bytes)
+    try:
+        _pwrite_all(fd, memoryview(layout.header), 0)
+        for name, entry in layout.entries.items():
+            _pwrite_all(fd, as_bytes(sample.tensors[name]), entry.start)
+        if os.fstat(fd).st_size != layout.total_bytes:
+            os.ftruncate(fd, layout.total_bytes)
+    except OSError as exc:
+        if exc.errno in _OUT_OF_SPACE:
+            raise CapacityExceededError(
+                f"{where}: no room for {layout.total_bytes} bytes ({os.strerror(exc.errno)}); "
+                "nothing was stored"
+            ) from exc
+        raise
     return layout
 
 

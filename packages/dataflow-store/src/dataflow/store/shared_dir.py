@@ -133,7 +133,12 @@ class SharedDirFeatureStore(BookkeepingStore):
         )
         try:
             try:
-                write_sample(fd, sample, {"sample_id": sample_id, "generation": str(generation)})
+                write_sample(
+                    fd,
+                    sample,
+                    {"sample_id": sample_id, "generation": str(generation)},
+                    self._where(sample_id, generation),
+                )
                 if self._fsync:
                     os.fsync(fd)
             finally:

@@ -114,7 +114,12 @@ class ShmFeatureStore(BookkeepingStore):
         fd = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
             try:
-                write_sample(fd, sample, {_OWNER_KEY: self._owner, "sample_id": sample_id})
+                write_sample(
+                    fd,
+                    sample,
+                    {_OWNER_KEY: self._owner, "sample_id": sample_id},
+                    self._where(sample_id, generation),
+                )
             finally:
                 os.close(fd)
             os.link(temp, final)  # never overwrites: a name, once published, is one generation
