@@ -560,6 +560,26 @@ class LedgerConformance:
         assert run.lease_prompts("w2", 5, 30.0) == []
         assert run.status().prompts == {"pending": 0, "leased": 3, "done": 0, "failed": 0}
 
+    def test_concurrent_workers_never_lease_a_task_twice(self, run: Ledger, uri: str) -> None:
+        run.add_prompts([make_task(i) for i in range(80)])
+        handles = [open_ledger(uri) for _ in range(4)]
+        leased: list[list[str]] = [[] for _ in handles]
+
+        def lease_all(n: int) -> None:
+            while batch := handles[n].lease_prompts(f"w{n}", 3, 60.0):
+                leased[n].extend(task.task_id for task in batch)
+
+        threads = [threading.Thread(target=lease_all, args=(n,)) for n in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        for handle in handles:
+            handle.close()
+        everything = sorted(tid for ids_ in leased for tid in ids_)
+        assert everything == [f"t{i:05d}" for i in range(80)]
+        assert run.status().prompts == {"pending": 0, "leased": 80, "done": 0, "failed": 0}
+
     def test_complete_prompt(self, run: Ledger) -> None:
         run.add_prompts([make_task(0)])
         run.lease_prompts("w1", 1, 30.0)
