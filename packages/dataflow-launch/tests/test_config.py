@@ -179,14 +179,43 @@ def test_fingerprint_is_stable_and_sensitive():
     b = load_config(None, ["data.passes=2", "trainer.lr=0.01"])
     assert fingerprint(a) == fingerprint(b)
     assert len(fingerprint(a)) == 64
+    for change in (
+        "trainer.lr=0.02",
+        "data.passes=3",
+        "run.seed=1",
+        "target.builtin.seed=5",
+        "trainer.batch_size=2",
+        "staleness.enabled=true",
+        "run.id=other",
+    ):
+        assert fingerprint(load_config(None, ["trainer.lr=0.01", "data.passes=2", change])) != (
+            fingerprint(a)
+        ), change
+
+
+def test_fingerprint_ignores_placement():
+    base = [
+        "trainer.lr=0.01",
+        "trainer.batch_size=2",
+        "flow.high_watermark=8",
+        "flow.low_watermark=4",
+    ]
+    a = load_config(None, base)
     moved = load_config(
         None,
-        ["trainer.lr=0.01", "data.passes=2", "run.out_dir=elsewhere", "ledger.uri=sqlite:///l.db"],
+        [
+            *base,
+            "run.out_dir=/elsewhere",
+            "run.topology=colocated_online",
+            "store.uri=memory://",
+            "ledger.uri=memory://",
+            "producer.workers=4",
+            "trainer.dp_size=2",
+            "trainer.checkpoint_every=5",
+            "store.options.token=t",
+        ],
     )
-    assert fingerprint(moved) != fingerprint(a)  # the ledger URI is part of the run
-    only_moved = a.model_copy(update={"run": a.run.model_copy(update={"out_dir": "elsewhere"})})
-    assert fingerprint(only_moved) == fingerprint(a)
-    assert fingerprint(load_config(None, ["trainer.lr=0.02", "data.passes=2"])) != fingerprint(a)
+    assert fingerprint(moved) == fingerprint(a)
 
 
 @pytest.mark.parametrize(

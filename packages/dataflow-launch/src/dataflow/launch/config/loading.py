@@ -42,7 +42,27 @@ def _yaml(text: str) -> Any:
 
 
 _SECRET_PATHS = (("store", "options", "token"),)
-_VOLATILE_PATHS = (("run", "out_dir"), *_SECRET_PATHS)
+# Where and how a run executes, not what it computes: left out of the fingerprint, so a run can
+# resume with another topology, store, ledger, device or data-parallel size (the ledger re-cuts
+# windows for a new dp_size) and still be recognised as the same run.
+PLACEMENT_PATHS: tuple[tuple[str, ...], ...] = (
+    ("run", "out_dir"),
+    ("run", "topology"),
+    ("run", "deployment_mode"),
+    ("store",),
+    ("ledger",),
+    ("flow",),
+    ("producer",),
+    ("target", "device"),
+    ("target", "server_url"),
+    ("target", "request_timeout_s"),
+    ("trainer", "dp_size"),
+    ("trainer", "sp_size"),
+    ("trainer", "checkpoint_every"),
+    ("trainer", "keep_last"),
+    ("trainer", "log_every"),
+    ("trainer", "max_steps"),
+)
 
 
 def _json_value(value: Any) -> Any:
@@ -146,7 +166,7 @@ def _strip(data: dict[str, Any], paths: Sequence[tuple[str, ...]], replacement: 
         node = data
         for part in path[:-1]:
             node = node[part]
-        if node.get(path[-1]) is not None:
+        if path[-1] in node and (replacement is None or node[path[-1]] is not None):
             if replacement is None:
                 del node[path[-1]]
             else:
@@ -167,12 +187,14 @@ def dump_yaml(config: LaunchConfig, *, redact: bool = True) -> str:
 
 
 def fingerprint(config: LaunchConfig) -> str:
-    """A stable SHA-256 hex digest of everything that shapes the run's result.
+    """A stable SHA-256 hex digest of what the run computes: its id and seed, the target, the
+    data, staleness and the training hyper-parameters.
 
-    Independent of key order and of ``run.out_dir`` and secrets (moving a run directory or
-    rotating a token does not change it); any other field change does.
+    Equal fingerprints mean the same samples trained the same way. Independent of key order and
+    of every field in :data:`PLACEMENT_PATHS` (topology, store, ledger, flow control, producer,
+    device, data-parallel size, checkpoint cadence); any other change alters it.
     """
     data = config.model_dump(mode="json")
-    _strip(data, _VOLATILE_PATHS, None)
+    _strip(data, PLACEMENT_PATHS, None)
     canonical = json.dumps(data, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
