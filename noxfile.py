@@ -67,7 +67,7 @@ def lint(session: nox.Session) -> None:
 @nox.session
 def typecheck(session: nox.Session) -> None:
     """mypy over every package's source."""
-    session.install(*CONSTRAINTS, "mypy>=1.10", "types-PyYAML", "pytest")
+    session.install(*CONSTRAINTS, "mypy>=1.10", "types-PyYAML", "types-requests", "pytest")
     install_editable(session, "launch", ("redis", "hf"))
     srcs = [str(ROOT / "packages" / f"dataflow-{p}" / "src" / "dataflow" / p) for p in PACKAGES]
     session.run("mypy", *srcs)
