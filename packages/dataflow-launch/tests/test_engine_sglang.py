@@ -166,3 +166,23 @@ def test_unreachable_server_is_a_clear_error(saved_model_dir):
     url = f"http://127.0.0.1:{free_port()}"
     with pytest.raises(BackendUnavailableError, match=f"SGLang server {url} is unreachable"):
         SGLangTargetEngine(url, str(saved_model_dir), timeout_s=2)
+
+
+def test_missing_requests_package_is_a_clear_error(monkeypatch, saved_model_dir):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "requests", None)  # as if the extra were not installed
+    with pytest.raises(
+        BackendUnavailableError, match=r"needs the 'requests' package: .*dataflow-launch\[sglang\]"
+    ):
+        SGLangTargetEngine("http://127.0.0.1:1", str(saved_model_dir))
+
+
+def test_missing_transformers_is_a_clear_error(monkeypatch):
+    import sys
+
+    from dataflow.launch.builtin.tokenizer import load_builtin_tokenizer
+
+    monkeypatch.setitem(sys.modules, "transformers", None)
+    with pytest.raises(BackendUnavailableError, match=r"dataflow-launch\[hf\]"):
+        load_builtin_tokenizer()

@@ -19,6 +19,7 @@ import torch
 
 from dataflow.launch.builtin.tokenizer import load_builtin_tokenizer
 from dataflow.launch.config import BuiltinTargetSection
+from dataflow.launch.extras import require
 
 _INIT_STD = 0.02
 _MAX_POSITIONS = 8192
@@ -34,9 +35,7 @@ def builtin_version(section: BuiltinTargetSection) -> str:
 
 def builtin_llama_config(section: BuiltinTargetSection, vocab_size: int) -> Any:
     """The ``LlamaConfig`` of the built-in target over a vocabulary of ``vocab_size`` ids."""
-    from transformers import LlamaConfig
-
-    return LlamaConfig(
+    return require("transformers").LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=section.hidden_size,
         intermediate_size=section.intermediate_size,
@@ -69,11 +68,10 @@ def build_builtin_target(section: BuiltinTargetSection, dtype: torch.dtype) -> t
     """``(model, tokenizer)``: the built-in target in eval mode, weights fixed by
     ``section.seed``, over the shipped tokenizer.
     """
-    from transformers import LlamaForCausalLM
-
+    transformers = require("transformers")
     tokenizer = load_builtin_tokenizer()
     config = builtin_llama_config(section, len(tokenizer))
     with torch.random.fork_rng(devices=[]):  # transformers' own init draws from the global RNG
-        model: Any = LlamaForCausalLM(config)
+        model: Any = transformers.LlamaForCausalLM(config)
     _seed_weights(model, section.seed, section.logit_std / section.hidden_size**0.5)
     return model.to(dtype).eval(), tokenizer

@@ -11,6 +11,8 @@ from collections.abc import Iterable
 from importlib.resources import files
 from typing import Any
 
+from dataflow.launch.extras import require
+
 SPECIAL_TOKENS = ("<|pad|>", "<|bos|>", "<|eos|>", "<|system|>", "<|user|>", "<|assistant|>")
 """Special tokens, in id order (``<|pad|>`` is id 0)."""
 
@@ -58,10 +60,9 @@ def load_builtin_tokenizer() -> Any:
     Guarantees: pad id 0, ``bos``/``eos`` set, ``chat_template`` set, the same ids on every
     machine; nothing is downloaded.
     """
-    from transformers import PreTrainedTokenizerFast
-
+    transformers = require("transformers")
     path = files("dataflow.launch").joinpath("assets", TOKENIZER_FILE)
-    tokenizer = PreTrainedTokenizerFast(
+    tokenizer = transformers.PreTrainedTokenizerFast(
         tokenizer_file=str(path),
         bos_token="<|bos|>",
         eos_token="<|eos|>",

@@ -24,6 +24,7 @@ from dataflow.launch.engines.base import CapturedSample, TargetHead, TargetInfo
 from dataflow.launch.engines.features import checked_sample, eagle3_feature_specs, torch_dtype_name
 from dataflow.launch.engines.layers import resolve_aux_layer_ids
 from dataflow.launch.engines.payload import encode_payload
+from dataflow.launch.extras import require
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -187,16 +188,15 @@ def _check_model_dir(model_dir: str) -> Path:
 
 def load_model_dir(model_dir: str, dtype: str) -> tuple[Any, Any]:
     """``(model, tokenizer)`` from a local transformers directory; never downloads."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+    transformers = require("transformers")
     path = _check_model_dir(model_dir)
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        tokenizer = transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     except (OSError, ValueError) as exc:
         raise InvalidInputError(
             f"target.model_dir {model_dir!r}: cannot load its tokenizer ({exc})"
         ) from None
-    model = AutoModelForCausalLM.from_pretrained(
+    model = transformers.AutoModelForCausalLM.from_pretrained(
         str(path), dtype=_DTYPES[dtype], local_files_only=True
     )
     return model, tokenizer

@@ -36,18 +36,9 @@ from dataflow.launch.engines.features import checked_sample, eagle3_feature_spec
 from dataflow.launch.engines.layers import resolve_aux_layer_ids
 from dataflow.launch.engines.payload import encode_payload
 from dataflow.launch.engines.target_files import read_head_weights, read_model_config
+from dataflow.launch.extras import require
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-
-
-def _requests() -> Any:
-    try:
-        import requests
-    except ImportError:
-        raise BackendUnavailableError(
-            "the sglang engine needs the 'requests' package: pip install 'dataflow-launch[sglang]'"
-        ) from None
-    return requests
 
 
 def build_request(encoded: Sequence[tuple[list[int], list[int]]]) -> dict[str, Any]:
@@ -116,7 +107,7 @@ class SGLangTargetEngine:
         version: str | None = None,
         tokenizer: Any | None = None,
     ) -> None:
-        self._requests = _requests()
+        self._requests: Any = require("requests")
         self._url = server_url.rstrip("/")
         self._model_dir = model_dir
         self._timeout = timeout_s
@@ -155,9 +146,10 @@ class SGLangTargetEngine:
     def tokenizer(self) -> Any:
         """The tokenizer of the model directory (loaded on first use)."""
         if self._tokenizer is None:
-            from transformers import AutoTokenizer
-
-            self._tokenizer = AutoTokenizer.from_pretrained(self._model_dir, local_files_only=True)
+            transformers = require("transformers")
+            self._tokenizer = transformers.AutoTokenizer.from_pretrained(
+                self._model_dir, local_files_only=True
+            )
         return self._tokenizer
 
     def feature_specs(self, num_tokens: int) -> dict[str, FeatureSpec]:
