@@ -545,3 +545,22 @@ def test_drain_against_a_dead_master_fails_loudly_and_keeps_its_bookkeeping(
     assert out["pending"] == 1
     assert "released or aborted" in out["get"]
     assert not master.alive
+
+
+OFFLINE_PRODUCER = """
+store = open_store(sys.argv[1], segment="0", buffer="8MiB")  # mounts nothing of its own
+print(dumps(store.put("offline", sample(11))), flush=True)
+store.close()
+"""
+
+
+def test_a_producer_that_mounts_nothing_may_exit_before_its_samples_are_read(
+    mooncake_master: MooncakeMaster, client: MooncakeClient
+) -> None:
+    helpers = prelude_helpers()
+    ref = loads(run_child(OFFLINE_PRODUCER, mooncake_master.uri).strip(), SampleRef)
+    consumer = mooncake_store(mooncake_master, client)  # its client mounts the segment
+    got, handle = consumer.get(ref)  # the producer process is gone by now
+    assert helpers["digest"](got) == helpers["digest"](helpers["sample"](11))
+    consumer.release(handle)
+    assert client.exists(keys_of(consumer, ref)) == [False] * 5
