@@ -172,6 +172,20 @@ def test_a_store_that_owns_its_client_round_trips_and_closes(
     store.close()  # idempotent
 
 
+def test_the_masters_http_metadata_server_works_as_the_metadata_option(
+    start_mooncake_master: MasterFactory,
+) -> None:
+    master = start_mooncake_master(http_metadata=True)
+    uri = f"{master.uri}?metadata={master.metadata_server}&segment=32MiB&buffer=8MiB"
+    with open_store(uri) as store:
+        tensors = eagle_sample(82)
+        ref = store.put("meta", tensors)
+        got, handle = store.get(ref, names=["aux_hidden_state"])
+        assert same_bits(got["aux_hidden_state"], tensors["aux_hidden_state"])
+        store.release(handle)
+        assert store.health().resident_samples == 0
+
+
 # ---------------------------------------------------------------------- layout in Mooncake
 
 
