@@ -7,7 +7,7 @@ import sys
 from collections.abc import Sequence
 
 from dataflow.contracts.errors import DataflowError
-from dataflow.launch.cli import status
+from dataflow.launch.cli import consume, demo, export, produce, run, status
 from dataflow.launch.version import __version__
 
 EXIT_ERROR = 2
@@ -18,8 +18,10 @@ EXIT_INTERRUPTED = 130
 _DESCRIPTION = """\
 Train EAGLE3 draft models from a live target model.
 
-Commands available in this version: status. The main-job commands (demo, run, produce,
-consume, export) are not part of this version yet."""
+Commands available in this version: status. Also: demo (start here: it trains a draft for the
+built-in small target on this machine and prints a summary), run CONFIG (any topology), produce
+and consume (the two roles of a disaggregated run, for separate machines) and export (a run's
+draft for SGLang or HF)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -31,7 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"dataflow-launch {__version__}")
     commands = parser.add_subparsers(title="commands", dest="command", metavar="COMMAND")
-    status.register(commands)
+    for command in (demo, run, produce, consume, status, export):
+        command.register(commands)
     return parser
 
 

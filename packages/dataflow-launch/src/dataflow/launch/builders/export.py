@@ -1,0 +1,46 @@
+"""Exporting a run's draft: rebuild the objective from the run's config, load the newest
+checkpoint's weights into it, write the SGLang or HF directory.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
+
+from dataflow.contracts import InvalidInputError, NotFoundError
+from dataflow.launch.builders.common import trainer_objective
+from dataflow.launch.config import LaunchConfig, load_config
+from dataflow.launch.run_dir import RunDir
+from dataflow.train.checkpoint import CheckpointManager
+from dataflow.train.distributed import LocalCollective
+from dataflow.train.export import FORMATS, export_draft
+
+
+def export_from_checkpoint(config: LaunchConfig, run_dir: RunDir, fmt: str, out: Path) -> Path:
+    """Write the draft of ``run_dir``'s newest checkpoint to ``out`` in format ``fmt``.
+
+    Works for checkpoints written by any number of ranks (loaded unsharded in this process).
+    Raises ``NotFoundError`` without a complete checkpoint, ``InvalidInputError`` for an unknown
+    format or a non-empty ``out``; nothing is written then.
+    """
+    if fmt not in FORMATS:
+        raise InvalidInputError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    info = CheckpointManager(run_dir.checkpoints, LocalCollective()).latest()
+    if info is None:
+        raise NotFoundError(f"{run_dir.checkpoints} holds no complete checkpoint to export")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise InvalidInputError(f"export target {str(out)!r} exists and is not an empty directory")
+    objective = trainer_objective(config)
+    tensors = {"model": get_model_state_dict(objective)}
+    CheckpointManager(run_dir.checkpoints, LocalCollective()).load(info, tensors)
+    set_model_state_dict(objective, tensors["model"])
+    return export_draft(objective, out, fmt=fmt)
+
+
+def export_run(run_path: str | Path, fmt: str, out: str | Path) -> Path:
+    """``export RUN_DIR``: the run's ``config.yaml`` names the target and draft shape."""
+    run_dir = RunDir(Path(run_path))
+    if not run_dir.config.is_file():
+        raise NotFoundError(f"{run_path} is not a run directory: it has no config.yaml")
+    return export_from_checkpoint(load_config(run_dir.config), run_dir, fmt, Path(out))

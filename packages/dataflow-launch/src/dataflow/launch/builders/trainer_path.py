@@ -1,0 +1,211 @@
+"""The one trainer path every topology converges on.
+
+Refs (a fixed list or a rank's queue) → ``FeatureDataLoader`` → ``Trainer`` with the audited ack
+hook → checkpoints, ``metrics.jsonl``, ``trained.jsonl``. Builders differ only in the ref
+source, the store and the window ack they pass in; nothing here looks at the topology.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from dataflow.contracts import FeatureStore, InvalidInputError, RefQueue, SampleRef
+from dataflow.launch.builders.acks import AuditedAckHook, WindowAck
+from dataflow.launch.builders.ranks import RankLayout
+from dataflow.launch.config import LaunchConfig
+from dataflow.launch.run_dir import RunDir, write_json_atomic
+from dataflow.launch.trained_log import TrainedLog, rewind_jsonl
+from dataflow.train.checkpoint import CheckpointManager
+from dataflow.train.config import TrainerConfig
+from dataflow.train.eagle3 import Eagle3Objective
+from dataflow.train.hooks import StepEvent, TrainerHook
+from dataflow.train.loader import FeatureDataLoader
+from dataflow.train.metrics import JsonlMetrics, read_jsonl
+from dataflow.train.optim import OptimConfig
+from dataflow.train.trainer import Trainer
+
+
+@dataclass(frozen=True)
+class RefSource:
+    """Where the loader's refs come from: exactly one of a fixed ``refs`` list (offline;
+    ``num_epochs`` passes, reshuffled per epoch) or a consume-once ``queue`` (online).
+    """
+
+    refs: Sequence[SampleRef] | None = None
+    queue: RefQueue | None = None
+    num_epochs: int = 1
+
+    def __post_init__(self) -> None:
+        if (self.refs is None) == (self.queue is None):
+            raise InvalidInputError("a ref source needs exactly one of refs= or queue=")
+
+
+@dataclass
+class TrainOutcome:
+    """What this trainer process did (tallies of this process's run; steps are global)."""
+
+    steps: int
+    samples: int
+    tokens: int
+    seconds: float
+    first_metrics: dict[str, Any] = field(default_factory=dict)
+    final_metrics: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+class _CountingQueue:
+    """A ``RefQueue`` that remembers each handed-out ref's token count."""
+
+    def __init__(self, queue: RefQueue, tokens: dict[str, int]) -> None:
+        self._queue = queue
+        self._tokens = tokens
+
+    def get(self, timeout: float | None = None) -> SampleRef | None:
+        ref = self._queue.get(timeout=timeout)
+        if ref is not None:
+            self._tokens[ref.sample_id] = ref.num_tokens
+        return ref
+
+    def close(self) -> None:
+        self._queue.close()
+
+
+class _TokenHook(TrainerHook):
+    """Counts the tokens and samples this rank trained in this process."""
+
+    def __init__(self, tokens: dict[str, int]) -> None:
+        self._tokens = tokens
+        self.count = 0
+        self.samples = 0
+
+    def on_optimizer_step(self, event: StepEvent) -> None:
+        self.samples += len(event.sample_ids)
+        self.count += sum(self._tokens.get(sid, 0) for sid in event.sample_ids)
+
+
+def latest_checkpoint_step(run_dir: RunDir, layout: RankLayout) -> int:
+    """The step of the newest complete checkpoint in ``run_dir`` (0 when there is none)."""
+    info = CheckpointManager(run_dir.checkpoints, layout.collective).latest()
+    return info.step if info is not None else 0
+
+
+def rewind_records(run_dir: RunDir, step: int) -> None:
+    """Before a resume from ``step``: drop audit and metric lines of steps after it (they are
+    trained again), so each sample stays listed once.
+    """
+    TrainedLog(run_dir.trained).rewind(step)
+    rewind_jsonl(run_dir.metrics, step)
+
+
+def trainer_config(config: LaunchConfig, *, progress: bool) -> TrainerConfig:
+    """The trainer package's config from the launch config's ``trainer`` section."""
+    t = config.trainer
+    return TrainerConfig(
+        run_id=config.run.id,
+        accumulation_steps=t.accumulation_steps,
+        max_steps=t.max_steps,
+        total_steps=t.total_steps,
+        optim=OptimConfig(
+            lr=t.lr,
+            weight_decay=t.weight_decay,
+            warmup_steps=t.warmup_steps,
+            min_lr_ratio=t.min_lr_ratio,
+            max_grad_norm=t.max_grad_norm,
+        ),
+        seed=config.run.seed,
+        log_interval=t.log_every,
+        checkpoint_interval=t.checkpoint_every,
+        keep_last=t.keep_last,
+        progress=progress,
+    )
+
+
+def train_draft(
+    config: LaunchConfig,
+    run_dir: RunDir,
+    objective: Eagle3Objective,
+    store: FeatureStore,
+    source: RefSource,
+    window_ack: WindowAck,
+    layout: RankLayout,
+    *,
+    resume: bool,
+    progress: bool = True,
+) -> TrainOutcome:
+    """Train ``objective`` on ``source`` until the data ends or ``trainer.max_steps``.
+
+    Guarantees: one ack per optimizer window (then its ``trained.jsonl`` line, rank 0); a
+    checkpoint every ``trainer.checkpoint_every`` steps and at the end; ``resume`` continues from
+    the newest checkpoint after rewinding the records past it. Returns this process's tallies.
+    """
+    rank0 = layout.rank == 0
+    if resume and rank0:
+        rewind_records(run_dir, latest_checkpoint_step(run_dir, layout))
+    tokens: dict[str, int] = {}
+    if source.refs is not None:
+        tokens.update({ref.sample_id: ref.num_tokens for ref in source.refs})
+        loader = FeatureDataLoader(
+            store,
+            refs=source.refs,
+            batch_size=config.trainer.batch_size,
+            seed=config.run.seed,
+            num_epochs=source.num_epochs,
+            rank=layout.rank,
+            world_size=layout.world_size,
+            prefetch=1,
+        )
+    else:
+        assert source.queue is not None
+        loader = FeatureDataLoader(
+            store,
+            queue=_CountingQueue(source.queue, tokens),
+            batch_size=config.trainer.batch_size,
+            prefetch=1,
+        )
+    ack_hook = AuditedAckHook(window_ack, TrainedLog(run_dir.trained) if rank0 else None)
+    token_hook = _TokenHook(tokens)
+    trainer = Trainer(
+        objective,
+        loader,
+        trainer_config(config, progress=progress and rank0),
+        backend=layout.backend,
+        hooks=[ack_hook, token_hook],
+        metrics=JsonlMetrics(run_dir.metrics) if rank0 else None,
+        checkpoint_dir=run_dir.checkpoints,
+        contract_extra={"draft_vocab_size": config.trainer.draft_vocab_size},
+    )
+    started = time.perf_counter()
+    result = trainer.fit(resume=resume)
+    seconds = time.perf_counter() - started
+    counts = layout.collective.all_gather_object((token_hook.samples, token_hook.count))
+    rows = read_jsonl(run_dir.metrics) if rank0 and run_dir.metrics.is_file() else []
+    return TrainOutcome(
+        steps=result.step,
+        samples=sum(c[0] for c in counts),
+        tokens=sum(c[1] for c in counts),
+        seconds=seconds,
+        first_metrics=rows[0] if rows else {},
+        final_metrics=rows[-1] if rows else {},
+    )
+
+
+def write_trainer_report(run_dir: RunDir, outcome: TrainOutcome) -> None:
+    """``trainer.json``: the outcome's tallies and rate (rank 0)."""
+    write_json_atomic(
+        run_dir.trainer_report,
+        {
+            "steps": outcome.steps,
+            "samples": outcome.samples,
+            "tokens": outcome.tokens,
+            "seconds": round(outcome.seconds, 3),
+            "tokens_per_s": round(outcome.tokens_per_s, 1),
+            "final_metrics": outcome.final_metrics,
+            "first_metrics": outcome.first_metrics,
+        },
+    )

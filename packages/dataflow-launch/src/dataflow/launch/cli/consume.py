@@ -1,0 +1,73 @@
+"""``dataflow-launch consume CONFIG [--resume]``: the trainer role of a disaggregated run."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from dataflow.contracts import InvalidInputError
+from dataflow.launch.cli.jobs import (
+    DISAGGREGATED,
+    add_config_arguments,
+    finish_run,
+    load_cli_config,
+    prepare_run_dir,
+)
+
+_DESCRIPTION = """\
+Run the consumer (trainer) of a disaggregated run: train the draft from the shared ledger and
+store (online) or from the producer's manifest (offline) until the data ends, then export the
+draft, draw the plots and print the summary. Under torchrun every rank runs this command
+(trainer.dp_size must equal the number of ranks). --resume continues from the newest checkpoint
+in run.out_dir after a crash: samples trained after that checkpoint are trained again and
+listed once in trained.jsonl."""
+
+
+def register(commands: Any) -> None:
+    """Add the ``consume`` sub-command."""
+    parser = commands.add_parser(
+        "consume",
+        help="run the consumer (trainer) role of a disaggregated run",
+        description=_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_config_arguments(parser)
+    parser.add_argument(
+        "--resume", action="store_true", help="continue from the newest checkpoint in run.out_dir"
+    )
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Train to the end of the data; rank 0 finishes the run (draft, plots, summary)."""
+    config = load_cli_config(args)
+    if config.run.topology not in DISAGGREGATED:
+        raise InvalidInputError(
+            f"consume runs the trainer of a disaggregated run; run.topology is "
+            f"{config.run.topology!r}, which runs in one process: use `dataflow-launch run`"
+        )
+    from dataflow.launch.builders.ranks import in_torchrun
+
+    rank = 0
+    if in_torchrun():
+        import os
+
+        rank = int(os.environ.get("RANK", "0"))
+    run_dir = prepare_run_dir(config, resume=args.resume) if rank == 0 else None
+    if config.run.topology == "disaggregated_online":
+        from dataflow.launch.builders.online import consume_online as consume
+    else:
+        from dataflow.launch.builders.offline import consume_offline as consume
+    from pathlib import Path
+
+    from dataflow.launch.run_dir import RunDir
+
+    consume(
+        config,
+        run_dir or RunDir(Path(config.run.out_dir)),
+        resume=args.resume,
+        progress=args.progress,
+    )
+    if run_dir is not None:
+        finish_run(config, run_dir)
+    return 0

@@ -1,0 +1,34 @@
+"""``dataflow-launch export RUN_DIR --format sglang|hf --out DIR``: write a run's draft."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+_DESCRIPTION = """\
+Export the draft of a run directory's newest checkpoint: `sglang` (the layout SGLang's
+LlamaForCausalLMEagle3 loads: config.json + model.safetensors, no embedding) or `hf` (adds the
+embedding). DIR must not exist or be empty; it appears complete or not at all."""
+
+
+def register(commands: Any) -> None:
+    """Add the ``export`` sub-command."""
+    parser = commands.add_parser(
+        "export",
+        help="export a run's trained draft (SGLang or HF layout)",
+        description=_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (has config.yaml)")
+    parser.add_argument("--format", dest="fmt", choices=("sglang", "hf"), default="sglang")
+    parser.add_argument("--out", required=True, metavar="DIR", help="where to write the draft")
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Export; print where; return 0."""
+    from dataflow.launch.builders.export import export_run
+
+    path = export_run(args.run_dir, args.fmt, args.out)
+    print(f"exported the {args.fmt} draft to {path}", flush=True)
+    return 0

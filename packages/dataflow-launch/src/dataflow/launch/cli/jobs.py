@@ -1,0 +1,89 @@
+"""What the run-type commands share: config arguments, the fresh-or-resume rule, and the
+finish (draft export, plots, summary).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from dataflow.contracts import InvalidInputError, parse_ledger_uri
+from dataflow.launch.config import LaunchConfig, load_config
+from dataflow.launch.run_dir import RunDir
+
+DISAGGREGATED = ("disaggregated_offline", "disaggregated_online")
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """``CONFIG``, repeatable ``--set a.b=value`` and ``--no-progress``."""
+    parser.add_argument("config", metavar="CONFIG", help="the run's YAML config")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override one config value, e.g. --set trainer.lr=5e-4 (repeatable)",
+    )
+    parser.add_argument(
+        "--no-progress", dest="progress", action="store_false", help="no progress bars"
+    )
+
+
+def load_cli_config(args: argparse.Namespace) -> LaunchConfig:
+    """The config named by ``args.config`` with ``args.overrides`` applied (validated)."""
+    return load_config(Path(args.config), list(args.overrides))
+
+
+def config_argv(args: argparse.Namespace) -> tuple[str, ...]:
+    """``CONFIG --set ...`` again, to hand the same config to a child role."""
+    out: list[str] = [str(Path(args.config).resolve())]
+    for item in args.overrides:
+        out += ["--set", item]
+    return tuple(out)
+
+
+def prepare_run_dir(config: LaunchConfig, *, resume: bool) -> RunDir:
+    """The run directory, created, with the resolved config written.
+
+    A fresh run refuses a directory that already holds checkpoints (it would silently continue
+    or overwrite an earlier run): ``InvalidInputError`` naming ``--resume``.
+    """
+    run_dir = RunDir(Path(config.run.out_dir))
+    if not resume and run_dir.has_checkpoint():
+        raise InvalidInputError(
+            f"{run_dir.root} already holds checkpoints of a run; pass --resume to continue it, "
+            "or set run.out_dir to a new directory"
+        )
+    run_dir.write_config(config)
+    return run_dir
+
+
+def ledger_counts(config: LaunchConfig) -> dict[str, Any]:
+    """Sample counts per state of a shareable ledger (empty for in-process ones)."""
+    if parse_ledger_uri(config.ledger.uri).scheme not in ("sqlite", "redis"):
+        return {}
+    from dataflow.launch.builders.common import open_plan_ledger
+    from dataflow.launch.builders.roles import control_plan
+
+    ledger = open_plan_ledger(config, control_plan(config, leases_prompts=False))
+    try:
+        return {k: v for k, v in ledger.status().samples.items()}
+    finally:
+        ledger.close()
+
+
+def finish_run(config: LaunchConfig, run_dir: RunDir) -> None:
+    """Export the draft (SGLang form) into ``draft/``, draw the plots, print the summary."""
+    from dataflow.launch.builders.export import export_from_checkpoint
+    from dataflow.launch.plots import write_plots
+    from dataflow.launch.summary import collect_summary, render_summary
+
+    if not run_dir.draft.exists():
+        export_from_checkpoint(config, run_dir, "sglang", run_dir.draft)
+    if run_dir.metrics.is_file():
+        write_plots(run_dir.metrics, run_dir.plots)
+    summary = collect_summary(run_dir, config.run.topology, ledger_counts(config))
+    print(render_summary(summary), file=sys.stdout, flush=True)

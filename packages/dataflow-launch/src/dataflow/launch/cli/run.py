@@ -1,0 +1,68 @@
+"""``dataflow-launch run CONFIG [--set k=v ...] [--resume]``: any topology from a config."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from dataflow.launch.cli.jobs import (
+    DISAGGREGATED,
+    add_config_arguments,
+    config_argv,
+    finish_run,
+    load_cli_config,
+    prepare_run_dir,
+)
+
+_DESCRIPTION = """\
+Run a whole training job from CONFIG on this host, whatever its topology:
+colocated_offline (feature files, one process), colocated_online (producer thread + trainer),
+disaggregated_offline and disaggregated_online (a producer process and a consumer process; the
+consumer runs under torchrun when trainer.dp_size > 1). The run directory (run.out_dir) gets
+config.yaml, metrics.jsonl, trained.jsonl, checkpoints/, plots/, draft/ and summary.json."""
+
+
+def register(commands: Any) -> None:
+    """Add the ``run`` sub-command."""
+    parser = commands.add_parser(
+        "run",
+        help="run a training job of any topology from a config",
+        description=_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_config_arguments(parser)
+    parser.add_argument(
+        "--resume", action="store_true", help="continue the run in run.out_dir from its checkpoint"
+    )
+    parser.set_defaults(run=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run the job; print the summary; return 0."""
+    config = load_cli_config(args)
+    run_dir = prepare_run_dir(config, resume=args.resume)
+    topology = config.run.topology
+    if topology == "colocated_offline":
+        from dataflow.launch.builders.offline import run_colocated_offline
+
+        run_colocated_offline(config, run_dir, resume=args.resume, progress=args.progress)
+    elif topology == "colocated_online":
+        from dataflow.launch.builders.online import run_colocated_online
+
+        if args.resume:
+            from dataflow.contracts import InvalidInputError
+
+            raise InvalidInputError(
+                "a colocated_online run keeps its ledger in memory and cannot be resumed; "
+                "use a disaggregated_online config for resumable online runs"
+            )
+        run_colocated_online(config, run_dir, progress=args.progress)
+    else:
+        assert topology in DISAGGREGATED
+        from dataflow.launch.builders.supervise import run_disaggregated
+
+        run_disaggregated(
+            config, run_dir, config_argv(args), resume=args.resume, progress=args.progress
+        )
+    finish_run(config, run_dir)
+    return 0
