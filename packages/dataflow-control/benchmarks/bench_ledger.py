@@ -12,8 +12,8 @@ same disk, one transaction per window, with the same pragmas (WAL, synchronous=F
   but no validation, no transition rules, no counters.
 - ``raw-sql-only``: the database floor: pre-encoded text in, text out.
 
-Each measurement is repeated and the best run kept (the machine is shared; the best run is the
-least disturbed one); raw and API runs are interleaved so both see the same conditions.
+Each measurement is repeated and each phase's best time kept (the machine is shared; the best
+is the least disturbed); raw and API runs are interleaved so both see the same conditions.
 ``status()`` is timed on ledgers holding 10k and 100k samples.
 """
 
