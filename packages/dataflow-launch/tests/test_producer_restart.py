@@ -185,3 +185,33 @@ def test_a_different_quantum_on_the_same_ledger_is_refused(tmp_path, tiny_engine
     assert ledger.markers().quantum == 2
     assert type(info.value).__name__ in ("LedgerConflictError", "InvalidInputError")
     ledger.close()
+
+
+def test_several_workers_share_a_sqlite_ledger_and_shm_store(tmp_path):
+    config = load_config(
+        write_config(tmp_path),
+        ["flow.high_watermark=64", "flow.low_watermark=2", "producer.workers=3"],
+    )
+    engine = open_engine(config.target)
+    prompts = load_prompts(config.data, engine.tokenizer)
+    tasks = build_tasks(prompts.prompts, run_id="kill-run", passes=2, max_length=48)
+    ledger, store = open_config_ledger(config), open_config_store(config)
+    try:
+        producer = build_producer(config, engine, ledger, store)
+        producer.open()
+        producer.ingest(tasks)
+        report = producer.run()
+        assert report.outcome == "closed" and report.committed == 2 * PROMPTS
+        assert sum(w.committed for w in report.workers) == 2 * PROMPTS
+        status = ledger.status()
+        assert status.samples["committed"] == 2 * PROMPTS and status.prompts["done"] == 2 * PROMPTS
+        assert status.in_flight_bytes == sum(
+            r.estimated_bytes for r in ledger.refs([t.task_id for t in tasks])
+        )
+        assert store.health().resident_samples == 2 * PROMPTS
+    finally:
+        for task in tasks:
+            store.abort(task.task_id, "test over")
+        ledger.close()
+        store.gc()
+        store.close()
