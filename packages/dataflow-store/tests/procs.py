@@ -7,6 +7,11 @@ import subprocess
 import sys
 import textwrap
 
+from dataflow.store.owner import current_owner
+
+DEAD = current_owner().replace(f"{os.getpid():010d}.", f"{1:010d}.", 1)
+"""An owner in this pid namespace that is not running: pid 1 never has this process's start time."""
+
 PRELUDE = textwrap.dedent(
     """
     import sys, torch

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 from conformance import StoreConformance, eagle_sample, same_bits
-from procs import FULL_DISK_PUT, expected_digest, run_child
+from procs import DEAD, FULL_DISK_PUT, expected_digest, run_child
 
 from dataflow.contracts import (
     CorruptRecordError,
@@ -225,9 +225,9 @@ def test_gc_removes_temporaries_of_dead_writers_on_this_host(tmp_path: Path) -> 
 
     store = open_store(f"dir://{tmp_path}")
     host = socket.gethostname()
-    dead = tmp_path / f".tmp~{host}~0000000001.00000000000000000001~s~7"
+    dead = tmp_path / f".tmp~{host}~{DEAD}~s~7"
     dead.write_bytes(b"\0" * 100)
-    other_host = tmp_path / ".tmp~elsewhere~0000000001.00000000000000000001~s~8"
+    other_host = tmp_path / f".tmp~elsewhere~{DEAD}~s~8"
     other_host.write_bytes(b"\0" * 100)
     report = store.gc()
     assert report.freed_bytes == 100

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 from conformance import StoreConformance, eagle_sample, same_bits
-from procs import FULL_DISK_PUT, expected_digest, run_child, start_child
+from procs import DEAD, FULL_DISK_PUT, expected_digest, run_child, start_child
 
 from dataflow.contracts import (
     FeatureStore,
@@ -194,7 +194,7 @@ def test_gc_reclaims_segments_of_a_producer_killed_with_sigkill(name: str) -> No
 
 
 def test_gc_reclaims_a_half_written_temporary_of_a_dead_producer(name: str) -> None:
-    dead = "0000000001.00000000000000000001"  # pid 1 never has this start time
+    dead = DEAD
     temp = os.path.join(SHM, f"{PREFIX}{name}~half~5~{dead}.tmp")
     with open(temp, "wb") as f:
         f.write(b"\0" * 4096)
