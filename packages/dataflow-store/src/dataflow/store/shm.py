@@ -15,7 +15,7 @@ Guarantees:
 - **Unlink on free.** release (last lease) and abort unlink the segment; mappings already
   handed out stay valid until their tensors are dropped.
 - **Dead producers are reclaimed.** Each segment records its owner (pid + kernel start time, so
-  pid reuse is harmless). ``gc()`` in any process unlinks segments and temporaries of this store
+  pid reuse is harmless, + pid namespace: owners in another container are never judged dead). ``gc()`` in any process unlinks segments and temporaries of this store
   whose owner died without closing, unless this process holds a lease on them. ``close()``
   detaches its segments instead: they outlive a producer that exits cleanly and are freed by
   release, abort or age.
