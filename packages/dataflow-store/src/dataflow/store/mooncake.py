@@ -218,15 +218,18 @@ class MooncakeFeatureStore(BookkeepingStore):
     def _delete(self, stored: Generation) -> None:
         sid, generation = stored.sample_id, stored.generation
         key = (sid, generation)
-        with self._io_lock:
-            reading = self._reading[key] > 0
-        if reading:
-            self._refuse(key, "a read of it is in flight in this process")
         manifest = wire.manifest_key(sid, generation)
         names = stored.names or self._names_from_manifest(manifest)
         features = [wire.feature_key(sid, generation, n) for n in names]
-        report = self.client.remove(features, force=self._force_now(key))
-        if not report.complete:
+        force = self._force_now(key)
+        # The check and the remove are one step under the I/O lock, which every read takes to
+        # register itself before its transfer: no read of ours can start in between.
+        with self._io_lock:
+            reading = self._reading[key] > 0
+            report = None if reading else self.client.remove(features, force=force)
+        if report is None:
+            self._refuse(key, "a read of it is in flight in this process")
+        elif not report.complete:
             self._refuse(key, report.describe())
         gone = self.client.remove([manifest], force=True)  # only probed, never transferred
         if not gone.complete:
@@ -272,7 +275,7 @@ class MooncakeFeatureStore(BookkeepingStore):
 
     def drain(self, timeout_s: float = 5.0, interval_s: float = 0.1) -> int:
         """Force out every pending free, retrying for at most ``timeout_s``; return how many
-        were freed.
+        samples its ``gc()`` passes freed.
 
         Raises ``BackendUnavailableError`` naming the samples still pending (and why) when time
         runs out; their bookkeeping is kept, so ``gc()`` or another ``drain`` retries them.
