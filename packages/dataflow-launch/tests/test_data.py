@@ -141,3 +141,15 @@ def test_task_ids_are_validated():
     assert task_id("run", 1, 7) == "run-p1-7"
     with pytest.raises(InvalidInputError):
         task_id("x" * 200, 0, 0)
+
+
+def test_a_line_that_is_not_utf8_is_counted_as_malformed(tmp_path, tokenizer):
+    path = tmp_path / "mixed.jsonl"
+    path.write_bytes(
+        (sharegpt("a", "b") + "\n").encode()
+        + b'{"x": "\xff\xfe"}\n'
+        + (sharegpt("c", "d") + "\n").encode()
+    )
+    loaded = load_prompts(DataSection(path=str(path), max_malformed_lines=1), tokenizer)
+    assert [p.line for p in loaded.prompts] == [1, 3]
+    assert loaded.malformed[0].line == 2 and loaded.malformed[0].reason.startswith("not UTF-8")

@@ -27,19 +27,16 @@ class BadLine:
 
 
 def iter_json_lines(path: Path) -> Iterator[tuple[int, Any | BadLine]]:
-    """Yield ``(line_number, object)`` per non-blank line, or a :class:`BadLine` for bad JSON."""
-    with path.open("r", encoding="utf-8", errors="strict") as handle:
-        number = 0
-        while True:
+    """Yield ``(line_number, object)`` per non-blank line, or a :class:`BadLine` for a line that
+    is not UTF-8 or not JSON.
+    """
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
             try:
-                text = handle.readline()
+                text = raw.decode("utf-8")
             except UnicodeDecodeError as exc:
-                raise InvalidInputError(
-                    f"{path}: line {number + 1} is not UTF-8 ({exc.reason})"
-                ) from None
-            if not text:
-                return
-            number += 1
+                yield number, BadLine(number, f"not UTF-8 ({exc.reason} at byte {exc.start})")
+                continue
             if not text.strip():
                 continue
             try:
