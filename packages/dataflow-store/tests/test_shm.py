@@ -104,6 +104,8 @@ def test_producer_process_puts_consumer_process_gets_by_ref_alone(name: str) -> 
     )
     ref = loads(ref_json, SampleRef)
     assert ref.num_tokens == 64 and len(leftovers(name)) == 1
+    assert open_store(f"shm://{name}").gc().freed_samples == 0  # detached, not orphaned
+    assert len(leftovers(name)) == 1
     out = _consume(name, ref_json)
     assert json.loads(out) == expected_digest(7)
     assert leftovers(name) == []  # the consumer's release unlinked it
