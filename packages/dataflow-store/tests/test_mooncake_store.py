@@ -578,3 +578,35 @@ def test_a_producer_that_mounts_nothing_may_exit_before_its_samples_are_read(
     assert helpers["digest"](got) == helpers["digest"](helpers["sample"](11))
     consumer.release(handle)
     assert client.exists(keys_of(consumer, ref)) == [False] * 5
+
+
+def test_abort_racing_reads_in_other_threads_never_hands_out_torn_bytes(
+    mooncake_master: MooncakeMaster, client: MooncakeClient
+) -> None:
+    import threading
+
+    store = mooncake_store(mooncake_master, client)
+    base = baseline(store.health())
+    outcomes: list[str] = []
+    for i in range(12):
+        tensors = eagle_sample(90 + i, tokens=256, hidden=1024)  # ~2 MiB: a read takes a while
+        ref = store.put(f"race{i}", tensors)
+
+        def read(ref: Any = ref, tensors: dict[str, torch.Tensor] = tensors) -> None:
+            try:
+                got, handle = store.get(ref)
+            except NotFoundError:
+                outcomes.append("refused")
+                return
+            exact = all(same_bits(got[n], t) for n, t in tensors.items())
+            outcomes.append("exact" if exact else "TORN")
+            store.release(handle)
+
+        reader_thread = threading.Thread(target=read)
+        reader_thread.start()
+        time.sleep(0.001 * (i % 4))
+        store.abort(f"race{i}", "dropped while being read")
+        reader_thread.join()
+    assert len(outcomes) == 12 and "TORN" not in outcomes, outcomes
+    store.gc()  # frees parked because a read was in flight when the abort came
+    assert baseline(store.health()) == base
