@@ -168,12 +168,35 @@ def test_one_dropped_worker_does_not_stop_the_others(ledger, store, tiny_engine)
 def test_bad_prompt_fails_alone_without_blaming_the_worker(ledger, store, tiny_engine):
     good = make_tasks(tiny_engine, 3, prefix=RUN)
     bad = PromptTask(f"{RUN}-bad", {"input_ids": [1, 10**9]}, max_length=8)
-    producer = producer_for(ledger, store, tiny_engine, lease=4)
+    producer = producer_for(ledger, store, tiny_engine, lease=4, max_failed_prompts=1)
     producer.ingest([good[0], bad, *good[1:]])
     report = producer.run()
+    assert report.outcome == "closed"
     assert report.committed == 3 and report.workers[0].rejected == 1
     assert report.workers[0].failures == 0
     assert counts(ledger)[1]["failed"] == 1
+
+
+def test_failed_prompts_over_the_limit_fail_the_run(ledger, store, tiny_engine):
+    bad = PromptTask(f"{RUN}-bad", {"input_ids": [1, 10**9]}, max_length=8)
+    producer = producer_for(ledger, store, tiny_engine)
+    producer.ingest([bad, *make_tasks(tiny_engine, 2, prefix=RUN)])
+    with pytest.raises(RunFailedError, match=r"1 prompt\(s\) failed for good, over the limit of 0"):
+        producer.run()
+    assert ledger.markers().producer.value == "failed"
+    assert counts(ledger)[0]["committed"] == 2
+
+
+def test_retries_stop_at_the_ledgers_maximum(ledger, store, tiny_engine):
+    # Capture fails every time, the worker tolerates it: each attempt goes back to PENDING
+    # until the ledger's max_prompt_attempts (3) marks the prompt FAILED.
+    engine = ObservedEngine(tiny_engine, fail_always=True)
+    producer = producer_for(ledger, store, engine, lease=1, worker_max_failures=100)
+    producer.ingest(make_tasks(tiny_engine, 1, prefix=RUN))
+    with pytest.raises(RunFailedError, match=r"1 prompt\(s\) failed for good.*injected capture"):
+        producer.run()
+    assert engine.calls == 3
+    assert counts(ledger)[1]["failed"] == 1 and counts(ledger)[0]["committed"] == 0
 
 
 def test_backpressure_pauses_the_producer_until_the_trainer_drains(ledger, store, tiny_engine):

@@ -30,6 +30,7 @@ def test_settings_follow_the_config():
     settings = ProducerSettings.from_config(config, "pool-a")
     assert (settings.run_id, settings.quantum, settings.prompts_per_lease) == ("r7", 4, 5)
     assert settings.worker_names == ("pool-a-w0", "pool-a-w1", "pool-a-w2")
+    assert settings.max_failed_prompts == 0
 
 
 def test_flow_limits_and_backend_options(tmp_path):
@@ -74,3 +75,12 @@ def test_admission_only_when_staleness_is_enabled():
     assert callable(admission_factory(enabled, "t"))
     no_admission = load_config(None, ["staleness.enabled=true", "staleness.admission=false"])
     assert admission_factory(no_admission, "t") is None
+
+
+def test_settings_refuse_bad_values():
+    with pytest.raises(InvalidInputError, match="workers must be an int >= 1"):
+        ProducerSettings(run_id="r", quantum=1, workers=0)
+    with pytest.raises(InvalidInputError, match="lease_s must be > 0"):
+        ProducerSettings(run_id="r", quantum=1, lease_s=0)
+    with pytest.raises(InvalidInputError, match="producer id"):
+        ProducerSettings(run_id="r", quantum=1, producer_id="a/b")

@@ -228,6 +228,8 @@ class ProducerSection(Section):
     """A prompt is tried at most this many times, then FAILED."""
     worker_max_failures: int = Field(default=3, ge=1)
     """A worker failing this many captures in a row is dropped."""
+    max_failed_prompts: int = Field(default=0, ge=0)
+    """More prompts than this FAILED for good at the end fail the run instead of closing it."""
     lease_s: float = Field(default=120.0, gt=0)
     poll_s: float = Field(default=0.05, gt=0)
 

@@ -11,6 +11,7 @@ from dataflow.contracts import (
     FeatureStore,
     InvalidInputError,
     Ledger,
+    PromptState,
     PromptTask,
     RunFailedError,
     parse_ledger_uri,
@@ -36,8 +37,9 @@ class RolloutProducer:
       and each lease;
     - ``run`` returns a report when the pool drains (closing the stream when configured) or
       when ``stop`` was called (leases handed back, stream left open); it marks the producer
-      FAILED with the reason and raises ``RunFailedError`` when every worker was dropped or a
-      worker hit a fatal error — a failure never reads as a clean end of stream.
+      FAILED with the reason and raises ``RunFailedError`` when every worker was dropped, a
+      worker hit a fatal error, or more than ``max_failed_prompts`` prompts failed for good — a
+      failure never reads as a clean end of stream.
     """
 
     def __init__(
@@ -139,6 +141,13 @@ class RolloutProducer:
             self._fail(f"all {len(reports)} producer workers failed ({errors})")
         if self._stop.is_set() or not pool_drained(self._ledger):
             return ProducerReport("stopped", seconds, reports)
+        failed = self._ledger.status().prompts.get(PromptState.FAILED.value, 0)
+        if failed > self.settings.max_failed_prompts:
+            last = "; ".join(f"{r.name}: {r.last_error}" for r in reports if r.last_error)
+            self._fail(
+                f"{failed} prompt(s) failed for good, over the limit of "
+                f"{self.settings.max_failed_prompts}" + (f" (last errors: {last})" if last else "")
+            )
         if self.settings.close_when_drained:
             side.close()
             return ProducerReport("closed", seconds, reports)

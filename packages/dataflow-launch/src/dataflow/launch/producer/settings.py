@@ -15,7 +15,9 @@ class ProducerSettings:
     ``producer_id`` names this producer on the ledger: worker ``i`` leases as
     ``<producer_id>-w<i>``, so a restarted producer with the same id reclaims exactly its own
     leases. ``quantum`` is the run's optimizer window (fixed for the run; the ledger refuses a
-    different one). A worker failing ``worker_max_failures`` captures in a row is dropped.
+    different one). A worker failing ``worker_max_failures`` captures in a row is dropped. More
+    than ``max_failed_prompts`` prompts FAILED for good (attempts used up, or bad input) when the
+    pool drains is a run failure, not a clean end.
     """
 
     run_id: str
@@ -27,6 +29,7 @@ class ProducerSettings:
     poll_s: float = 0.05
     producer_id: str = "producer"
     close_when_drained: bool = True
+    max_failed_prompts: int = 0
 
     def __post_init__(self) -> None:
         validate_id(self.run_id, "run id")
@@ -37,6 +40,15 @@ class ProducerSettings:
                 raise InvalidInputError(
                     f"ProducerSettings.{name} must be an int >= 1, got {value!r}"
                 )
+        if (
+            isinstance(self.max_failed_prompts, bool)
+            or not isinstance(self.max_failed_prompts, int)
+            or self.max_failed_prompts < 0
+        ):
+            raise InvalidInputError(
+                f"ProducerSettings.max_failed_prompts must be an int >= 0, got "
+                f"{self.max_failed_prompts!r}"
+            )
         for name in ("lease_s", "poll_s"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
@@ -59,4 +71,5 @@ class ProducerSettings:
             worker_max_failures=config.producer.worker_max_failures,
             poll_s=config.producer.poll_s,
             producer_id=producer_id,
+            max_failed_prompts=config.producer.max_failed_prompts,
         )
