@@ -46,7 +46,10 @@ def run(args: argparse.Namespace) -> int:
             f"consume runs the trainer of a disaggregated run; run.topology is "
             f"{config.run.topology!r}, which runs in one process: use `dataflow-launch run`"
         )
+    from dataflow.launch.builders.preflight import preflight
     from dataflow.launch.builders.ranks import in_torchrun
+
+    preflight(config)
 
     rank = 0
     if in_torchrun():

@@ -13,7 +13,7 @@ import yaml
 from dataflow.contracts import InvalidInputError
 
 DEFAULT_OUT = "runs/demo"
-DEFAULT_STEPS = 100
+DEFAULT_STEPS = 300
 DEMO_PROMPTS = 400
 """Conversations in the shipped demo prompt set."""
 

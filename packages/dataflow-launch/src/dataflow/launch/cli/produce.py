@@ -38,6 +38,9 @@ def run(args: argparse.Namespace) -> int:
             f"produce runs the producer of a disaggregated run; run.topology is "
             f"{config.run.topology!r}, which runs in one process: use `dataflow-launch run`"
         )
+    from dataflow.launch.builders.preflight import preflight
+
+    preflight(config)
     run_dir = RunDir(Path(config.run.out_dir)).create()
     if config.run.topology == "disaggregated_online":
         from dataflow.launch.builders.online import produce_online

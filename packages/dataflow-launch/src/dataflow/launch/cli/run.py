@@ -40,6 +40,9 @@ def register(commands: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     """Run the job; print the summary; return 0."""
     config = load_cli_config(args)
+    from dataflow.launch.builders.preflight import preflight
+
+    preflight(config)
     run_dir = prepare_run_dir(config, resume=args.resume)
     topology = config.run.topology
     if topology == "colocated_offline":

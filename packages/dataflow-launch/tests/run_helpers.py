@@ -1,0 +1,85 @@
+"""Helpers for the run-level tests (unique module name: tests dirs share sys.path)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[3]
+EXAMPLES = REPO / "examples"
+
+TINY_RUN = [
+    "target.builtin.hidden_size=32",
+    "target.builtin.num_layers=8",
+    "target.builtin.num_heads=2",
+    "target.builtin.num_kv_heads=1",
+    "target.builtin.intermediate_size=64",
+    "target.batch_size=4",
+    "data.max_length=48",
+    "trainer.ttt_length=2",
+    "trainer.draft_vocab_size=128",
+    "trainer.batch_size=2",
+    "trainer.accumulation_steps=1",
+    "trainer.warmup_steps=1",
+    "trainer.max_steps=null",
+    "flow.high_watermark=16",
+    "flow.low_watermark=8",
+]
+"""Overrides that shrink any example config to a seconds-long run."""
+
+
+def script() -> Path:
+    """The installed ``dataflow-launch`` console script (the real entry point)."""
+    path = Path(sys.executable).parent / "dataflow-launch"
+    if not path.exists():
+        pytest.fail(f"no dataflow-launch script next to {sys.executable}: install the package")
+    return path
+
+
+def cli(
+    *args: str, timeout: float = 240, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run ``dataflow-launch ARGS`` to completion."""
+    return subprocess.run(
+        [str(script()), *map(str, args)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        cwd=cwd,
+    )
+
+
+def sets(*items: str) -> list[str]:
+    """``--set`` arguments for each item."""
+    out: list[str] = []
+    for item in items:
+        out += ["--set", item]
+    return out
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def trained_ids(run_dir: Path) -> list[str]:
+    """Every sample id in ``trained.jsonl``, in order (duplicates kept)."""
+    return [sid for row in read_jsonl(run_dir / "trained.jsonl") for sid in row["sample_ids"]]
+
+
+def assert_one_error_line(
+    result: subprocess.CompletedProcess[str], command: str, *needles: str
+) -> str:
+    """Exit status 2, exactly one line on stderr naming the problem, no traceback."""
+    assert result.returncode == 2, (result.returncode, result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    assert lines[0].startswith(f"dataflow-launch {command}: error: "), lines[0]
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    return lines[0]
