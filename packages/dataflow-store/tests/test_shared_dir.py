@@ -17,6 +17,7 @@ from dataflow.contracts import (
     InvalidInputError,
     NotFoundError,
     SampleRef,
+    StaleGenerationError,
     UnauthorizedError,
     loads,
 )
@@ -267,3 +268,15 @@ def test_a_write_the_filesystem_refuses_is_a_capacity_error_and_leaves_nothing(
     assert [
         n for n in files(tmp_path) if not n.startswith(".dataflow") and n != ".generation"
     ] == []
+
+
+def test_a_put_retires_older_generations_another_producer_left(tmp_path: Path) -> None:
+    other = open_store(f"dir://{tmp_path}")
+    old = other.put("g", eagle_sample(1))
+    mine = open_store(f"dir://{tmp_path}")
+    new = mine.put("g", eagle_sample(2))
+    assert samples(tmp_path) == [f"g~{new.generation}.safetensors"]
+    with pytest.raises(StaleGenerationError, match="replaced it"):
+        open_store(f"dir://{tmp_path}").get(old)
+    mine.abort("g", "done")
+    assert samples(tmp_path) == []

@@ -19,6 +19,7 @@ from dataflow.contracts import (
     InvalidInputError,
     NotFoundError,
     SampleRef,
+    StaleGenerationError,
     dumps,
     loads,
 )
@@ -277,4 +278,18 @@ def test_gc_retries_a_free_that_really_failed(name: str) -> None:
 def test_a_write_the_filesystem_refuses_is_a_capacity_error_and_leaves_nothing(name: str) -> None:
     out = run_child(FULL_DISK_PUT, f"shm://{name}")
     assert "refused:" in out and "no room for" in out and "File too large" in out
+    assert leftovers(name) == []
+
+
+def test_a_put_retires_older_generations_another_producer_left(name: str) -> None:
+    other = open_store(f"shm://{name}")
+    old = other.put("g", eagle_sample(1))
+    mine = open_store(f"shm://{name}")
+    new = mine.put("g", eagle_sample(2))
+    assert new.generation > old.generation
+    assert len(leftovers(name)) == 1  # only the new generation's segment remains
+    third = open_store(f"shm://{name}")
+    with pytest.raises(StaleGenerationError, match="replaced it"):
+        third.get(old)
+    mine.abort("g", "done")
     assert leftovers(name) == []

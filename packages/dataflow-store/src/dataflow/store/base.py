@@ -463,18 +463,23 @@ class BookkeepingStore(abc.ABC):
             )
 
     def _publish(self, new: Generation) -> None:
+        sid = new.sample_id
         with self._lock:
-            old = self._resident.get(new.sample_id)
-            superseded: Generation | None
+            old = self._resident.get(sid)
             if old is not None and old.generation > new.generation:
-                superseded = new  # a concurrent newer put of the same id won
+                victims = {new.generation: new}  # a concurrent newer put of the same id won
             else:
-                self._resident[new.sample_id] = dataclasses.replace(new, born=self._clock())
-                superseded = old
-            if superseded is not None:
-                self._tombstone(new.sample_id, superseded.generation)
-        if superseded is not None:
-            self._free(superseded)
+                self._resident[sid] = dataclasses.replace(new, born=self._clock())
+                victims = {old.generation: old} if old is not None else {}
+                # Older generations another process put (shared backends) go too, so a ref to
+                # one is stale everywhere, not only here.
+                for g in self._generations(sid):
+                    if g < new.generation:
+                        victims.setdefault(g, Generation(sid, g, 0, ()))
+            if victims:
+                self._tombstone(sid, max(victims))
+        for _, victim in sorted(victims.items()):
+            self._free(victim)
 
     def _adopted(self, ref: SampleRef, wanted: Mapping[str, FeatureSpec]) -> Generation:
         names = tuple(ref.feature_specs) or tuple(wanted)

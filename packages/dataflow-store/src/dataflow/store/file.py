@@ -201,8 +201,7 @@ class FileFeatureStore(BookkeepingStore):
     ) -> tuple[dict[str, Any], FeatureHandle]:
         """Serve a file ref (its ``metadata['path']`` names the file, inside the root)."""
         self._enter()
-        if not isinstance(ref, SampleRef):
-            raise InvalidInputError(f"get needs a SampleRef, got {type(ref).__name__}")
+        self._wanted(ref, names)  # the ref must be this store's before its path means anything
         rel = ref.metadata.get("path")
         if not isinstance(rel, str) or not rel:
             raise InvalidInputError(

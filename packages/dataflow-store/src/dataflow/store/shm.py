@@ -105,7 +105,12 @@ class ShmFeatureStore(BookkeepingStore):
     # ------------------------------------------------------------------ hooks
 
     def _next_generation(self, sample_id: str) -> int:
-        self._last_generation = max(time.monotonic_ns(), self._last_generation + 1)
+        # The clock orders puts of different processes; the listing guards against a clock
+        # that differs between processes (time namespaces) while a generation still exists.
+        existing = self._generations(sample_id)
+        self._last_generation = max(
+            time.monotonic_ns(), self._last_generation + 1, existing[-1] + 1 if existing else 0
+        )
         return self._last_generation
 
     def _write(self, sample_id: str, generation: int, sample: PreparedSample) -> None:
