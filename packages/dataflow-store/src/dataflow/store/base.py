@@ -5,7 +5,8 @@ A backend supplies only raw byte I/O for one generation of one sample (the ``_wr
 :class:`~dataflow.contracts.FeatureStore` contract promises about lifetimes:
 
 - **Generations.** Every ``put`` of a sample id gets a new generation, strictly greater than any
-  this store handed out before (``_next_generation``); the previous generation's bytes are freed.
+  this store handed out before (``_next_generation``); older generations' bytes are freed
+  (for shared backends, also those another process left).
   A ref or handle to an older generation is stale: ``get`` raises ``StaleGenerationError`` and
   ``release`` of it never frees newer data.
 - **Tombstones.** A freed generation is refused by ``get`` at once (``NotFoundError``), even
