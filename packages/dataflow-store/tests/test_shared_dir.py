@@ -32,7 +32,12 @@ def files(root: Path) -> list[str]:
 
 
 def samples(root: Path) -> list[str]:
-    return [n for n in files(root) if not n.startswith(".")]
+    """Sample files and leftover sample directories under ``root`` (``sid/gen.safetensors``)."""
+    return sorted(
+        p.relative_to(root).as_posix()
+        for p in root.glob("*/*")
+        if not p.parent.name.startswith(".")
+    ) + sorted(p.name + "/" for p in root.iterdir() if p.is_dir() and not any(p.iterdir()))
 
 
 class TestSharedDirConformance(StoreConformance):
@@ -48,9 +53,9 @@ class TestSharedDirWithTokenConformance(StoreConformance):
 def test_each_generation_is_its_own_file_and_publish_leaves_no_temporaries(tmp_path: Path) -> None:
     store = open_store(f"dir://{tmp_path}")
     first = store.put("s", eagle_sample(0))
-    assert samples(tmp_path) == [f"s~{first.generation}.safetensors"]
+    assert samples(tmp_path) == [f"s/{first.generation}.safetensors"]
     second = store.put("s", eagle_sample(1))
-    assert samples(tmp_path) == [f"s~{second.generation}.safetensors"]
+    assert samples(tmp_path) == [f"s/{second.generation}.safetensors"]
     assert [n for n in files(tmp_path) if n.startswith(".tmp")] == []
     store.abort("s", "done")
     assert samples(tmp_path) == []
@@ -62,7 +67,7 @@ def test_files_are_plain_safetensors(tmp_path: Path) -> None:
     store = open_store(f"dir://{tmp_path}")
     tensors = eagle_sample(2)
     ref = store.put("st", tensors)
-    loaded = load_file(str(tmp_path / f"st~{ref.generation}.safetensors"))
+    loaded = load_file(str(tmp_path / f"st/{ref.generation}.safetensors"))
     assert all(same_bits(loaded[k], v) for k, v in tensors.items())
     store.abort("st", "done")
 
@@ -188,7 +193,7 @@ class TestPaths:
         ref = store.put("s", eagle_sample(0))
         target = tmp_path / "secret"
         target.write_bytes(b"secret")
-        path = root / f"s~{ref.generation}.safetensors"
+        path = root / f"s/{ref.generation}.safetensors"
         path.unlink()
         path.symlink_to(target)
         with pytest.raises(CorruptRecordError, match="is a symlink; refusing to follow it"):
@@ -197,6 +202,21 @@ class TestPaths:
         assert target.read_bytes() == b"secret"
         path.unlink()
         store.abort("s", "done")
+
+    def test_sample_directory_planted_as_a_symlink_is_refused(self, tmp_path: Path) -> None:
+        root = tmp_path / "root"
+        store = open_store(f"dir://{root}")
+        ref = store.put("s", eagle_sample(0))
+        outside = tmp_path / "outside"
+        (root / "s").rename(outside)  # the attacker's copy, reachable only through the link
+        (root / "s").symlink_to(outside)
+        with pytest.raises(CorruptRecordError, match="is not a plain directory"):
+            store.get(ref)
+        store.abort("s", "drop")  # refuses to unlink through the link: parked, not done
+        assert store.health().pending_frees == 1
+        assert (outside / f"{ref.generation}.safetensors").exists()
+        (root / "s").unlink()
+        assert store.gc().freed_samples == 1
 
     def test_relative_root_and_foreign_directory_are_refused(self, tmp_path: Path) -> None:
         with pytest.raises(InvalidInputError, match="must be absolute"):
@@ -212,7 +232,7 @@ class TestPaths:
 def test_corrupt_file_is_refused(tmp_path: Path) -> None:
     store = open_store(f"dir://{tmp_path}")
     ref = store.put("c", eagle_sample(0))
-    path = tmp_path / f"c~{ref.generation}.safetensors"
+    path = tmp_path / f"c/{ref.generation}.safetensors"
     path.write_bytes(b"\xff" * 64)
     with pytest.raises(CorruptRecordError, match="header length"):
         store.get(ref)
@@ -242,7 +262,7 @@ def test_gc_retries_a_free_that_really_failed(tmp_path: Path) -> None:
     store = open_store(f"dir://{tmp_path}")
     ref = store.put("f", eagle_sample(0))
     _, handle = store.get(ref)
-    path = tmp_path / f"f~{ref.generation}.safetensors"
+    path = tmp_path / f"f/{ref.generation}.safetensors"
     path.unlink()
     path.mkdir()
     (path / "blocker").write_text("x")
@@ -275,7 +295,7 @@ def test_a_put_retires_older_generations_another_producer_left(tmp_path: Path) -
     old = other.put("g", eagle_sample(1))
     mine = open_store(f"dir://{tmp_path}")
     new = mine.put("g", eagle_sample(2))
-    assert samples(tmp_path) == [f"g~{new.generation}.safetensors"]
+    assert samples(tmp_path) == [f"g/{new.generation}.safetensors"]
     with pytest.raises(StaleGenerationError, match="replaced it"):
         open_store(f"dir://{tmp_path}").get(old)
     mine.abort("g", "done")

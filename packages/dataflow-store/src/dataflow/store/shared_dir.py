@@ -4,8 +4,11 @@ Layout of the root::
 
     .dataflow-store.json         marker: format version, salted token digest (or none)
     .generation                  the store-wide generation counter (flock-protected)
-    <sample id>~<gen>.safetensors   one file per generation (safetensors layout)
+    <sample id>/<gen>.safetensors   one file per generation (safetensors layout)
     .tmp~<host>~<owner>~<sample id>~<gen>   a write in progress
+
+One directory per sample keeps every per-sample operation (finding a sample's generations on
+put, get and abort) independent of how many samples the store holds.
 
 Guarantees:
 - **Atomic publish.** A put writes a temporary file, fsyncs it, renames it to its final name and
@@ -17,9 +20,11 @@ Guarantees:
   every operation, requires the same token (compared with ``hmac.compare_digest``), so a token
   rotated on disk locks out old clients at their next call. See :mod:`dataflow.store.auth`.
 - **No escape.** Sample ids are validated (no separators, no ``..``), every path is checked to
-  sit directly in the root, and files are opened with ``O_NOFOLLOW``.
+  sit in the root, a sample directory that is a symlink is refused, and files are opened with
+  ``O_NOFOLLOW``.
 - **Reads copy once** into private memory (the file may be deleted by another host right after).
-- ``gc()`` also removes temporaries of writers on this host that died mid-write.
+- ``gc()`` also removes temporaries of writers on this host that died mid-write, and empty
+  sample directories.
 
 Options: the common ones, plus ``token`` (str or None), ``fsync`` (default True; False trades
 crash durability for speed, e.g. on tmpfs) and ``create`` (default True: create a missing root).
@@ -32,6 +37,7 @@ import fcntl
 import json
 import os
 import socket
+import stat
 from collections.abc import Mapping
 from typing import Any
 
@@ -93,11 +99,28 @@ class SharedDirFeatureStore(BookkeepingStore):
 
     # ------------------------------------------------------------------ names
 
-    def _path(self, sample_id: str, generation: int) -> str:
-        path = os.path.join(self._root, f"{sample_id}~{generation}{SUFFIX}")
+    def _sample_dir(self, sample_id: str) -> str:
+        path = os.path.join(self._root, sample_id)
         if os.path.dirname(os.path.normpath(path)) != self._root:  # defence in depth
             raise InvalidInputError(f"sample id {sample_id!r} would leave the store root")
         return path
+
+    def _path(self, sample_id: str, generation: int) -> str:
+        return os.path.join(self._sample_dir(sample_id), f"{generation}{SUFFIX}")
+
+    def _checked_path(self, sample_id: str, generation: int) -> str:
+        """The path of a generation whose sample directory is verified not to be a symlink."""
+        directory = self._sample_dir(sample_id)
+        try:
+            mode = os.lstat(directory).st_mode
+        except FileNotFoundError:
+            mode = stat.S_IFDIR  # the file open reports it missing
+        if not stat.S_ISDIR(mode):
+            raise CorruptRecordError(
+                f"{self._where(sample_id, generation)}: {directory} is not a plain directory "
+                "(a symlink?); refusing to follow it"
+            )
+        return os.path.join(directory, f"{generation}{SUFFIX}")
 
     def _where(self, sample_id: str, generation: int) -> str:
         return f"{self.uri}: sample {sample_id!r} generation {generation}"
@@ -143,41 +166,67 @@ class SharedDirFeatureStore(BookkeepingStore):
                     os.fsync(fd)
             finally:
                 os.close(fd)
-            os.rename(temp, final)
+            self._move_into_place(temp, sample_id, final)
         except BaseException:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(temp)
             raise
         if self._fsync:
+            _fsync_dir(os.path.dirname(final))
             _fsync_dir(self._root)
+
+    def _move_into_place(self, temp: str, sample_id: str, final: str) -> None:
+        # Another process may remove the (empty) sample directory between our mkdir and our
+        # rename; the rename then fails with ENOENT and we make the directory again.
+        for _ in range(8):
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(os.path.dirname(final), 0o700)
+            self._checked_path(sample_id, 0)
+            try:
+                os.rename(temp, final)
+                return
+            except FileNotFoundError:
+                if not os.path.exists(temp):
+                    raise
+        raise OSError(f"{final}: its directory kept disappearing; giving up")
 
     def _read(
         self, sample_id: str, generation: int, wanted: Mapping[str, FeatureSpec]
     ) -> dict[str, torch.Tensor]:
         tensors, _ = read_sample(
-            self._path(sample_id, generation), wanted, self._where(sample_id, generation)
+            self._checked_path(sample_id, generation), wanted, self._where(sample_id, generation)
         )
         return tensors
 
     def _delete(self, stored: Generation) -> None:
+        path = self._checked_path(stored.sample_id, stored.generation)
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(self._path(stored.sample_id, stored.generation))
+            os.unlink(path)
+        with contextlib.suppress(OSError):  # not empty (another generation) or already gone
+            os.rmdir(os.path.dirname(path))
 
     def _exists(self, sample_id: str, generation: int) -> bool:
         return os.path.exists(self._path(sample_id, generation))
 
     def _generations(self, sample_id: str) -> list[int]:
-        prefix = f"{sample_id}~"
+        try:
+            entries = os.listdir(self._sample_dir(sample_id))
+        except (FileNotFoundError, NotADirectoryError):
+            return []
         out = []
-        for entry in os.listdir(self._root):
-            if entry.startswith(prefix) and entry.endswith(SUFFIX):
+        for entry in entries:
+            if entry.endswith(SUFFIX):
                 with contextlib.suppress(ValueError):
-                    out.append(int(entry[len(prefix) : -len(SUFFIX)]))
+                    out.append(int(entry[: -len(SUFFIX)]))
         return sorted(out)
 
     def _reclaim_orphans(self) -> tuple[int, int]:
         freed_bytes = 0
         for entry in os.listdir(self._root):
+            if not entry.startswith("."):
+                with contextlib.suppress(OSError):  # only an empty sample directory goes
+                    os.rmdir(os.path.join(self._root, entry))
+                continue
             parts = entry.split("~")
             if len(parts) != 5 or parts[0] != ".tmp" or parts[1] != self._host:
                 continue  # not a temporary, or another host's: its owner cannot be checked here
