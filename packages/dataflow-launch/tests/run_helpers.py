@@ -26,6 +26,7 @@ TINY_RUN = [
     "trainer.accumulation_steps=1",
     "trainer.warmup_steps=1",
     "trainer.max_steps=null",
+    "trainer.checkpoint_every=0",
     "flow.high_watermark=16",
     "flow.low_watermark=8",
 ]
@@ -83,3 +84,22 @@ def assert_one_error_line(
     for needle in needles:
         assert needle in lines[0], (needle, lines[0])
     return lines[0]
+
+
+SHM_ROOT = Path("/dev/shm")
+
+
+def shm_segments(store_name: str) -> list[Path]:
+    """The shared-memory files an ``shm://<store_name>`` store holds right now."""
+    return sorted(SHM_ROOT.glob(f"dfs~{store_name}~*"))
+
+
+@pytest.fixture
+def shm_name():
+    """A unique ``shm://`` store name; whatever a failed test left under it is removed."""
+    import uuid
+
+    name = f"t-{uuid.uuid4().hex[:10]}"
+    yield name
+    for path in shm_segments(name):
+        path.unlink(missing_ok=True)

@@ -56,3 +56,34 @@ def preflight(config: LaunchConfig, *, prompts: bool = True) -> None:
         if not loaded.prompts:
             raise InvalidInputError(f"{loaded.source} holds no usable prompt ({loaded.report()})")
     check_services(config)
+
+
+def check_fresh_ledger(config: LaunchConfig) -> None:
+    """A fresh (not resumed) run refuses a shared ledger that already holds a run.
+
+    Otherwise a finished earlier run on the same ledger would make the new one silently train
+    nothing (every prompt a duplicate). A SQLite file that does not exist yet is fresh (and is
+    not created here).
+    """
+    parsed = parse_ledger_uri(config.ledger.uri)
+    if parsed.scheme not in ("sqlite", "redis"):
+        return
+    if parsed.scheme == "sqlite":
+        from pathlib import Path
+
+        if not Path(parsed.location).exists():
+            return
+    from dataflow.launch.producer import open_config_ledger
+
+    ledger = open_config_ledger(config)
+    try:
+        status = ledger.status()
+    finally:
+        ledger.close()
+    held = sum(status.samples.values()) + sum(status.prompts.values())
+    if status.markers.run_id or held:
+        raise InvalidInputError(
+            f"the ledger {config.ledger.uri} already holds run {status.markers.run_id!r} "
+            f"({held} samples and prompts); pass --resume to continue it, or point ledger.uri "
+            "at a new ledger"
+        )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from dataflow.launch.config import LaunchConfig
 from dataflow.launch.cli.jobs import (
     DISAGGREGATED,
     add_config_arguments,
@@ -37,12 +38,19 @@ def register(commands: Any) -> None:
     parser.set_defaults(run=run)
 
 
+def topology_is_disaggregated(config: LaunchConfig) -> bool:
+    """Whether the run's roles are separate processes sharing a ledger."""
+    return config.run.topology in DISAGGREGATED
+
+
 def run(args: argparse.Namespace) -> int:
     """Run the job; print the summary; return 0."""
     config = load_cli_config(args)
-    from dataflow.launch.builders.preflight import preflight
+    from dataflow.launch.builders.preflight import check_fresh_ledger, preflight
 
     preflight(config)
+    if not args.resume and topology_is_disaggregated(config):
+        check_fresh_ledger(config)
     run_dir = prepare_run_dir(config, resume=args.resume)
     topology = config.run.topology
     if topology == "colocated_offline":
