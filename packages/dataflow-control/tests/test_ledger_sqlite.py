@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from ledger_conformance import LedgerConformance, make_refs
 
-from dataflow.contracts import CorruptRecordError, InvalidInputError
+from dataflow.contracts import BackendUnavailableError, CorruptRecordError, InvalidInputError
 from dataflow.control.ledger import open_ledger
 
 
@@ -104,3 +104,11 @@ def test_a_forked_child_must_open_its_own_ledger(tmp_path: Path) -> None:
     assert message.startswith("ClosedError") and "must open its own" in message
     assert ledger.status().markers.run_id == "run-1"  # the parent's ledger still works
     ledger.close()
+
+
+def test_a_path_that_cannot_be_created_is_unavailable(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a directory")
+    with pytest.raises(BackendUnavailableError, match="cannot open the ledger file"):
+        open_ledger(f"sqlite://{blocker}/sub/ledger.db")
+    assert blocker.read_text() == "not a directory"

@@ -193,12 +193,17 @@ class SQLiteStorage(LedgerStorage):
         self._path = Path(path)
         self._lock = threading.Lock()
         self._pid = os.getpid()
-        self._path.parent.mkdir(parents=True, exist_ok=True)
-        check_file(self._path)
         self._conn: sqlite3.Connection | None = None
-        conn = sqlite3.connect(
-            self._path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False
-        )
+        try:
+            self._path.parent.mkdir(parents=True, exist_ok=True)
+            check_file(self._path)
+            conn = sqlite3.connect(
+                self._path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False
+            )
+        except (OSError, sqlite3.OperationalError) as exc:
+            raise BackendUnavailableError(
+                f"cannot open the ledger file {self._path}: {exc}"
+            ) from None
         try:
             with self._errors("open"):
                 self._configure(conn, busy_timeout_s)
