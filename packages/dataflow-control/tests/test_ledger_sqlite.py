@@ -112,3 +112,21 @@ def test_a_path_that_cannot_be_created_is_unavailable(tmp_path: Path) -> None:
     with pytest.raises(BackendUnavailableError, match="cannot open the ledger file"):
         open_ledger(f"sqlite://{blocker}/sub/ledger.db")
     assert blocker.read_text() == "not a directory"
+
+
+def test_network_filesystems_are_recognised_by_the_mount_table() -> None:
+    from dataflow.control.ledger._sqlite_schema import network_filesystem
+
+    table = "\n".join(
+        [
+            "/dev/vda / ext4 rw 0 0",
+            "server:/export /mnt/shared nfs4 rw 0 0",
+            "/dev/vdb /mnt/shared/local ext4 rw 0 0",
+            "//host/share /mnt/smb cifs rw 0 0",
+        ]
+    )
+    assert network_filesystem(Path("/mnt/shared/runs"), table) == "nfs4"
+    assert network_filesystem(Path("/mnt/shared/local/runs"), table) is None  # longest mount wins
+    assert network_filesystem(Path("/mnt/smb"), table) == "cifs"
+    assert network_filesystem(Path("/mnt/sharedx"), table) is None  # not a path prefix
+    assert network_filesystem(Path("/home/me"), table) is None

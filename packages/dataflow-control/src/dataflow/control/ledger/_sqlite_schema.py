@@ -58,12 +58,18 @@ _NETWORK_FILESYSTEMS = frozenset(
 )
 
 
-def network_filesystem(path: Path) -> str | None:
-    """The type of the network filesystem holding ``path`` (Linux /proc/mounts), else None."""
-    try:
-        mounts = Path("/proc/mounts").read_text().splitlines()
-    except OSError:
-        return None
+def network_filesystem(path: Path, mounts_table: str | None = None) -> str | None:
+    """The type of the network filesystem holding ``path``, else None.
+
+    Reads the mount table (``/proc/mounts`` on Linux, or ``mounts_table``) and takes the
+    longest mount point containing ``path``; no table (not Linux) means no check.
+    """
+    if mounts_table is None:
+        try:
+            mounts_table = Path("/proc/mounts").read_text()
+        except OSError:
+            return None
+    mounts = mounts_table.splitlines()
     target = os.path.realpath(path)
     best, kind = "", ""
     for line in mounts:
