@@ -1,4 +1,5 @@
 import dataclasses
+import threading
 import time
 
 import pytest
@@ -6,6 +7,7 @@ import torch
 from train_support import CountingStore, ListQueue, put_samples, sample_tensors
 
 from dataflow.contracts import (
+    BackendUnavailableError,
     ClosedError,
     InvalidInputError,
     NotFoundError,
@@ -205,3 +207,40 @@ def test_constructor_refuses_bad_arguments():
     with pytest.raises(InvalidInputError, match="duplicate sample ids"):
         ref = put_samples(store, 1)[0]
         FeatureDataLoader(store, refs=[ref, ref])
+
+
+class _HangingGets:
+    """Fault injection a real store cannot produce on demand: ``get`` of one sample blocks."""
+
+    def __init__(self, inner, hang_on: str):
+        self.inner, self.hang_on = inner, hang_on
+        self.unblock = threading.Event()
+
+    def get(self, ref, names=None):
+        if ref.sample_id == self.hang_on:
+            self.unblock.wait(30)
+        return self.inner.get(ref, names)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def test_close_is_bounded_even_when_a_store_get_hangs():
+    inner = open_store("memory://hang")
+    refs = put_samples(inner, 3)
+    store = _HangingGets(inner, hang_on="s001")
+    loader = FeatureDataLoader(
+        store, queue=ListQueue(refs), batch_size=1, prefetch=1, join_timeout_s=0.3
+    )
+    it = iter(loader)
+    assert next(it).sample_ids == ("s000",)
+    began = time.monotonic()
+    with pytest.raises(BackendUnavailableError, match=r"did not stop within 0.3s.*'s001'"):
+        loader.close()
+    assert time.monotonic() - began < 5
+    assert [r.sample_id for r in loader.close()] == ["s001"]  # handed back on the next close
+    store.unblock.set()  # let the worker finish: it must still release what it fetched
+    deadline = time.monotonic() + 5
+    while inner.health().active_leases and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert inner.health().active_leases == 0

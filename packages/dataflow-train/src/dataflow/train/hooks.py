@@ -100,6 +100,33 @@ class AckHook(TrainerHook):
         self.acked_step = int(state.get("acked_step", 0))
 
 
+class ConsumerControl(Protocol):
+    """The control plane's per-rank consumer side (``dataflow.control.ConsumerSide``)."""
+
+    def ack(self, step: int, sample_ids: Sequence[str]) -> object: ...
+
+    def checkpoint_durable(self, step: int) -> object: ...
+
+
+class ControlPlaneHook(AckHook):
+    """Wires the trainer to the control plane's consumer side.
+
+    At each optimizer boundary it acks the window (``consumer.ack``: the distributed ack);
+    after each checkpoint it declares the step durable (``consumer.checkpoint_durable``), which
+    frees the features trained at or before it under the default release policy. Every rank
+    calls both in lockstep, as the consumer side requires.
+    """
+
+    def __init__(self, consumer: ConsumerControl) -> None:
+        super().__init__(consumer.ack)
+        self._consumer = consumer
+        self.durable_step = 0
+
+    def on_checkpoint(self, step: int, path: str) -> None:
+        self._consumer.checkpoint_durable(step)
+        self.durable_step = step
+
+
 class LedgerAck:
     """The ack a multi-rank (or single-rank) trainer plugs into :class:`AckHook`.
 

@@ -19,6 +19,7 @@ from dataflow.contracts import (
     FEATURE_SCHEMA_VERSION,
     BackendUnavailableError,
     ClosedError,
+    FeatureHandle,
     FeatureStore,
     InvalidInputError,
     RefQueue,
@@ -44,8 +45,8 @@ class FeatureDataLoader:
     """Iterates :class:`TrainBatch` es for one rank.
 
     Guarantees:
-    - every ``store.get`` is paired with a ``store.release`` on every path (the tensors are
-      cloned first, so a batch never holds a lease);
+    - every ``store.get`` is paired with a ``store.release`` on every path; a batch's leases
+      are returned as soon as it is collated (collation copies, so a batch never holds one);
     - refs that cannot share a batch (strategy, schema version, feature names, dtypes, ranks)
       are refused with :class:`SchemaMismatchError` and handed to the settler before it is raised;
       a partial batch at a clean end of a queue stream is settled the same way;
@@ -202,7 +203,9 @@ class FeatureDataLoader:
         """Stop iterating; return every ref fetched from the source but never yielded.
 
         Idempotent; later iteration raises :class:`ClosedError`. The caller settles the
-        returned refs (for online refs: hand them back to the controller).
+        returned refs (for online refs: hand them back to the controller). If the prefetch
+        thread does not stop in time (a hung store get) this raises
+        :class:`BackendUnavailableError`; the next ``close`` returns the refs.
         """
         self._closed = True
         active, self._active = self._active, None
@@ -278,7 +281,21 @@ class FeatureDataLoader:
     def _materialise(self, refs: list[SampleRef]) -> TrainBatch:
         try:
             check_refs_agree(refs, self._strategy, self._schema_version)
-            samples = [self._fetch_one(ref) for ref in refs]
+            return self._fetch_and_collate(refs)
+        except SchemaMismatchError as exc:
+            self._settle(refs, f"schema_mismatch: {exc}")
+            raise
+
+    def _fetch_and_collate(self, refs: list[SampleRef]) -> TrainBatch:
+        # Collation copies every feature into fresh batch tensors, so the store's buffers are
+        # read while the leases are held and never referenced after they are returned.
+        handles: list[FeatureHandle] = []
+        try:
+            samples = []
+            for ref in refs:
+                tensors, handle = self._store.get(ref)
+                handles.append(handle)
+                samples.append(_checked_tensors(ref, tensors))
             return collate(
                 [ref.sample_id for ref in refs],
                 samples,
@@ -286,16 +303,18 @@ class FeatureDataLoader:
                 pad_multiple=self._pad_multiple,
                 metadata={"schema_version": refs[0].schema_version},
             )
-        except SchemaMismatchError as exc:
-            self._settle(refs, f"schema_mismatch: {exc}")
-            raise
-
-    def _fetch_one(self, ref: SampleRef) -> dict[str, torch.Tensor]:
-        tensors, handle = self._store.get(ref)
-        try:
-            return {name: _owned_copy(name, ref, value) for name, value in tensors.items()}
         finally:
-            self._store.release(handle)
+            self._release_all(handles)
+
+    def _release_all(self, handles: list[FeatureHandle]) -> None:
+        first: BaseException | None = None
+        for handle in handles:
+            try:
+                self._store.release(handle)
+            except Exception as exc:  # release the rest first, then report the first failure
+                first = first or exc
+        if first is not None:
+            raise first
 
     # ----------------------------------------------------------------- prefetch
     def _prefetched(self, stop: threading.Event) -> Iterator[TrainBatch]:
@@ -350,10 +369,11 @@ def _put(out: queue_mod.Queue[Any], item: object, stop: threading.Event) -> bool
     return False
 
 
-def _owned_copy(name: str, ref: SampleRef, value: Any) -> torch.Tensor:
-    if not isinstance(value, torch.Tensor):
-        raise SchemaMismatchError(
-            f"feature {name!r} of sample {ref.sample_id!r} came back as "
-            f"{type(value).__name__}, not a tensor"
-        )
-    return value.detach().clone()
+def _checked_tensors(ref: SampleRef, tensors: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+    for name, value in tensors.items():
+        if not isinstance(value, torch.Tensor):
+            raise SchemaMismatchError(
+                f"feature {name!r} of sample {ref.sample_id!r} came back as "
+                f"{type(value).__name__}, not a tensor"
+            )
+    return dict(tensors)
