@@ -1,0 +1,37 @@
+"""The `equivalence` gates: one seed, one dataset, the same loss curve on every path.
+
+Executed inside noxfile.py's namespace (ROOT, CONSTRAINTS, install_editable, nox), hence the
+F821 waivers. Arguments after `--` go to pytest.
+"""
+
+EQUIVALENCE_TESTS = ROOT / "tests" / "gates" / "equivalence"  # noqa: F821
+
+
+def _equivalence(session: nox.Session, prompts: int) -> None:  # noqa: F821
+    install_editable(session, "launch", ("test", "hf", "plots", "mooncake-cpu"))  # noqa: F821
+    session.run(
+        "pytest",
+        str(EQUIVALENCE_TESTS),
+        "-p",
+        "no:cacheprovider",
+        *session.posargs,
+        env={"EQUIVALENCE_PROMPTS": str(prompts), "OMP_NUM_THREADS": "1"},
+    )
+
+
+@nox.session  # noqa: F821
+def equivalence(session: nox.Session) -> None:  # noqa: F821
+    """CI variant (8 prompts, 4 optimizer steps per path; about 5 minutes on 2 cores).
+
+    Bit-identical per-step losses through colocated offline (file://), disaggregated offline
+    (dir://, mooncake:// with a real master), colocated online (memory://) and disaggregated
+    online (SQLite + shm://); 1 vs 2 FSDP2 ranks and 1 vs dp2 x sp2 ranks within stated
+    tolerances, loss and global gradient norm. Prints a summary table.
+    """
+    _equivalence(session, prompts=8)
+
+
+@nox.session(name="equivalence-long")  # noqa: F821
+def equivalence_long(session: nox.Session) -> None:  # noqa: F821
+    """The same gates over 48 prompts (24 optimizer steps per path); not run by CI."""
+    _equivalence(session, prompts=48)

@@ -1,0 +1,57 @@
+"""The `gpu` session: the GPU matrix, where CUDA is present; CI never runs it.
+
+Executed inside noxfile.py's namespace (ROOT, install_editable, nox), hence the F821 waivers.
+Arguments after `--` go to pytest.
+"""
+
+GPU_TESTS = ROOT / "tests" / "gates" / "gpu"  # noqa: F821
+GPU_CONSTRAINTS = GPU_TESTS / "constraints-gpu.txt"
+NO_CUDA = "NOT RUN: no CUDA device (torch.cuda.is_available() is False)"
+
+
+def _cuda_available() -> bool:
+    """Whether this machine's torch sees a CUDA device (asked before installing anything)."""
+    import subprocess
+    import sys
+
+    probe = subprocess.run(
+        [sys.executable, "-c", "import torch; print(torch.cuda.is_available())"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if probe.returncode == 0:
+        return probe.stdout.strip().endswith("True")
+    # No torch beside nox: fall back to the driver's own listing.
+    smi = (
+        subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, check=False)
+        if __import__("shutil").which("nvidia-smi")
+        else None
+    )
+    return bool(smi and smi.returncode == 0 and "GPU" in smi.stdout)
+
+
+@nox.session(venv_backend="virtualenv")  # noqa: F821
+def gpu(session: nox.Session) -> None:  # noqa: F821
+    """NCCL trainer (1 and 2 GPUs where present) in fp32 and bf16, the sglang engine against a
+    real SGLang server, the equivalence gate on GPU. Elsewhere: prints NOT RUN and is skipped.
+    """
+    if not _cuda_available():
+        print(NO_CUDA)
+        session.skip(NO_CUDA)
+    session.install("-c", str(GPU_CONSTRAINTS), "torch", "numpy")
+    session.install(
+        "-c",
+        str(GPU_CONSTRAINTS),
+        "-e",
+        str(ROOT / "tools" / "dataflow-testing"),  # noqa: F821
+        *[arg for p in ("contracts", "store", "control", "train") for arg in ("-e", pkg_dir(p))],  # noqa: F821
+        "-e",
+        pkg_dir("launch") + "[test,hf,plots,sglang]",  # noqa: F821
+    )
+    session.run(
+        "python", "-c", "import torch; assert torch.cuda.is_available(), 'torch sees no CUDA'"
+    )
+    session.run(
+        "pytest", str(GPU_TESTS), "-m", "gpu", "-rs", "-p", "no:cacheprovider", *session.posargs
+    )
