@@ -150,3 +150,34 @@ def test_concurrent_writers_never_lose_an_update(redis_server: RedisServer) -> N
     assert len(windows) == 50
     for ledger in [first, *writers]:
         ledger.close()
+
+
+def test_a_refusal_decided_on_a_torn_snapshot_is_rerun(redis_server: RedisServer) -> None:
+    """Another writer commits between an operation's reads: its refusal must not stand."""
+    from dataflow.contracts import LedgerConflictError
+    from dataflow.contracts.uris import parse_ledger_uri
+    from dataflow.control.ledger.redis import RedisStorage
+
+    uri = redis_server.url(7, namespace="torn")
+    storage = RedisStorage(parse_ledger_uri(uri), namespace="torn")
+    other = open_ledger(uri)
+    other.open_run("run-1", 4, resume=False)
+    attempts = []
+
+    def operation(tx):  # type: ignore[no-untyped-def]
+        attempts.append(tx.meta().get("run_id"))
+        if len(attempts) == 1:
+            other.commit(make_refs(0, 1))  # a writer slips in between our reads
+            raise LedgerConflictError("decided on what was read before the commit")
+        return tx.counters().get("s.committed", 0)
+
+    assert storage.write(operation) == 1
+    assert attempts == ["run-1", "run-1"]
+
+    def refuse(tx):  # type: ignore[no-untyped-def]
+        raise LedgerConflictError("refused on a consistent snapshot")
+
+    with pytest.raises(LedgerConflictError, match="consistent snapshot"):
+        storage.write(refuse)
+    storage.close()
+    other.close()

@@ -28,6 +28,7 @@ from dataflow.contracts.errors import (
     BackendUnavailableError,
     ClosedError,
     CorruptRecordError,
+    DataflowError,
     InvalidInputError,
     SchemaVersionError,
 )
@@ -335,7 +336,15 @@ class RedisStorage(LedgerStorage):
                 try:
                     pipe.watch(self._keys.version)
                     tx = _RedisTx(pipe, self._keys)
-                    result = operation(tx)
+                    try:
+                        result = operation(tx)
+                    except DataflowError:
+                        # A refusal counts only if it was decided on a consistent snapshot:
+                        # this EXEC fails (and the operation reruns) if a writer slipped in.
+                        pipe.multi()
+                        pipe.get(self._keys.version)
+                        pipe.execute()
+                        raise
                     pipe.multi()
                     for command, args, kwargs in tx.writes:
                         getattr(pipe, command)(*args, **kwargs)
