@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import subprocess
 import sys
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -94,12 +97,12 @@ def shm_segments(store_name: str) -> list[Path]:
     return sorted(SHM_ROOT.glob(f"dfs~{store_name}~*"))
 
 
-@pytest.fixture
-def shm_name():
+@contextlib.contextmanager
+def fresh_shm_name() -> Iterator[str]:
     """A unique ``shm://`` store name; whatever a failed test left under it is removed."""
-    import uuid
-
     name = f"t-{uuid.uuid4().hex[:10]}"
-    yield name
-    for path in shm_segments(name):
-        path.unlink(missing_ok=True)
+    try:
+        yield name
+    finally:
+        for path in shm_segments(name):
+            path.unlink(missing_ok=True)

@@ -4,15 +4,17 @@ disaggregated online give bit-identical per-step losses for the same seed and da
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
-from run_helpers import (  # noqa: F401 (shm_name is a fixture)
+import pytest
+from run_helpers import (
     EXAMPLES,
     TINY_RUN,
     cli,
+    fresh_shm_name,
     read_jsonl,
     sets,
-    shm_name,
     shm_segments,
     trained_ids,
 )
@@ -42,7 +44,12 @@ def losses(out: Path) -> dict[int, float]:
     return {row["step"]: row["loss"] for row in read_jsonl(out / "metrics.jsonl")}
 
 
-def test_colocated_online_and_disaggregated_online_losses_are_bit_identical(tmp_path, shm_name):
+def test_colocated_online_and_disaggregated_online_losses_are_bit_identical(tmp_path):
+    with fresh_shm_name() as name:
+        _equivalent_losses(tmp_path, name)
+
+
+def _equivalent_losses(tmp_path: Path, shm_name: str) -> None:
     colocated, disaggregated = tmp_path / "colocated", tmp_path / "disaggregated"
     run_example("colocated_online", colocated, *EQUIVALENCE)
     store = f"store.uri=shm://{shm_name}"
@@ -55,13 +62,26 @@ def test_colocated_online_and_disaggregated_online_losses_are_bit_identical(tmp_
     assert shm_segments(shm_name) == []
 
 
-def test_offline_examples_train_every_sample_once_per_epoch(tmp_path):
-    for name in ("colocated_offline", "disaggregated_offline"):
-        out = tmp_path / name
-        extra = [f"store.uri=file://{out}/features"] if name == "colocated_offline" else []
-        if name == "disaggregated_offline":
-            extra = [f"store.uri=dir://{out}/store", f"ledger.uri=sqlite://{out}/ledger.sqlite"]
-        run_example(name, out, *TINY_RUN, "data.max_prompts=6", "data.passes=2", *extra)
-        ids = trained_ids(out)
-        assert len(ids) == 12 and len(set(ids)) == 6  # 2 epochs over 6 samples
-        assert [row["step"] for row in read_jsonl(out / "trained.jsonl")] == list(range(1, 7))
+def run_offline_example(name: str, out: Path, *extra: str) -> None:
+    run_example(name, out, *TINY_RUN, "data.max_prompts=6", "data.passes=2", *extra)
+    ids = trained_ids(out)
+    assert len(ids) == 12 and len(set(ids)) == 6  # 2 epochs over 6 samples
+    assert [row["step"] for row in read_jsonl(out / "trained.jsonl")] == list(range(1, 7))
+
+
+def test_colocated_offline_example_trains_every_sample_once_per_epoch(tmp_path):
+    out = tmp_path / "colocated_offline"
+    run_offline_example("colocated_offline", out, f"store.uri=file://{out}/features")
+    assert len(list((out / "features").glob("*.safetensors"))) == 6
+
+
+@pytest.mark.slow
+def test_disaggregated_offline_example_trains_every_sample_once_per_epoch(tmp_path):
+    out = tmp_path / "disaggregated_offline"
+    run_offline_example(
+        "disaggregated_offline",
+        out,
+        f"store.uri=dir://{out}/store",
+        f"ledger.uri=sqlite://{out}/ledger.sqlite",
+    )
+    assert json.loads((out / "manifest.json").read_text())["run_id"] == "disaggregated-offline"

@@ -11,20 +11,20 @@ import subprocess
 import time
 from pathlib import Path
 
-from run_helpers import (  # noqa: F401 (shm_name is a fixture)
+from run_helpers import (
     EXAMPLES,
     TINY_RUN,
     cli,
+    fresh_shm_name,
     read_jsonl,
     script,
     sets,
-    shm_name,
     shm_segments,
     trained_ids,
 )
 
-PROMPTS = 40
-KILL_AFTER_LINES = 4
+PROMPTS = 24
+KILL_AFTER_LINES = 3
 
 
 def _start(*args: str, log: Path) -> subprocess.Popen[bytes]:
@@ -41,15 +41,20 @@ def _lines(path: Path) -> int:
     return len(path.read_text().splitlines()) if path.exists() else 0
 
 
-def test_consume_resume_after_sigkill_trains_every_sample_exactly_once(tmp_path, shm_name):
+def test_consume_resume_after_sigkill_trains_every_sample_exactly_once(tmp_path):
+    with fresh_shm_name() as name:
+        _kill_and_resume(tmp_path, name)
+
+
+def _kill_and_resume(tmp_path: Path, shm_name: str) -> None:
     out = tmp_path / "run"
     overrides = sets(
         *TINY_RUN,
         "run.id=resume",
         f"run.out_dir={out}",
         f"data.max_prompts={PROMPTS}",
-        "data.max_length=96",
-        "trainer.ttt_length=7",
+        "data.max_length=64",
+        "trainer.ttt_length=4",
         "trainer.checkpoint_every=3",
         "producer.workers=1",
         f"store.uri=shm://{shm_name}",
