@@ -5,6 +5,7 @@ finish (draft export, plots, summary).
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 from pathlib import Path
 from typing import Any
@@ -84,6 +85,9 @@ def finish_run(config: LaunchConfig, run_dir: RunDir) -> None:
     if not run_dir.draft.exists():
         export_from_checkpoint(config, run_dir, "sglang", run_dir.draft)
     if run_dir.metrics.is_file():
-        write_plots(run_dir.metrics, run_dir.plots)
+        if importlib.util.find_spec("matplotlib") is None:
+            print("plots skipped: matplotlib is not installed (dataflow-launch[plots])", flush=True)
+        else:
+            write_plots(run_dir.metrics, run_dir.plots)
     summary = collect_summary(run_dir, config.run.topology, ledger_counts(config))
     print(render_summary(summary), file=sys.stdout, flush=True)
