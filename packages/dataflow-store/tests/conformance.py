@@ -34,6 +34,7 @@ import pytest
 import torch
 
 from dataflow.contracts import (
+    BackendUnavailableError,
     CapacityExceededError,
     ClosedError,
     FeatureSpec,
@@ -428,6 +429,30 @@ class StoreConformance:
         report = store.gc()  # the real free runs now
         assert (report.retried_frees, report.failed_frees, report.freed_samples) == (1, 0, 1)
         assert faults.fired == 2
+        assert baseline(store.health()) == base
+
+    def test_drain_retries_until_frees_succeed_or_fails_loudly(
+        self, make_store: Callable[..., FeatureStore]
+    ) -> None:
+        self.writes_needed()
+        faults = FaultInjector()
+        store = make_store(faults=faults)
+        base = baseline(store.health())
+        ref = store.put("drained", eagle_sample(24))
+        faults.fail_next_deletes(3)  # the release and two retries fail, the third retry frees
+        store.release(store.get(ref)[1])
+        assert store.drain(timeout_s=30, interval_s=0) == 1  # type: ignore[attr-defined]
+        assert baseline(store.health()) == base
+        stuck = store.put("stuck", eagle_sample(25))
+        faults.fail_next_deletes(10**9)
+        store.abort("stuck", "dropped")
+        with pytest.raises(BackendUnavailableError, match=r"1 free\(s\) still failing"):
+            store.drain(timeout_s=0.05, interval_s=0.01)  # type: ignore[attr-defined]
+        assert store.health().pending_frees == 1  # bookkeeping kept for the next attempt
+        with pytest.raises(NotFoundError, match="released or aborted"):
+            store.get(stuck)
+        faults.clear()
+        assert store.drain(timeout_s=30, interval_s=0) == 1  # type: ignore[attr-defined]
         assert baseline(store.health()) == base
 
     # ------------------------------------------------------------------ threads

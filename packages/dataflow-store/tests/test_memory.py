@@ -98,3 +98,20 @@ def test_bad_options_and_uris_are_refused_by_name():
             open_store("memory://opts", **options)
     with pytest.raises(InvalidInputError, match="unknown store scheme 'redis'"):
         open_store("redis://127.0.0.1")
+
+
+def test_drain_names_the_samples_whose_frees_keep_failing():
+    from dataflow.contracts import BackendUnavailableError
+    from dataflow.store import FaultInjector
+
+    faults = FaultInjector()
+    store = open_store("memory://drain", faults=faults)
+    store.put("stuck", {"x": torch.arange(3)})
+    faults.fail_next_deletes(10**9)
+    store.abort("stuck", "dropped")
+    with pytest.raises(BackendUnavailableError, match=r"'stuck' g1: OSError\(.injected failure"):
+        store.drain(timeout_s=0, interval_s=0)
+    with pytest.raises(InvalidInputError, match="timeout_s >= 0"):
+        store.drain(timeout_s=-1)
+    faults.clear()
+    assert store.drain() == 1

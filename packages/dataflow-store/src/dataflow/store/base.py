@@ -64,6 +64,7 @@ from typing import Any
 import torch
 
 from dataflow.contracts import (
+    BackendUnavailableError,
     ClosedError,
     FeatureHandle,
     FeatureSpec,
@@ -354,6 +355,31 @@ class BookkeepingStore(abc.ABC):
             freed_bytes=freed_bytes + orphan_bytes,
             retried_frees=retried,
             failed_frees=failed,
+        )
+
+    def drain(self, timeout_s: float = 5.0, interval_s: float = 0.1) -> int:
+        """Retry pending frees (``gc`` passes) for at most ``timeout_s``; return samples freed.
+
+        Raises ``BackendUnavailableError`` naming the samples still pending, and why, when time
+        runs out; their bookkeeping is kept, so a later ``gc()`` or ``drain()`` retries them.
+        """
+        if not timeout_s >= 0 or not interval_s >= 0:
+            raise InvalidInputError("drain needs timeout_s >= 0 and interval_s >= 0")
+        deadline = time.monotonic() + timeout_s
+        freed = 0
+        while True:
+            report = self.gc()
+            freed += report.freed_samples
+            if report.failed_frees == 0:
+                return freed
+            if time.monotonic() >= deadline:
+                break
+            time.sleep(interval_s)
+        with self._lock:
+            stuck = sorted(self._pending.items())
+        shown = "; ".join(f"{sid!r} g{gen}: {p.error}" for (sid, gen), p in stuck[:8])
+        raise BackendUnavailableError(
+            f"{self._uri}: {len(stuck)} free(s) still failing after {timeout_s} s ({shown})"
         )
 
     def health(self) -> StoreHealth:

@@ -25,6 +25,11 @@ class FaultInjector:
         with self._lock:
             self._delete_failures += count
 
+    def clear(self) -> None:
+        """Disarm every failure still armed."""
+        with self._lock:
+            self._delete_failures = 0
+
     def before_delete(self, sample_id: str, generation: int) -> None:
         """Called by a store right before it frees one generation; raises if a failure is armed."""
         with self._lock:
