@@ -46,10 +46,11 @@ def run_child(code: str, *args: str, timeout: float = 60) -> str:
     return proc.stdout
 
 
-def start_child(code: str, *args: str) -> subprocess.Popen[str]:
+def start_child(code: str, *args: str, stdin: bool = False) -> subprocess.Popen[str]:
     """Start ``code`` (after :data:`PRELUDE`) in a fresh interpreter without waiting."""
     return subprocess.Popen(
         [sys.executable, "-c", PRELUDE + textwrap.dedent(code), *args],
+        stdin=subprocess.PIPE if stdin else None,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
