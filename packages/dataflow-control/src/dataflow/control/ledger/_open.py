@@ -61,9 +61,11 @@ def open_ledger(uri: str, **options: Any) -> Ledger:
     Options (keyword or ``?name=value`` in the URI): ``max_prompt_attempts`` (default 3),
     ``clock`` (keyword only; wall-clock seconds for lease deadlines), SQLite's
     ``busy_timeout_s`` (default 30), Redis's ``connect_timeout_s`` (default 5),
-    ``op_timeout_s`` (default 30) and ``namespace`` (key prefix; default ``default``). A bad URI or option raises
-    ``InvalidInputError``; an unreachable Redis ``BackendUnavailableError``; a file that is not
-    a ledger ``CorruptRecordError``.
+    ``op_timeout_s`` (default 30) and ``namespace`` (key prefix; default ``default``).
+
+    A bad URI or option raises ``InvalidInputError``; an unreachable Redis or an SQLite path
+    that cannot be opened ``BackendUnavailableError``; a file that is not a ledger
+    ``CorruptRecordError``.
     """
     parsed = parse_ledger_uri(uri)
     opts = _options(parsed, options)
