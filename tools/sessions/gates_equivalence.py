@@ -15,7 +15,12 @@ def _equivalence(session: nox.Session, prompts: int) -> None:  # noqa: F821
         "-p",
         "no:cacheprovider",
         *session.posargs,
-        env={"EQUIVALENCE_PROMPTS": str(prompts), "OMP_NUM_THREADS": "1"},
+        # CPU gates: hide GPUs so torchrun ranks take gloo (the GPU variant is `nox -s gpu`).
+        env={
+            "EQUIVALENCE_PROMPTS": str(prompts),
+            "OMP_NUM_THREADS": "1",
+            "CUDA_VISIBLE_DEVICES": "",
+        },
     )
 
 
