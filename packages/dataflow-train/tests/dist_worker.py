@@ -1,7 +1,7 @@
 """One rank of a multi-process training job (launched by the tests like torchrun would).
 
 Usage: RANK=r WORLD_SIZE=n MASTER_ADDR=... MASTER_PORT=... python dist_worker.py SCENARIO OUT
-Scenarios: ``train`` (FSDP2 run, ledger ack, checkpoints), ``fail-data`` (rank 1's store loses a
+Scenarios: ``train`` (FSDP2 run, ledger ack, checkpoints; ``train-bf16`` the same in bf16), ``fail-data`` (rank 1's store loses a
 sample of its 2nd batch), ``fail-hook`` (rank 1's hook raises at step 1), ``crash`` (rank 1
 exits abruptly at step 1). Each rank writes OUT/rank-<r>.json with what it saw.
 """
@@ -32,6 +32,17 @@ SAMPLES, BATCH = 8, 2
 FIT_STARTED = [0.0]  # when fit began: the failure tests time how long it took to fail
 
 
+CLIP = 0.005  # below every step's gradient norm here: clipping is active at each step
+
+
+class GradNorms(TrainerHook):
+    def __init__(self) -> None:
+        self.norms: dict[int, float] = {}
+
+    def on_optimizer_step(self, event):
+        self.norms[event.step] = event.grad_norm
+
+
 class Misbehave(TrainerHook):
     def __init__(self, how: str) -> None:
         self.how = how
@@ -46,7 +57,7 @@ class Misbehave(TrainerHook):
 def run(scenario: str, out: Path) -> dict:
     ctx = init_distributed(timeout_s=30.0, backend="gloo")
     store = open_store("memory://rank", retain_on_release=True)
-    refs = put_samples(store, SAMPLES, lengths=[6, 9])
+    refs = put_samples(store, SAMPLES, lengths=lengths_for(scenario))
     loader = FeatureDataLoader(
         store, refs=refs, batch_size=BATCH, seed=4, rank=ctx.rank, world_size=ctx.world_size
     )
@@ -64,19 +75,23 @@ def run(scenario: str, out: Path) -> dict:
             store.abort(sid, f"trained at step {step}")
         freed.extend(ids)
 
-    hooks: list[TrainerHook] = [AckHook(LedgerAck(ctx.collective, ledger, free_local))]
+    norms = GradNorms()
+    hooks: list[TrainerHook] = [AckHook(LedgerAck(ctx.collective, ledger, free_local)), norms]
     if ctx.rank == 1 and scenario in ("fail-hook", "crash"):
         hooks.append(Misbehave(scenario))
     if ctx.rank == 1 and scenario == "fail-data":
         store.abort(loader_second_batch_first_id(refs, ctx.world_size), "lost")
     config = TrainerConfig(
-        run_id="dist", optim=OptimConfig(lr=1e-2), checkpoint_interval=2, progress=False
+        run_id="dist",
+        optim=OptimConfig(lr=1e-2, max_grad_norm=CLIP),
+        checkpoint_interval=2,
+        progress=False,
     )
     trainer = Trainer(
         tiny_objective(seed=3),
         loader,
         config,
-        backend=FSDPBackend(ctx),
+        backend=FSDPBackend(ctx, "bf16" if scenario == "train-bf16" else "fp32"),
         hooks=hooks,
         checkpoint_dir=out / "ckpt",
     )
@@ -84,8 +99,10 @@ def run(scenario: str, out: Path) -> dict:
     result = trainer.fit()
     report = {
         "losses": result.losses,
+        "grad_norms": norms.norms,
         "freed": freed,
         "resident": store.health().resident_samples,
+        "param_dtypes": sorted({str(p.dtype) for p in trainer.model.parameters()}),
         "weights": {name: values for name, values in gathered_weights(trainer).items()},
     }
     if ledger is not None:
@@ -96,6 +113,11 @@ def run(scenario: str, out: Path) -> dict:
         }
     shutdown_distributed(clean=True)
     return report
+
+
+def lengths_for(scenario: str) -> list[int]:
+    # The bf16 scenario uses unpadded batches: it checks FSDP's mixed precision, not padding.
+    return [8] if scenario == "train-bf16" else [6, 9]
 
 
 def loader_second_batch_first_id(refs, world_size: int) -> str:

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from dataflow_testing.ports import free_port
+from dist_worker import CLIP, GradNorms, lengths_for
 from train_support import put_samples, tiny_objective
 
 from dataflow.store import open_store
@@ -68,9 +69,13 @@ def test_two_fsdp_ranks_match_one_rank_and_ack_through_rank_0(tmp_path):
     refs = put_samples(store, 8, lengths=[6, 9])
     loader = FeatureDataLoader(store, refs=refs, batch_size=2, seed=4)
     config = TrainerConfig(
-        run_id="dist", accumulation_steps=2, optim=OptimConfig(lr=1e-2), progress=False
+        run_id="dist",
+        accumulation_steps=2,
+        optim=OptimConfig(lr=1e-2, max_grad_norm=CLIP),
+        progress=False,
     )
-    trainer = Trainer(tiny_objective(seed=3), loader, config)
+    norms = GradNorms()
+    trainer = Trainer(tiny_objective(seed=3), loader, config, hooks=[norms])
     single = trainer.fit().losses
 
     assert r0["losses"] == r1["losses"]  # every rank logs the rank-averaged loss
@@ -78,6 +83,11 @@ def test_two_fsdp_ranks_match_one_rank_and_ack_through_rank_0(tmp_path):
     assert sorted(two) == sorted(single) == [1, 2]
     for step, loss in single.items():
         assert abs(two[step] - loss) <= 1e-5, (step, two[step], loss)
+    # the global gradient norm under FSDP (squared shard norms all-reduced) is the full one
+    for step, norm in norms.norms.items():
+        assert norm > CLIP  # so clipping really scaled every step
+        assert abs(r0["grad_norms"][str(step)] - norm) <= 1e-5 * norm
+        assert r0["grad_norms"] == r1["grad_norms"]
     for name, param in trainer.model.named_parameters():
         if param.requires_grad:
             sharded = torch.tensor(r0["weights"][name]).view_as(param)
@@ -117,3 +127,29 @@ def test_a_hook_failure_on_rank_1_makes_rank_0_raise(tmp_path):
     assert codes == [0, 0]
     assert r1["error_type"] == "ValueError"
     assert "optimizer-step hooks: rank 1: ValueError: rank 1's hook broke" in r0["error"]
+
+
+def _one_rank_losses(lengths) -> dict[int, float]:
+    """One rank, no FSDP, the same global batches (batch 2 x accumulation 2), fp32."""
+    name = "-".join(map(str, lengths))
+    store = open_store(f"memory://one-rank-{name}", retain_on_release=True)
+    refs = put_samples(store, 8, lengths=lengths)
+    loader = FeatureDataLoader(store, refs=refs, batch_size=2, seed=4)
+    config = TrainerConfig(
+        run_id="dist",
+        accumulation_steps=2,
+        optim=OptimConfig(lr=1e-2, max_grad_norm=CLIP),
+        progress=False,
+    )
+    return Trainer(tiny_objective(seed=3), loader, config).fit().losses
+
+
+@pytest.mark.slow
+def test_fsdp_bf16_mixed_precision_keeps_fp32_masters(tmp_path):
+    codes, (r0, r1) = _launch("train-bf16", tmp_path)
+    assert codes == [0, 0], (r0, r1)
+    assert r0["param_dtypes"] == ["torch.float32"]  # sharded masters; compute ran in bf16
+    fp32 = _one_rank_losses(lengths_for("train-bf16"))
+    for step, loss in fp32.items():
+        bf16 = r0["losses"][str(step)]
+        assert bf16 != loss and abs(bf16 - loss) <= 2e-2 * abs(loss), (step, bf16, loss)

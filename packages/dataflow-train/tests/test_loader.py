@@ -4,7 +4,7 @@ import time
 
 import pytest
 import torch
-from train_support import CountingStore, ListQueue, put_samples, sample_tensors
+from train_support import CountingStore, ListQueue, ledger_queue, put_samples, sample_tensors
 
 from dataflow.contracts import (
     BackendUnavailableError,
@@ -95,7 +95,18 @@ def test_load_state_dict_refuses_a_position_from_another_plan_and_changes_nothin
     assert loader.state_dict()["batch"] == 0
 
 
-def test_queue_mode_consumes_once_and_settles_a_partial_tail():
+def test_queue_mode_trains_the_controllers_windows_in_order():
+    store = open_store("memory://queue-ledger")
+    refs = put_samples(store, 5)
+    loader = FeatureDataLoader(store, queue=ledger_queue(store, refs, 2, "ql"), batch_size=2)
+    assert _ids(loader) == [r.sample_id for r in refs[:4]]  # the tail of 1 is never dispatched
+    health = store.health()
+    assert (health.resident_samples, health.active_leases) == (0, 0)  # consume-once + dropped
+
+
+def test_queue_mode_settles_a_partial_tail_at_a_clean_end():
+    # The controller never dispatches a partial window; a protocol-level queue that ends
+    # mid-batch shows the loader's own guard.
     store = open_store("memory://queue")
     baseline = store.health()
     refs = put_samples(store, 5)
@@ -162,11 +173,13 @@ CASES = ["strategy", "schema version", "feature names", "dtypes", "ranks"]
 @pytest.mark.parametrize("case", CASES)
 @pytest.mark.parametrize("prefetch", [0, 2])
 def test_queue_mode_refuses_a_mixed_batch_and_frees_its_features(case, prefetch):
-    store = open_store(f"memory://refuse-{case.replace(' ', '-')}-{prefetch}")
+    name = f"refuse-{case.replace(' ', '-')}-{prefetch}"
+    store = open_store(f"memory://{name}")
     baseline = store.health()
     refs, strategy, message = _refused_case(case, store)
+    queue = ledger_queue(store, refs, 2, name)
     loader = FeatureDataLoader(
-        store, queue=ListQueue(refs), batch_size=2, strategy=strategy, prefetch=prefetch
+        store, queue=queue, batch_size=2, strategy=strategy, prefetch=prefetch
     )
     with pytest.raises(SchemaMismatchError, match=message):
         list(loader)

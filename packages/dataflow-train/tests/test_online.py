@@ -11,12 +11,13 @@ from dataflow.train.config import TrainerConfig
 from dataflow.train.hooks import ControlPlaneHook
 from dataflow.train.loader import FeatureDataLoader
 from dataflow.train.optim import OptimConfig
+from dataflow.train.ref_sources import LedgerDropSettler
 from dataflow.train.trainer import Trainer
 
 SHAPE = WindowShape(dp_size=1, batch_size=2, accumulation_steps=2)
 
 
-def _online(name, make_refs):
+def _online(name, make_refs, settle_in_ledger=False):
     store = open_store(f"memory://{name}", retain_on_release=True)
     controller = Controller(open_ledger(f"memory://{name}"), aborter=store)
     consumer = controller.consumer(SHAPE, idle_timeout_s=5)
@@ -25,7 +26,10 @@ def _online(name, make_refs):
     producer.open("online", resume=True)
     producer.commit(make_refs(store))
     producer.close()
-    loader = FeatureDataLoader(store, queue=consumer.queue(), batch_size=2, prefetch=1)
+    settler = LedgerDropSettler(controller.ledger, store) if settle_in_ledger else None
+    loader = FeatureDataLoader(
+        store, queue=consumer.queue(), batch_size=2, prefetch=1, settler=settler
+    )
     return store, controller, consumer, loader
 
 
@@ -61,13 +65,17 @@ def test_online_refused_batch_frees_its_features():
         good = put_samples(store, 1, prefix="ok")
         return [*good, store.put("bad000", bad), *put_samples(store, 2, prefix="more")]
 
-    store, _, consumer, loader = _online("online-refused", make_refs)
+    store, controller, consumer, loader = _online("online-refused", make_refs, True)
     config = TrainerConfig(run_id="online", accumulation_steps=2, total_steps=1, progress=False)
     trainer = Trainer(tiny_objective(), loader, config, hooks=[ControlPlaneHook(consumer)])
     with pytest.raises(SchemaMismatchError, match="is float32 in 'ok000' but float64"):
         trainer.fit()
     health = store.health()
     assert health.active_leases == 0
-    # the refused pair was aborted; the window's second batch was never handed over and is
-    # still resident for the controller to re-deliver after a restart
+    # the refused pair was dropped in the ledger and aborted; the window's second batch was
+    # never handed over and is still resident for the controller to re-deliver after a restart
     assert health.resident_samples == 2
+    status = controller.status()
+    assert status.samples["dropped"] == 2 and status.samples["assigned"] == 2
+    (reason,) = status.dropped_reasons
+    assert reason.startswith("schema_mismatch: feature 'hidden_state' is float32")

@@ -85,3 +85,21 @@ class ListQueue:
 
     def close(self) -> None:
         self._refs = self._refs[: self.pulled]
+
+
+def ledger_queue(store: FeatureStore, refs: Sequence[SampleRef], batch_size: int, name: str):  # type: ignore[no-untyped-def]
+    """A real rank queue: the refs committed to a memory:// ledger, windows cut by the controller.
+
+    One rank, windows of ``batch_size``; the producer is closed, so the queue ends after them.
+    """
+    from dataflow.control import Controller, WindowShape
+    from dataflow.control.ledger import open_ledger
+
+    controller = Controller(open_ledger(f"memory://{name}"), aborter=store)
+    consumer = controller.consumer(WindowShape(dp_size=1, batch_size=batch_size), idle_timeout_s=5)
+    consumer.open(name)
+    producer = controller.producer()
+    producer.open(name, resume=True)
+    producer.commit(list(refs))
+    producer.close()
+    return consumer.queue()

@@ -25,7 +25,7 @@ from dataflow.train.metrics import JsonlMetrics, MetricsSink, TensorBoardMetrics
 from dataflow.train.optim import OptimConfig, WarmupCosineSchedule, build_adamw
 from dataflow.train.parallel.backend import LocalBackend, TrainBackend
 from dataflow.train.parallel.fsdp import FSDPBackend
-from dataflow.train.ref_sources import AbortSettler, RefSettler
+from dataflow.train.ref_sources import AbortSettler, LedgerDropSettler, RefSettler
 from dataflow.train.trainer import FitResult, Trainer
 from dataflow.train.version import __version__
 
@@ -45,6 +45,7 @@ __all__ = [
     "HookContext",
     "JsonlMetrics",
     "LedgerAck",
+    "LedgerDropSettler",
     "LocalBackend",
     "LocalCollective",
     "MetricsSink",

@@ -40,6 +40,28 @@ class _Aborter(Protocol):
     def abort(self, sample_id: str, reason: str) -> None: ...
 
 
+class _Dropper(Protocol):
+    def drop(self, sample_ids: Sequence[str], reason: str) -> object: ...
+
+
+@dataclass(frozen=True)
+class LedgerDropSettler:
+    """Settles online refs for good: DROPPED in the ledger (so no restart re-delivers them),
+    then their features aborted in the store. The reason's first line, cut to ``max_reason``
+    characters, is what the ledger records.
+    """
+
+    ledger: _Dropper
+    store: _Aborter
+    max_reason: int = 120
+
+    def settle(self, refs: Sequence[SampleRef], reason: str) -> None:
+        short = reason.splitlines()[0][: self.max_reason] if reason else "refused"
+        self.ledger.drop([ref.sample_id for ref in refs], short)
+        for ref in refs:
+            self.store.abort(ref.sample_id, short)
+
+
 @dataclass(frozen=True)
 class FixedRefPlan:
     """A fixed ref list cut into per-rank batches, reshuffled per epoch from one seed.
