@@ -11,6 +11,7 @@ NO_CUDA = "NOT RUN: no CUDA device (torch.cuda.is_available() is False)"
 
 def _cuda_available() -> bool:
     """Whether this machine's torch sees a CUDA device (asked before installing anything)."""
+    import shutil
     import subprocess
     import sys
 
@@ -23,12 +24,10 @@ def _cuda_available() -> bool:
     if probe.returncode == 0:
         return probe.stdout.strip().endswith("True")
     # No torch beside nox: fall back to the driver's own listing.
-    smi = (
-        subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, check=False)
-        if __import__("shutil").which("nvidia-smi")
-        else None
-    )
-    return bool(smi and smi.returncode == 0 and "GPU" in smi.stdout)
+    if shutil.which("nvidia-smi") is None:
+        return False
+    smi = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, check=False)
+    return smi.returncode == 0 and "GPU" in smi.stdout
 
 
 @nox.session(venv_backend="virtualenv")  # noqa: F821
