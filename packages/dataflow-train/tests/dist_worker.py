@@ -3,7 +3,8 @@
 Usage: RANK=r WORLD_SIZE=n MASTER_ADDR=... MASTER_PORT=... python dist_worker.py SCENARIO OUT
 Scenarios: ``train`` (FSDP2 run, ledger ack, checkpoints; ``train-bf16`` the same in bf16), ``fail-data`` (rank 1's store loses a
 sample of its 2nd batch), ``fail-hook`` (rank 1's hook raises at step 1), ``crash`` (rank 1
-exits abruptly at step 1). Each rank writes OUT/rank-<r>.json with what it saw.
+exits abruptly at step 1), ``stop-at-1`` then ``resume`` (a 2-rank checkpoint and its
+resume). Each rank writes OUT/rank-<r>.json with what it saw.
 """
 
 from __future__ import annotations
@@ -84,6 +85,8 @@ def run(scenario: str, out: Path) -> dict:
     config = TrainerConfig(
         run_id="dist",
         optim=OptimConfig(lr=1e-2, max_grad_norm=CLIP),
+        max_steps=1 if scenario == "stop-at-1" else None,
+        total_steps=2,
         checkpoint_interval=2,
         progress=False,
     )
@@ -96,7 +99,7 @@ def run(scenario: str, out: Path) -> dict:
         checkpoint_dir=out / "ckpt",
     )
     FIT_STARTED[0] = time.monotonic()
-    result = trainer.fit()
+    result = trainer.fit(resume=scenario == "resume")
     report = {
         "losses": result.losses,
         "grad_norms": norms.norms,

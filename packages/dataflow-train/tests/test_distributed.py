@@ -153,3 +153,20 @@ def test_fsdp_bf16_mixed_precision_keeps_fp32_masters(tmp_path):
     for step, loss in fp32.items():
         bf16 = r0["losses"][str(step)]
         assert bf16 != loss and abs(bf16 - loss) <= 2e-2 * abs(loss), (step, bf16, loss)
+
+
+@pytest.mark.slow
+def test_two_rank_checkpoint_resumes_to_the_same_step_2(tmp_path):
+    straight_dir, cut_dir = tmp_path / "straight", tmp_path / "cut"
+    straight_dir.mkdir()
+    cut_dir.mkdir()
+    codes, (straight, _) = _launch("train", straight_dir)
+    assert codes == [0, 0]
+    codes, (first, _) = _launch("stop-at-1", cut_dir)
+    assert codes == [0, 0] and list(first["losses"]) == ["1"]
+    assert first["losses"]["1"] == straight["losses"]["1"]
+    codes, (resumed, other) = _launch("resume", cut_dir)
+    assert codes == [0, 0], (resumed, other)
+    assert list(resumed["losses"]) == ["2"]  # it restarted after step 1
+    assert resumed["losses"]["2"] == straight["losses"]["2"]  # DCP shards + per-rank state
+    assert resumed["weights"] == straight["weights"]
