@@ -257,3 +257,15 @@ def test_close_is_bounded_even_when_a_store_get_hangs():
     while inner.health().active_leases and time.monotonic() < deadline:
         time.sleep(0.01)
     assert inner.health().active_leases == 0
+
+
+def test_early_exit_without_prefetch_holds_nothing_and_returns_nothing_unfetched():
+    store = _retained("early")
+    refs = put_samples(store, 6)
+    loader = FeatureDataLoader(store, refs=refs, batch_size=2, shuffle=False)
+    for batch in loader:
+        assert batch.sample_ids == ("s000", "s001")
+        break
+    assert store.health().active_leases == 0
+    assert loader.close() == []  # nothing was fetched beyond the yielded batch
+    assert loader.state_dict()["batch"] == 1
