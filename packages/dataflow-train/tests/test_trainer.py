@@ -109,6 +109,7 @@ def test_a_stream_that_ends_mid_window_fails_instead_of_stepping():
     with pytest.raises(RunFailedError, match="1 micro-batches into an optimizer window of 2"):
         trainer.fit()
     assert trainer.step == 1
+    assert trainer.unyielded_refs == []  # the stream was drained: nothing left unaccounted
 
 
 def test_queue_mode_trains_through_the_same_loop():
@@ -120,12 +121,14 @@ def test_queue_mode_trains_through_the_same_loop():
     assert store.health().resident_samples == 0  # consume-once: all freed after training
 
 
-def test_a_failing_loader_surfaces_its_own_error():
-    store, refs, loader = _setup("broken")
+def test_a_failing_loader_surfaces_its_own_error_and_hands_back_its_refs():
+    store, refs, loader = _setup("broken", shuffle=False)
     store.abort(refs[0].sample_id, "gone")
+    trainer = Trainer(tiny_objective(), loader, _config())
     with pytest.raises(NotFoundError):
-        Trainer(tiny_objective(), loader, _config()).fit()
+        trainer.fit()
     assert store.health().active_leases == 0
+    assert [r.sample_id for r in trainer.unyielded_refs] == ["s000", "s001"]
 
 
 def test_resume_refuses_a_checkpoint_from_another_config_and_changes_nothing(tmp_path):

@@ -17,7 +17,7 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from tqdm import tqdm
 
-from dataflow.contracts import InvalidInputError, RunFailedError, TrainBatch
+from dataflow.contracts import InvalidInputError, RunFailedError, SampleRef, TrainBatch
 from dataflow.train.checkpoint import (
     CheckpointInfo,
     CheckpointManager,
@@ -119,6 +119,9 @@ class Trainer:
         }
         self.step = 0
         self._saved_step = -1
+        self.unyielded_refs: list[SampleRef] = []
+        """Refs the loader fetched but never yielded, set when ``fit`` ends (either way); the
+        caller settles them (online: the ledger still has them ASSIGNED; reconcile re-delivers)."""
 
     def _horizon(self) -> int:
         cfg, planned = self.config, self.loader.planned_batches
@@ -260,7 +263,7 @@ class Trainer:
 
     def _finish(self, ok: bool) -> None:
         errors: list[BaseException] = []
-        self.loader.close()
+        self.unyielded_refs = self.loader.close()
         for hook in self.hooks:
             try:
                 hook.on_fit_end(ok)
