@@ -29,7 +29,7 @@ from dataflow.train.optim import OptimConfig
 from dataflow.train.parallel.fsdp import FSDPBackend
 from dataflow.train.trainer import Trainer
 
-SAMPLES, BATCH = 8, 2
+SAMPLES, BATCH, ACCUM = 8, 1, 2  # per rank: 2 micro-batches of 1 per optimizer step
 FIT_STARTED = [0.0]  # when fit began: the failure tests time how long it took to fail
 
 
@@ -65,9 +65,9 @@ def run(scenario: str, out: Path) -> dict:
     ledger = None
     if ctx.rank == 0:
         ledger = open_ledger("memory://dist")
-        ledger.open_run("dist", BATCH * ctx.world_size, resume=False)
+        ledger.open_run("dist", BATCH * ACCUM * ctx.world_size, resume=False)
         ledger.commit(refs)
-        while ledger.assign_window(ctx.world_size, BATCH) is not None:
+        while ledger.assign_window(ctx.world_size, BATCH * ACCUM) is not None:
             pass
     freed: list[str] = []
 
@@ -84,6 +84,7 @@ def run(scenario: str, out: Path) -> dict:
         store.abort(loader_second_batch_first_id(refs, ctx.world_size), "lost")
     config = TrainerConfig(
         run_id="dist",
+        accumulation_steps=ACCUM,
         optim=OptimConfig(lr=1e-2, max_grad_norm=CLIP),
         max_steps=1 if scenario == "stop-at-1" else None,
         total_steps=2,

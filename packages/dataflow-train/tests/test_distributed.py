@@ -64,13 +64,13 @@ def test_two_fsdp_ranks_match_one_rank_and_ack_through_rank_0(tmp_path):
     codes, (r0, r1) = _launch("train", tmp_path)
     assert codes == [0, 0], (r0, r1)
 
-    # One rank, no FSDP: the same global batch (2 ranks x 2 = 1 rank x 2 x 2 accumulation).
+    # One rank, no FSDP, the same global batch: 2 ranks x (1 x 2 accumulation) = 1 x 4.
     store = open_store("memory://one-rank", retain_on_release=True)
     refs = put_samples(store, 8, lengths=[6, 9])
-    loader = FeatureDataLoader(store, refs=refs, batch_size=2, seed=4)
+    loader = FeatureDataLoader(store, refs=refs, batch_size=1, seed=4)
     config = TrainerConfig(
         run_id="dist",
-        accumulation_steps=2,
+        accumulation_steps=4,
         optim=OptimConfig(lr=1e-2, max_grad_norm=CLIP),
         progress=False,
     )
@@ -130,14 +130,14 @@ def test_a_hook_failure_on_rank_1_makes_rank_0_raise(tmp_path):
 
 
 def _one_rank_losses(lengths) -> dict[int, float]:
-    """One rank, no FSDP, the same global batches (batch 2 x accumulation 2), fp32."""
+    """One rank, no FSDP, the same global batches (batch 1 x accumulation 4), fp32."""
     name = "-".join(map(str, lengths))
     store = open_store(f"memory://one-rank-{name}", retain_on_release=True)
     refs = put_samples(store, 8, lengths=lengths)
-    loader = FeatureDataLoader(store, refs=refs, batch_size=2, seed=4)
+    loader = FeatureDataLoader(store, refs=refs, batch_size=1, seed=4)
     config = TrainerConfig(
         run_id="dist",
-        accumulation_steps=2,
+        accumulation_steps=4,
         optim=OptimConfig(lr=1e-2, max_grad_norm=CLIP),
         progress=False,
     )
