@@ -74,7 +74,9 @@ class Trainer:
     - ranks fail together: data, forward and hook failures are agreed on across ranks so every
       rank raises; any other failure tears the process groups down so peers fail at once;
     - ``fit(resume=...)`` restores model, optimizer, schedule, RNG, loader position and hook
-      states, after refusing a checkpoint written under a different config.
+      states, after refusing a checkpoint written under a different config;
+    - when ``fit`` ends, by success or failure, the loader is closed and the refs it fetched but
+      never yielded are in ``unyielded_refs`` for the caller to settle.
     """
 
     def __init__(
@@ -119,9 +121,9 @@ class Trainer:
         }
         self.step = 0
         self._saved_step = -1
+        # Refs the loader fetched but never yielded, set when fit ends (either way); the caller
+        # settles them (online: still ASSIGNED in the ledger, so reconcile re-delivers them).
         self.unyielded_refs: list[SampleRef] = []
-        """Refs the loader fetched but never yielded, set when ``fit`` ends (either way); the
-        caller settles them (online: the ledger still has them ASSIGNED; reconcile re-delivers)."""
 
     def _horizon(self) -> int:
         cfg, planned = self.config, self.loader.planned_batches
