@@ -10,6 +10,7 @@ from dataflow.control.ledger import open_ledger
 from dataflow.store import open_store
 from dataflow.train.config import TrainerConfig
 from dataflow.train.distributed import LocalCollective
+from dataflow.train.eagle3 import metrics_from_counts
 from dataflow.train.hooks import AckHook, LedgerAck, StepEvent, TrainerHook, WeightPublishHook
 from dataflow.train.loader import FeatureDataLoader
 from dataflow.train.metrics import JsonlMetrics, read_jsonl
@@ -175,3 +176,31 @@ def test_trainer_config_refuses_bad_values():
         TrainerConfig(accumulation_steps=0)
     with pytest.raises(InvalidInputError, match="run id"):
         TrainerConfig(run_id="../x")
+
+
+def test_ratio_metrics_from_counts_are_exact_over_the_window(tmp_path):
+    store, refs, _ = _setup("counts")  # lengths alternate 5, 8
+    refs = [refs[0], refs[2], refs[1], refs[3], *refs[4:]]  # micro-batches of 10 and 16 tokens
+    loader = FeatureDataLoader(store, refs=refs, batch_size=2, shuffle=False)
+    step_weights = tiny_objective().config.step_weights
+    trainer = Trainer(
+        tiny_objective(),
+        loader,
+        _config(max_steps=1),
+        metrics=JsonlMetrics(tmp_path / "m.jsonl"),
+        metrics_from_counts=lambda c: metrics_from_counts(c, step_weights),
+    )
+    trainer.fit()
+    (row,) = read_jsonl(tmp_path / "m.jsonl")
+
+    # the same two micro-batches through an untouched copy of the objective
+    reference = tiny_objective()
+    batches = list(FeatureDataLoader(store, refs=refs[:4], batch_size=2, shuffle=False))
+    outputs = [reference(b.tensors) for b in batches]
+    summed = {k: sum(o.counts[k] for o in outputs) for k in outputs[0].counts}
+    expected = metrics_from_counts(summed, step_weights)
+    for name in ("acc_0", "acceptance_rate_1", "simulated_acceptance_length", "loss"):
+        assert row[f"train/{name}"] == pytest.approx(float(expected[name]), rel=1e-9)
+    # token-weighted window loss vs the mean of per-micro-batch losses: different on purpose
+    tokens = [float(o.counts["tokens"]) for o in outputs]
+    assert tokens[0] != tokens[1]

@@ -7,7 +7,7 @@ rank or many differ only in the loader's ref source, the store behind it and the
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -43,6 +43,11 @@ class ObjectiveOutput(Protocol):
     def metrics(self) -> Mapping[str, torch.Tensor]: ...
 
 
+CountsToMetrics = Callable[[Mapping[str, torch.Tensor]], Mapping[str, torch.Tensor]]
+"""Forms ratio metrics from additive counts summed over a window's micro-steps and all ranks
+(EAGLE3: ``lambda c: metrics_from_counts(c, config.step_weights)``)."""
+
+
 @dataclass
 class FitResult:
     """What ``fit`` did: the optimizer steps reached and the loss of each step it ran."""
@@ -60,6 +65,7 @@ class _Window:
     sample_ids: list[str] = field(default_factory=list)
     loss: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.float64))
     metrics: dict[str, torch.Tensor] = field(default_factory=dict)
+    counts: dict[str, torch.Tensor] = field(default_factory=dict)
     data_wait_s: float = 0.0
 
 
@@ -71,6 +77,9 @@ class Trainer:
       global-norm clipping, AdamW over fp32 parameters whatever the compute precision;
     - at each boundary, in order: clip, step, hooks (e.g. the ack with this rank's window ids),
       metrics (rank 0), checkpoint when due;
+    - metrics are the objective's, averaged over the window and the ranks; with
+      ``metrics_from_counts`` the ratio metrics are instead formed once from the output's
+      additive ``counts`` summed over the window and every rank (exact global ratios);
     - ranks fail together: data, forward and hook failures are agreed on across ranks so every
       rank raises; any other failure tears the process groups down so peers fail at once;
     - ``fit(resume=...)`` restores model, optimizer, schedule, RNG, loader position and hook
@@ -91,11 +100,13 @@ class Trainer:
         checkpoint_dir: str | Path | None = None,
         checkpoint_fault_hook: Any = None,
         contract_extra: Mapping[str, Any] | None = None,
+        metrics_from_counts: CountsToMetrics | None = None,
     ) -> None:
         self.config = config
         self.loader = loader
         self.backend: TrainBackend = backend or LocalBackend()
         self.hooks = list(hooks)
+        self._metrics_from_counts = metrics_from_counts
         self._metrics = metrics if self.backend.rank == 0 else None
         self.total_steps = self._horizon()
         torch.manual_seed(config.seed)
@@ -348,6 +359,17 @@ class Trainer:
         window.loss += output.loss.detach().double().cpu()
         for name, value in output.metrics.items():
             window.metrics[name] = window.metrics.get(name, 0) + value.detach().double().cpu()
+        if self._metrics_from_counts is not None:
+            for name, value in getattr(output, "counts", {}).items():
+                window.counts[name] = window.counts.get(name, 0) + value.detach().double().cpu()
+
+    def _global_ratio_metrics(
+        self, counts: dict[str, torch.Tensor], to_metrics: CountsToMetrics
+    ) -> dict[str, float]:
+        names = sorted(counts)
+        means = self.backend.mean_over_ranks(torch.stack([counts[n] for n in names]))
+        summed = dict(zip(names, means * self.backend.world_size, strict=True))
+        return {name: float(value) for name, value in to_metrics(summed).items()}
 
     def _boundary(self, window: _Window, started: float, result: FitResult) -> None:
         cfg = self.config
@@ -361,6 +383,8 @@ class Trainer:
         packed = torch.stack([window.loss, *(window.metrics[n] for n in names)]) / window.micro
         reduced = self.backend.mean_over_ranks(packed).tolist()
         loss, metrics = reduced[0], dict(zip(names, reduced[1:], strict=True))
+        if window.counts and self._metrics_from_counts is not None:
+            metrics.update(self._global_ratio_metrics(window.counts, self._metrics_from_counts))
         result.losses[self.step] = loss
         event = StepEvent(self.step, tuple(window.sample_ids), loss, lr, grad_norm, metrics)
         error: BaseException | None = None

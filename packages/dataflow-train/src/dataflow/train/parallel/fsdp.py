@@ -85,7 +85,7 @@ class FSDPBackend:
         return total
 
     def mean_over_ranks(self, values: torch.Tensor) -> torch.Tensor:
-        out = values.detach().to(self._ctx.device, torch.float32).clone()
+        out = values.detach().to(self._ctx.device, torch.float64).clone()
         dist.all_reduce(out, group=self._ctx.mesh.get_group())
         return (out / self.world_size).cpu()
 
