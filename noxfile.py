@@ -155,7 +155,7 @@ def isolation(session: nox.Session, package: str) -> None:
 
 @nox.session(venv_backend="none")
 def ci(session: nox.Session) -> None:
-    """Everything `.ci/run` runs: lint, typecheck, per-package tests, isolation."""
+    """Everything `.ci/run` runs: lint, typecheck, tests, isolation, and the gates' CI variants."""
     session.notify("lint")
     session.notify("typecheck")
     # A parametrized session must be notified once per parameter, by its full name.
@@ -163,6 +163,9 @@ def ci(session: nox.Session) -> None:
         session.notify(f"tests(package='{package}')")
     for package in PACKAGES:
         session.notify(f"isolation(package='{package}')")
+    # The gates' CI variants (their -long variants and bench/gpu are not run by CI).
+    for gate in ("equivalence", "faults", "soak", "multihost"):
+        session.notify(gate)
 
 
 # Plane-specific sessions (benchmarks, gates) live in tools/sessions/*.py, one file each, and
