@@ -69,6 +69,9 @@ class _SQLiteTx(LedgerTx):
     def __init__(self, conn: sqlite3.Connection, path: Path) -> None:
         self._c = conn
         self._path = path
+        # Ref texts already read in this transaction (assigned_rows reads them with the rows),
+        # so the refs() that follows needs no second query.
+        self._texts: dict[str, str] = {}
 
     def _in(self, sql: str, ids: Sequence[str]) -> Iterator[tuple[Any, ...]]:
         for chunk in _chunks(ids):
@@ -92,16 +95,24 @@ class _SQLiteTx(LedgerTx):
 
     def assigned_rows(self, rank: int, after_window: int) -> list[SampleRow]:
         sql = (
-            f"SELECT {_SAMPLE_COLUMNS} FROM samples INDEXED BY samples_assigned "
+            f"SELECT {_SAMPLE_COLUMNS}, ref FROM samples INDEXED BY samples_assigned "
             f"WHERE state = {SAMPLE_CODES[SampleState.ASSIGNED]} AND rank = ? AND win > ? "
             "ORDER BY win, seq"
         )
-        rows = self._c.execute(sql, (rank, after_window))
-        return [_sample(row) for row in rows]
+        rows = []
+        for row in self._c.execute(sql, (rank, after_window)):
+            rows.append(_sample(row[:-1]))
+            self._texts[row[0]] = row[-1]
+        return rows
 
     def refs(self, sample_ids: Sequence[str]) -> dict[str, SampleRef]:
-        rows = self._in("SELECT id, ref FROM samples WHERE id IN ({})", sample_ids)
-        return {sid: decode_ref(text, f"{self._path} sample {sid!r}") for sid, text in rows}
+        texts = {sid: self._texts[sid] for sid in sample_ids if sid in self._texts}
+        missing = [sid for sid in sample_ids if sid not in texts]
+        if missing:
+            texts.update(self._in("SELECT id, ref FROM samples WHERE id IN ({})", missing))
+        return {
+            sid: decode_ref(text, f"{self._path} sample {sid!r}") for sid, text in texts.items()
+        }
 
     def prompts(self, task_ids: Sequence[str]) -> dict[str, PromptRow]:
         sql = f"SELECT {_PROMPT_COLUMNS} FROM prompts WHERE id IN ({{}})"
