@@ -24,10 +24,12 @@ from gate_runs import (
     consumer,
     expect_clean_exit,
     gate_variant,
+    ledger_status,
     producer,
-    shm_segments,
     trained_steps,
 )
+
+from dataflow.contracts import DataflowError
 
 RUNS = {"ci": 5, "long": 20}[gate_variant()]
 MAX_KILLS = {"ci": 1, "long": 3}[gate_variant()]
@@ -59,15 +61,22 @@ def tally(summary: list[str]) -> Iterator[Tally]:
 
 
 def _progress(victim: str, job: Job) -> int:
-    """Consumer: optimizer steps logged; producer: segments it has put."""
+    """Consumer: optimizer steps logged; producer: samples the ledger holds (it only grows)."""
     if victim == "producer":
-        return len(shm_segments(job.store_name))
+        if not (job.root / "ledger.sqlite").exists():
+            return 0
+        try:
+            return sum(ledger_status(job.ledger).samples.values())
+        except DataflowError:  # the producer is creating the file right now
+            return 0
     return len(trained_steps(job.trained_log))
 
 
 def _trigger(victim: str, job: Job, roles: dict[str, Role], rng: random.Random) -> str:
     """Wait for a seeded random point in ``victim``'s life; describe it ('' if it ended first)."""
-    watched = roles["consumer" if victim == "both" else victim]
+    # "both" is timed on the producer's progress: it finishes first, so that is when both live.
+    kind = "consumer" if victim == "consumer" else "producer"
+    watched = roles[kind]
     if rng.random() < 0.25:  # anywhere in start-up: imports, ledger open, reconcile, engine load
         delay = rng.uniform(0.0, 4.0)
         deadline = time.monotonic() + delay
@@ -76,15 +85,14 @@ def _trigger(victim: str, job: Job, roles: dict[str, Role], rng: random.Random) 
                 return ""
             time.sleep(0.02)
         return f"{delay:.2f}s after start"
-    kind = "producer" if victim == "producer" else "consumer"
     target = _progress(kind, job) + rng.randint(1 if kind == "producer" else 0, 4)
     while _progress(kind, job) < target:
         if watched.poll() is not None:
             return ""
-        time.sleep(0.01)
+        time.sleep(0.02)
     fraction = rng.uniform(0.0, 0.3)
     time.sleep(fraction)
-    unit = "segments put" if kind == "producer" else "steps logged"
+    unit = "samples committed" if kind == "producer" else "steps logged"
     return f"at {target} {unit} +{fraction:.2f}s"
 
 
