@@ -35,6 +35,9 @@ from dataflow.launch.run_dir import RunDir, write_json_atomic
 
 T = TypeVar("T")
 
+MAX_REASON = 200
+"""The ledger keeps failure reasons up to this many characters."""
+
 TRAINER_STORE = {"retain_on_release": True}
 """The trainer's store handle keeps features after a read: the control plane frees them (at the
 ack or once a checkpoint is durable, by the release policy), so a sample fetched or trained
@@ -156,7 +159,10 @@ def _settled(consumer: ConsumerSide, run: Callable[[], T]) -> T:
     try:
         outcome = run()
     except BaseException as exc:
-        consumer.fail(f"{type(exc).__name__}: {exc}"[:500] or type(exc).__name__)
+        try:
+            consumer.fail(f"{type(exc).__name__}: {exc}"[:MAX_REASON])
+        except Exception as marker_error:  # the run's own error stays the one raised
+            exc.add_note(f"marking the consumer failed also failed: {marker_error}")
         raise
     consumer.finish()
     return outcome
