@@ -26,7 +26,7 @@ def _equivalence(session: nox.Session, prompts: int) -> None:  # noqa: F821
 
 @nox.session  # noqa: F821
 def equivalence(session: nox.Session) -> None:  # noqa: F821
-    """CI variant (8 prompts, 4 optimizer steps per path; about 5 minutes on 2 cores).
+    """CI variant (8 prompts, 4 optimizer steps per path; 2-5 minutes on 2 cores).
 
     Bit-identical per-step losses through colocated offline (file://), disaggregated offline
     (dir://, mooncake:// with a real master), colocated online (memory://) and disaggregated
@@ -38,5 +38,5 @@ def equivalence(session: nox.Session) -> None:  # noqa: F821
 
 @nox.session(name="equivalence-long")  # noqa: F821
 def equivalence_long(session: nox.Session) -> None:  # noqa: F821
-    """The same gates over 48 prompts (24 optimizer steps per path); not run by CI."""
-    _equivalence(session, prompts=48)
+    """The same gates over 96 prompts (48 optimizer steps per path); not run by CI."""
+    _equivalence(session, prompts=96)

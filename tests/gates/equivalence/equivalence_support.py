@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[3]
 EXAMPLES = REPO / "examples"
 
 PROMPTS = int(os.environ.get("EQUIVALENCE_PROMPTS", "8"))
-"""Prompts in the gate's dataset (the CI variant: 8; ``nox -s equivalence-long``: more)."""
+"""Prompts in the gate's dataset (CI variant: 8; ``nox -s equivalence-long``: 96)."""
 
 RUN_ID = "equiv"
 SEED = 0
