@@ -15,7 +15,7 @@ gate uses the CPU time: on a shared machine (the project's has 2 cores and runs 
 time mostly measures the neighbours, while CPU time is the work the step itself did. The wall
 ratio is printed beside it.
 
-    python bench_train.py [--steps 3] [--rounds 16] [--precision bf16|fp32] [--json [PATH]]
+    python bench_train.py [--steps 3] [--rounds 24] [--precision bf16|fp32] [--json [PATH]]
 """
 
 from __future__ import annotations
@@ -156,7 +156,7 @@ def runtime_loop(
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=3, help="optimizer steps per round")
-    parser.add_argument("--rounds", type=int, default=16)
+    parser.add_argument("--rounds", type=int, default=24)
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--accumulation", type=int, default=2)
     parser.add_argument("--seq-len", type=int, default=512)

@@ -146,9 +146,12 @@ def collate(
     target = padded_length(max(lengths), pad_multiple)
     out: dict[str, torch.Tensor] = {}
     for name, proto in samples[0].items():
-        batched = proto.new_zeros((len(samples), target, *proto.shape[2:]))
+        # Only the padding is zeroed: the rest is overwritten at once.
+        batched = proto.new_empty((len(samples), target, *proto.shape[2:]))
         for row, (sample, length) in enumerate(zip(samples, lengths, strict=True)):
             batched[row, :length] = sample[name][0]
+            if length < target:
+                batched[row, length:] = 0
         out[name] = batched
     mask = torch.zeros((len(samples), target), dtype=torch.int64)
     for row, length in enumerate(lengths):
