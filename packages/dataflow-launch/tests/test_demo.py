@@ -10,7 +10,7 @@ import json
 
 from run_helpers import assert_one_error_line, cli, read_jsonl, shm_segments, trained_ids
 
-STEPS = 12
+STEPS = 8
 
 
 def test_demo_runs_to_completion(tmp_path):
