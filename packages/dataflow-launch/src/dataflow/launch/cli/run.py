@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from dataflow.launch.config import LaunchConfig
 from dataflow.launch.cli.jobs import (
     DISAGGREGATED,
     add_config_arguments,
@@ -14,6 +13,7 @@ from dataflow.launch.cli.jobs import (
     load_cli_config,
     prepare_run_dir,
 )
+from dataflow.launch.config import LaunchConfig
 
 _DESCRIPTION = """\
 Run a whole training job from CONFIG on this host, whatever its topology:
