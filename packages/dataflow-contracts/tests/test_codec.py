@@ -132,3 +132,38 @@ def test_older_or_equal_versions_accepted(v):
     data = encode(PromptTask("t1", payload={"input_ids": [1, 2]}))
     data["v"] = min(v, SCHEMA_VERSIONS["PromptTask"])
     assert decode(data, PromptTask).payload["input_ids"] == (1, 2)
+
+
+@pytest.mark.parametrize("kind", sorted(ALL))
+def test_records_pickle_and_stay_frozen(kind):
+    # Records cross processes through multiprocessing and torch.distributed object collectives.
+    import copy
+    import pickle
+
+    @settings(max_examples=25, deadline=None)
+    @given(ALL[kind])
+    def check(record):
+        again = pickle.loads(pickle.dumps(record))
+        assert again == record
+        assert dumps(again) == dumps(record)
+        assert copy.deepcopy(record) == record
+
+    check()
+
+
+def test_frozen_mappings_refuse_every_mutation():
+    ref = decode(ref_dict(), SampleRef)
+    mutations = [
+        lambda m: m.__setitem__("k", 1),
+        lambda m: m.__delitem__("epoch"),
+        lambda m: m.update(k=1),
+        lambda m: m.pop("epoch"),
+        lambda m: m.popitem(),
+        lambda m: m.setdefault("k", 1),
+        lambda m: m.clear(),
+    ]
+    for mutate in mutations:
+        with pytest.raises(TypeError, match="read-only"):
+            mutate(ref.metadata)
+    assert dict(ref.metadata) == {"epoch": 0}
+    assert json.loads(json.dumps(ref.metadata)) == {"epoch": 0}

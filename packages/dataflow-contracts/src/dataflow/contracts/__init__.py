@@ -3,6 +3,7 @@
 Standard library only: importing this package never imports torch or numpy.
 """
 
+from dataflow.contracts._json import FrozenDict
 from dataflow.contracts.batch import TensorLike, TrainBatch
 from dataflow.contracts.codec import SCHEMA_VERSIONS, decode, dumps, encode, loads
 from dataflow.contracts.errors import (
@@ -81,6 +82,7 @@ __all__ = [
     "DataflowError",
     "DeploymentMode",
     "FeatureHandle",
+    "FrozenDict",
     "FeatureSpec",
     "FeatureStore",
     "GcReport",

@@ -4,10 +4,42 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from types import MappingProxyType
-from typing import Any
+from typing import Any, NoReturn
 
 from dataflow.contracts.errors import InvalidInputError
+
+
+class FrozenDict(dict[str, Any]):
+    """A read-only ``dict``: every mutating method raises ``TypeError``.
+
+    Unlike ``types.MappingProxyType`` it pickles (records cross process boundaries through
+    ``multiprocessing`` and ``torch.distributed`` object collectives) and ``json.dumps`` takes
+    it as it is.
+    """
+
+    __slots__ = ()
+
+    def _refuse(self, *args: Any, **kwargs: Any) -> NoReturn:
+        raise TypeError("this mapping is read-only (part of a frozen dataflow record)")
+
+    __setitem__ = __delitem__ = _refuse
+    clear = pop = popitem = setdefault = update = _refuse
+    __ior__ = _refuse
+
+    def __reduce__(self) -> tuple[type, tuple[dict[str, Any]]]:
+        return (FrozenDict, (dict(self),))
+
+    def __copy__(self) -> FrozenDict:
+        return self
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> FrozenDict:
+        return self
+
+
+def frozen_dict(value: Mapping[str, Any]) -> FrozenDict:
+    """A :class:`FrozenDict` copy of ``value`` (shallow)."""
+    return value if type(value) is FrozenDict else FrozenDict(value)
+
 
 JsonMap = Mapping[str, Any]
 """A read-only JSON object: str keys; values are None, bool, int, float, str, tuples, JsonMaps."""
@@ -31,7 +63,7 @@ def freeze_json(value: Any, path: str = "value") -> Any:
             if not isinstance(key, str):
                 raise InvalidInputError(f"{path} has a non-str key {key!r}")
             out[key] = freeze_json(child, f"{path}[{key!r}]")
-        return MappingProxyType(out)
+        return FrozenDict(out)
     if isinstance(value, (list, tuple)):
         return tuple(freeze_json(child, f"{path}[{i}]") for i, child in enumerate(value))
     raise InvalidInputError(

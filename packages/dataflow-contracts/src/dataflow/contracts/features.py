@@ -9,7 +9,7 @@ from types import MappingProxyType
 from typing import Any
 
 from dataflow.contracts._checks import check_non_negative, check_text, check_type
-from dataflow.contracts._json import JsonMap, freeze_map
+from dataflow.contracts._json import JsonMap, freeze_map, frozen_dict
 from dataflow.contracts.errors import InvalidInputError
 from dataflow.contracts.ids import validate_id, validate_sample_id, validate_task_id
 
@@ -85,7 +85,7 @@ def _freeze_specs(value: Any) -> Mapping[str, FeatureSpec]:
             raise InvalidInputError(
                 f"SampleRef.feature_specs[{key!r}] describes a feature named {spec.name!r}"
             )
-    return MappingProxyType(dict(value))
+    return frozen_dict(value)
 
 
 def _freeze_keys(value: Any) -> Mapping[str, str]:
@@ -97,7 +97,7 @@ def _freeze_keys(value: Any) -> Mapping[str, str]:
         validate_id(name, "feature name")
         if not isinstance(key, str) or not key:
             raise InvalidInputError(f"SampleRef.feature_keys[{name!r}] must be a non-empty str")
-    return MappingProxyType(dict(value))
+    return frozen_dict(value)
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,8 @@ from __future__ import annotations
 import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from types import MappingProxyType
+
+from dataflow.contracts._json import frozen_dict
 
 
 class SampleState(enum.StrEnum):
@@ -90,7 +91,7 @@ class LedgerStatus:
 
     def __post_init__(self) -> None:
         for name in ("samples", "prompts", "dropped_reasons"):
-            object.__setattr__(self, name, MappingProxyType(dict(getattr(self, name))))
+            object.__setattr__(self, name, frozen_dict(getattr(self, name)))
 
     @property
     def backlog(self) -> int:

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from types import MappingProxyType
 from urllib.parse import SplitResult, parse_qsl, urlsplit
 
+from dataflow.contracts._json import frozen_dict
 from dataflow.contracts.errors import InvalidInputError
 from dataflow.contracts.ids import validate_id
 
@@ -43,7 +43,7 @@ class ParsedURI:
     options: Mapping[str, str] = field(default_factory=dict, hash=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "options", MappingProxyType(dict(self.options)))
+        object.__setattr__(self, "options", frozen_dict(self.options))
 
 
 def _parse(uri: object, allowed: tuple[str, ...], what: str) -> ParsedURI:

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from types import MappingProxyType
 from typing import Any, TypeVar
 
+from dataflow.contracts import FrozenDict
 from dataflow.contracts.errors import InvalidInputError, LedgerConflictError
 from dataflow.contracts.features import FeatureSpec, SampleRef
 from dataflow.contracts.ids import validate_id
@@ -37,7 +38,7 @@ def _plain(value: Any) -> bool:
             if type(item) not in _SCALARS and not _plain(item):
                 return False
         return True
-    if kind is MappingProxyType or kind is dict:
+    if kind is FrozenDict or kind is dict or kind is MappingProxyType:
         for key, item in value.items():
             if type(key) is not str or (type(item) not in _SCALARS and not _plain(item)):
                 return False
