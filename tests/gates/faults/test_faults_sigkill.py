@@ -96,14 +96,11 @@ def _trigger(victim: str, job: Job, roles: dict[str, Role], rng: random.Random) 
     return f"at {target} {unit} +{fraction:.2f}s"
 
 
-def _kill_and_restart(
-    victim: str, job: Job, roles: dict[str, Role], restarts: int, tally: Tally
-) -> list[str]:
+def _kill_and_restart(victim: str, job: Job, roles: dict[str, Role], restarts: int) -> list[str]:
     killed = []
     for role in ("consumer", "producer"):
         if victim in (role, "both") and roles[role].kill():
             killed.append(role)
-            tally.kills[role] += 1
     for role in killed:
         name = f"{role}-r{restarts}"
         roles[role] = (
@@ -119,7 +116,8 @@ def test_sigkill_then_restart_trains_every_sample_exactly_once(run, tmp_path, su
     job = Job(tmp_path / "run", prompts, extra=("trainer.checkpoint_every=3",))
     started = time.monotonic()
     roles = {"producer": producer(job), "consumer": consumer(job)}
-    events = []
+    events: list[str] = []
+    kills: list[str] = []
     try:
         for k in range(rng.randint(1, MAX_KILLS)):
             victim = VICTIMS[(run + k) % len(VICTIMS)]
@@ -127,7 +125,8 @@ def test_sigkill_then_restart_trains_every_sample_exactly_once(run, tmp_path, su
             if not point:
                 events.append(f"{victim} finished before its kill point")
                 continue
-            killed = _kill_and_restart(victim, job, roles, k + 1, tally)
+            killed = _kill_and_restart(victim, job, roles, k + 1)
+            kills.extend(killed)
             events.append(f"killed {'+'.join(killed) or 'nothing (already done)'} {point}")
         remaining = RUN_TIMEOUT_S - (time.monotonic() - started)
         expect_clean_exit(roles["producer"], remaining)
@@ -138,6 +137,8 @@ def test_sigkill_then_restart_trains_every_sample_exactly_once(run, tmp_path, su
     result = audit_job(job)
     seconds = time.monotonic() - started
     tally.runs += 1
+    for role in kills:
+        tally.kills[role] += 1
     tally.trained += result.trained
     tally.dropped += result.dropped
     tally.seconds += seconds
