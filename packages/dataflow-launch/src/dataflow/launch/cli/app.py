@@ -18,10 +18,10 @@ EXIT_INTERRUPTED = 130
 _DESCRIPTION = """\
 Train EAGLE3 draft models from a live target model.
 
-Commands available in this version: status. Also: demo (start here: it trains a draft for the
-built-in small target on this machine and prints a summary), run CONFIG (any topology), produce
-and consume (the two roles of a disaggregated run, for separate machines) and export (a run's
-draft for SGLang or HF)."""
+Commands: demo (start here: it trains a draft for the built-in small target on this machine and
+prints a summary), run CONFIG (any topology), produce and consume (the two roles of a
+disaggregated run, for separate machines), status LEDGER_URI (a run's ledger) and export (a
+run's draft for SGLang or HF)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
