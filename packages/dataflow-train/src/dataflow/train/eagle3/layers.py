@@ -117,7 +117,12 @@ class Eagle3Attention(nn.Module):
         return self.o_proj(out.reshape(batch, local_len, h * d))
 
     def _attend(self, q: torch.Tensor, cache: TTTCache) -> torch.Tensor:
-        """Softmax over step-0 causal keys plus the same-position keys of steps 1..k."""
+        """Softmax over step-0 causal keys plus the same-position keys of steps 1..k, in fp32."""
+        # Autocast would run the score einsum in bf16 despite the fp32 inputs.
+        with torch.autocast(device_type=q.device.type, enabled=False):
+            return self._attend_fp32(q, cache)
+
+    def _attend_fp32(self, q: torch.Tensor, cache: TTTCache) -> torch.Tensor:
         scale = 1.0 / math.sqrt(self.head_dim)
         k0, v0 = cache.keys[0], cache.values[0]
         scores = torch.einsum("bthd,bshd->bhts", q.float(), k0.float()) * scale

@@ -188,8 +188,12 @@ class Eagle3Objective(nn.Module):
     def _teacher(
         self, hidden_ext: torch.Tensor, loss_ext: torch.Tensor, real_ext: torch.Tensor
     ) -> _Teacher:
-        head = self.target_head.weight
-        logits = self.target_head(hidden_ext[:, 1:].to(head.dtype)).float()
+        # The teacher's argmax decides which positions are supervised (``in_draft``), a
+        # discontinuous choice: target logits of a weak head are often tied to ~1e-4, which bf16
+        # (8 mantissa bits) cannot resolve. So the frozen head always runs in fp32, outside any
+        # autocast region, on fp32 copies of the (possibly bf16) weight and hidden state.
+        with torch.autocast(device_type=hidden_ext.device.type, enabled=False):
+            logits = F.linear(hidden_ext[:, 1:].float(), self.target_head.weight.float())
         draft_ids = draft_to_target_ids(self.draft.d2t)
         on_draft = logits[..., draft_ids]
         argmax = logits.argmax(dim=-1)
