@@ -218,6 +218,50 @@ def test_a_step_going_backwards_is_refused_and_changes_nothing(controller, featu
     assert controller.status() == before
 
 
+class RecordingCollective(ThreadCollective):
+    """A thread rank that records what it broadcasts (to see what crosses ranks)."""
+
+    def __init__(self, inner: ThreadCollective, sent: list) -> None:
+        super().__init__(inner._group, inner.rank)
+        self._sent = sent
+
+    def broadcast_object(self, obj, src=0):
+        result = super().broadcast_object(obj, src)
+        self._sent.append((self.rank, result))
+        return result
+
+
+def test_checkpoint_durable_broadcasts_no_refs_and_each_rank_frees_its_own(controller, features):
+    shape = WindowShape(dp_size=2, batch_size=2, accumulation_steps=1)
+    controller.consumer(shape).open("run-1")
+    produce(controller, features, 8)
+    sent: list = []
+    freed: dict[int, list[str]] = {}
+
+    def rank_fn(collective: ThreadCollective) -> int:
+        recording = RecordingCollective(collective, sent)
+        side = controller.consumer(shape, rank=collective.rank, collective=recording)
+        queue, own = side.queue(), []
+        for step in range(2):
+            ids = take_window(queue, shape.per_rank)
+            assert ids is not None
+            own.extend(ids)
+            side.ack(step, ids)
+        if collective.rank == 0:
+            sent.clear()  # keep only what the checkpoint sends
+        collective.barrier()
+        freed[collective.rank] = side.checkpoint_durable(1)
+        assert sorted(freed[collective.rank]) == sorted(own)
+        return len(own)
+
+    assert run_ranks(2, rank_fn) == [4, 4]
+    # the durable-step write and the release: each broadcast only an ok flag, never refs
+    assert sorted(sent) == [(r, (True, None)) for r in (0, 0, 1, 1)]
+    assert sorted(freed[0] + freed[1]) == [f"s{i:05d}" for i in range(8)]
+    assert controller.status().samples["released"] == 8
+    assert features.resident == set()
+
+
 def test_on_checkpoint_frees_features_only_once_a_checkpoint_covers_them(controller, features):
     side = controller.consumer(WindowShape(dp_size=1, batch_size=2))
     side.open("run-1")

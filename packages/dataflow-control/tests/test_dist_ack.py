@@ -176,3 +176,17 @@ def test_run_on_rank0_hands_the_result_or_the_error_to_every_rank():
     for exc in outcomes:
         assert type(exc) is LedgerConflictError
         assert str(exc) == "reconcile failed on rank 0 (LedgerConflictError: nope)"
+
+
+def test_an_unpicklable_rank0_result_is_an_error_on_every_rank_not_a_hang():
+    # torch's object broadcast pickles on rank 0 before sending; a result it cannot pickle
+    # must reach the other ranks as the error instead of leaving them in the broadcast.
+    def unpicklable() -> object:
+        return threading.Lock()
+
+    outcomes = run_ranks(2, lambda c: run_on_rank0(c, "handing out a lock", unpicklable))
+    for exc in outcomes:
+        assert type(exc) is DataflowError
+        assert str(exc).startswith("handing out a lock failed on rank 0 (TypeError: ")
+    with pytest.raises(DataflowError, match="handing out a lock failed on rank 0"):
+        run_on_rank0(SoloCollective(), "handing out a lock", unpicklable)

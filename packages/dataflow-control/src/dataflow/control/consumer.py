@@ -144,8 +144,9 @@ class ConsumerSide:
     def checkpoint_durable(self, step: int) -> list[str]:
         """A checkpoint at ``step`` is durable: free (this rank's) features trained at ≤ step.
 
-        Order: the ledger records the durable step, every rank frees its features, then rank 0
-        marks the samples RELEASED. Returns this rank's freed ids.
+        Order: the ledger records the durable step, every rank frees its own features, then
+        rank 0 marks the samples RELEASED; only that outcome (ok or the error) crosses ranks,
+        never the released refs. Returns this rank's freed ids.
         """
         freed: list[str] = []
 
@@ -164,10 +165,13 @@ class ConsumerSide:
             write=lambda s, _: self._ledger.set_durable_step(s),
             free_local=free_own,
         )
+
+        def mark_released() -> None:
+            # The refs stay on rank 0: each rank already freed its own features above.
+            self._ledger.release_through(step)
+
         run_on_rank0(
-            self._collective,
-            f"releasing samples trained through step {step}",
-            lambda: self._ledger.release_through(step),
+            self._collective, f"releasing samples trained through step {step}", mark_released
         )
         return freed
 

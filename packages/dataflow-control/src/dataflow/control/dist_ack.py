@@ -18,6 +18,7 @@ package; nothing here imports torch.
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -64,13 +65,19 @@ def _describe(exc: BaseException) -> tuple[str, str]:
 def run_on_rank0(collective: Collective, what: str, fn: Callable[[], T]) -> T:
     """Run ``fn`` on rank 0 only and hand its result to every rank, or its error to every rank.
 
-    Every rank must call this at the same point (it holds one broadcast). On failure each rank
-    raises the error's kind (contracts taxonomy, else ``DataflowError``) with ``what`` named.
+    Every rank must call this at the same point (it holds exactly one broadcast, whatever
+    happens on rank 0). On failure each rank raises the error's kind (contracts taxonomy, else
+    ``DataflowError``) with ``what`` named; a result that cannot be pickled is such a failure
+    (checked on rank 0 before the broadcast, so a single-process run fails like a multi-rank
+    one and no rank is left waiting). Keep results small: they cross every rank.
     """
     outcome: tuple[bool, Any] | None = None
     if collective.rank == 0:
         try:
             outcome = (True, fn())
+            # An object collective pickles on rank 0 before sending: failing there would leave
+            # the other ranks waiting in the broadcast, so the failure is sent instead.
+            pickle.dumps(outcome)
         except Exception as exc:  # broadcast below so every rank raises, none hangs
             outcome = (False, _describe(exc))
     ok, payload = collective.broadcast_object(outcome, src=0)

@@ -22,6 +22,7 @@ from dataflow.contracts import (
     encode,
     parse_store_uri,
 )
+from dataflow.control import run_on_rank0
 from dataflow.launch.builders.acks import RetainedWindowAck
 from dataflow.launch.builders.common import (
     load_run_prompts,
@@ -78,8 +79,11 @@ def _train_refs(
             )
         finally:
             store.close()
-        if layout.rank == 0:
-            write_trainer_report(run_dir, outcome)
+        run_on_rank0(
+            layout.collective,
+            "writing the trainer report",
+            lambda: write_trainer_report(run_dir, outcome),
+        )
         clean = True
         return outcome
     finally:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from dataflow.contracts import FeatureStore, Ledger, RefQueue
-from dataflow.control import ConsumerSide, Controller, WindowShape
+from dataflow.control import ConsumerSide, Controller, WindowShape, run_on_rank0
 from dataflow.launch.builders.acks import LedgerWindowAck
 from dataflow.launch.builders.common import (
     load_run_prompts,
@@ -194,8 +194,11 @@ def consume_online(
         finally:
             store.close()
             ledger.close()
-        if layout.rank == 0:
-            write_trainer_report(run_dir, outcome)
+        run_on_rank0(
+            layout.collective,
+            "writing the trainer report",
+            lambda: write_trainer_report(run_dir, outcome),
+        )
         clean = True
         return outcome
     finally:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from dataflow.contracts import FeatureStore, InvalidInputError, RefQueue, SampleRef
+from dataflow.control import run_on_rank0
 from dataflow.launch.builders.acks import AuditedAckHook, WindowAck
 from dataflow.launch.builders.ranks import RankLayout
 from dataflow.launch.config import LaunchConfig
@@ -145,8 +146,13 @@ def train_draft(
     the newest checkpoint after rewinding the records past it. Returns this process's tallies.
     """
     rank0 = layout.rank == 0
-    if resume and rank0:
-        rewind_records(run_dir, latest_checkpoint_step(run_dir, layout))
+    if resume:
+        resumed_at = latest_checkpoint_step(run_dir, layout)
+        run_on_rank0(
+            layout.collective,
+            f"rewinding the run records to step {resumed_at}",
+            lambda: rewind_records(run_dir, resumed_at),
+        )
     tokens: dict[str, int] = {}
     if source.refs is not None:
         tokens.update({ref.sample_id: ref.num_tokens for ref in source.refs})
