@@ -19,31 +19,13 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
 from dataflow.contracts import InvalidInputError, RunFailedError
+from dataflow.control.dist_ack import SoloCollective
 
 T = TypeVar("T")
 
 
-class LocalCollective:
-    """The ``Collective`` of a single process: gathers return ``[obj]``, barriers return."""
-
-    @property
-    def rank(self) -> int:
-        return 0
-
-    @property
-    def world_size(self) -> int:
-        return 1
-
-    def all_gather_object(self, obj: T) -> list[T]:
-        return [obj]
-
-    def broadcast_object(self, obj: T | None, src: int = 0) -> T:
-        if src != 0:
-            raise InvalidInputError(f"a single-process collective has no rank {src}")
-        return obj  # type: ignore[return-value]
-
-    def barrier(self) -> None:
-        return None
+# A single-process run takes the same ack path with the control plane's one-rank collective.
+LocalCollective = SoloCollective
 
 
 class TorchCollective:
