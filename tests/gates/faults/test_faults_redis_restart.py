@@ -115,13 +115,11 @@ def test_redis_restart_mid_run_fails_clearly_or_recovers_exactly_once(tmp_path, 
                     break
             for role in roles.values():
                 expect_clean_exit(role, 300)
+            result = audit_job(job)
         finally:
             for role in roles.values():
                 role.kill()
-        try:
-            result = audit_job(job)
-        finally:
-            cleanup_segments([job.store_name])
+            cleanup_segments([job.store_name])  # after a failed run: the audit already reported
     how = "; ".join(outcomes) if outcomes else "both roles carried on (clean recovery)"
     summary.append(
         f"faults/redis-restart: {how} -> trained {result.trained} exactly once, dropped "

@@ -101,17 +101,16 @@ def soak(tmp_path: Path, prompts: int, passes: int, delay: float) -> tuple[dict,
     try:
         expect_clean_exit(prod, 900)
         expect_clean_exit(cons, 900)
-    finally:
         monitor.stop.set()
         monitor.join(10)
-        prod.kill()
-        cons.kill()
-    if monitor.error is not None:
-        raise monitor.error
-    try:
+        if monitor.error is not None:
+            raise monitor.error
         audit_job(job, passes=passes)  # exactly once, nothing in flight, /dev/shm empty
     finally:
-        cleanup_segments([job.store_name])
+        monitor.stop.set()
+        prod.kill()
+        cons.kill()
+        cleanup_segments([job.store_name])  # after a failed run: the audit already reported
     assert shm_segments(job.store_name) == [] and ledger_status(job.ledger).in_flight_bytes == 0
     return _report(prod, "SOAK_FLOW"), _report(cons, "SOAK_TRAIN"), monitor.peaks
 
