@@ -91,9 +91,13 @@ class _TokenHook(TrainerHook):
 
 
 def latest_checkpoint_step(run_dir: RunDir, layout: RankLayout) -> int:
-    """The step of the newest complete checkpoint in ``run_dir`` (0 when there is none)."""
+    """The step of the newest complete checkpoint in ``run_dir``; -1 when there is none.
+
+    -1 is the ledger's "nothing trained yet" step, so a consumer killed before its first
+    checkpoint reconciles everything back to COMMITTED instead of being refused.
+    """
     info = CheckpointManager(run_dir.checkpoints, layout.collective).latest()
-    return info.step if info is not None else 0
+    return info.step if info is not None else -1
 
 
 def rewind_records(run_dir: RunDir, step: int) -> None:
