@@ -9,12 +9,15 @@ MULTIHOST_TESTS = ROOT / "tools" / "dataflow-testing" / "tests"  # noqa: F821
 
 @nox.session  # noqa: F821
 def multihost(session: nox.Session) -> None:  # noqa: F821
-    """Three virtual hosts on this machine: Redis + Mooncake master on one, clients on the others.
+    """Three virtual hosts on this machine: Redis + Mooncake master on one, clients on the others,
+    and a real disaggregated run (producer on b, consumer on c, a consumer SIGKILL + resume).
 
     Needs root (network namespaces). Where they cannot be used it prints `NOT RUN: <reason>` and
     ends as skipped, never as passed.
     """
-    install_editable(session, "store", ("mooncake-cpu",))  # noqa: F821
+    # launch brings store, control and train: test_multihost_run.py runs `dataflow-launch
+    # produce` / `consume` on the virtual hosts with a Redis ledger and a mooncake:// store.
+    install_editable(session, "launch", ("test", "hf", "redis", "mooncake-cpu"))  # noqa: F821
     session.install(*CONSTRAINTS, "redis>=5", "hiredis")  # noqa: F821
     check = session.run(
         "python", "-m", "dataflow_testing.netns", "check", silent=True, success_codes=[0, 3]
