@@ -82,11 +82,16 @@ def test_consumer_error_names_the_producers_reason(failed_run):
 
 
 def test_killed_producer_is_not_end_of_stream(tmp_path, summary):
-    job = Job(tmp_path / "run", 16)
+    # Low watermarks hold the producer to a few samples ahead of the trainer, so it is still
+    # mid-stream when killed: on an idle machine an unthrottled producer finished all of a small
+    # prompt set (and closed the stream) before the kill landed, which proves nothing.
+    job = Job(tmp_path / "run", 64, extra=("flow.high_watermark=4", "flow.low_watermark=2"))
     prod, cons = producer(job), consumer(job)
     try:
-        assert wait_until(lambda: len(shm_segments(job.store_name)) >= 5, 240), prod.output()
+        assert wait_until(lambda: len(shm_segments(job.store_name)) >= 3, 240), prod.output()
         prod.kill()
+        marker = ledger_status(job.ledger).markers.producer
+        assert marker == "running", f"the producer ended ({marker}) before the kill: no test"
         # The consumer trains every whole window that was committed, then must keep waiting.
         committed = sum(ledger_status(job.ledger).samples.values())
         assert wait_until(
