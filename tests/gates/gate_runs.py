@@ -267,8 +267,34 @@ def wait_until(predicate, timeout: float, poll: float = 0.05) -> bool:
 
 
 def expect_clean_exit(role: Role, timeout: float) -> None:
-    code = role.wait(timeout)
-    assert code == 0, f"{role.name} exited {code}; log:\n{role.output()}"
+    """``role`` exits 0 within ``timeout`` seconds (killed and reported otherwise)."""
+    expect_clean_exits([role], timeout)
+
+
+def expect_clean_exits(roles: Sequence[Role], timeout: float) -> None:
+    """Every role exits 0 within ``timeout`` seconds.
+
+    Roles that depend on each other (a producer held back by a consumer's backpressure) would
+    wait for a dead peer until the timeout; so the first role to exit non-zero ends the wait
+    at once: the others are killed and every role's log is reported.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        codes = {role.name: role.poll() for role in roles}
+        failed = [name for name, code in codes.items() if code not in (None, 0)]
+        running = [name for name, code in codes.items() if code is None]
+        if not failed and not running:
+            return
+        if failed or time.monotonic() >= deadline:
+            alive = [role.name for role in roles if role.kill()]
+            verdict = (
+                f"{', '.join(f'{n} exited {codes[n]}' for n in failed)}"
+                if failed
+                else f"{', '.join(running)} hung for {timeout:.0f}s"
+            )
+            logs = "\n".join(f"--- {role.name} log:\n{role.output()}" for role in roles)
+            raise AssertionError(f"{verdict} (killed: {alive or 'none'})\n{logs}")
+        time.sleep(0.2)
 
 
 def one_error_line(role: Role, command: str) -> str:

@@ -8,7 +8,8 @@ import time
 import pytest
 from control_fixtures import make_refs, memory_uri
 
-from dataflow.contracts.errors import CapacityExceededError, InvalidInputError
+from dataflow.contracts.errors import CapacityExceededError, InvalidInputError, RunFailedError
+from dataflow.contracts.states import ConsumerState
 from dataflow.control.flow import FlowControl, FlowLimits
 from dataflow.control.ledger import open_ledger
 
@@ -151,3 +152,64 @@ def test_bad_admission_sizes_are_refused(ledger, bad):
     with pytest.raises(InvalidInputError, match="timeout must be None or a number >= 0"):
         flow.wait_for_capacity(0, timeout=-1)
     assert flow.snapshot().reserved_bytes == 0
+
+
+def test_a_paused_producer_stops_waiting_once_the_consumer_failed(ledger):
+    flow = FlowControl(ledger, FlowLimits(high_refs=4), quantum=2, poll_s=0.005)
+    ledger.commit(make_refs(0, 4))
+    ledger.set_consumer_state(ConsumerState.RUNNING)
+
+    def consumer_dies() -> None:
+        time.sleep(0.1)
+        ledger.set_consumer_state(ConsumerState.FAILED, "trainer OOM at step 3")
+
+    thread = threading.Thread(target=consumer_dies)
+    thread.start()
+    start = time.monotonic()
+    with pytest.raises(RunFailedError, match=r"consumer FAILED.*trainer OOM at step 3"):
+        flow.wait_for_capacity(timeout=10)
+    thread.join()
+    assert 0.1 <= time.monotonic() - start < 5
+    assert flow.snapshot().reserved_bytes == 0
+
+
+def test_a_consumer_failure_does_not_stop_a_producer_that_is_not_held_back(ledger):
+    flow = FlowControl(ledger, FlowLimits(high_refs=4), quantum=2)
+    ledger.commit(make_refs(0, 1))
+    ledger.set_consumer_state(ConsumerState.FAILED, "gone")
+    with flow.wait_for_capacity(timeout=1) as admission:
+        assert admission is not None  # under the watermark: work may go on (a resume trains it)
+
+
+def test_a_long_pause_is_logged_once_per_interval(ledger, caplog):
+    now = [0.0]
+    flow = FlowControl(
+        ledger,
+        FlowLimits(high_refs=4, low_refs=2),
+        quantum=2,
+        clock=lambda: now[0],
+        sleep=lambda s: now.__setitem__(0, now[0] + s),
+        poll_s=1.0,
+        max_poll_s=1.0,
+        warn_after_s=30.0,
+    )
+    ledger.commit(make_refs(0, 4))
+    caplog.set_level("INFO", logger="dataflow.control.flow")
+    with pytest.raises(TimeoutError):
+        flow.wait_for_capacity(timeout=95)
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 3, warnings  # at 30 s, 60 s and 90 s
+    assert warnings[0] == (
+        "producer paused for 30s: 4 refs / 400 bytes in flight (resumes at <= 2 refs; the "
+        "consumer is not_started)"
+    )
+    assert warnings[2].startswith("producer paused for 90s")
+    ledger.drop(["s00000", "s00001"], "test")
+    with flow.wait_for_capacity(timeout=1):
+        pass
+    assert any("resumed after a 95s pause" in r.getMessage() for r in caplog.records)
+
+
+def test_a_bad_warning_interval_is_refused(ledger):
+    with pytest.raises(InvalidInputError, match="warn_after_s must be > 0, got 0"):
+        FlowControl(ledger, FlowLimits(high_refs=4), quantum=2, warn_after_s=0)

@@ -130,3 +130,41 @@ def test_network_filesystems_are_recognised_by_the_mount_table() -> None:
     assert network_filesystem(Path("/mnt/smb"), table) == "cifs"
     assert network_filesystem(Path("/mnt/sharedx"), table) is None  # not a path prefix
     assert network_filesystem(Path("/home/me"), table) is None
+
+
+def _open_at_barrier(path: str, barrier, results) -> None:  # type: ignore[no-untyped-def]
+    from dataflow.control.ledger.sqlite import SQLiteStorage
+
+    barrier.wait()
+    try:
+        SQLiteStorage(path).close()
+        results.put("ok")
+    except Exception as exc:  # reported to the parent, which asserts on it
+        results.put(f"{type(exc).__name__}: {exc}")
+
+
+def test_processes_creating_the_same_fresh_ledger_at_once_all_open_it(tmp_path: Path) -> None:
+    # A producer and a consumer started together both create the ledger file. Entering WAL
+    # upgrades a lock, which SQLite refuses at once rather than waiting; before the retry this
+    # failed in about one round in six with "database is locked".
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("fork")
+    for attempt in range(24):
+        path = str(tmp_path / f"fresh-{attempt}.db")
+        barrier, results = ctx.Barrier(4), ctx.Queue()
+        procs = [
+            ctx.Process(target=_open_at_barrier, args=(path, barrier, results)) for _ in range(4)
+        ]
+        for proc in procs:
+            proc.start()
+        outcomes = [results.get(timeout=60) for _ in procs]
+        for proc in procs:
+            proc.join(30)
+        assert outcomes == ["ok"] * 4, (attempt, outcomes)
+    ledger = open_ledger(f"sqlite://{tmp_path}/fresh-0.db")
+    assert ledger.status().samples["committed"] == 0
+    ledger.close()
+    conn = sqlite3.connect(tmp_path / "fresh-0.db")
+    assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    conn.close()

@@ -23,7 +23,7 @@ from gate_runs import (
     audit_job,
     cleanup_segments,
     consumer,
-    expect_clean_exit,
+    expect_clean_exits,
     gate_variant,
     ledger_status,
     producer,
@@ -130,8 +130,7 @@ def test_sigkill_then_restart_trains_every_sample_exactly_once(run, tmp_path, su
             kills.extend(killed)
             events.append(f"killed {'+'.join(killed) or 'nothing (already done)'} {point}")
         remaining = RUN_TIMEOUT_S - (time.monotonic() - started)
-        expect_clean_exit(roles["producer"], remaining)
-        expect_clean_exit(roles["consumer"], RUN_TIMEOUT_S - (time.monotonic() - started))
+        expect_clean_exits([roles["producer"], roles["consumer"]], remaining)
         result = audit_job(job)
     finally:
         for role in roles.values():

@@ -21,7 +21,7 @@ from gate_runs import (
     Role,
     audit_job,
     cleanup_segments,
-    expect_clean_exit,
+    expect_clean_exits,
     gate_variant,
     ledger_status,
     shm_bytes,
@@ -99,8 +99,7 @@ def soak(tmp_path: Path, prompts: int, passes: int, delay: float) -> tuple[dict,
     monitor.start()
     prod, cons = _role(job, "produce"), _role(job, "consume", delay)
     try:
-        expect_clean_exit(prod, 900)
-        expect_clean_exit(cons, 900)
+        expect_clean_exits([prod, cons], 900)
         monitor.stop.set()
         monitor.join(10)
         if monitor.error is not None:

@@ -8,16 +8,19 @@ not committed yet (work between the admission and the ledger commit).
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
 
-from dataflow.contracts.errors import CapacityExceededError, InvalidInputError
+from dataflow.contracts.errors import CapacityExceededError, InvalidInputError, RunFailedError
 from dataflow.contracts.protocols import Ledger
-from dataflow.contracts.states import LedgerStatus, SampleState
+from dataflow.contracts.states import ConsumerState, LedgerStatus, SampleState
 from dataflow.control._validate import non_negative_int, optional_timeout, positive_int
+
+_log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -135,7 +138,11 @@ class FlowControl:
       resume only once both are below their high mark and at or below their low mark (one
       latch for both);
     - an admission that would take in-flight + reserved bytes past ``max_bytes`` is refused
-      with ``CapacityExceededError`` and reserves nothing.
+      with ``CapacityExceededError`` and reserves nothing;
+    - a producer held back while the consumer is FAILED gets ``RunFailedError`` instead of
+      waiting for a trainer that will never free anything, and a pause that lasts longer than
+      ``warn_after_s`` is logged (then once per ``warn_after_s``), so a stalled trainer is
+      visible in the producer's log.
     """
 
     def __init__(
@@ -148,8 +155,11 @@ class FlowControl:
         max_poll_s: float = 0.5,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
+        warn_after_s: float = 60.0,
     ) -> None:
         positive_int("FlowControl", "quantum", quantum)
+        if not isinstance(warn_after_s, (int, float)) or not warn_after_s > 0:
+            raise InvalidInputError(f"FlowControl: warn_after_s must be > 0, got {warn_after_s!r}")
         if limits.high_refs < quantum or limits.resolved_low_refs < quantum:
             raise InvalidInputError(
                 f"FlowControl: watermarks must be at least one quantum ({quantum} samples = "
@@ -172,6 +182,9 @@ class FlowControl:
         self._pause_transitions = 0
         self._resume_transitions = 0
         self._refusals = 0
+        self._warn_after_s = float(warn_after_s)
+        self._latched_at = 0.0
+        self._next_warning = 0.0
 
     # -- reading -----------------------------------------------------------------------------
 
@@ -225,6 +238,8 @@ class FlowControl:
                             self._cap_message(status, nbytes) + "; waiting cannot help: "
                             "the consumer holds no window and the cap cannot fit one"
                         )
+                    self._check_consumer_alive(status)
+                    self._warn_if_long(status)
                 if not waited:
                     waited = True
                     with self._lock:
@@ -269,11 +284,42 @@ class FlowControl:
         if not self._latched and over_high:
             self._latched = True
             self._pause_transitions += 1
+            self._latched_at = self._clock()
+            self._next_warning = self._latched_at + self._warn_after_s
         elif self._latched and under_low:
             self._latched = False
             self._resume_transitions += 1
+            held = self._clock() - self._latched_at
+            if held >= self._warn_after_s:
+                _log.info("producer resumed after a %.0fs pause", held)
         # Never hold the producer back while less than one window is in flight.
         return self._latched and refs >= self.quantum
+
+    def _check_consumer_alive(self, status: LedgerStatus) -> None:
+        markers = status.markers
+        if markers.consumer == ConsumerState.FAILED:
+            raise RunFailedError(
+                "the consumer FAILED, so nothing in flight will be freed and waiting for "
+                f"capacity cannot help ({markers.consumer_reason or 'no reason recorded'})"
+            )
+
+    def _warn_if_long(self, status: LedgerStatus) -> None:
+        now = self._clock()
+        if not self._latched or now < self._next_warning:
+            return
+        self._next_warning = now + self._warn_after_s
+        resume = f"<= {self.limits.resolved_low_refs} refs"
+        if self.limits.resolved_low_bytes is not None:
+            resume += f" and <= {self.limits.resolved_low_bytes} bytes"
+        _log.warning(
+            "producer paused for %.0fs: %d refs / %d bytes in flight (resumes at %s; the "
+            "consumer is %s)",
+            now - self._latched_at,
+            status.in_flight,
+            status.in_flight_bytes,
+            resume,
+            status.markers.consumer.value,
+        )
 
     def _fits(self, status: LedgerStatus, nbytes: int) -> bool:
         cap = self.limits.max_bytes

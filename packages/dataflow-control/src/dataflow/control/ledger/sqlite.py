@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -192,6 +193,27 @@ class _SQLiteTx(LedgerTx):
         )
 
 
+def _enter_wal(conn: sqlite3.Connection, timeout_s: float) -> str:
+    """Switch the file to WAL, retrying while another connection holds the lock.
+
+    Entering WAL upgrades a read lock to a write lock, and SQLite answers a lock upgrade with
+    an immediate SQLITE_BUSY instead of calling the busy handler (to avoid deadlock). So two
+    processes creating the same fresh ledger at once would fail without this retry; once the
+    file is in WAL mode the pragma writes nothing and cannot collide.
+    """
+    deadline = time.monotonic() + timeout_s
+    pause = 0.001
+    while True:
+        try:
+            return str(conn.execute("PRAGMA journal_mode = WAL").fetchone()[0])
+        except sqlite3.OperationalError as exc:
+            busy = "locked" in str(exc) or "busy" in str(exc)
+            if not busy or time.monotonic() + pause > deadline:
+                raise
+        time.sleep(pause)
+        pause = min(pause * 2, 0.05)
+
+
 class SQLiteStorage(LedgerStorage):
     """One SQLite connection per ledger object; calls from several threads are serialised."""
 
@@ -226,7 +248,7 @@ class SQLiteStorage(LedgerStorage):
 
     def _configure(self, conn: sqlite3.Connection, busy_timeout_s: float) -> None:
         conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
-        mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+        mode = _enter_wal(conn, busy_timeout_s)
         if str(mode).lower() != "wal":
             raise BackendUnavailableError(f"{self._path}: SQLite refused WAL mode (got {mode!r})")
         conn.execute("PRAGMA synchronous = FULL")
