@@ -30,8 +30,8 @@ TEST_EXTRAS = {
     "contracts": ("test",),
     "store": ("test", "mooncake-cpu"),
     "control": ("test", "redis"),
-    "train": ("test",),
-    "launch": ("test", "hf", "plots", "redis", "mooncake-cpu"),
+    "train": ("test", "tensorboard"),
+    "launch": ("test", "hf", "plots", "redis", "mooncake-cpu", "tensorboard"),
 }
 TORCH_FREE = ("contracts", "control")
 # Modules that only optional extras provide: a module needing one may be skipped in isolation.

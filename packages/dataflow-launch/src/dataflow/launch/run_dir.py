@@ -4,6 +4,7 @@ Layout (``RunDir(root)``)::
 
     config.yaml        the resolved config (secrets redacted)
     metrics.jsonl      one JSON line per logged optimizer step (rank 0)
+    tensorboard/       the same scalars as TensorBoard events (when tensorboard is installed)
     trained.jsonl      one line per optimizer step: the sample ids trained in it (audit trail)
     checkpoints/       trainer checkpoints (step-NNNNNNNN/)
     plots/             loss / accuracy / acceptance PNGs

@@ -45,16 +45,22 @@ class JsonlMetrics:
 
 
 class TensorBoardMetrics:
-    """Scalars under ``train/<name>`` in a TensorBoard event directory."""
+    """Each metric as a TensorBoard scalar tagged with its own name (the same keys as the JSONL
+    rows, e.g. ``loss``, ``lr``, ``train/acc_0``) at the optimizer step; flushed every step.
 
-    def __init__(self, log_dir: str | Path) -> None:
+    ``resumed_from``: the checkpoint step a resumed run restarts after; TensorBoard hides the
+    events a crashed run logged past it (they are trained again), as the JSONL rewind does.
+    """
+
+    def __init__(self, log_dir: str | Path, *, resumed_from: int | None = None) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
-        self._writer = SummaryWriter(log_dir=str(log_dir))
+        purge = None if resumed_from is None else max(resumed_from, 0) + 1
+        self._writer = SummaryWriter(log_dir=str(log_dir), purge_step=purge)
 
     def write(self, step: int, metrics: Mapping[str, float]) -> None:
         for key, value in metrics.items():
-            self._writer.add_scalar(f"train/{key}", value, step)
+            self._writer.add_scalar(key, value, step)
         self._writer.flush()
 
     def close(self) -> None:
@@ -87,11 +93,13 @@ def tensorboard_available() -> bool:
     return importlib.util.find_spec("tensorboard") is not None
 
 
-def default_metrics(log_dir: str | Path) -> FanOutMetrics:
-    """``metrics.jsonl`` in ``log_dir``, plus TensorBoard events there when it is installed."""
+def default_metrics(log_dir: str | Path, *, resumed_from: int | None = None) -> FanOutMetrics:
+    """``metrics.jsonl`` in ``log_dir``, plus TensorBoard events in ``log_dir/tensorboard`` when
+    tensorboard is installed (``resumed_from``: see :class:`TensorBoardMetrics`).
+    """
     sinks: list[MetricsSink] = [JsonlMetrics(Path(log_dir) / "metrics.jsonl")]
     if tensorboard_available():
-        sinks.append(TensorBoardMetrics(Path(log_dir) / "tensorboard"))
+        sinks.append(TensorBoardMetrics(Path(log_dir) / "tensorboard", resumed_from=resumed_from))
     return FanOutMetrics(sinks)
 
 

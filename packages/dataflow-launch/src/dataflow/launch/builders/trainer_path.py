@@ -24,7 +24,7 @@ from dataflow.train.config import TrainerConfig
 from dataflow.train.eagle3 import Eagle3Objective
 from dataflow.train.hooks import StepEvent, TrainerHook
 from dataflow.train.loader import FeatureDataLoader
-from dataflow.train.metrics import JsonlMetrics, read_jsonl
+from dataflow.train.metrics import default_metrics, read_jsonl
 from dataflow.train.optim import OptimConfig
 from dataflow.train.trainer import Trainer
 
@@ -150,13 +150,15 @@ def train_draft(
     the newest checkpoint after rewinding the records past it. Returns this process's tallies.
     """
     rank0 = layout.rank == 0
+    resumed_at: int | None = None
     if resume:
-        resumed_at = latest_checkpoint_step(run_dir, layout)
+        step = latest_checkpoint_step(run_dir, layout)
         run_on_rank0(
             layout.collective,
-            f"rewinding the run records to step {resumed_at}",
-            lambda: rewind_records(run_dir, resumed_at),
+            f"rewinding the run records to step {step}",
+            lambda: rewind_records(run_dir, step),
         )
+        resumed_at = step
     tokens: dict[str, int] = {}
     if source.refs is not None:
         tokens.update({ref.sample_id: ref.num_tokens for ref in source.refs})
@@ -186,7 +188,7 @@ def train_draft(
         trainer_config(config, progress=progress and rank0),
         backend=layout.backend,
         hooks=[ack_hook, token_hook],
-        metrics=JsonlMetrics(run_dir.metrics) if rank0 else None,
+        metrics=default_metrics(run_dir.root, resumed_from=resumed_at) if rank0 else None,
         checkpoint_dir=run_dir.checkpoints,
         contract_extra={"draft_vocab_size": config.trainer.draft_vocab_size},
     )
