@@ -168,3 +168,30 @@ def test_processes_creating_the_same_fresh_ledger_at_once_all_open_it(tmp_path: 
     conn = sqlite3.connect(tmp_path / "fresh-0.db")
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     conn.close()
+
+
+def test_a_task_row_that_fails_to_decode_leaves_no_cursor_behind(tmp_path: Path) -> None:
+    import gc
+    import sys
+
+    from dataflow.contracts import PromptTask
+
+    path = tmp_path / "l.db"
+    ledger = open_ledger(f"sqlite://{path}")
+    ledger.open_run("run-1", 2, resume=False)
+    ledger.add_prompts([PromptTask(f"t{i}", {"input_ids": [i]}) for i in range(3)])
+    ledger.close()
+    with sqlite3.connect(path) as db:
+        db.execute("UPDATE prompts SET task = '{\"task_id\": 7, \"garb' WHERE id = 't0'")
+    unraisable: list[str] = []
+    previous, sys.unraisablehook = sys.unraisablehook, lambda u: unraisable.append(repr(u))
+    try:
+        ledger = open_ledger(f"sqlite://{path}")
+        with pytest.raises(CorruptRecordError, match="task 't0'") as info:
+            ledger.lease_prompts("w", 3, 30.0)
+        ledger.close()
+        del info  # its traceback would keep a suspended generator alive until the test ends
+        gc.collect()
+    finally:
+        sys.unraisablehook = previous
+    assert unraisable == []  # a suspended row generator would be finalised on a closed database

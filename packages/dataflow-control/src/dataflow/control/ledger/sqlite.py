@@ -74,10 +74,14 @@ class _SQLiteTx(LedgerTx):
         # so the refs() that follows needs no second query.
         self._texts: dict[str, str] = {}
 
-    def _in(self, sql: str, ids: Sequence[str]) -> Iterator[tuple[Any, ...]]:
+    def _in(self, sql: str, ids: Sequence[str]) -> list[tuple[Any, ...]]:
+        # Fetched whole (never a lazy generator): a row that fails to decode must not leave a
+        # cursor suspended past the transaction, to be finalised by gc on a closed connection.
+        rows: list[tuple[Any, ...]] = []
         for chunk in _chunks(ids):
             marks = ",".join("?" * len(chunk))
-            yield from self._c.execute(sql.format(marks), chunk)
+            rows.extend(self._c.execute(sql.format(marks), chunk).fetchall())
+        return rows
 
     def meta(self) -> dict[str, str]:
         return dict(self._c.execute("SELECT k, v FROM meta"))
@@ -131,7 +135,7 @@ class _SQLiteTx(LedgerTx):
         }
 
     def weights(self) -> list[WeightVersion]:
-        rows = self._c.execute("SELECT id, record FROM weights ORDER BY ord")
+        rows = self._c.execute("SELECT id, record FROM weights ORDER BY ord").fetchall()
         return [
             decode_record(text, WeightVersion, f"{self._path} weight {vid!r}") for vid, text in rows
         ]
