@@ -17,12 +17,13 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any, TypeVar
 
 from dataflow.contracts.errors import (
     BackendUnavailableError,
+    CapacityExceededError,
     ClosedError,
     CorruptRecordError,
     InvalidInputError,
@@ -274,16 +275,23 @@ class SQLiteStorage(LedgerStorage):
 
     @contextmanager
     def _errors(self, what: str) -> Iterator[None]:
-        """Map sqlite3's errors onto the taxonomy: busy → unavailable, damage → corrupt."""
+        """Map sqlite3's errors onto the taxonomy: disk full → capacity, busy → unavailable,
+        anything else (damage) → corrupt.
+        """
         try:
             yield
-        except sqlite3.OperationalError as exc:
-            if "locked" in str(exc) or "busy" in str(exc):
+        except sqlite3.DatabaseError as exc:
+            if getattr(exc, "sqlite_errorname", "") == "SQLITE_FULL" or "disk is full" in str(exc):
+                raise CapacityExceededError(
+                    f"{self._path}: {what} failed: the disk holding the ledger is full ({exc}); "
+                    "the transaction was rolled back, nothing changed"
+                ) from None
+            if isinstance(exc, sqlite3.OperationalError) and (
+                "locked" in str(exc) or "busy" in str(exc)
+            ):
                 raise BackendUnavailableError(
                     f"{self._path}: {what} gave up waiting for the database lock ({exc})"
                 ) from None
-            raise CorruptRecordError(f"{self._path}: {what} failed: {exc}") from None
-        except sqlite3.DatabaseError as exc:
             raise CorruptRecordError(f"{self._path}: {what} failed: {exc}") from None
 
     def _run(self, begin: str, operation: Callable[[LedgerTx], R]) -> R:
@@ -301,10 +309,14 @@ class SQLiteStorage(LedgerStorage):
                 conn.execute(begin)
                 try:
                     result = operation(_SQLiteTx(conn, self._path))
+                    conn.execute("COMMIT")
                 except BaseException:
-                    conn.execute("ROLLBACK")
+                    # A failed COMMIT (disk full) may or may not have ended the transaction;
+                    # never leave one open, or every later call fails "within a transaction".
+                    if conn.in_transaction:
+                        with suppress(sqlite3.Error):
+                            conn.execute("ROLLBACK")
                     raise
-                conn.execute("COMMIT")
             return result
 
     def write(self, operation: Callable[[LedgerTx], R]) -> R:
