@@ -12,12 +12,13 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from dataflow_testing.launch import TINY_JOB, console_script
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "examples" / "disaggregated_online.yaml"
@@ -36,31 +37,13 @@ def gate_variant() -> str:
     return variant
 
 
-TINY = (
-    "target.builtin.hidden_size=32",
-    "target.builtin.num_layers=8",
-    "target.builtin.num_heads=2",
-    "target.builtin.num_kv_heads=1",
-    "target.builtin.intermediate_size=64",
-    "target.batch_size=4",
-    "data.max_length=48",
-    "trainer.ttt_length=2",
-    "trainer.draft_vocab_size=128",
-    "trainer.batch_size=2",
-    "trainer.accumulation_steps=1",
-    "trainer.warmup_steps=1",
-    "trainer.max_steps=null",
-    "producer.workers=1",
-)
+TINY = (*TINY_JOB, "producer.workers=1")
 """Overrides that shrink the example to a seconds-long job (windows of 2 samples)."""
 
 
 def launcher() -> str:
     """The installed `dataflow-launch` console script next to this interpreter."""
-    path = Path(sys.executable).parent / "dataflow-launch"
-    if not path.exists():
-        raise RuntimeError(f"no dataflow-launch next to {sys.executable}: install dataflow-launch")
-    return str(path)
+    return str(console_script())
 
 
 @dataclass(frozen=True)

@@ -5,30 +5,18 @@ from __future__ import annotations
 import contextlib
 import json
 import subprocess
-import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from dataflow_testing.launch import TINY_JOB, console_script
 
 REPO = Path(__file__).resolve().parents[3]
 EXAMPLES = REPO / "examples"
 
 TINY_RUN = [
-    "target.builtin.hidden_size=32",
-    "target.builtin.num_layers=8",
-    "target.builtin.num_heads=2",
-    "target.builtin.num_kv_heads=1",
-    "target.builtin.intermediate_size=64",
-    "target.batch_size=4",
-    "data.max_length=48",
-    "trainer.ttt_length=2",
-    "trainer.draft_vocab_size=128",
-    "trainer.batch_size=2",
-    "trainer.accumulation_steps=1",
-    "trainer.warmup_steps=1",
-    "trainer.max_steps=null",
+    *TINY_JOB,
     "trainer.checkpoint_every=0",
     "flow.high_watermark=16",
     "flow.low_watermark=8",
@@ -38,10 +26,10 @@ TINY_RUN = [
 
 def script() -> Path:
     """The installed ``dataflow-launch`` console script (the real entry point)."""
-    path = Path(sys.executable).parent / "dataflow-launch"
-    if not path.exists():
-        pytest.fail(f"no dataflow-launch script next to {sys.executable}: install the package")
-    return path
+    try:
+        return console_script()
+    except RuntimeError as exc:
+        pytest.fail(str(exc))
 
 
 def cli(
