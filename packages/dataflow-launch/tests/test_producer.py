@@ -259,3 +259,37 @@ def test_staleness_admission_holds_rollouts_until_the_draft_is_fresh(ledger, sto
     refs = ledger.refs([t.task_id for t in tasks])
     assert {r.draft_weight_version for r in refs} == {"d3"}
     assert ledger.markers().producer.value == "closed"
+
+
+def test_a_producer_held_back_stops_with_the_consumers_failure(ledger, store, tiny_engine):
+    from dataflow.contracts import ConsumerState, ProducerState
+
+    tasks = make_tasks(tiny_engine, 10, prefix=RUN)
+    producer = producer_for(
+        ledger, store, tiny_engine, lease=1, flow_limits=FlowLimits(high_refs=4, low_refs=2)
+    )
+    producer.ingest(tasks)
+    ledger.set_consumer_state(ConsumerState.RUNNING)
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            producer.run()
+        except BaseException as exc:
+            errors.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 60
+    while ledger.status().in_flight < 4 and time.monotonic() < deadline:
+        time.sleep(0.01)  # the producer fills up to its high watermark, then waits
+    assert thread.is_alive()
+    ledger.set_consumer_state(ConsumerState.FAILED, "trainer crashed at step 7")
+    thread.join(timeout=30)
+    assert not thread.is_alive(), "the producer kept waiting for a failed consumer"
+    (error,) = errors
+    assert isinstance(error, RunFailedError)
+    assert "consumer FAILED" in str(error) and "trainer crashed at step 7" in str(error)
+    status = ledger.status()
+    assert status.markers.producer is ProducerState.FAILED
+    assert status.samples["committed"] == 4  # what it made stays committed for a resumed run
