@@ -100,3 +100,13 @@ def test_every_command_has_help():
         result = cli(command, "--help", timeout=60)
         assert result.returncode == 0, result.stderr
         assert result.stdout.startswith(f"usage: dataflow-launch {command}")
+
+
+@pytest.mark.parametrize(("command", "role"), [("produce", "producer"), ("consume", "trainer")])
+def test_a_role_command_refuses_a_one_process_topology(tmp_path, command, role):
+    colocated = EXAMPLES / "colocated_online.yaml"
+    result, out = run_with(tmp_path, command=command, config=colocated)
+    assert_one_error_line(
+        result, command, f"runs the {role} of a disaggregated run", "'colocated_online'", "run`"
+    )
+    assert not out.exists()

@@ -5,13 +5,12 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from dataflow.contracts import InvalidInputError
 from dataflow.launch.cli.jobs import (
-    DISAGGREGATED,
-    add_config_arguments,
+    add_job_command,
     finish_run,
     load_cli_config,
     prepare_run_dir,
+    require_disaggregated,
 )
 
 _DESCRIPTION = """\
@@ -25,27 +24,20 @@ listed once in trained.jsonl."""
 
 def register(commands: Any) -> None:
     """Add the ``consume`` sub-command."""
-    parser = commands.add_parser(
+    add_job_command(
+        commands,
         "consume",
         help="run the consumer (trainer) role of a disaggregated run",
         description=_DESCRIPTION,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        run=run,
+        resume_help="continue from the newest checkpoint in run.out_dir",
     )
-    add_config_arguments(parser)
-    parser.add_argument(
-        "--resume", action="store_true", help="continue from the newest checkpoint in run.out_dir"
-    )
-    parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Train to the end of the data; rank 0 finishes the run (draft, plots, summary)."""
     config = load_cli_config(args)
-    if config.run.topology not in DISAGGREGATED:
-        raise InvalidInputError(
-            f"consume runs the trainer of a disaggregated run; run.topology is "
-            f"{config.run.topology!r}, which runs in one process: use `dataflow-launch run`"
-        )
+    require_disaggregated(config, "consume")
     from dataflow.launch.builders.preflight import preflight
     from dataflow.launch.builders.ranks import in_torchrun
 

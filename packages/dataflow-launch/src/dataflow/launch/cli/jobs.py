@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,39 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--no-progress", dest="progress", action="store_false", help="no progress bars"
     )
+
+
+def add_job_command(
+    commands: Any,
+    name: str,
+    *,
+    help: str,
+    description: str,
+    run: Callable[[argparse.Namespace], int],
+    resume_help: str | None = None,
+) -> argparse.ArgumentParser:
+    """A sub-command taking CONFIG and ``--set`` overrides (and ``--resume`` with its help)."""
+    parser: argparse.ArgumentParser = commands.add_parser(
+        name,
+        help=help,
+        description=description,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_config_arguments(parser)
+    if resume_help is not None:
+        parser.add_argument("--resume", action="store_true", help=resume_help)
+    parser.set_defaults(run=run)
+    return parser
+
+
+def require_disaggregated(config: LaunchConfig, role: str) -> None:
+    """Refuse a one-process topology for a role command (``produce`` / ``consume``)."""
+    if config.run.topology not in DISAGGREGATED:
+        raise InvalidInputError(
+            f"{role} runs the {'producer' if role == 'produce' else 'trainer'} of a "
+            f"disaggregated run; run.topology is {config.run.topology!r}, which runs in one "
+            "process: use `dataflow-launch run`"
+        )
 
 
 def load_cli_config(args: argparse.Namespace) -> LaunchConfig:

@@ -6,8 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from dataflow.contracts import InvalidInputError
-from dataflow.launch.cli.jobs import DISAGGREGATED, add_config_arguments, load_cli_config
+from dataflow.launch.cli.jobs import add_job_command, load_cli_config, require_disaggregated
 from dataflow.launch.run_dir import RunDir
 
 _DESCRIPTION = """\
@@ -20,24 +19,19 @@ manifest.json. Restarted on the same ledger, it continues where it stopped."""
 
 def register(commands: Any) -> None:
     """Add the ``produce`` sub-command."""
-    parser = commands.add_parser(
+    add_job_command(
+        commands,
         "produce",
         help="run the producer role of a disaggregated run",
         description=_DESCRIPTION,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        run=run,
     )
-    add_config_arguments(parser)
-    parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
     """Produce until the prompt pool drains; print what was produced; return 0."""
     config = load_cli_config(args)
-    if config.run.topology not in DISAGGREGATED:
-        raise InvalidInputError(
-            f"produce runs the producer of a disaggregated run; run.topology is "
-            f"{config.run.topology!r}, which runs in one process: use `dataflow-launch run`"
-        )
+    require_disaggregated(config, "produce")
     from dataflow.launch.builders.preflight import preflight
 
     preflight(config)

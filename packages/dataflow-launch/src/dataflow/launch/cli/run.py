@@ -7,7 +7,7 @@ from typing import Any
 
 from dataflow.launch.cli.jobs import (
     DISAGGREGATED,
-    add_config_arguments,
+    add_job_command,
     config_argv,
     finish_run,
     load_cli_config,
@@ -25,17 +25,14 @@ config.yaml, metrics.jsonl, trained.jsonl, checkpoints/, plots/, draft/ and summ
 
 def register(commands: Any) -> None:
     """Add the ``run`` sub-command."""
-    parser = commands.add_parser(
+    add_job_command(
+        commands,
         "run",
         help="run a training job of any topology from a config",
         description=_DESCRIPTION,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
+        run=run,
+        resume_help="continue the run in run.out_dir from its checkpoint",
     )
-    add_config_arguments(parser)
-    parser.add_argument(
-        "--resume", action="store_true", help="continue the run in run.out_dir from its checkpoint"
-    )
-    parser.set_defaults(run=run)
 
 
 def topology_is_disaggregated(config: LaunchConfig) -> bool:
