@@ -27,8 +27,9 @@ from dataflow.train.parallel.backend import TrainBackend
 class StepEvent:
     """One finished optimizer step as a hook sees it.
 
-    ``sample_ids`` are the ids THIS rank trained in the step's window, in the order trained.
-    ``loss`` and ``metrics`` are already averaged over micro-steps and ranks.
+    ``sample_ids`` are the ids THIS rank trained in the step's window, in the order trained
+    (empty on a rank whose backend does not report samples: a sequence-parallel peer of the
+    rank that does). ``loss`` and ``metrics`` are already averaged over micro-steps and ranks.
     """
 
     step: int

@@ -386,7 +386,8 @@ class Trainer:
         if window.counts and self._metrics_from_counts is not None:
             metrics.update(self._global_ratio_metrics(window.counts, self._metrics_from_counts))
         result.losses[self.step] = loss
-        event = StepEvent(self.step, tuple(window.sample_ids), loss, lr, grad_norm, metrics)
+        reported = tuple(window.sample_ids) if self.backend.reports_samples else ()
+        event = StepEvent(self.step, reported, loss, lr, grad_norm, metrics)
         error: BaseException | None = None
         try:
             for hook in self.hooks:
@@ -402,7 +403,7 @@ class Trainer:
                 "grad_norm": grad_norm,
                 "step_time_s": elapsed,
                 "data_wait_s": window.data_wait_s,
-                "samples_per_s": len(window.sample_ids) * self.backend.world_size / elapsed,
+                "samples_per_s": len(window.sample_ids) * self.backend.data_parallel_size / elapsed,
                 **{f"train/{k}": v for k, v in metrics.items()},
             }
             self._metrics.write(self.step, row)

@@ -28,6 +28,9 @@ class TrainBackend(Protocol):
     Guarantees every implementation keeps: parameters the optimizer sees stay fp32 (the master
     weights) whatever ``precision`` computes in; ``clip_grad_norm`` returns the global pre-clip
     L2 norm over all ranks' gradient shards; ``agree`` raises on every rank if any rank failed.
+    ``data_parallel_size`` counts the ranks that train distinct samples, and ``reports_samples``
+    is false on a rank whose samples a peer already reports (a sequence-parallel peer reads the
+    same batches), so the ids all ranks report name each trained sample once.
     """
 
     @property
@@ -35,6 +38,12 @@ class TrainBackend(Protocol):
 
     @property
     def world_size(self) -> int: ...
+
+    @property
+    def data_parallel_size(self) -> int: ...
+
+    @property
+    def reports_samples(self) -> bool: ...
 
     @property
     def device(self) -> torch.device: ...
@@ -112,6 +121,14 @@ class LocalBackend:
     @property
     def world_size(self) -> int:
         return 1
+
+    @property
+    def data_parallel_size(self) -> int:
+        return 1
+
+    @property
+    def reports_samples(self) -> bool:
+        return True
 
     @property
     def device(self) -> torch.device:

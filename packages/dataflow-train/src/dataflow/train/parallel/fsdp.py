@@ -51,6 +51,14 @@ class FSDPBackend:
         return self._ctx.world_size
 
     @property
+    def data_parallel_size(self) -> int:
+        return self._ctx.world_size  # every rank trains its own samples
+
+    @property
+    def reports_samples(self) -> bool:
+        return True
+
+    @property
     def device(self) -> torch.device:
         return self._ctx.device
 
