@@ -83,10 +83,11 @@ def lint(session: nox.Session) -> None:
 
 @nox.session
 def typecheck(session: nox.Session) -> None:
-    """mypy over every package's source."""
+    """mypy over every package's source and the internal test support."""
     session.install(*CONSTRAINTS, "mypy>=1.10", "types-PyYAML", "types-requests", "pytest")
     install_editable(session, "launch", ("redis", "hf"))
     srcs = [str(ROOT / "packages" / f"dataflow-{p}" / "src" / "dataflow" / p) for p in PACKAGES]
+    srcs.append(str(ROOT / "tools" / "dataflow-testing" / "src" / "dataflow_testing"))
     session.run("mypy", *srcs)
 
 
