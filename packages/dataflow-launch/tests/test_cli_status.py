@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import itertools
 import json
+import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from dataflow_testing.launch import console_script
 from dataflow_testing.ports import free_port
 
 from dataflow.contracts import FeatureSpec, PromptTask, SampleRef
@@ -27,11 +28,8 @@ _namespaces = itertools.count()
 
 def cli(*args: str) -> subprocess.CompletedProcess[str]:
     """Run the installed ``dataflow-launch`` console script (the real entry point)."""
-    script = Path(sys.executable).parent / "dataflow-launch"
-    if not script.exists():
-        pytest.fail(f"no dataflow-launch script next to {sys.executable}: install the package")
     return subprocess.run(
-        [str(script), *args], capture_output=True, text=True, timeout=60, check=False
+        [str(console_script()), *args], capture_output=True, text=True, timeout=60, check=False
     )
 
 
@@ -306,3 +304,25 @@ def test_status_usage_error_exits_2():
     result = cli("status")
     assert result.returncode == 2
     assert "the following arguments are required: LEDGER_URI" in result.stderr
+
+
+def test_a_reader_closing_the_pipe_ends_status_quietly(tmp_path):
+    path = tmp_path / "ledger.sqlite"
+    ledger = open_ledger(f"sqlite://{path}")
+    ledger.open_run("piped", 2, resume=False)
+    ledger.close()
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # like `| head` exiting before the first write
+    try:
+        done = subprocess.run(
+            [str(console_script()), "status", f"sqlite://{path}", "--json"],
+            stdout=write_end,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    finally:
+        os.close(write_end)
+    assert done.returncode == 141, done.stderr
+    assert "Traceback" not in done.stderr and "BrokenPipe" not in done.stderr, done.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -14,6 +15,7 @@ EXIT_ERROR = 2
 """Exit status for a refused command (bad input, a backend that cannot be reached)."""
 
 EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE
 
 _DESCRIPTION = """\
 Train EAGLE3 draft models from a live target model.
@@ -44,7 +46,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     No command prints the help and returns 0. A command refused for a reason the user can fix
     (any ``DataflowError``: bad URI, missing file, unreachable backend, corrupt ledger) prints
     one line ``dataflow-launch COMMAND: error: …`` on stderr, without a traceback, and returns
-    2, like a usage error; Ctrl-C returns 130.
+    2, like a usage error; Ctrl-C returns 130. A reader that closes the pipe early
+    (``status --json | head``) ends the command quietly with 141, as ``SIGPIPE`` would.
     """
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -60,4 +63,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"dataflow-launch {args.command}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # Python would report the unflushed stdout again at exit; point it at /dev/null.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return EXIT_BROKEN_PIPE
     return code
