@@ -233,3 +233,24 @@ def test_every_example_file_is_tested():
     assert sorted(p.stem for p in EXAMPLES.glob("*.yaml")) == sorted(
         ["colocated_offline", "colocated_online", "disaggregated_offline", "disaggregated_online"]
     )
+
+
+@pytest.mark.parametrize("topology", ["colocated_online", "disaggregated_online"])
+def test_sequence_parallelism_is_refused_for_online_topologies(topology):
+    message = refused("sp_size", sets=(f"run.topology={topology}", "trainer.sp_size=2"))
+    assert "trainer.sp_size: sequence parallelism (2) needs an offline topology" in message
+    assert f"{topology} consumers are data-parallel only" in message
+
+
+def test_sequence_parallelism_counts_in_the_trainer_world_size_not_the_window():
+    config = load_config(
+        None,
+        (
+            "run.topology=colocated_offline",
+            "trainer.dp_size=2",
+            "trainer.sp_size=2",
+            "trainer.batch_size=3",
+        ),
+    )
+    assert config.trainer.world_size == 4
+    assert config.trainer.quantum == 6  # two data-parallel groups of one batch each

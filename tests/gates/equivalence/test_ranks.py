@@ -67,15 +67,40 @@ def test_two_fsdp_ranks_match_one_rank(offline_reference, tmp_path, record):
     ref_steps = trained_steps(offline_reference)
     got_steps = trained_steps(out)
     assert [sorted(s) for s in got_steps] == [sorted(s) for s in ref_steps]
+    _same_draft(out / "draft", offline_reference / "draft")
+
+
+def _same_draft(got: Path, reference: Path) -> None:
+    """The exported drafts hold the same tensors, equal up to summation order."""
+    import torch
+    from safetensors.torch import load_file
+
+    mine, ref = load_file(got / "model.safetensors"), load_file(reference / "model.safetensors")
+    assert mine.keys() == ref.keys()
+    for name, value in ref.items():
+        torch.testing.assert_close(mine[name], value, rtol=1e-4, atol=1e-5, msg=name)
 
 
 def test_dp2_sp2_matches_one_rank_on_the_full_sequence(offline_reference, tmp_path, record):
     features = offline_reference / "features"
     out = tmp_path / "dp2sp2"
-    torchrun(4, "dpsp", str(out), str(features), "trainer.accumulation_steps=1")
+    torchrun(
+        4,
+        "dp",
+        str(out),
+        str(features),
+        "trainer.dp_size=2",
+        "trainer.sp_size=2",
+        "trainer.accumulation_steps=1",
+    )
     _compare(record, "1 rank vs 4 ranks dp2 x sp2 (gloo)", out, offline_reference, 1e-5, 1e-4)
     rows = read_jsonl(out / "metrics.jsonl")
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+    # Each step trained the reference's two samples, each listed once (SP peers report none).
+    assert [sorted(s) for s in trained_steps(out)] == [
+        sorted(s) for s in trained_steps(offline_reference)
+    ]
+    _same_draft(out / "draft", offline_reference / "draft")
 
 
 def test_a_dp_size_other_than_the_world_size_is_refused(offline_reference, tmp_path):
@@ -84,5 +109,5 @@ def test_a_dp_size_other_than_the_world_size_is_refused(offline_reference, tmp_p
         [*cmd, "trainer.dp_size=3"], capture_output=True, text=True, timeout=120, check=False
     )
     assert result.returncode != 0
-    assert "trainer.dp_size is 3 but this is one process" in result.stderr
+    assert "trainer.dp_size x trainer.sp_size is 3 x 1 = 3 but this is one process" in result.stderr
     assert not (tmp_path / "metrics.jsonl").exists()

@@ -15,6 +15,7 @@ from dataflow.launch.data import PromptSet, build_tasks, load_prompts
 from dataflow.launch.producer import ledger_options, store_options
 from dataflow.store import open_store
 from dataflow.train.eagle3 import Eagle3Objective
+from dataflow.train.eagle3.sequence import SequenceExchange
 
 
 def open_plan_ledger(config: LaunchConfig, plan: ControlPlan) -> Ledger:
@@ -56,8 +57,12 @@ def load_run_prompts(config: LaunchConfig, tokenizer: Any, target_version: str) 
     return Prompts(prompts, tuple(tasks))
 
 
-def trainer_objective(config: LaunchConfig) -> Eagle3Objective:
-    """The draft objective of ``config`` (target side loaded, vocabulary map from the prompts)."""
+def trainer_objective(
+    config: LaunchConfig, *, sequence_parallel: SequenceExchange | None = None
+) -> Eagle3Objective:
+    """The draft objective of ``config`` (target side loaded, vocabulary map from the prompts),
+    on this rank's sequence shard when ``sequence_parallel`` is given.
+    """
     target = load_target_side(config)
     prompts = load_prompts(config.data, target.tokenizer)
-    return build_objective(config, target, prompts)
+    return build_objective(config, target, prompts, sequence_parallel=sequence_parallel)

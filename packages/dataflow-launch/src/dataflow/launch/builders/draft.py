@@ -8,6 +8,7 @@ from dataflow.launch.builders.target_side import TargetSide
 from dataflow.launch.config import LaunchConfig
 from dataflow.launch.data import PromptSet
 from dataflow.train.eagle3 import Eagle3Config, Eagle3Objective, build_vocab_map
+from dataflow.train.eagle3.sequence import SequenceExchange
 
 
 def draft_config(config: LaunchConfig, target: TargetSide) -> Eagle3Config:
@@ -35,14 +36,18 @@ def vocab_counts(prompts: PromptSet) -> Counter[int]:
 
 
 def build_objective(
-    config: LaunchConfig, target: TargetSide, prompts: PromptSet
+    config: LaunchConfig,
+    target: TargetSide,
+    prompts: PromptSet,
+    *,
+    sequence_parallel: SequenceExchange | None = None,
 ) -> Eagle3Objective:
     """The objective the trainer optimises, deterministic for ``config.run.seed``.
 
     Raises ``InvalidInputError`` when the draft vocabulary is larger than the target's.
     """
     eagle = draft_config(config, target)
-    objective = Eagle3Objective(eagle, seed=config.run.seed)
+    objective = Eagle3Objective(eagle, seed=config.run.seed, sequence_parallel=sequence_parallel)
     objective.init_from_target(target.embed_weight, target.lm_head_weight)
     counts = vocab_counts(prompts)
     objective.set_vocab_map(

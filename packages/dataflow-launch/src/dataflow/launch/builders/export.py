@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from torch import nn
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 
 from dataflow.contracts import InvalidInputError, NotFoundError
@@ -14,7 +15,9 @@ from dataflow.launch.config import LaunchConfig, load_config
 from dataflow.launch.run_dir import RunDir
 from dataflow.train.checkpoint import CheckpointManager
 from dataflow.train.distributed import LocalCollective
+from dataflow.train.eagle3.sequence import LocalSequence
 from dataflow.train.export import FORMATS, export_draft
+from dataflow.train.parallel.sequence import SequenceParallelObjective
 
 
 def export_from_checkpoint(config: LaunchConfig, run_dir: RunDir, fmt: str, out: Path) -> Path:
@@ -32,9 +35,16 @@ def export_from_checkpoint(config: LaunchConfig, run_dir: RunDir, fmt: str, out:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise InvalidInputError(f"export target {str(out)!r} exists and is not an empty directory")
     objective = trainer_objective(config)
-    tensors = {"model": get_model_state_dict(objective)}
+    # A sequence-parallel run trained the objective inside its SP wrapper; the same wrapper on
+    # one process gives the checkpoint's parameter names.
+    model: nn.Module = (
+        SequenceParallelObjective(objective, LocalSequence())
+        if config.trainer.sp_size > 1
+        else objective
+    )
+    tensors = {"model": get_model_state_dict(model)}
     CheckpointManager(run_dir.checkpoints, LocalCollective()).load(info, tensors)
-    set_model_state_dict(objective, tensors["model"])
+    set_model_state_dict(model, tensors["model"])
     return export_draft(objective, out, fmt=fmt)
 
 

@@ -63,7 +63,7 @@ def _train_refs(
     layout = rank_layout(config)
     clean = False
     try:
-        objective = trainer_objective(config)
+        objective = trainer_objective(config, sequence_parallel=layout.exchange)
         store = open_store(store_uri, **store_options)
         try:
             outcome = train_draft(

@@ -135,7 +135,7 @@ def _train_on(
     resume: bool,
     progress: bool,
 ) -> Callable[[RefQueue], TrainOutcome]:
-    objective = trainer_objective(config)
+    objective = trainer_objective(config, sequence_parallel=layout.exchange)
     window_ack = LedgerWindowAck(consumer, tracks_checkpoints=plan.tracks_checkpoints)
 
     def train(refs: RefQueue) -> TrainOutcome:

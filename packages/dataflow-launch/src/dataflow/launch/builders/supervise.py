@@ -129,7 +129,7 @@ def run_disaggregated(
     consume = ("consume", *config_argv, *(["--resume"] if resume else []))
     roles = [
         Role("producer", ("produce", *config_argv)),
-        Role("consumer", consume, ranks=config.trainer.dp_size),
+        Role("consumer", consume, ranks=config.trainer.world_size),
     ]
     total = _planned_samples(config)
     bars = [

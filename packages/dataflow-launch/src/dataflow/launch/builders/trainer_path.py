@@ -26,6 +26,7 @@ from dataflow.train.hooks import StepEvent, TrainerHook
 from dataflow.train.loader import FeatureDataLoader
 from dataflow.train.metrics import default_metrics, read_jsonl
 from dataflow.train.optim import OptimConfig
+from dataflow.train.parallel.sequence import SequenceParallelObjective
 from dataflow.train.trainer import Trainer
 
 
@@ -168,8 +169,9 @@ def train_draft(
             batch_size=config.trainer.batch_size,
             seed=config.run.seed,
             num_epochs=source.num_epochs,
-            rank=layout.rank,
-            world_size=layout.world_size,
+            rank=layout.data_rank,
+            world_size=layout.data_world,
+            pad_multiple=layout.sp_size,
             prefetch=1,
         )
     else:
@@ -178,12 +180,18 @@ def train_draft(
             store,
             queue=_CountingQueue(source.queue, tokens),
             batch_size=config.trainer.batch_size,
+            pad_multiple=layout.sp_size,
             prefetch=1,
         )
     ack_hook = AuditedAckHook(window_ack, TrainedLog(run_dir.trained) if rank0 else None)
     token_hook = _TokenHook(tokens)
+    model = (
+        objective
+        if layout.exchange is None
+        else SequenceParallelObjective(objective, layout.exchange)
+    )
     trainer = Trainer(
-        objective,
+        model,
         loader,
         trainer_config(config, progress=progress and rank0),
         backend=layout.backend,

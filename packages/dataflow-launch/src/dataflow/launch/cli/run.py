@@ -19,7 +19,7 @@ _DESCRIPTION = """\
 Run a whole training job from CONFIG on this host, whatever its topology:
 colocated_offline (feature files, one process), colocated_online (producer thread + trainer),
 disaggregated_offline and disaggregated_online (a producer process and a consumer process; the
-consumer runs under torchrun when trainer.dp_size > 1). The run directory (run.out_dir) gets
+consumer runs under torchrun when trainer.dp_size x trainer.sp_size > 1). The run directory (run.out_dir) gets
 config.yaml, metrics.jsonl, trained.jsonl, checkpoints/, plots/, draft/ and summary.json."""
 
 

@@ -129,6 +129,12 @@ class LaunchConfig(Section):
                 f"ledger.uri: deployment mode {mode.value!r} keeps a durable ledger; noop:// "
                 "retains nothing"
             )
+        if self.trainer.sp_size > 1 and topology.endswith("_online"):
+            raise ValueError(
+                f"trainer.sp_size: sequence parallelism ({self.trainer.sp_size}) needs an offline "
+                f"topology, where every rank of a sequence-parallel group reads the same fixed "
+                f"refs; {topology} consumers are data-parallel only (use trainer.dp_size)"
+            )
         if self.flow.high_watermark < self.trainer.quantum:
             raise ValueError(
                 f"flow.high_watermark: {self.flow.high_watermark} is below one optimizer window "

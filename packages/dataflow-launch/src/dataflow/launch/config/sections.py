@@ -259,6 +259,13 @@ class TrainerSection(Section):
     log_every: int = Field(default=1, ge=1)
 
     @property
+    def world_size(self) -> int:
+        """Trainer processes: ``dp_size * sp_size`` (each sequence-parallel group of ``sp_size``
+        ranks trains one data-parallel share).
+        """
+        return self.dp_size * self.sp_size
+
+    @property
     def quantum(self) -> int:
         """Samples per optimizer window: dp_size * batch_size * accumulation_steps."""
         return self.dp_size * self.batch_size * self.accumulation_steps

@@ -36,6 +36,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from dataflow.contracts import Collective, InvalidInputError
 from dataflow.train.distributed import FailTogether, TorchCollective
 from dataflow.train.eagle3.objective import Eagle3Objective, StepOutput
+from dataflow.train.eagle3.sequence import SequenceExchange
 from dataflow.train.parallel.backend import (
     check_precision,
     local_grads,
@@ -101,9 +102,11 @@ class SequenceParallelObjective(nn.Module):
     is the whole sequence's (the group's shares summed), so every rank logs the same loss as one
     rank would, while its GRADIENT is this share's, so summing gradients over the group gives
     the whole sequence's gradient. Metrics and counts are already global over the group.
+    ``exchange`` must be the one the objective was built with; a ``LocalSequence`` gives the
+    same parameter names on one process (to load or export an SP run's checkpoint).
     """
 
-    def __init__(self, objective: Eagle3Objective, exchange: UlyssesExchange) -> None:
+    def __init__(self, objective: Eagle3Objective, exchange: SequenceExchange) -> None:
         super().__init__()
         self.objective = objective
         self.exchange = exchange
