@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -92,32 +91,12 @@ def worker(rank: int, port: int, out_dir: str) -> None:
 
 def test_two_sequence_parallel_ranks_train_like_one_and_report_each_sample_once(tmp_path):
     from dataflow_testing.ports import free_port
-    from train_support import tiny_objective
+    from train_support import run_rank_processes, tiny_objective
 
     from dataflow.train.parallel.backend import LocalBackend
 
     port = free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    procs = [
-        subprocess.Popen(
-            [sys.executable, __file__, str(rank), str(port), str(tmp_path)],
-            env=env,
-            cwd=Path(__file__).parent,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )
-        for rank in range(2)
-    ]
-    outputs = []
-    for proc in procs:
-        try:
-            out, _ = proc.communicate(timeout=180)
-        except subprocess.TimeoutExpired:
-            for p in procs:
-                p.kill()
-            raise
-        outputs.append(out.decode(errors="replace"))
-    assert all(p.returncode == 0 for p in procs), "\n".join(outputs)
+    run_rank_processes(__file__, lambda rank: [str(rank), str(port), str(tmp_path)], 2)
 
     losses, acked, weights = _fit(LocalBackend(), tiny_objective(seed=0), 1)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]

@@ -9,7 +9,6 @@ process computes the same thing on one process and compares. Tolerance (fp32): l
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -110,28 +109,10 @@ def worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
 def test_sequence_parallel_two_ranks_match_one_rank(tmp_path: Path):
     from dataflow_testing.ports import free_port
+    from train_support import run_rank_processes
 
     port = free_port()
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    procs = [
-        subprocess.Popen(
-            [sys.executable, __file__, str(rank), "2", str(port), str(tmp_path)],
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-        )
-        for rank in range(2)
-    ]
-    outputs = []
-    for proc in procs:
-        try:
-            out, _ = proc.communicate(timeout=120)
-        except subprocess.TimeoutExpired:
-            for p in procs:
-                p.kill()
-            raise
-        outputs.append(out.decode(errors="replace"))
-    assert all(p.returncode == 0 for p in procs), "\n".join(outputs)
+    run_rank_processes(__file__, lambda rank: [str(rank), "2", str(port), str(tmp_path)], 2, 120)
 
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     for name, kv, length, ttt, lengths in CASES:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import torch
 
@@ -103,3 +107,36 @@ def ledger_queue(store: FeatureStore, refs: Sequence[SampleRef], batch_size: int
     producer.commit(list(refs))
     producer.close()
     return consumer.queue()
+
+
+def run_rank_processes(
+    script: str | Path, args_of: Callable[[int], list[str]], world: int, timeout: float = 180
+) -> list[str]:
+    """Run ``python script *args_of(rank)`` for every rank at once (one torch thread each, from
+    the script's directory); kill them all if one outlives ``timeout``; assert they all exit 0.
+
+    Returns each rank's combined output.
+    """
+    script = Path(script)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), *args_of(rank)],
+            env=env,
+            cwd=script.parent,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+        )
+        for rank in range(world)
+    ]
+    outputs = []
+    for proc in procs:
+        try:
+            out, _ = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            for other in procs:
+                other.kill()
+            raise
+        outputs.append(out.decode(errors="replace"))
+    assert all(p.returncode == 0 for p in procs), "\n".join(outputs)
+    return outputs

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from dataflow_testing.launch import TINY_JOB, console_script
 from dataflow_testing.netns import ClusterServices, VirtualHost, VirtualHosts
 from netns_support import needs_services, read_line
 
@@ -29,27 +30,16 @@ pytestmark = [needs_services, pytest.mark.redis, pytest.mark.mooncake]
 
 REPO = Path(__file__).resolve().parents[3]
 CONFIG = str(REPO / "examples" / "disaggregated_online.yaml")
-LAUNCH = str(Path(sys.executable).parent / "dataflow-launch")
+LAUNCH = str(console_script())
 PROMPTS = 16
 BATCH = 2
 KILL_AFTER_LINES = 2
 RUN_TIMEOUT_S = 120.0
 
 TINY = [
-    "target.builtin.hidden_size=32",
-    "target.builtin.num_layers=8",
-    "target.builtin.num_heads=2",
-    "target.builtin.num_kv_heads=1",
-    "target.builtin.intermediate_size=64",
-    "target.batch_size=4",
-    "data.max_length=48",
+    *TINY_JOB,
     f"data.max_prompts={PROMPTS}",
-    "trainer.ttt_length=2",
-    "trainer.draft_vocab_size=128",
     f"trainer.batch_size={BATCH}",
-    "trainer.accumulation_steps=1",
-    "trainer.warmup_steps=1",
-    "trainer.max_steps=null",
     "trainer.checkpoint_every=2",
     "flow.high_watermark=16",
     "flow.low_watermark=8",
