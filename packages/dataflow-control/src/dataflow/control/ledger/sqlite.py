@@ -198,6 +198,13 @@ class _SQLiteTx(LedgerTx):
         )
 
 
+def _is_busy(exc: sqlite3.Error) -> bool:
+    """Whether ``exc`` is SQLite saying another connection holds the lock."""
+    return isinstance(exc, sqlite3.OperationalError) and (
+        "locked" in str(exc) or "busy" in str(exc)
+    )
+
+
 def _enter_wal(conn: sqlite3.Connection, timeout_s: float) -> str:
     """Switch the file to WAL, retrying while another connection holds the lock.
 
@@ -212,8 +219,7 @@ def _enter_wal(conn: sqlite3.Connection, timeout_s: float) -> str:
         try:
             return str(conn.execute("PRAGMA journal_mode = WAL").fetchone()[0])
         except sqlite3.OperationalError as exc:
-            busy = "locked" in str(exc) or "busy" in str(exc)
-            if not busy or time.monotonic() + pause > deadline:
+            if not _is_busy(exc) or time.monotonic() + pause > deadline:
                 raise
         time.sleep(pause)
         pause = min(pause * 2, 0.05)
@@ -286,9 +292,7 @@ class SQLiteStorage(LedgerStorage):
                     f"{self._path}: {what} failed: the disk holding the ledger is full ({exc}); "
                     "the transaction was rolled back, nothing changed"
                 ) from None
-            if isinstance(exc, sqlite3.OperationalError) and (
-                "locked" in str(exc) or "busy" in str(exc)
-            ):
+            if _is_busy(exc):
                 raise BackendUnavailableError(
                     f"{self._path}: {what} gave up waiting for the database lock ({exc})"
                 ) from None

@@ -17,9 +17,9 @@ _DESCRIPTION = """\
 Run the consumer (trainer) of a disaggregated run: train the draft from the shared ledger and
 store (online) or from the producer's manifest (offline) until the data ends, then export the
 draft, draw the plots and print the summary. Under torchrun every rank runs this command
-(trainer.dp_size x trainer.sp_size must equal the number of ranks). --resume continues from the newest checkpoint
-in run.out_dir after a crash: samples trained after that checkpoint are trained again and
-listed once in trained.jsonl."""
+(trainer.dp_size x trainer.sp_size must equal the number of ranks). --resume continues from the
+newest checkpoint in run.out_dir after a crash: samples trained after that checkpoint are
+trained again and listed once in trained.jsonl."""
 
 
 def register(commands: Any) -> None:
