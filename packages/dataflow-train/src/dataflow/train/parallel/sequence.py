@@ -169,9 +169,13 @@ class SequenceParallelBackend:
 
     def clip_grad_norm(self, params: Iterable[nn.Parameter], max_norm: float | None) -> float:
         grads = local_grads(params)
-        for grad in grads:  # SUM over every rank = SUM over sp of each group, summed over dp
-            dist.all_reduce(grad, op=dist.ReduceOp.SUM)
-            grad.div_(self.mesh.dp_size)
+        if grads:  # one collective for all gradients, not one per parameter
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            # SUM over every rank = SUM over sp within each group, summed over the dp groups
+            dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+            flat.div_(self.mesh.dp_size)
+            for grad, reduced in zip(grads, flat.split([g.numel() for g in grads]), strict=True):
+                grad.copy_(reduced.view_as(grad))
         total = float(local_sq_norm(grads).sqrt())
         scale_grads(grads, total, max_norm)
         return total
