@@ -63,7 +63,7 @@ def test_incomplete_or_corrupt_checkpoints_are_refused(tmp_path):
         manager.resolve(info.path)
     info = _save(manager, 2)
     (info.path / "meta.json").write_text("{not json")
-    with pytest.raises(CorruptRecordError, match="not valid JSON"):
+    with pytest.raises(CorruptRecordError, match="meta.json is 9 bytes, its manifest says"):
         manager.read_shared(info)
     with pytest.raises(InvalidInputError, match="keep_last must be >= 0"):
         CheckpointManager(tmp_path, LocalCollective(), keep_last=-1)

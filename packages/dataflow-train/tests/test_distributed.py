@@ -99,7 +99,7 @@ def test_two_fsdp_ranks_match_one_rank_and_ack_through_rank_0(tmp_path):
     assert sorted(r0["freed"] + r1["freed"]) == [r.sample_id for r in refs]
     assert r0["resident"] == r1["resident"] == 4
     step_dir = tmp_path / "ckpt" / "step-00000002"
-    assert {"COMPLETE", "rank-0.json", "rank-1.json", "meta.json"} <= {
+    assert {"COMPLETE", "rank-0.json", "rank-1.json", "meta.json", "MANIFEST.json"} <= {
         p.name for p in step_dir.iterdir()
     }
 

@@ -89,6 +89,12 @@ def render_summary(summary: RunSummary) -> str:
             f"trainer            {t.get('samples', 0)} samples, {t.get('tokens', 0)} tokens in "
             f"{t.get('seconds', 0):.1f}s = {t.get('tokens_per_s', 0):.0f} tokens/s"
         )
+    if summary.trainer.get("refused_checkpoints"):
+        lines.append(
+            f"resumed from       step {summary.trainer.get('resumed_from_step')} "
+            "(newer checkpoints refused:)"
+        )
+        lines.extend(f"  refused          {r}" for r in summary.trainer["refused_checkpoints"])
     for key in HEADLINE:
         if key in summary.final_metrics:
             first = summary.first_metrics.get(key)

@@ -6,12 +6,16 @@ Layout under ``root``::
         .metadata, __*.distcp  model + optimizer tensors (DCP, sharded by rank)
         rank-0.json ...        per-rank state: RNG, loader position, hook states
         meta.json              shared state: step, config and its fingerprint, world size
-        COMPLETE               marker, written last before the rename
+        COMPLETE               marker
+        MANIFEST.json          signed sizes + SHA-256 of every file above, written last
+    .run-key                  the run's secret that signs the manifests (mode 0600)
     .tmp-step-00000004/       a save in progress (or one a crash interrupted: ignored)
 
 A save writes everything into the temporary directory, then rank 0 renames it into place. A
 crash at any instant therefore leaves either the new checkpoint complete or only the previous
-ones: a directory without ``COMPLETE`` is never read.
+ones: a directory without ``COMPLETE`` is never read. A complete directory is loaded only
+after it is verified against its manifest (:mod:`dataflow.train.checkpoint_manifest`), before
+DCP unpickles anything; a refused one is reported with the file and the reason.
 """
 
 from __future__ import annotations
@@ -23,7 +27,7 @@ import os
 import re
 import shutil
 import warnings
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +36,23 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
 from dataflow.contracts import Collective, CorruptRecordError, InvalidInputError, NotFoundError
+from dataflow.train.checkpoint_manifest import (
+    CheckpointRefusedError,
+    run_key,
+    verify_checkpoint,
+    write_manifest,
+)
+
+__all__ = [
+    "MARKER",
+    "CheckpointInfo",
+    "CheckpointManager",
+    "CheckpointRefusedError",
+    "RefusedCheckpoint",
+    "config_differences",
+    "fingerprint",
+    "report_refused",
+]
 
 MARKER = "COMPLETE"
 _STEP_DIR = re.compile(r"^step-(\d{8})$")
@@ -84,6 +105,16 @@ class CheckpointInfo:
     path: Path
 
 
+@dataclass(frozen=True)
+class RefusedCheckpoint:
+    """A complete checkpoint that failed verification: which file, and why (never loaded)."""
+
+    step: int
+    path: Path
+    file: Path
+    reason: str
+
+
 def _write_json(path: Path, obj: Any) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with tmp.open("w", encoding="utf-8") as fh:
@@ -117,7 +148,9 @@ class CheckpointManager:
     every rank if any rank failed to write; saving step N first removes checkpoints of steps
     above N (a run resumed from an older checkpoint forks from it); only the newest
     ``keep_last`` complete checkpoints are kept (0 keeps all); ``latest`` ignores anything
-    without a ``COMPLETE`` marker.
+    without a ``COMPLETE`` marker; ``read_shared`` and ``load`` verify the checkpoint against its
+    manifest (signed with the run's key, for run ``run_id``) before reading any of it, and
+    raise :class:`CheckpointRefusedError` naming the file otherwise, on every rank.
     """
 
     def __init__(
@@ -127,6 +160,7 @@ class CheckpointManager:
         *,
         keep_last: int = 3,
         fault_hook: FaultHook | None = None,
+        run_id: str = "run",
     ) -> None:
         if keep_last < 0:
             raise InvalidInputError(f"keep_last must be >= 0, got {keep_last}")
@@ -134,6 +168,8 @@ class CheckpointManager:
         self._collective = collective
         self._keep_last = keep_last
         self._fault_hook = fault_hook
+        self.run_id = run_id
+        self._verified: set[Path] = set()
 
     # ------------------------------------------------------------------ finding
     def complete(self) -> list[CheckpointInfo]:
@@ -171,6 +207,7 @@ class CheckpointManager:
         """Write ``tensors`` (DCP), this rank's ``rank_state`` and rank 0's ``shared_state``."""
         final = self.root / f"step-{step:08d}"
         tmp = self.root / f".tmp-step-{step:08d}"
+        self._verified.discard(final)
         rank = self._collective.rank
         if rank == 0:
             self.root.mkdir(parents=True, exist_ok=True)
@@ -203,6 +240,7 @@ class CheckpointManager:
     def _finalise(self, step: int, tmp: Path, final: Path, shared: Mapping[str, Any]) -> None:
         _write_json(tmp / "meta.json", {**shared, "step": step})
         _write_json(tmp / MARKER, {"step": step})
+        write_manifest(tmp, run_id=self.run_id, step=step, key=run_key(self.root, create=True))
         _fsync_dir(tmp)
         if self._fault_hook is not None:
             self._fault_hook("before_rename", step)
@@ -221,14 +259,59 @@ class CheckpointManager:
             for info in self.complete()[: -self._keep_last]:
                 shutil.rmtree(info.path, ignore_errors=True)
 
+    # ------------------------------------------------------------- verification
+    def verify(self, info: CheckpointInfo) -> None:
+        """Verify ``info`` against its manifest (rank 0 reads, every rank gets the verdict).
+
+        Raises :class:`CheckpointRefusedError` naming the file on every rank; nothing of the
+        checkpoint is deserialised either way. Every rank calls this together.
+        """
+        verdict: tuple[str, str] | None = None
+        if self._collective.rank == 0:
+            try:
+                key = run_key(self.root, create=False)
+                verify_checkpoint(info.path, run_id=self.run_id, step=info.step, key=key)
+            except CheckpointRefusedError as exc:
+                verdict = (str(exc.path), str(exc))
+            except OSError as exc:
+                verdict = (str(info.path), f"checkpoint {info.path} cannot be read: {exc}")
+        verdict = self._collective.broadcast_object(verdict, src=0)
+        if verdict is not None:
+            raise CheckpointRefusedError(Path(verdict[0]), verdict[1])
+        self._verified.add(info.path)
+
+    def newest_verified(self) -> tuple[CheckpointInfo | None, list[RefusedCheckpoint]]:
+        """The newest complete checkpoint that verifies, and every newer one that did not.
+
+        Every rank calls this together. ``(None, [])``: there is no complete checkpoint;
+        ``(None, refused)``: there are some and none verifies.
+        """
+        refused: list[RefusedCheckpoint] = []
+        for info in reversed(self.complete()):
+            try:
+                self.verify(info)
+            except CheckpointRefusedError as exc:
+                refused.append(RefusedCheckpoint(info.step, info.path, exc.path, str(exc)))
+                continue
+            return info, refused
+        return None, refused
+
+    def _ensure_verified(self, info: CheckpointInfo) -> None:
+        if info.path not in self._verified:
+            self.verify(info)
+
     # ------------------------------------------------------------------ loading
     def read_shared(self, info: CheckpointInfo) -> dict[str, Any]:
-        """The checkpoint's ``meta.json``."""
+        """The checkpoint's ``meta.json``, once the checkpoint is verified."""
+        self._ensure_verified(info)
         meta: dict[str, Any] = _read_json(info.path / "meta.json")
         return meta
 
     def load(self, info: CheckpointInfo, tensors: dict[str, Any]) -> dict[str, Any]:
-        """Load tensors into ``tensors`` in place (DCP); return this rank's state."""
+        """Load tensors into ``tensors`` in place (DCP), once the checkpoint is verified;
+        return this rank's state.
+        """
+        self._ensure_verified(info)
         rank_file = info.path / f"rank-{self._collective.rank}.json"
         if not rank_file.is_file():
             raise NotFoundError(
@@ -239,3 +322,26 @@ class CheckpointManager:
             dcp.load(tensors, checkpoint_id=str(info.path), no_dist=not dist.is_initialized())
         state: dict[str, Any] = _read_json(rank_file)
         return state
+
+
+def report_refused(
+    refused: Sequence[RefusedCheckpoint], chosen: CheckpointInfo | None
+) -> list[str]:
+    """One line per refused checkpoint saying what is loaded instead; raises when none verifies.
+
+    ``CheckpointRefusedError`` (naming every refused file) when checkpoints were refused and
+    ``chosen`` is ``None``: resuming from nothing would retrain from scratch over a run that has
+    checkpoints, so the caller must decide.
+    """
+    if refused and chosen is None:
+        raise CheckpointRefusedError(
+            refused[0].file,
+            "no checkpoint of this run verifies, so none is loaded: "
+            + "; ".join(r.reason for r in refused),
+        )
+    assert chosen is not None or not refused
+    return [
+        f"checkpoint step {r.step} refused: {r.reason}; falling back to the verified "
+        f"checkpoint of step {chosen.step if chosen is not None else -1}"
+        for r in refused
+    ]

@@ -6,6 +6,7 @@ rank or many differ only in the loader's ref source, the store behind it and the
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -21,8 +22,10 @@ from dataflow.contracts import InvalidInputError, RunFailedError, SampleRef, Tra
 from dataflow.train.checkpoint import (
     CheckpointInfo,
     CheckpointManager,
+    RefusedCheckpoint,
     config_differences,
     fingerprint,
+    report_refused,
 )
 from dataflow.train.config import TrainerConfig
 from dataflow.train.hooks import AckHook, HookContext, StepEvent, TrainerHook
@@ -31,6 +34,8 @@ from dataflow.train.metrics import MetricsSink
 from dataflow.train.optim import WarmupCosineSchedule, build_adamw
 from dataflow.train.parallel.backend import LocalBackend, TrainBackend
 from dataflow.train.rng import capture_rng, restore_rng
+
+_log = logging.getLogger(__name__)
 
 
 class ObjectiveOutput(Protocol):
@@ -55,6 +60,8 @@ class FitResult:
     step: int
     losses: dict[int, float] = field(default_factory=dict)
     checkpoints: list[CheckpointInfo] = field(default_factory=list)
+    resumed_from: CheckpointInfo | None = None
+    refused_checkpoints: list[RefusedCheckpoint] = field(default_factory=list)
 
 
 @dataclass
@@ -120,6 +127,7 @@ class Trainer:
                 self.backend.collective,
                 keep_last=config.keep_last,
                 fault_hook=checkpoint_fault_hook,
+                run_id=config.run_id,
             )
             if checkpoint_dir is not None
             else None
@@ -247,7 +255,7 @@ class Trainer:
         ok = False
         try:
             if resume:
-                self._resume(resume)
+                self._resume(resume, result)
                 result.step = self.step
             for hook in self.hooks:
                 hook.on_fit_start(context)
@@ -263,16 +271,21 @@ class Trainer:
         result.step = self.step
         return result
 
-    def _resume(self, resume: bool | str | Path) -> None:
+    def _resume(self, resume: bool | str | Path, result: FitResult) -> None:
         if self.checkpoints is None:
             raise InvalidInputError("resume needs a trainer built with checkpoint_dir")
         if resume is True:
-            info = self.checkpoints.latest()
+            info, refused = self.checkpoints.newest_verified()
+            result.refused_checkpoints = refused
+            for line in report_refused(refused, info):
+                if self.backend.rank == 0:
+                    _log.warning("%s", line)
         else:
             assert not isinstance(resume, bool)
             info = self.checkpoints.resolve(Path(resume))
         if info is not None:
             self.restore(info)
+            result.resumed_from = info
 
     def _finish(self, ok: bool) -> None:
         errors: list[BaseException] = []

@@ -185,7 +185,7 @@ def consume_online(
             consumer = _consumer_side(config, ledger, store, layout, plan)
             consumer.open(config.run.id, resume=True)
             if resume:
-                consumer.reconcile(latest_checkpoint_step(run_dir, layout))
+                consumer.reconcile(latest_checkpoint_step(run_dir, layout, config.run.id))
             train = _train_on(
                 config, run_dir, store, consumer, layout, plan, resume=resume, progress=progress
             )

@@ -7,6 +7,7 @@ source, the store and the window ack they pass in; nothing here looks at the top
 
 from __future__ import annotations
 
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -19,7 +20,12 @@ from dataflow.launch.builders.ranks import RankLayout
 from dataflow.launch.config import LaunchConfig
 from dataflow.launch.run_dir import RunDir, write_json_atomic
 from dataflow.launch.trained_log import TrainedLog, rewind_jsonl
-from dataflow.train.checkpoint import CheckpointManager
+from dataflow.train.checkpoint import (
+    CheckpointInfo,
+    CheckpointManager,
+    RefusedCheckpoint,
+    report_refused,
+)
 from dataflow.train.config import TrainerConfig
 from dataflow.train.eagle3 import Eagle3Objective
 from dataflow.train.hooks import StepEvent, TrainerHook
@@ -55,6 +61,8 @@ class TrainOutcome:
     seconds: float
     first_metrics: dict[str, Any] = field(default_factory=dict)
     final_metrics: dict[str, Any] = field(default_factory=dict)
+    resumed_from_step: int | None = None
+    refused_checkpoints: list[str] = field(default_factory=list)
 
     @property
     def tokens_per_s(self) -> float:
@@ -91,13 +99,32 @@ class _TokenHook(TrainerHook):
         self.count += sum(self._tokens.get(sid, 0) for sid in event.sample_ids)
 
 
-def latest_checkpoint_step(run_dir: RunDir, layout: RankLayout) -> int:
-    """The step of the newest complete checkpoint in ``run_dir``; -1 when there is none.
+def resume_checkpoint(
+    run_dir: RunDir, layout: RankLayout, run_id: str, *, announce: bool = True
+) -> tuple[CheckpointInfo | None, list[RefusedCheckpoint]]:
+    """The newest checkpoint of ``run_dir`` that verifies against its signed manifest, and the
+    newer ones refused (every rank calls this together; nothing is unpickled to decide).
+
+    Raises ``CheckpointRefusedError`` naming the files when checkpoints exist but none
+    verifies. With ``announce``, rank 0 prints each refusal and the fallback to stderr.
+    """
+    manager = CheckpointManager(run_dir.checkpoints, layout.collective, run_id=run_id)
+    info, refused = manager.newest_verified()
+    lines = report_refused(refused, info)
+    if announce and layout.rank == 0:
+        for line in lines:
+            print(f"dataflow: {line}", file=sys.stderr, flush=True)
+    return info, refused
+
+
+def latest_checkpoint_step(run_dir: RunDir, layout: RankLayout, run_id: str) -> int:
+    """The step of the newest verified checkpoint in ``run_dir``; -1 when there is none.
 
     -1 is the ledger's "nothing trained yet" step, so a consumer killed before its first
-    checkpoint reconciles everything back to COMMITTED instead of being refused.
+    checkpoint reconciles everything back to COMMITTED instead of being refused. A refused newer
+    checkpoint is skipped here and announced by the trainer path (:func:`resume_checkpoint`).
     """
-    info = CheckpointManager(run_dir.checkpoints, layout.collective).latest()
+    info, _ = resume_checkpoint(run_dir, layout, run_id, announce=False)
     return info.step if info is not None else -1
 
 
@@ -152,8 +179,11 @@ def train_draft(
     """
     rank0 = layout.rank == 0
     resumed_at: int | None = None
+    chosen: CheckpointInfo | None = None
+    refused: list[RefusedCheckpoint] = []
     if resume:
-        step = latest_checkpoint_step(run_dir, layout)
+        chosen, refused = resume_checkpoint(run_dir, layout, config.run.id)
+        step = chosen.step if chosen is not None else -1
         run_on_rank0(
             layout.collective,
             f"rewinding the run records to step {step}",
@@ -201,7 +231,8 @@ def train_draft(
         contract_extra={"draft_vocab_size": config.trainer.draft_vocab_size},
     )
     started = time.perf_counter()
-    result = trainer.fit(resume=resume)
+    # Resume from exactly the checkpoint verified above (the one the ledger was settled to).
+    result = trainer.fit(resume=chosen.path if chosen is not None else False)
     seconds = time.perf_counter() - started
     counts = layout.collective.all_gather_object((token_hook.samples, token_hook.count))
     rows = read_jsonl(run_dir.metrics) if rank0 and run_dir.metrics.is_file() else []
@@ -212,6 +243,8 @@ def train_draft(
         seconds=seconds,
         first_metrics=rows[0] if rows else {},
         final_metrics=rows[-1] if rows else {},
+        resumed_from_step=chosen.step if chosen is not None else None,
+        refused_checkpoints=[r.reason for r in refused],
     )
 
 
@@ -227,5 +260,7 @@ def write_trainer_report(run_dir: RunDir, outcome: TrainOutcome) -> None:
             "tokens_per_s": round(outcome.tokens_per_s, 1),
             "final_metrics": outcome.final_metrics,
             "first_metrics": outcome.first_metrics,
+            "resumed_from_step": outcome.resumed_from_step,
+            "refused_checkpoints": outcome.refused_checkpoints,
         },
     )

@@ -8,7 +8,9 @@ from typing import Any
 _DESCRIPTION = """\
 Export the draft of a run directory's newest checkpoint: `sglang` (the layout SGLang's
 LlamaForCausalLMEagle3 loads: config.json + model.safetensors, no embedding) or `hf` (adds the
-embedding). DIR must not exist or be empty; it appears complete or not at all."""
+embedding). DIR must not exist or be empty; it appears complete or not at all. The checkpoint
+is verified against the manifest the run signed when it saved it before any of it is read; a
+refused one is named with the file that failed, and nothing is written."""
 
 
 def register(commands: Any) -> None:
@@ -22,6 +24,11 @@ def register(commands: Any) -> None:
     parser.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (has config.yaml)")
     parser.add_argument("--format", dest="fmt", choices=("sglang", "hf"), default="sglang")
     parser.add_argument("--out", required=True, metavar="DIR", help="where to write the draft")
+    parser.add_argument(
+        "--checkpoint",
+        metavar="STEP_DIR",
+        help="export this checkpoint directory (checkpoints/step-NNNNNNNN) instead of the newest",
+    )
     parser.set_defaults(run=run)
 
 
@@ -29,6 +36,6 @@ def run(args: argparse.Namespace) -> int:
     """Export; print where; return 0."""
     from dataflow.launch.builders.export import export_run
 
-    path = export_run(args.run_dir, args.fmt, args.out)
+    path = export_run(args.run_dir, args.fmt, args.out, args.checkpoint)
     print(f"exported the {args.fmt} draft to {path}", flush=True)
     return 0
