@@ -79,6 +79,7 @@ def staleness_metrics(gate: StalenessGate | None) -> Callable[[], dict[str, floa
 
     def figures() -> dict[str, float]:
         snap = gate.drift.snapshot()
+        gate.registry.refresh()
         latest = gate.registry.latest()
         out: dict[str, float] = {
             "staleness/draft_lag_mean": snap.mean_lag,
