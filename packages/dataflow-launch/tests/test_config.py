@@ -259,3 +259,9 @@ def test_sequence_parallelism_counts_in_the_trainer_world_size_not_the_window():
 def test_colocated_online_refuses_a_noop_ledger_instead_of_replacing_it():
     with pytest.raises(InvalidInputError, match="colocated_online leases prompts from its ledger"):
         load_config(None, ["run.topology=colocated_online", "ledger.uri=noop://"])
+
+
+@pytest.mark.parametrize("topology", ["colocated_offline", "disaggregated_offline"])
+def test_staleness_is_refused_for_offline_topologies_instead_of_ignored(topology):
+    with pytest.raises(InvalidInputError, match="staleness applies to online topologies only"):
+        load_config(None, [f"run.topology={topology}", "staleness.enabled=true"])

@@ -125,6 +125,12 @@ class LaunchConfig(Section):
                 "ledger.uri: disaggregated_online shares its ledger between processes; use "
                 f"sqlite:///PATH or redis://HOST:PORT/DB, got {self.ledger.uri!r}"
             )
+        if self.staleness.enabled and topology.endswith("_offline"):
+            raise ValueError(
+                f"staleness.enabled: {topology} trains precomputed features, which carry no "
+                "draft weight version and are re-read every epoch; staleness applies to online "
+                "topologies only"
+            )
         if topology.endswith("_online") and ledger_scheme == "noop":
             raise ValueError(
                 f"ledger.uri: {topology} leases prompts from its ledger and noop:// retains "
