@@ -32,6 +32,8 @@ def test_gate_on_with_nothing_stale_gives_the_gate_off_loss_curve(tmp_path):
     assert last["staleness/dropped"] == 0 and last["staleness/passed"] == 16
     assert last["staleness/weight_version"] >= 4  # step0 + checkpoints at steps 2, 4, 6, 8
     assert "staleness/dropped" not in off[-1]
+    assert (tmp_path / "on" / "plots" / "staleness.png").read_bytes()[:4] == b"\x89PNG"
+    assert not (tmp_path / "off" / "plots" / "staleness.png").exists()
 
 
 def test_staleness_on_finishes_in_the_disaggregated_online_example(tmp_path):
