@@ -79,7 +79,7 @@ class SampleAborter(Protocol):
 class Ledger(Protocol):
     """One run's durable source of truth; every method is one atomic transaction.
 
-    State machines (ARCHITECTURE §4): samples COMMITTED → ASSIGNED(rank, window) → TRAINED(step)
+    State machines (docs/architecture.md §4): samples COMMITTED → ASSIGNED(rank, window) → TRAINED(step)
     → RELEASED, or DROPPED(reason) from COMMITTED/ASSIGNED; prompts PENDING → LEASED(worker,
     deadline) → DONE | FAILED(reason). A transition that is not allowed from a record's current
     state raises ``LedgerConflictError``; a malformed argument raises ``InvalidInputError`` (a

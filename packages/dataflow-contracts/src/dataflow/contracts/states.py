@@ -10,7 +10,7 @@ from dataflow.contracts._json import frozen_dict
 
 
 class SampleState(enum.StrEnum):
-    """Where a sample is in its life (ARCHITECTURE §4)."""
+    """Where a sample is in its life (docs/architecture.md §4)."""
 
     COMMITTED = "committed"
     ASSIGNED = "assigned"

@@ -181,7 +181,7 @@ class ConsumerSide:
         return freed
 
     def reconcile(self, checkpoint_step: int) -> ReconcileResult:
-        """Settle the ledger with the restored checkpoint (ARCHITECTURE §4), for this dp_size.
+        """Settle the ledger with the restored checkpoint (docs/architecture.md §4), for this dp_size.
 
         TRAINED at ≤ C become RELEASED (features freed), later TRAINED and ASSIGNED return to
         COMMITTED. Refused (``LedgerConflictError``, nothing changed, nothing freed) when C is
