@@ -58,3 +58,24 @@ def test_staleness_on_finishes_in_the_disaggregated_online_example(tmp_path):
     assert trained + dropped == 16 and trained > 0
     assert record["drift"]["mean"] is not None
     assert record["latest_weight_order"] >= 2
+
+
+def test_stale_samples_are_dropped_in_a_real_run_and_the_rest_trained_once(tmp_path):
+    out = tmp_path / "stale"
+    rows = _run(
+        "colocated_online",
+        out,
+        "staleness.enabled=true",
+        "staleness.max_draft_lag=0",
+        "staleness.publish_every=1",
+        "staleness.admission=false",  # let the producer run ahead, so samples age
+    )
+    trained = trained_ids(out)
+    last = rows[-1]
+    dropped = int(last["staleness/dropped"])
+    assert len(trained) == len(set(trained)) == last["staleness/passed"]
+    assert dropped > 0 and last["staleness/draft_lag_max"] >= 1
+    assert last["staleness/dropped/draft_lag>0"] == dropped
+    # every prompt ends trained, dropped as stale, or in the dropped partial tail (< a window)
+    assert 16 - 2 < len(trained) + dropped <= 16
+    assert (out / "weights").is_dir()  # publish_every saves the published weights
