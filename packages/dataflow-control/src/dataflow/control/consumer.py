@@ -94,6 +94,11 @@ class ConsumerSide:
         self._lock = threading.Lock()
         self._unreleased: list[tuple[int, list[str]]] = []  # (step, own ids) acked, not freed
 
+    @property
+    def gate(self) -> StalenessGate | None:
+        """The staleness gate of this side (None when staleness is off)."""
+        return self._gate
+
     # -- run markers -------------------------------------------------------------------------
 
     def open(self, run_id: str, *, resume: bool = False) -> RunMarkers:

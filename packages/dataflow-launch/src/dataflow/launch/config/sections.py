@@ -226,6 +226,16 @@ class StalenessSection(Section):
     require_target_match: bool = True
     admission: bool = True
     """Also refuse to start rollouts that would arrive too stale."""
+    publish_every: int = Field(default=0, ge=0)
+    """The trainer publishes a draft version at start, at each checkpoint and, when > 0, every
+    this many optimizer steps (weights saved under ``<out_dir>/weights``)."""
+    first_version_timeout_s: float = Field(default=300.0, gt=0)
+    """A producer waiting this long for the trainer's first draft version fails the run."""
+
+    def publishes_per_step(self, checkpoint_every: int) -> float:
+        """Expected draft publishes per optimizer step (admission's look-ahead)."""
+        every = self.publish_every or checkpoint_every
+        return 1.0 / every if every else 0.0
 
 
 class ProducerSection(Section):
