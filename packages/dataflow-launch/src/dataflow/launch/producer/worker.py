@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -40,6 +42,11 @@ from dataflow.control.producer import ProducerSide
 from dataflow.launch.engines import CapturedSample, TargetEngine
 from dataflow.launch.producer.report import WorkerReport
 from dataflow.launch.producer.settings import ProducerSettings
+
+log = logging.getLogger(__name__)
+
+REFUSAL_LOG_EVERY_S = 10.0
+"""A worker held back by staleness admission says why at most this often."""
 
 
 def pool_drained(ledger: Ledger) -> bool:
@@ -97,6 +104,7 @@ class RolloutWorker:
         )
         self._dropped = False
         self._last_error = ""
+        self._refusal_logged = 0.0
 
     def report(self) -> WorkerReport:
         """The tallies so far."""
@@ -126,9 +134,23 @@ class RolloutWorker:
                 elif pool_drained(self._ledger):
                     return
                 else:  # peers hold the rest, or admission refused: look again shortly
+                    self._note_refusal()
                     self._stop.wait(self._settings.poll_s)
         finally:
             self._side.reclaim(self.name)
+
+    def _note_refusal(self) -> None:
+        refusal = self._side.last_refusal
+        now = time.monotonic()
+        if refusal is not None and now - self._refusal_logged >= REFUSAL_LOG_EVERY_S:
+            self._refusal_logged = now
+            log.warning(
+                "producer worker %s holds back (staleness.admission): a rollout started now "
+                "would arrive with draft lag %s (%s); waiting for the trainer to catch up",
+                self.name,
+                refusal.draft_lag,
+                refusal.reason,
+            )
 
     def _process(self, tasks: Sequence[PromptTask], draft: str | None) -> None:
         try:
