@@ -8,6 +8,7 @@ role follows its supervisor and stops by itself.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -95,10 +96,8 @@ def _wait_trained(run: subprocess.Popen[bytes], out: Path, log: Path) -> None:
 
 def _kill_everything(run: subprocess.Popen[bytes]) -> None:
     for pid in [run.pid, *_roles_of(run.pid)]:
-        try:
+        with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
     if run.poll() is None:
         run.wait()
 
