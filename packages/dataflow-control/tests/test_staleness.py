@@ -6,7 +6,7 @@ import pytest
 from control_fixtures import ResidentFeatures, make_ref, make_refs, memory_uri
 
 from dataflow.contracts import NotFoundError, WeightVersion
-from dataflow.contracts.errors import InvalidInputError, LedgerConflictError
+from dataflow.contracts.errors import InvalidInputError, LedgerConflictError, RunFailedError
 from dataflow.control.drift import DriftMonitor
 from dataflow.control.gate import StalenessAdmission, StalenessGate
 from dataflow.control.ledger import open_ledger
@@ -113,12 +113,14 @@ def test_gate_with_no_bounds_passes_everything(ledger):
 
 
 def test_gate_refuses_an_empty_target_version(ledger):
-    with pytest.raises(InvalidInputError, match="current_target_version must be a non-empty str"):
+    with pytest.raises(
+        InvalidInputError, match="current_target_version must be None or a non-empty str"
+    ):
         StalenessGate(ledger, WeightRegistry(ledger), StalenessPolicy(), "")
 
 
 def test_gate_drop_of_a_sample_no_longer_in_flight_changes_nothing(ledger):
-    refs = make_refs(0, 2, draft=None)
+    refs = make_refs(0, 2, draft="never-published")
     ledger.commit(refs)
     ledger.drop(["s00001"], "elsewhere")
     features = ResidentFeatures()
@@ -238,3 +240,31 @@ def test_a_sample_going_stale_in_the_backlog_is_dropped_at_dispatch(uri):
         queue.get(timeout=0.05)
     assert dict(ledger.status().dropped_reasons) == {"draft_lag>0": 2}
     assert features.resident == {"s00000", "s00001"}
+
+
+def test_gate_fails_fast_when_the_producer_stamps_no_draft_version(ledger):
+    refs = make_refs(0, 2, draft=None)
+    ledger.commit(refs)
+    features = ResidentFeatures()
+    features.put(refs)
+    gate = StalenessGate(
+        ledger, WeightRegistry(ledger), StalenessPolicy(max_draft_lag=1), None, aborter=features
+    )
+    before = ledger.status()
+    with pytest.raises(RunFailedError, match=r"carry no draft weight version.*staleness.enabled"):
+        gate.screen(refs)
+    assert ledger.status() == before
+    assert features.resident == {"s00000", "s00001"}
+
+
+def test_gate_follows_the_target_the_newest_producer_declared(ledger):
+    registry = WeightRegistry(ledger)
+    publish(registry, "v1")
+    refs = [make_ref(0, draft="v1", target="old"), make_ref(1, draft="v1", target="new")]
+    ledger.commit(refs)
+    ledger.declare_target("new")
+    gate = StalenessGate(ledger, registry, StalenessPolicy(max_draft_lag=1), None)
+    assert [r.sample_id for r in gate.screen(refs)] == ["s00001"]
+    assert dict(ledger.status().dropped_reasons) == {"target_version_mismatch": 1}
+    assert gate.dropped_reasons == {"target_version_mismatch": 1}
+    assert ledger.status().drift_max == 0

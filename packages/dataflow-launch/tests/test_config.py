@@ -44,7 +44,7 @@ def test_defaults_are_resolved_for_the_default_topology():
     ("topology", "mode", "store", "ledger"),
     [
         ("colocated_offline", "local_colocated", "file:///r/features", "noop://"),
-        ("colocated_online", "local_colocated", "memory://", "noop://"),
+        ("colocated_online", "local_colocated", "memory://", "memory://"),
         ("disaggregated_offline", "disaggregated", "dir:///r/store", "sqlite:///r/ledger.sqlite"),
         ("disaggregated_online", "disaggregated", "shm://x", "sqlite:///r/ledger.sqlite"),
     ],
@@ -254,3 +254,14 @@ def test_sequence_parallelism_counts_in_the_trainer_world_size_not_the_window():
     )
     assert config.trainer.world_size == 4
     assert config.trainer.quantum == 6  # two data-parallel groups of one batch each
+
+
+def test_colocated_online_refuses_a_noop_ledger_instead_of_replacing_it():
+    with pytest.raises(InvalidInputError, match="colocated_online leases prompts from its ledger"):
+        load_config(None, ["run.topology=colocated_online", "ledger.uri=noop://"])
+
+
+@pytest.mark.parametrize("topology", ["colocated_offline", "disaggregated_offline"])
+def test_staleness_is_refused_for_offline_topologies_instead_of_ignored(topology):
+    with pytest.raises(InvalidInputError, match="staleness applies to online topologies only"):
+        load_config(None, [f"run.topology={topology}", "staleness.enabled=true"])

@@ -293,3 +293,81 @@ def test_a_producer_held_back_stops_with_the_consumers_failure(ledger, store, ti
     status = ledger.status()
     assert status.markers.producer is ProducerState.FAILED
     assert status.samples["committed"] == 4  # what it made stays committed for a resumed run
+
+
+def _spy_commits(ledger, monkeypatch, fail: BaseException | None = None):
+    """Record the size of every ledger commit (the real commit still runs unless ``fail``)."""
+    sizes: list[int] = []
+    real = ledger.commit
+
+    def commit(refs):
+        sizes.append(len(refs))
+        if fail is not None:
+            raise fail
+        return real(refs)
+
+    monkeypatch.setattr(ledger, "commit", commit)
+    return sizes
+
+
+def _same_length_tasks(count: int) -> list[PromptTask]:
+    return [
+        PromptTask(f"{RUN}-{i}", {"input_ids": [1, 5, 6, 7, 8, 9]}, max_length=8)
+        for i in range(count)
+    ]
+
+
+def test_one_engine_batch_is_committed_in_one_transaction(ledger, store, tiny_engine, monkeypatch):
+    tasks = make_tasks(tiny_engine, 8, prefix=RUN)
+    sizes = _spy_commits(ledger, monkeypatch)
+    producer = producer_for(ledger, store, tiny_engine, lease=4)
+    producer.ingest(tasks)
+    report = producer.run()
+    assert report.outcome == "closed" and report.committed == 8
+    assert sizes == [4, 4]
+    assert counts(ledger)[0]["committed"] == 8 and counts(ledger)[1]["done"] == 8
+
+
+def test_a_refused_group_commit_aborts_every_sample_of_the_batch(
+    ledger, store, tiny_engine, monkeypatch
+):
+    from dataflow.contracts import LedgerConflictError
+
+    tasks = make_tasks(tiny_engine, 4, prefix=RUN)
+    sizes = _spy_commits(ledger, monkeypatch, fail=LedgerConflictError("injected refusal"))
+    limits = FlowLimits(high_refs=8)
+    producer = producer_for(ledger, store, tiny_engine, lease=4, flow_limits=limits)
+    producer.ingest(tasks)
+    with pytest.raises(RunFailedError, match="LedgerConflictError: injected refusal"):
+        producer.run()
+    assert sizes == [4]
+    samples, prompts = counts(ledger)
+    assert samples["committed"] == 0 and prompts["done"] == 0 and prompts["leased"] == 0
+    assert store.health().resident_samples == 0  # all four puts aborted, none half-committed
+    assert producer.side.flow is not None and producer.side.flow.snapshot().reserved_bytes == 0
+
+
+def test_a_group_is_committed_early_when_the_byte_cap_has_no_room(
+    ledger, store, tiny_engine, monkeypatch
+):
+    tasks = _same_length_tasks(8)
+    nbytes = sum(s.nbytes for s in tiny_engine.feature_specs(6).values())
+    sizes = _spy_commits(ledger, monkeypatch)
+    limits = FlowLimits(high_refs=8, max_bytes=2 * nbytes)  # two samples fit, a batch is four
+    producer = producer_for(ledger, store, tiny_engine, lease=4, flow_limits=limits)
+    producer.ingest(tasks)
+    outcome: list[object] = []
+    thread = threading.Thread(target=lambda: outcome.append(producer.run()), daemon=True)
+    thread.start()
+    step, deadline = 0, time.monotonic() + 60
+    while thread.is_alive() and time.monotonic() < deadline:
+        window = ledger.assign_window(1, 2)
+        if window is None:
+            time.sleep(0.01)
+            continue
+        ledger.ack(step, list(window.assignments[0]))
+        step += 1
+    thread.join(timeout=10)
+    assert outcome and outcome[0].outcome == "closed", "the producer waited on its own group"
+    assert outcome[0].committed == 8 and outcome[0].workers[0].rejected == 0
+    assert max(sizes) <= 2 and sum(sizes) == 8

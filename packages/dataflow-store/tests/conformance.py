@@ -123,7 +123,7 @@ def baseline(health: StoreHealth) -> StoreHealth:
 
 
 class StoreConformance:
-    """The cases of issue 3 §2; subclass it and implement :meth:`open`."""
+    """The store conformance cases (docs/architecture.md §6); subclass it and implement :meth:`open`."""
 
     read_only: ClassVar[bool] = False
 

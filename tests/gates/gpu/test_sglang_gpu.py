@@ -50,8 +50,24 @@ def _save_builtin(directory: Path) -> None:
 
 
 @contextlib.contextmanager
-def sglang_server(model_dir: Path, port: int, log: Path):
+def sglang_server(model_dir: Path, port: int, log: Path, draft_dir: Path | None = None):
     extra = os.environ.get("DATAFLOW_SGLANG_SERVER_ARGS", "").split()
+    # Full prefill blocks need these (engines/sglang_wire.py); EAGLE3 makes the server return
+    # the draft config's aux layers instead of the last hidden state.
+    extra += ["--disable-radix-cache", "--chunked-prefill-size", "-1"]
+    if draft_dir is not None:
+        extra += [
+            "--speculative-algorithm",
+            "EAGLE3",
+            "--speculative-draft-model-path",
+            str(draft_dir),
+            "--speculative-num-steps",
+            "3",
+            "--speculative-eagle-topk",
+            "1",
+            "--speculative-num-draft-tokens",
+            "4",
+        ]
     cmd = [
         sys.executable,
         "-m",
@@ -115,9 +131,24 @@ def test_sglang_engine_features_match_the_hf_engine(tmp_path):
         expected = hf.capture(tasks)
     finally:
         hf.close()
-    with sglang_server(model_dir, free_port(), tmp_path / "sglang.log") as url:
+    draft = os.environ.get("DATAFLOW_SGLANG_DRAFT_DIR")
+    if not draft:
+        pytest.skip(
+            "NOT RUN: DATAFLOW_SGLANG_DRAFT_DIR (an EAGLE3 draft of this target whose "
+            "eagle_config.eagle_aux_hidden_state_layer_ids are the target's) is not set"
+        )
+    with (
+        sglang_server(model_dir, free_port(), tmp_path / "sglang.log") as url,
+        sglang_server(model_dir, free_port(), tmp_path / "sglang-aux.log", Path(draft)) as aux,
+    ):
         engine = open_engine(
-            TargetSection(engine="sglang", model_dir=str(model_dir), server_url=url, batch_size=2)
+            TargetSection(
+                engine="sglang",
+                model_dir=str(model_dir),
+                server_url=url,
+                aux_server_url=aux,
+                batch_size=2,
+            )
         )
         try:
             got = engine.capture(tasks)

@@ -79,7 +79,7 @@ class SampleAborter(Protocol):
 class Ledger(Protocol):
     """One run's durable source of truth; every method is one atomic transaction.
 
-    State machines (ARCHITECTURE §4): samples COMMITTED → ASSIGNED(rank, window) → TRAINED(step)
+    State machines (docs/architecture.md §4): samples COMMITTED → ASSIGNED(rank, window) → TRAINED(step)
     → RELEASED, or DROPPED(reason) from COMMITTED/ASSIGNED; prompts PENDING → LEASED(worker,
     deadline) → DONE | FAILED(reason). A transition that is not allowed from a record's current
     state raises ``LedgerConflictError``; a malformed argument raises ``InvalidInputError`` (a
@@ -134,7 +134,10 @@ class Ledger(Protocol):
 
     Weights: ``publish_weight`` assigns the next publish order (1, 2, …) and is idempotent on
     ``version_id`` (the stored record is returned; a different record under a known id is a
-    conflict). ``weight_versions`` lists them in publish order.
+    conflict). ``weight_versions`` lists them in publish order. ``declare_target(version)``
+    records the target model the producer now runs (the newest declaration wins; it is the
+    run marker ``target_version``). ``record_drift`` keeps the staleness gate's latest rolling
+    draft-lag figures, which ``status()`` reports as ``drift_mean``/``drift_max``.
 
     ``status()`` is cheap at any run length: counters kept in the same transaction as each
     transition, no scan over history.
@@ -156,6 +159,10 @@ class Ledger(Protocol):
     def set_consumer_state(self, state: ConsumerState, reason: str = "") -> None: ...
 
     def set_durable_step(self, step: int) -> None: ...
+
+    def declare_target(self, version: str) -> None: ...
+
+    def record_drift(self, mean_lag: float, max_lag: int) -> None: ...
 
     # prompts
     def add_prompts(self, tasks: Sequence[PromptTask]) -> CommitResult: ...

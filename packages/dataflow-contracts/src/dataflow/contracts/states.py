@@ -10,7 +10,7 @@ from dataflow.contracts._json import frozen_dict
 
 
 class SampleState(enum.StrEnum):
-    """Where a sample is in its life (ARCHITECTURE §4)."""
+    """Where a sample is in its life (docs/architecture.md §4)."""
 
     COMMITTED = "committed"
     ASSIGNED = "assigned"
@@ -53,7 +53,9 @@ class RunMarkers:
     ``quantum`` is fixed once set (0 = not set yet). ``durable_step`` is the newest durable
     checkpoint step, ``trained_step`` the newest acked optimizer step and ``released_through``
     the newest step whose samples were released (features freed); -1 = none yet. ``dp_size`` is
-    the data-parallel size of the last reconcile (0 = never reconciled).
+    the data-parallel size of the last reconcile (0 = never reconciled). ``target_version`` is
+    the target model the newest producer declared (empty until one did): the staleness gate's
+    current target.
     """
 
     run_id: str = ""
@@ -66,6 +68,7 @@ class RunMarkers:
     trained_step: int = -1
     released_through: int = -1
     dp_size: int = 0
+    target_version: str = ""
 
 
 @dataclass(frozen=True)

@@ -94,6 +94,11 @@ class ConsumerSide:
         self._lock = threading.Lock()
         self._unreleased: list[tuple[int, list[str]]] = []  # (step, own ids) acked, not freed
 
+    @property
+    def gate(self) -> StalenessGate | None:
+        """The staleness gate of this side (None when staleness is off)."""
+        return self._gate
+
     # -- run markers -------------------------------------------------------------------------
 
     def open(self, run_id: str, *, resume: bool = False) -> RunMarkers:
@@ -176,7 +181,7 @@ class ConsumerSide:
         return freed
 
     def reconcile(self, checkpoint_step: int) -> ReconcileResult:
-        """Settle the ledger with the restored checkpoint (ARCHITECTURE §4), for this dp_size.
+        """Settle the ledger with the restored checkpoint (docs/architecture.md §4), for this dp_size.
 
         TRAINED at ≤ C become RELEASED (features freed), later TRAINED and ASSIGNED return to
         COMMITTED. Refused (``LedgerConflictError``, nothing changed, nothing freed) when C is

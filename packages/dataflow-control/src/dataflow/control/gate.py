@@ -12,7 +12,7 @@ import math
 import threading
 from collections.abc import Sequence
 
-from dataflow.contracts.errors import InvalidInputError
+from dataflow.contracts.errors import InvalidInputError, RunFailedError
 from dataflow.contracts.features import SampleRef
 from dataflow.contracts.protocols import Ledger, SampleAborter
 from dataflow.control._abort import abort_features
@@ -29,6 +29,13 @@ class StalenessGate:
     before its features are aborted. The drift monitor sees each sample once: a dropped one
     when it is dropped, a fresh one when ``record_passed`` says it went into a window (a
     sample can be screened several times while it waits for its window).
+
+    The current target is ``current_target_version`` when given; None follows the ledger's
+    ``target_version`` marker, which the newest producer declares, so the samples of a target
+    the producer no longer runs are dropped. A sample carrying no draft version at all while
+    the policy bounds the draft lag is dropped as unknown; a whole screened batch of such
+    samples means the producer stamps none and every sample would be dropped, so ``screen``
+    raises ``RunFailedError`` instead (nothing changed).
     """
 
     def __init__(
@@ -36,14 +43,16 @@ class StalenessGate:
         ledger: Ledger,
         registry: WeightRegistry,
         policy: StalenessPolicy,
-        current_target_version: str,
+        current_target_version: str | None,
         *,
         aborter: SampleAborter | None = None,
         drift: DriftMonitor | None = None,
     ) -> None:
-        if not isinstance(current_target_version, str) or not current_target_version:
+        if current_target_version is not None and (
+            not isinstance(current_target_version, str) or not current_target_version
+        ):
             raise InvalidInputError(
-                "StalenessGate: current_target_version must be a non-empty str, "
+                "StalenessGate: current_target_version must be None or a non-empty str, "
                 f"got {current_target_version!r}"
             )
         self._ledger = ledger
@@ -52,21 +61,44 @@ class StalenessGate:
         self.current_target_version = current_target_version
         self._aborter = aborter
         self.drift = drift if drift is not None else DriftMonitor()
+        self._follows_ledger = current_target_version is None
         self._lock = threading.Lock()
         self.passed = 0
         self.dropped = 0
+        self.dropped_reasons: dict[str, int] = {}
 
     def assess(self, ref: SampleRef) -> StalenessAssessment:
         """The policy's verdict on ``ref`` against the registry as last refreshed."""
+        current = self.current_target_version
         return self.policy.assess(
-            self.registry.draft_lag(ref), ref.target_version, self.current_target_version
+            self.registry.draft_lag(ref),
+            ref.target_version,
+            ref.target_version if current is None else current,
         )
+
+    def _check_stamped(self, refs: Sequence[SampleRef]) -> None:
+        if self.policy.max_draft_lag is None:
+            return
+        if all(ref.draft_weight_version is None for ref in refs):
+            ref = refs[0]
+            raise RunFailedError(
+                f"sample {ref.sample_id!r} and the {len(refs) - 1} after it carry no draft "
+                "weight version, but the "
+                f"staleness policy bounds the draft lag (max_draft_lag="
+                f"{self.policy.max_draft_lag}): its producer stamps none, so every sample "
+                "would be dropped; run the producer with staleness enabled too "
+                "(staleness.enabled)"
+            )
 
     def screen(self, refs: Sequence[SampleRef]) -> list[SampleRef]:
         """Drop the stale refs of ``refs`` (ledger + features) and return the fresh ones."""
         if not refs:
             return []
+        self._check_stamped(refs)
         self.registry.refresh()
+        if self._follows_ledger:
+            declared = self._ledger.markers().target_version
+            self.current_target_version = declared or None
         fresh: list[SampleRef] = []
         stale: dict[str, list[str]] = {}
         lags: list[int | None] = []
@@ -83,9 +115,17 @@ class StalenessGate:
             self.drift.observe(lag)
         with self._lock:
             self.dropped += len(lags)
+            for reason, ids in stale.items():
+                self.dropped_reasons[reason] = self.dropped_reasons.get(reason, 0) + len(ids)
         for reason, ids in stale.items():
             abort_features(self._aborter, ids, reason)
+        if lags:
+            self._record_drift()
         return fresh
+
+    def _record_drift(self) -> None:
+        snap = self.drift.snapshot()
+        self._ledger.record_drift(snap.mean_lag, snap.max_lag)
 
     def record_passed(self, refs: Sequence[SampleRef]) -> None:
         """Count ``refs`` as passed into a window and feed their lags to the drift monitor."""
@@ -93,6 +133,8 @@ class StalenessGate:
             self.drift.observe(self.registry.draft_lag(ref))
         with self._lock:
             self.passed += len(refs)
+        if refs:
+            self._record_drift()
 
 
 class StalenessAdmission:

@@ -69,6 +69,7 @@ class ProducerSide:
             if not verdict.accept:
                 self.last_refusal = verdict
                 return []
+            self.last_refusal = None
         return self._ledger.lease_prompts(worker, limit, lease_s)
 
     def prompts_drained(self) -> bool:

@@ -1,4 +1,5 @@
-"""PNG curves of a run's ``metrics.jsonl``: loss, accuracy and acceptance per TTT step.
+"""PNG curves of a run's ``metrics.jsonl``: loss, accuracy and acceptance per TTT step, and
+``staleness.png`` (draft lag mean/max, drops by reason) when the run tracked staleness.
 
 Drawn with matplotlib's Agg backend (no display needed); written at the end of a run and on
 demand (``write_plots(run_dir)``, e.g. while a run is still going).
@@ -83,4 +84,31 @@ def write_plots(metrics_path: Path, out_dir: Path) -> list[Path]:
         plt.close(fig)
         tmp.replace(path)
         written.append(path)
+    if any("staleness/draft_lag_mean" in row for row in rows):
+        written.append(_staleness_plot(plt, rows, out_dir))
     return written
+
+
+def _staleness_plot(plt: Any, rows: Sequence[Mapping[str, Any]], out_dir: Path) -> Path:
+    """``staleness.png``: rolling draft lag (mean, max) and cumulative drops per reason."""
+    fig, (lag, drops) = plt.subplots(2, 1, figsize=(7, 6), dpi=100, sharex=True)
+    for key, style in (("staleness/draft_lag_mean", "-"), ("staleness/draft_lag_max", "--")):
+        steps, values = _series(rows, key)
+        lag.plot(steps, values, linestyle=style, label=key.rsplit("/", 1)[-1])
+    lag.set_title("draft lag of samples reaching the trainer (versions)")
+    reasons = sorted({k for row in rows for k in row if k.startswith("staleness/dropped/")})
+    for key in ["staleness/dropped", *reasons]:
+        steps, values = _series(rows, key)
+        drops.plot(steps, values, label=key.removeprefix("staleness/"))
+    drops.set_title("samples dropped (cumulative)")
+    drops.set_xlabel("optimizer step")
+    for ax in (lag, drops):
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = out_dir / "staleness.png"
+    tmp = out_dir / ".staleness.tmp.png"
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)
+    return path

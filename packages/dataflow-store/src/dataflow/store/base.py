@@ -51,6 +51,7 @@ consumers already freed (checked before a budgeted put, in ``gc()`` and in ``hea
 from __future__ import annotations
 
 import abc
+import copy
 import dataclasses
 import itertools
 import secrets
@@ -83,6 +84,21 @@ from dataflow.store.faults import FaultInjector
 from dataflow.store.tensors import PreparedSample, jsonable_metadata, prepare_tensors
 
 Clock = Callable[[], float]
+
+
+def _at_generation(draft: SampleRef, generation: int) -> SampleRef:
+    """``draft`` (built and validated by ``_make_ref`` at generation 0) moved to ``generation``.
+
+    Only the generation and the keys that embed it differ, both made here from values the draft
+    already validated (``generation`` comes from the store's own counter), so a put does not
+    build and validate its ref twice. The draft's read-only mapping type is kept.
+    """
+    ref = copy.copy(draft)
+    keys = {n: f"{draft.sample_id}/g{generation}/{n}" for n in draft.feature_keys}
+    object.__setattr__(ref, "generation", generation)
+    frozen: Any = type(draft.feature_keys)  # the contracts' read-only dict type
+    object.__setattr__(ref, "feature_keys", frozen(keys))
+    return ref
 
 
 @dataclass(frozen=True)
@@ -237,7 +253,7 @@ class BookkeepingStore(abc.ABC):
         validate_sample_id(sample_id)
         sample = prepare_tensors(tensors)
         meta = jsonable_metadata(metadata)
-        self._make_ref(sample_id, 0, sample, meta)  # validates metadata before any mutation
+        draft = self._make_ref(sample_id, 0, sample, meta)  # validates it all before mutation
         with self._lock:
             self._check_budget(sample_id, sample.nbytes)
             generation = self._next_generation(sample_id)
@@ -248,7 +264,7 @@ class BookkeepingStore(abc.ABC):
             with self._lock:
                 self._reserved -= sample.nbytes
         self._publish(Generation(sample_id, generation, sample.nbytes, tuple(sample.specs)))
-        return self._make_ref(sample_id, generation, sample, meta)
+        return _at_generation(draft, generation)
 
     def get(
         self, ref: SampleRef, names: Sequence[str] | None = None
@@ -440,11 +456,12 @@ class BookkeepingStore(abc.ABC):
     def _wanted(self, ref: SampleRef, names: Sequence[str] | None) -> dict[str, FeatureSpec]:
         if not isinstance(ref, SampleRef):
             raise InvalidInputError(f"get needs a SampleRef, got {type(ref).__name__}")
-        theirs = parse_store_uri(ref.store_uri)
-        if (theirs.scheme, theirs.location) != (self._parsed.scheme, self._parsed.location):
-            raise InvalidInputError(
-                f"ref {ref.sample_id!r} belongs to store {ref.store_uri!r}, not {self._uri!r}"
-            )
+        if ref.store_uri != self._uri:  # the form this store writes needs no parsing
+            theirs = parse_store_uri(ref.store_uri)
+            if (theirs.scheme, theirs.location) != (self._parsed.scheme, self._parsed.location):
+                raise InvalidInputError(
+                    f"ref {ref.sample_id!r} belongs to store {ref.store_uri!r}, not {self._uri!r}"
+                )
         if names is None:
             names = list(ref.feature_specs)
         elif isinstance(names, str) or not isinstance(names, Sequence):

@@ -164,31 +164,76 @@ class WeightRegistry(Protocol):
 
     def publish_weight(self, version: WeightVersion) -> WeightVersion: ...
 
+    def weight_versions(self) -> list[WeightVersion]: ...
+
 
 class WeightPublishHook(TrainerHook):
-    """Every ``interval`` steps: save the trainable weights, then register a :class:`WeightVersion`.
+    """Publishes draft-weight versions in the registry: the staleness axis of the run.
 
-    All ranks take part in gathering the full (unsharded) weights; rank 0 writes
-    ``<directory>/<run_id>-step<N>/model.safetensors`` atomically (temporary file, then rename)
-    and publishes ``WeightVersion(version_id="<run_id>-step<N>", step=N, location=<that dir>)``.
-    Frozen parameters (the target's embedding and head) are not part of a version.
+    Rank 0 publishes; every rank takes part in gathering weights. Version ids are
+    ``<run_id>-step<N>``; each step is published at most once.
+
+    - ``interval`` N > 0: every N optimizer steps, save the trainable weights to
+      ``<directory>/<run_id>-step<N>/model.safetensors`` atomically (temporary file, then
+      rename) and publish a version located there (frozen target parameters left out);
+    - ``at_checkpoints``: after each durable checkpoint, publish a version located at the
+      checkpoint (no extra I/O; a step already published by ``interval`` is not published again);
+    - ``initial``: at fit start, when the registry holds no version yet, publish ``step0`` (the
+      initial weights, located nowhere), so samples made before the first checkpoint carry a
+      known version instead of none.
+
+    ``target_version`` (called at each publish) names the target the weights were trained
+    against; it defaults to ``"unknown"``.
     """
 
-    def __init__(self, registry: WeightRegistry, directory: str | Path, interval: int = 1) -> None:
-        if interval < 1:
-            raise InvalidInputError(f"publish interval must be >= 1, got {interval}")
+    def __init__(
+        self,
+        registry: WeightRegistry,
+        directory: str | Path,
+        interval: int = 1,
+        *,
+        at_checkpoints: bool = False,
+        initial: bool = False,
+        target_version: Callable[[], str] | None = None,
+    ) -> None:
+        if isinstance(interval, bool) or not isinstance(interval, int) or interval < 0:
+            raise InvalidInputError(f"publish interval must be an int >= 0, got {interval!r}")
+        if interval == 0 and not (at_checkpoints or initial):
+            raise InvalidInputError(
+                "WeightPublishHook publishes nothing: set interval >= 1, at_checkpoints or initial"
+            )
         self._registry = registry
         self._dir = Path(directory)
         self._interval = interval
+        self._at_checkpoints = at_checkpoints
+        self._initial = initial
+        self._target = target_version
         self._context: HookContext | None = None
         self.published: list[WeightVersion] = []
 
     def on_fit_start(self, context: HookContext) -> None:
         validate_id(context.run_id, "run id")
         self._context = context
+        if self._initial and context.backend.rank == 0 and not self._registry.weight_versions():
+            self._publish(0, None)
+
+    def _publish(self, step: int, location: str | None) -> None:
+        ctx = self._context
+        if ctx is None:
+            raise InvalidInputError("WeightPublishHook used before on_fit_start")
+        target = self._target() if self._target is not None else "unknown"
+        version = self._registry.publish_weight(
+            WeightVersion(
+                version_id=f"{ctx.run_id}-step{step}",
+                step=step,
+                location=location,
+                target_version=target or "unknown",
+            )
+        )
+        self.published.append(version)
 
     def on_optimizer_step(self, event: StepEvent) -> None:
-        if event.step % self._interval:
+        if not self._interval or event.step % self._interval:
             return
         ctx = self._context
         if ctx is None:
@@ -201,8 +246,7 @@ class WeightPublishHook(TrainerHook):
             return
         from safetensors.torch import save_file
 
-        version_id = f"{ctx.run_id}-step{event.step}"
-        target = self._dir / version_id
+        target = self._dir / f"{ctx.run_id}-step{event.step}"
         target.mkdir(parents=True, exist_ok=True)
         tmp = target / "model.safetensors.tmp"
         weights = {
@@ -212,7 +256,12 @@ class WeightPublishHook(TrainerHook):
         }
         save_file(weights, str(tmp), metadata={"step": str(event.step)})
         os.replace(tmp, target / "model.safetensors")
-        version = self._registry.publish_weight(
-            WeightVersion(version_id=version_id, step=event.step, location=str(target))
-        )
-        self.published.append(version)
+        self._publish(event.step, str(target))
+
+    def on_checkpoint(self, step: int, path: str) -> None:
+        ctx = self._context
+        if not self._at_checkpoints or ctx is None or ctx.backend.rank != 0:
+            return
+        if self._interval and step % self._interval == 0:
+            return  # published with its saved weights at the optimizer step
+        self._publish(step, path)

@@ -26,12 +26,14 @@ from dataflow.contracts.states import (
 from dataflow.contracts.weights import WeightVersion
 from dataflow.control.ledger import _prompts, _run, _samples
 from dataflow.control.ledger._rules import (
+    check_drift,
     check_ids,
     check_int,
     check_lease,
     check_reason,
     check_refs,
     check_state,
+    check_target_version,
     check_tasks,
     check_weight,
 )
@@ -186,6 +188,14 @@ class StorageLedger:
         return self._storage.write(lambda tx: _samples.reconcile(tx, checkpoint_step, dp_size))
 
     # -- weights and status ----------------------------------------------------------------
+    def declare_target(self, version: str) -> None:
+        checked = check_target_version(version)
+        self._storage.write(lambda tx: _run.declare_target(tx, checked))
+
+    def record_drift(self, mean_lag: float, max_lag: int) -> None:
+        mean, top = check_drift(mean_lag, max_lag)
+        self._storage.write(lambda tx: _run.record_drift(tx, mean, top))
+
     def publish_weight(self, version: WeightVersion) -> WeightVersion:
         checked = check_weight(version)
         return self._storage.write(lambda tx: _run.publish_weight(tx, checked))

@@ -36,6 +36,9 @@ class RunMeta:
     next_seq: int = 0
     next_prompt_seq: int = 0
     next_window: int = 0
+    target_version: str = ""
+    drift_mean: str = ""
+    drift_max: int = -1
 
     @classmethod
     def load(cls, values: dict[str, str]) -> RunMeta:
@@ -78,6 +81,7 @@ class RunMeta:
             trained_step=self.trained_step,
             released_through=self.released_through,
             dp_size=self.dp_size,
+            target_version=self.target_version,
         )
 
 

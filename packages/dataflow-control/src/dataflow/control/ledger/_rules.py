@@ -130,6 +130,30 @@ def check_reason(reason: Any, *, required: bool = True) -> str:
     return reason
 
 
+def check_drift(mean_lag: Any, max_lag: Any) -> tuple[float, int]:
+    """A finite mean lag >= 0 and an int max lag >= 0."""
+    if (
+        isinstance(mean_lag, bool)
+        or not isinstance(mean_lag, int | float)
+        or not math.isfinite(mean_lag)
+        or mean_lag < 0
+    ):
+        raise InvalidInputError(f"mean draft lag must be a finite number >= 0, got {mean_lag!r}")
+    return float(mean_lag), check_int(max_lag, "max draft lag", 0)
+
+
+def check_target_version(version: Any) -> str:
+    """A non-empty printable target version of at most ``MAX_REASON_LENGTH`` characters."""
+    if not isinstance(version, str) or not version.strip():
+        raise InvalidInputError(f"target version must be a non-empty str, got {version!r}")
+    if len(version) > MAX_REASON_LENGTH or not version.isprintable():
+        raise InvalidInputError(
+            f"target version {version[:80]!r} must be printable and at most "
+            f"{MAX_REASON_LENGTH} characters"
+        )
+    return version
+
+
 def check_state(kind: type[E], value: Any) -> E:
     """A member of ``kind`` (its value is accepted too)."""
     try:

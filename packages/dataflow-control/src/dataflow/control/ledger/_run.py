@@ -109,6 +109,21 @@ def set_durable_step(tx: LedgerTx, step: int) -> None:
         tx.set_meta(meta.changes(durable_step=step)[1])
 
 
+def declare_target(tx: LedgerTx, version: str) -> None:
+    """Record the target model the producer now runs (the newest declaration wins)."""
+    meta = RunMeta.load(tx.meta())
+    if version != meta.target_version:
+        tx.set_meta(meta.changes(target_version=version)[1])
+
+
+def record_drift(tx: LedgerTx, mean_lag: float, max_lag: int) -> None:
+    """Keep the staleness gate's latest rolling draft-lag figures."""
+    meta = RunMeta.load(tx.meta())
+    mean = repr(float(mean_lag))
+    if (mean, max_lag) != (meta.drift_mean, meta.drift_max):
+        tx.set_meta(meta.changes(drift_mean=mean, drift_max=max_lag)[1])
+
+
 def publish_weight(tx: LedgerTx, version: WeightVersion) -> WeightVersion:
     """Append a version with the next publish order; idempotent on ``version_id``."""
     history = tx.weights()
@@ -141,4 +156,6 @@ def status(tx: LedgerTx, backend: str, durable: bool) -> LedgerStatus:
         in_flight_bytes=counters.get(IN_FLIGHT_BYTES, 0),
         dropped_reasons=dropped_reasons(counters),
         latest_weight_order=counters.get(WEIGHTS, 0),
+        drift_mean=float(meta.drift_mean) if meta.drift_mean else None,
+        drift_max=meta.drift_max if meta.drift_max >= 0 else None,
     )

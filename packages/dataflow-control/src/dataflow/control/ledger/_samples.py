@@ -166,9 +166,10 @@ def assign_window(tx: LedgerTx, dp_size: int, per_rank: int) -> Window | None:
     if len(rows) < meta.quantum:
         return None
     window_id = meta.next_window
-    changes = [
-        (COMMITTED, row._replace(state=ASSIGNED, rank=i // per_rank, window=window_id))
-        for i, row in enumerate(rows)
+    # Rows built directly (not ``_replace``, which is several times slower per row).
+    changes: list[SampleChange] = [
+        (COMMITTED, SampleRow(sid, seq, ASSIGNED, i // per_rank, window_id, step, reason, nbytes))
+        for i, (sid, seq, _, _, _, step, reason, nbytes) in enumerate(rows)
     ]
     _apply(tx, changes)
     tx.set_meta(meta.changes(next_window=window_id + 1)[1])
@@ -211,7 +212,13 @@ def ack(tx: LedgerTx, step: int, sample_ids: Sequence[str]) -> None:
     if step < meta.trained_step:
         raise conflict("ack", [f"step {step} is behind the last acked step {meta.trained_step}"])
     rows = _rows_in(tx, "ack", sample_ids, (ASSIGNED,))
-    _apply(tx, [(ASSIGNED, row._replace(state=TRAINED, step=step)) for row in rows])
+    _apply(
+        tx,
+        [
+            (ASSIGNED, SampleRow(sid, seq, TRAINED, rank, window, step, reason, nbytes))
+            for sid, seq, _, rank, window, _, reason, nbytes in rows
+        ],
+    )
     if step != meta.trained_step:
         tx.set_meta(meta.changes(trained_step=step)[1])
 

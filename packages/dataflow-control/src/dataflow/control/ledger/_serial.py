@@ -84,10 +84,31 @@ def encode_ref(ref: SampleRef) -> str:
     )
 
 
+_SPEC_FIELDS = frozenset({"name", "shape", "dtype", "kind", "v"})
+_SPEC_MEMO: dict[tuple[Any, ...], FeatureSpec] = {}
+_SPEC_MEMO_LIMIT = 16_384
+
+
 def _spec(name: str, body: Any) -> FeatureSpec:
-    if type(body) is not dict or set(body) - {"name", "shape", "dtype", "kind", "v"}:
+    """The FeatureSpec of one stored spec object.
+
+    Built and validated once per distinct (name, shape, dtype): a FeatureSpec is frozen, so every
+    ref that describes the same tensor shares one instance (dispatch decodes thousands of refs
+    whose specs repeat). The memo is bounded; past the bound specs are built as they come.
+    """
+    if type(body) is not dict or not _SPEC_FIELDS.issuperset(body):
         raise TypeError(f"feature_specs[{name!r}] is not a FeatureSpec object")
-    return FeatureSpec(body["name"], tuple(body["shape"]), body["dtype"])
+    shape = body["shape"]
+    if type(shape) is not list or not all(type(dim) is int for dim in shape):
+        # Not a plain int shape (True == 1 as a key): FeatureSpec validates it, unshared.
+        return FeatureSpec(body["name"], tuple(shape), body["dtype"])
+    key = (body["name"], body["dtype"], *shape)
+    spec = _SPEC_MEMO.get(key)
+    if spec is None:
+        spec = FeatureSpec(body["name"], tuple(shape), body["dtype"])
+        if len(_SPEC_MEMO) < _SPEC_MEMO_LIMIT:
+            _SPEC_MEMO[key] = spec
+    return spec
 
 
 def decode_ref(text: str, where: str) -> SampleRef:

@@ -28,12 +28,14 @@ from dataflow.contracts.states import (
 )
 from dataflow.contracts.weights import WeightVersion
 from dataflow.control.ledger._rules import (
+    check_drift,
     check_ids,
     check_int,
     check_lease,
     check_reason,
     check_refs,
     check_state,
+    check_target_version,
     check_tasks,
     check_weight,
 )
@@ -169,6 +171,14 @@ class NoopLedger:
         check_int(checkpoint_step, "checkpoint_step", -1)
         check_int(dp_size, "dp_size", 1)
         return ReconcileResult(checkpoint_step=checkpoint_step)
+
+    def declare_target(self, version: str) -> None:
+        self._check_open()
+        check_target_version(version)
+
+    def record_drift(self, mean_lag: float, max_lag: int) -> None:
+        self._check_open()
+        check_drift(mean_lag, max_lag)
 
     def publish_weight(self, version: WeightVersion) -> WeightVersion:
         self._check_open()

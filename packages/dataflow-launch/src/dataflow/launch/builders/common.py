@@ -20,10 +20,7 @@ from dataflow.train.eagle3.sequence import SequenceExchange
 
 def open_plan_ledger(config: LaunchConfig, plan: ControlPlan) -> Ledger:
     """The ledger the control plan names, with the config's ledger options."""
-    options = ledger_options(config)
-    if plan.ledger_uri != config.ledger.uri:  # an in-process memory:// stand-in for noop://
-        options = {"max_prompt_attempts": config.producer.max_attempts}
-    return open_ledger(plan.ledger_uri, **options)
+    return open_ledger(plan.ledger_uri, **ledger_options(config))
 
 
 def open_run_store(config: LaunchConfig, **extra: Any) -> FeatureStore:

@@ -21,6 +21,13 @@ from dataflow.launch.builders.common import (
 from dataflow.launch.builders.progress import LedgerBar, prompts_done
 from dataflow.launch.builders.ranks import RankLayout, rank_layout
 from dataflow.launch.builders.roles import ControlPlan, control_plan
+from dataflow.launch.builders.staleness import (
+    WaitingQueue,
+    consumer_gate,
+    draft_versions,
+    publish_hook,
+    staleness_metrics,
+)
 from dataflow.launch.builders.trainer_path import (
     RefSource,
     TrainOutcome,
@@ -31,6 +38,7 @@ from dataflow.launch.builders.trainer_path import (
 from dataflow.launch.config import LaunchConfig
 from dataflow.launch.engines import TargetEngine, open_engine
 from dataflow.launch.producer import ProducerReport, RolloutProducer, build_producer
+from dataflow.launch.producer.versions import DraftVersions
 from dataflow.launch.run_dir import RunDir, write_json_atomic
 
 T = TypeVar("T")
@@ -51,6 +59,12 @@ class OnlineProducer:
     producer: RolloutProducer
     engine: TargetEngine
     total_tasks: int
+    versions: DraftVersions
+
+    def stop(self) -> None:
+        """Ask the producer to stop (also ends a wait for the first draft version)."""
+        self.versions.stop()
+        self.producer.stop()
 
     def close(self) -> None:
         self.engine.close()
@@ -64,13 +78,14 @@ def start_producer(config: LaunchConfig, ledger: Ledger, store: FeatureStore) ->
     engine = open_engine(config.target)
     try:
         prompts = load_run_prompts(config, engine.tokenizer, engine.info.version)  # type: ignore[attr-defined]
-        producer = build_producer(config, engine, ledger, store)
+        versions = draft_versions(config, ledger)
+        producer = build_producer(config, engine, ledger, store, draft_version=versions)
         producer.open()
         producer.ingest(prompts.tasks)
     except BaseException:
         engine.close()
         raise
-    return OnlineProducer(producer, engine, len(prompts.tasks))
+    return OnlineProducer(producer, engine, len(prompts.tasks), versions)
 
 
 def write_producer_report(run_dir: RunDir, report: ProducerReport, total_tasks: int) -> None:
@@ -120,13 +135,18 @@ def _consumer_side(
     t = config.trainer
     shape = WindowShape(layout.world_size, t.batch_size, t.accumulation_steps)
     return Controller(ledger, aborter=store).consumer(
-        shape, rank=layout.rank, collective=layout.collective, release=plan.release
+        shape,
+        rank=layout.rank,
+        collective=layout.collective,
+        release=plan.release,
+        gate=consumer_gate(config, ledger, store),
     )
 
 
 def _train_on(
     config: LaunchConfig,
     run_dir: RunDir,
+    ledger: Ledger,
     store: FeatureStore,
     consumer: ConsumerSide,
     layout: RankLayout,
@@ -137,6 +157,7 @@ def _train_on(
 ) -> Callable[[RefQueue], TrainOutcome]:
     objective = trainer_objective(config, sequence_parallel=layout.exchange)
     window_ack = LedgerWindowAck(consumer, tracks_checkpoints=plan.tracks_checkpoints)
+    publisher = publish_hook(config, ledger, run_dir.root)
 
     def train(refs: RefQueue) -> TrainOutcome:
         return train_draft(
@@ -144,11 +165,13 @@ def _train_on(
             run_dir,
             objective,
             store,
-            RefSource(queue=refs),
+            RefSource(queue=WaitingQueue(refs, ledger)),
             window_ack,
             layout,
             resume=resume,
             progress=progress,
+            extra_hooks=() if publisher is None else (publisher,),
+            extra_metrics=staleness_metrics(consumer.gate),
         )
 
     return train
@@ -187,7 +210,15 @@ def consume_online(
             if resume:
                 consumer.reconcile(latest_checkpoint_step(run_dir, layout, config.run.id))
             train = _train_on(
-                config, run_dir, store, consumer, layout, plan, resume=resume, progress=progress
+                config,
+                run_dir,
+                ledger,
+                store,
+                consumer,
+                layout,
+                plan,
+                resume=resume,
+                progress=progress,
             )
             queue = consumer.queue()
             outcome = _settled(consumer, lambda: train(queue))
@@ -223,7 +254,7 @@ def run_colocated_online(
         consumer = _consumer_side(config, ledger, store, layout, plan)
         consumer.open(config.run.id, resume=True)
         train = _train_on(
-            config, run_dir, store, consumer, layout, plan, resume=False, progress=progress
+            config, run_dir, ledger, store, consumer, layout, plan, resume=False, progress=progress
         )
         online = start_producer(config, ledger, store)
         try:
@@ -233,7 +264,7 @@ def run_colocated_online(
                     lambda _stop: online.producer.run(),
                     train,
                     consumer.queue(),
-                    on_stop=online.producer.stop,
+                    on_stop=online.stop,
                 ),
             )
         finally:

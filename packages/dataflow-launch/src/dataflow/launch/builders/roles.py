@@ -4,7 +4,7 @@ The trainer never branches on topology; this is the one place the mode is read.
 
 | mode | ledger | release policy | checkpoint-durable tracking |
 |---|---|---|---|
-| ``local_colocated`` | as configured; ``noop://`` becomes an in-process ``memory://`` when prompts must be leased (online) | ``on_ack`` | no |
+| ``local_colocated`` | as configured (online: ``memory://`` by default; ``noop://`` is refused at config load) | ``on_ack`` | no |
 | ``dataflow_colocated`` | as configured (durable) | ``on_checkpoint`` | yes |
 | ``disaggregated`` | as configured (durable, shared) | ``on_checkpoint`` | yes |
 """
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from dataflow.contracts import DeploymentMode, parse_ledger_uri
+from dataflow.contracts import DeploymentMode, InvalidInputError, parse_ledger_uri
 from dataflow.control import ReleasePolicy
 from dataflow.launch.config import LaunchConfig
 
@@ -35,14 +35,16 @@ class ControlPlan:
 def control_plan(config: LaunchConfig, *, leases_prompts: bool) -> ControlPlan:
     """The control plan of ``config``'s deployment mode.
 
-    ``leases_prompts``: the role runs a rollout producer in this process, which needs a ledger
-    that retains prompts; a ``noop://`` ledger of a ``local_colocated`` run is then replaced by
-    an in-process ``memory://`` one (bookkeeping only, nothing durable, nothing shared).
+    The ledger is always the configured one, never replaced: ``leases_prompts`` (the role runs
+    a rollout producer, which needs a ledger that retains prompts) refuses a ``noop://`` one.
     """
     mode = config.deployment_mode
     uri = config.ledger.uri
+    if leases_prompts and parse_ledger_uri(uri).scheme == "noop":
+        raise InvalidInputError(
+            f"ledger.uri: this role leases prompts from its ledger and {uri} retains none; "
+            "use memory:// (in-process, no I/O) or a durable ledger"
+        )
     if mode is DeploymentMode.LOCAL_COLOCATED:
-        if leases_prompts and parse_ledger_uri(uri).scheme == "noop":
-            uri = "memory://"
         return ControlPlan(uri, ReleasePolicy.ON_ACK, durable=False)
     return ControlPlan(uri, ReleasePolicy.ON_CHECKPOINT, durable=True)

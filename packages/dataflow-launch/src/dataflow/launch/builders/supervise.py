@@ -4,6 +4,10 @@ Each role is ``python -m dataflow.launch.cli <role> ...`` in its own session, it
 ``logs/<role>.log``. The first role that fails takes the others down (SIGTERM, then SIGKILL
 after a grace period) and the failure is raised with the role's own last error line; a role
 that exits cleanly never cancels the others.
+
+A stop signal to the supervisor (Ctrl-C, ``SIGTERM``, ``SIGHUP``: see ``cli/signals.py``) stops
+every role the same way before it propagates, and a role whose supervisor dies (even by
+``SIGKILL``) stops by itself: each child gets ``DATAFLOW_SUPERVISOR_PID`` and follows it.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from pathlib import Path
 
 from dataflow.contracts import RunFailedError
 from dataflow.launch.builders.progress import LedgerBar, prompts_done, samples_settled
+from dataflow.launch.cli.signals import SUPERVISOR_ENV, deferred_stop_signals
 from dataflow.launch.config import LaunchConfig
 from dataflow.launch.run_dir import RunDir
 
@@ -57,16 +62,26 @@ def _last_error(log: Path) -> str:
 
 
 def _stop(procs: dict[str, subprocess.Popen[bytes]], grace_s: float) -> None:
+    """SIGTERM every live child's process group, SIGKILL those still alive after ``grace_s``;
+    a further stop signal waits until every child is gone.
+    """
+    with deferred_stop_signals():
+        _terminate(procs, grace_s)
+
+
+def _terminate(procs: dict[str, subprocess.Popen[bytes]], grace_s: float) -> None:
     for proc in procs.values():
         if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
     deadline = time.monotonic() + grace_s
     for proc in procs.values():
         left = max(0.0, deadline - time.monotonic())
         try:
             proc.wait(timeout=left)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
 
 
@@ -84,6 +99,7 @@ def run_roles(
     child outlives this call (Ctrl-C included).
     """
     log_dir.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, SUPERVISOR_ENV: str(os.getpid())}
     batches = [[role] for role in roles] if sequential else [list(roles)]
     for batch in batches:
         procs: dict[str, subprocess.Popen[bytes]] = {}
@@ -96,6 +112,7 @@ def run_roles(
                     stderr=subprocess.STDOUT,
                     stdin=subprocess.DEVNULL,
                     start_new_session=True,
+                    env=env,
                 )
                 log.close()
             while True:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -99,6 +99,20 @@ class _TokenHook(TrainerHook):
         self.count += sum(self._tokens.get(sid, 0) for sid in event.sample_ids)
 
 
+class _ExtraMetrics:
+    """A metrics sink adding ``extra()``'s figures to every row it passes on."""
+
+    def __init__(self, inner: Any, extra: Callable[[], Mapping[str, float]]) -> None:
+        self._inner = inner
+        self._extra = extra
+
+    def write(self, step: int, metrics: Mapping[str, float]) -> None:
+        self._inner.write(step, {**metrics, **self._extra()})
+
+    def close(self) -> None:
+        self._inner.close()
+
+
 def resume_checkpoint(
     run_dir: RunDir, layout: RankLayout, run_id: str, *, announce: bool = True
 ) -> tuple[CheckpointInfo | None, list[RefusedCheckpoint]]:
@@ -170,12 +184,16 @@ def train_draft(
     *,
     resume: bool,
     progress: bool = True,
+    extra_hooks: Sequence[TrainerHook] = (),
+    extra_metrics: Callable[[], Mapping[str, float]] | None = None,
 ) -> TrainOutcome:
     """Train ``objective`` on ``source`` until the data ends or ``trainer.max_steps``.
 
     Guarantees: one ack per optimizer window (then its ``trained.jsonl`` line, rank 0); a
     checkpoint every ``trainer.checkpoint_every`` steps and at the end; ``resume`` continues from
-    the newest checkpoint after rewinding the records past it. Returns this process's tallies.
+    the newest checkpoint after rewinding the records past it; ``extra_hooks`` run after the
+    ack, ``extra_metrics`` figures join each ``metrics.jsonl`` row. Returns this process's
+    tallies.
     """
     rank0 = layout.rank == 0
     resumed_at: int | None = None
@@ -225,8 +243,8 @@ def train_draft(
         loader,
         trainer_config(config, progress=progress and rank0),
         backend=layout.backend,
-        hooks=[ack_hook, token_hook],
-        metrics=default_metrics(run_dir.root, resumed_from=resumed_at) if rank0 else None,
+        hooks=[ack_hook, token_hook, *extra_hooks],
+        metrics=_metrics_sink(run_dir, resumed_at, extra_metrics) if rank0 else None,
         checkpoint_dir=run_dir.checkpoints,
         contract_extra={"draft_vocab_size": config.trainer.draft_vocab_size},
     )
@@ -246,6 +264,13 @@ def train_draft(
         resumed_from_step=chosen.step if chosen is not None else None,
         refused_checkpoints=[r.reason for r in refused],
     )
+
+
+def _metrics_sink(
+    run_dir: RunDir, resumed_at: int | None, extra: Callable[[], Mapping[str, float]] | None
+) -> Any:
+    sink = default_metrics(run_dir.root, resumed_from=resumed_at)
+    return sink if extra is None else _ExtraMetrics(sink, extra)
 
 
 def write_trainer_report(run_dir: RunDir, outcome: TrainOutcome) -> None:

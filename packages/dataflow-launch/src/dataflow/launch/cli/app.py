@@ -9,12 +9,15 @@ from collections.abc import Sequence
 
 from dataflow.contracts.errors import DataflowError
 from dataflow.launch.cli import consume, demo, export, produce, run, status
+from dataflow.launch.cli.signals import exit_status, follow_supervisor, stop_handlers
 from dataflow.launch.version import __version__
 
 EXIT_ERROR = 2
 """Exit status for a refused command (bad input, a backend that cannot be reached)."""
 
 EXIT_INTERRUPTED = 130
+"""Ctrl-C; ``SIGTERM`` returns 143 and ``SIGHUP`` 129 (``128 + signal``), after the same cleanup."""
+
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE
 
 _DESCRIPTION = """\
@@ -46,7 +49,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     No command prints the help and returns 0. A command refused for a reason the user can fix
     (any ``DataflowError``: bad URI, missing file, unreachable backend, corrupt ledger) prints
     one line ``dataflow-launch COMMAND: error: …`` on stderr, without a traceback, and returns
-    2, like a usage error; Ctrl-C returns 130. A reader that closes the pipe early
+    2, like a usage error; Ctrl-C returns 130, and ``SIGTERM`` / ``SIGHUP`` stop the command
+    the same way and return 143 / 129 (``cli/signals.py``). A reader that closes the pipe early
     (``status --json | head``) ends the command quietly with 141, as ``SIGPIPE`` would.
     """
     parser = build_parser()
@@ -54,15 +58,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 0
+    with stop_handlers():
+        return _run(args)
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
+        follow_supervisor()
         code: int = args.run(args)
     except DataflowError as exc:
         message = " ".join(str(exc).split()) or type(exc).__name__
         print(f"dataflow-launch {args.command}: error: {message}", file=sys.stderr)
         return EXIT_ERROR
-    except KeyboardInterrupt:
-        print(f"dataflow-launch {args.command}: interrupted", file=sys.stderr)
-        return EXIT_INTERRUPTED
+    except KeyboardInterrupt as exc:
+        status = exit_status(exc)
+        cause = f" by {exc}" if status != EXIT_INTERRUPTED else ""
+        print(f"dataflow-launch {args.command}: interrupted{cause}", file=sys.stderr)
+        return status
     except BrokenPipeError:
         # Python would report the unflushed stdout again at exit; point it at /dev/null.
         devnull = os.open(os.devnull, os.O_WRONLY)

@@ -55,6 +55,7 @@ PLACEMENT_PATHS: tuple[tuple[str, ...], ...] = (
     ("producer",),
     ("target", "device"),
     ("target", "server_url"),
+    ("target", "aux_server_url"),
     ("target", "request_timeout_s"),
     ("trainer", "dp_size"),
     ("trainer", "sp_size"),

@@ -38,9 +38,10 @@ def _default_mode(topology: str) -> str:
 
 
 # ``scheme://`` + an absolute path gives ``scheme:///abs``; + a relative one stays cwd-relative.
-def _default_ledger(mode: str, out_dir: str) -> str:
+def _default_ledger(mode: str, out_dir: str, topology: str) -> str:
     if mode == "local_colocated":
-        return "noop://"
+        # online runs lease prompts from the ledger: in-process memory://, no I/O
+        return "memory://" if topology.endswith("_online") else "noop://"
     return f"sqlite://{out_dir.rstrip('/')}/ledger.sqlite"
 
 
@@ -91,7 +92,7 @@ class LaunchConfig(Section):
         out["run"] = {**run, "deployment_mode": mode}
         ledger = _section(data, "ledger")
         if not ledger.get("uri"):
-            out["ledger"] = {**ledger, "uri": _default_ledger(str(mode), out_dir)}
+            out["ledger"] = {**ledger, "uri": _default_ledger(str(mode), out_dir, topology)}
         store = _section(data, "store")
         if not store.get("uri"):
             out["store"] = {**store, "uri": _default_store(topology, run_id, out_dir)}
@@ -123,6 +124,17 @@ class LaunchConfig(Section):
             raise ValueError(
                 "ledger.uri: disaggregated_online shares its ledger between processes; use "
                 f"sqlite:///PATH or redis://HOST:PORT/DB, got {self.ledger.uri!r}"
+            )
+        if self.staleness.enabled and topology.endswith("_offline"):
+            raise ValueError(
+                f"staleness.enabled: {topology} trains precomputed features, which carry no "
+                "draft weight version and are re-read every epoch; staleness applies to online "
+                "topologies only"
+            )
+        if topology.endswith("_online") and ledger_scheme == "noop":
+            raise ValueError(
+                f"ledger.uri: {topology} leases prompts from its ledger and noop:// retains "
+                "none; use memory:// (in-process, no I/O) or a durable sqlite:// or redis:// ledger"
             )
         if mode.durable and ledger_scheme == "noop":
             raise ValueError(

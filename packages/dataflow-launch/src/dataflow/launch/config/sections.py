@@ -80,6 +80,9 @@ class TargetSection(Section):
     aux_layer_ids: tuple[StrictInt, StrictInt, StrictInt] | None = Field(default=None, strict=False)
     """None → the rule [1, N//2 - 1, N - 4] for an N-layer target."""
     server_url: str | None = None
+    """sglang: the plain server (post-norm last hidden state)."""
+    aux_server_url: str | None = None
+    """sglang: the EAGLE3 server over the same weights (the three aux layers)."""
     request_timeout_s: float = Field(default=300.0, gt=0)
     version: str | None = None
     """Target version stamped on refs; None → derived from the model."""
@@ -107,6 +110,11 @@ class TargetSection(Section):
         if self.engine == "sglang":
             if self.server_url is None:
                 raise ValueError("server_url: required by the sglang engine")
+            if self.aux_server_url is None:
+                raise ValueError(
+                    "aux_server_url: required by the sglang engine (a stock SGLang server returns "
+                    "the aux layers only when it runs EAGLE3, and then not the last hidden state)"
+                )
             if self.model_dir is None:
                 raise ValueError(
                     "model_dir: required by the sglang engine (the directory the server loaded: "
@@ -218,6 +226,16 @@ class StalenessSection(Section):
     require_target_match: bool = True
     admission: bool = True
     """Also refuse to start rollouts that would arrive too stale."""
+    publish_every: int = Field(default=0, ge=0)
+    """The trainer publishes a draft version at start, at each checkpoint and, when > 0, every
+    this many optimizer steps (weights saved under ``<out_dir>/weights``)."""
+    first_version_timeout_s: float = Field(default=300.0, gt=0)
+    """A producer waiting this long for the trainer's first draft version fails the run."""
+
+    def publishes_per_step(self, checkpoint_every: int) -> float:
+        """Expected draft publishes per optimizer step (admission's look-ahead)."""
+        every = self.publish_every or checkpoint_every
+        return 1.0 / every if every else 0.0
 
 
 class ProducerSection(Section):

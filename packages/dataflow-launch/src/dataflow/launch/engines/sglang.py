@@ -1,19 +1,26 @@
-"""The ``sglang`` engine: a client for a running SGLang server's hidden-state capture.
+"""The ``sglang`` engine: features from two stock SGLang servers over ``/generate``.
 
-GPU machines only (the server needs CUDA); this client itself needs only ``requests``
-(``pip install 'dataflow-launch[sglang]'``). The wire contract it speaks:
+Stock SGLang returns, per prompt, ONE prefill block of hidden states (see
+:mod:`dataflow.launch.engines.sglang_wire` for the source lines): the post-final-norm last hidden
+state on a plain server, or — on a server running ``--speculative-algorithm EAGLE3`` — the
+concatenated aux layers named by the draft config's ``eagle_config.eagle_aux_hidden_state_layer_ids``
+instead. It can never return both, so this engine asks two servers over the same weights:
 
-- ``GET {url}/health`` answers 200 when the server is up.
-- ``POST {url}/generate`` with ``{"input_ids": [[ids…], …], "return_hidden_states": true,
-  "sampling_params": {"temperature": 0, "max_new_tokens": 1}}`` answers one row per prompt, in
-  order. Each row's ``meta_info.hidden_states[0]`` is the prefill block: a ``T * 4H`` matrix
-  whose first ``3H`` columns are the three captured layers (in ``aux_layer_ids`` order) and
-  whose last ``H`` columns are the last post-norm hidden state. ``meta_info.aux_layer_ids``, when
-  present, must equal the ids this client expects. The server is launched with hidden-state
-  return enabled and EAGLE3 aux-layer capture of those layers.
+- ``server_url`` (plain): ``--enable-return-hidden-states --disable-radix-cache
+  --chunked-prefill-size -1`` → ``hidden_state`` ``[T, H]``;
+- ``aux_server_url`` (EAGLE3 with a draft whose ``eagle_aux_hidden_state_layer_ids`` equal
+  ``target.aux_layer_ids``; SGLang's ids are the output of decoder layer k, as ours) plus the
+  same three flags → ``aux_hidden_state`` ``[T, 3H]``.
 
-Any disagreement (row count, T, width, layer ids) is a :class:`SchemaMismatchError`; a server
-that cannot be reached or answers an HTTP error is a :class:`BackendUnavailableError`.
+Both answer JSON floats (``.tolist()`` of the model-dtype tensor), so values are exact in the
+model dtype and cast back to it. The mode that writes all features in one pass without JSON is
+SpecForge's patched server (``--enable-spec-capture``, tensors written into Mooncake), not stock
+SGLang.
+
+Errors: an SGLang refusal (HTTP 400 ``{"error": {"message"}}``, e.g. the missing
+``--enable-return-hidden-states``) is an ``InvalidInputError`` quoting it; any shape disagreement
+(rows, T, width) a :class:`SchemaMismatchError`; an unreachable server or another HTTP error a
+:class:`BackendUnavailableError`.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ from dataflow.launch.engines.base import CapturedSample, TargetHead, TargetInfo
 from dataflow.launch.engines.features import checked_sample, eagle3_feature_specs
 from dataflow.launch.engines.layers import resolve_aux_layer_ids
 from dataflow.launch.engines.payload import encode_payload
+from dataflow.launch.engines.sglang_wire import error_message, generate_body, prefill_block
 from dataflow.launch.engines.target_files import read_head_weights, read_model_config
 from dataflow.launch.extras import require
 
@@ -43,48 +51,7 @@ _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torc
 
 def build_request(encoded: Sequence[tuple[list[int], list[int]]]) -> dict[str, Any]:
     """The ``/generate`` body for a batch of tokenised prompts (prefill only, greedy)."""
-    return {
-        "input_ids": [list(ids) for ids, _ in encoded],
-        "return_hidden_states": True,
-        "sampling_params": {"temperature": 0.0, "max_new_tokens": 1},
-    }
-
-
-def parse_row(
-    row: Any, task_id: str, num_tokens: int, info: TargetInfo
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(hidden_state [1,T,H], aux_hidden_state [1,T,3H])`` from one response row."""
-    meta: dict[str, Any] = {}
-    if isinstance(row, dict) and isinstance(row.get("meta_info"), dict):
-        meta = row["meta_info"]
-    blocks = meta.get("hidden_states")
-    if not isinstance(blocks, list) or not blocks:
-        raise SchemaMismatchError(
-            f"task {task_id!r}: the response has no meta_info.hidden_states; is the server "
-            "launched with hidden-state return enabled?"
-        )
-    ids = meta.get("aux_layer_ids")
-    if ids is not None and tuple(ids) != info.aux_layer_ids:
-        raise SchemaMismatchError(
-            f"task {task_id!r}: the server captured layers {list(ids)}, expected "
-            f"{list(info.aux_layer_ids)}"
-        )
-    try:
-        block = torch.tensor(blocks[0], dtype=torch.float32)
-    except (TypeError, ValueError) as exc:
-        raise SchemaMismatchError(
-            f"task {task_id!r}: hidden_states[0] is not a matrix ({exc})"
-        ) from None
-    h = info.hidden_size
-    if block.dim() != 2 or block.shape[0] != num_tokens or block.shape[1] != 4 * h:
-        raise SchemaMismatchError(
-            f"task {task_id!r}: hidden_states[0] has shape {list(block.shape)}, expected "
-            f"[{num_tokens}, {4 * h}] (3 aux layers + last hidden, H={h})"
-        )
-    dtype = _DTYPES[info.dtype]
-    aux = block[:, : 3 * h].to(dtype).unsqueeze(0).contiguous()
-    last = block[:, 3 * h :].to(dtype).unsqueeze(0).contiguous()
-    return last, aux
+    return generate_body([ids for ids, _ in encoded])
 
 
 class SGLangTargetEngine:
@@ -98,6 +65,7 @@ class SGLangTargetEngine:
     def __init__(
         self,
         server_url: str,
+        aux_server_url: str,
         model_dir: str,
         *,
         dtype: str = "bfloat16",
@@ -109,6 +77,7 @@ class SGLangTargetEngine:
     ) -> None:
         self._requests: Any = require("requests")
         self._url = server_url.rstrip("/")
+        self._aux_url = aux_server_url.rstrip("/")
         self._model_dir = model_dir
         self._timeout = timeout_s
         self._batch_size = batch_size
@@ -124,18 +93,19 @@ class SGLangTargetEngine:
             pad_token_id=int(config.get("pad_token_id") or 0),
         )
         self._tokenizer = tokenizer
-        self._probe()
+        self._probe(self._url)
+        self._probe(self._aux_url)
 
-    def _probe(self) -> None:
+    def _probe(self, url: str) -> None:
         try:
-            answer = self._requests.get(f"{self._url}/health", timeout=min(self._timeout, 10.0))
+            answer = self._requests.get(f"{url}/health", timeout=min(self._timeout, 10.0))
         except self._requests.RequestException as exc:
             raise BackendUnavailableError(
-                f"SGLang server {self._url} is unreachable: {type(exc).__name__}"
+                f"SGLang server {url} is unreachable: {type(exc).__name__}"
             ) from None
         if answer.status_code != 200:
             raise BackendUnavailableError(
-                f"SGLang server {self._url} is not healthy: /health answered {answer.status_code}"
+                f"SGLang server {url} is not healthy: /health answered {answer.status_code}"
             )
 
     @property
@@ -174,41 +144,67 @@ class SGLangTargetEngine:
             samples.extend(self._capture_batch(tasks[start:stop], encoded[start:stop]))
         return samples
 
-    def _post(self, body: dict[str, Any]) -> Any:
+    def _post(self, url: str, body: dict[str, Any], count: int) -> list[Any]:
         try:
-            answer = self._requests.post(f"{self._url}/generate", json=body, timeout=self._timeout)
+            answer = self._requests.post(f"{url}/generate", json=body, timeout=self._timeout)
         except self._requests.RequestException as exc:
             raise BackendUnavailableError(
-                f"SGLang server {self._url} failed the request: {type(exc).__name__}"
+                f"SGLang server {url} failed the request: {type(exc).__name__}"
             ) from None
+        try:
+            rows = answer.json()
+        except ValueError:
+            rows = None
+        if answer.status_code == 400 and error_message(rows):
+            raise InvalidInputError(f"SGLang server {url} refused: {error_message(rows)}")
         if answer.status_code != 200:
             raise BackendUnavailableError(
-                f"SGLang server {self._url} answered HTTP {answer.status_code}: {answer.text[:200]}"
+                f"SGLang server {url} answered HTTP {answer.status_code}: {answer.text[:200]}"
             )
-        try:
-            return answer.json()
-        except ValueError:
-            raise SchemaMismatchError(f"SGLang server {self._url} answered non-JSON") from None
+        if rows is None:
+            raise SchemaMismatchError(f"SGLang server {url} answered non-JSON")
+        if isinstance(rows, dict):
+            rows = [rows]
+        if not isinstance(rows, list) or len(rows) != count:
+            got = len(rows) if isinstance(rows, list) else type(rows).__name__
+            raise SchemaMismatchError(
+                f"SGLang server {url} answered {got} rows for {count} prompts"
+            )
+        return rows
 
     def _capture_batch(
         self, tasks: Sequence[PromptTask], encoded: list[tuple[list[int], list[int]]]
     ) -> list[CapturedSample]:
-        rows = self._post(build_request(encoded))
-        if isinstance(rows, dict):
-            rows = [rows]
-        if not isinstance(rows, list) or len(rows) != len(tasks):
-            got = len(rows) if isinstance(rows, list) else type(rows).__name__
-            raise SchemaMismatchError(
-                f"SGLang server {self._url} answered {got} rows for {len(tasks)} prompts"
-            )
+        body = build_request(encoded)
+        last_rows = self._post(self._url, body, len(tasks))
+        aux_rows = self._post(self._aux_url, body, len(tasks))
+        h, dtype = self._info.hidden_size, _DTYPES[self._info.dtype]
         samples = []
-        for task, (ids, mask), row in zip(tasks, encoded, rows, strict=True):
-            last, aux = parse_row(row, task.task_id, len(ids), self._info)
+        for task, (ids, mask), last_row, aux_row in zip(
+            tasks, encoded, last_rows, aux_rows, strict=True
+        ):
+            last = prefill_block(
+                last_row,
+                where=f"task {task.task_id!r} from {self._url}",
+                num_tokens=len(ids),
+                width=h,
+                what=f"the post-norm last hidden state, H={h}",
+            )
+            aux = prefill_block(
+                aux_row,
+                where=f"task {task.task_id!r} from {self._aux_url}",
+                num_tokens=len(ids),
+                width=3 * h,
+                what=(
+                    f"3 EAGLE3 aux layers {list(self._info.aux_layer_ids)} concatenated, H={h}; "
+                    "is this server running --speculative-algorithm EAGLE3?"
+                ),
+            )
             tensors = {
                 "input_ids": torch.tensor([ids], dtype=torch.int64),
                 "loss_mask": torch.tensor([mask], dtype=torch.int64),
-                "hidden_state": last,
-                "aux_hidden_state": aux,
+                "hidden_state": last.to(dtype).unsqueeze(0).contiguous(),
+                "aux_hidden_state": aux.to(dtype).unsqueeze(0).contiguous(),
             }
             samples.append(checked_sample(task.task_id, tensors, self._info))
         return samples
@@ -219,10 +215,13 @@ class SGLangTargetEngine:
 
 def open_sglang_engine(target: TargetSection) -> SGLangTargetEngine:
     """The ``sglang`` engine for ``target`` (the config guarantees server_url and model_dir)."""
-    if target.server_url is None or target.model_dir is None:
-        raise InvalidInputError("the sglang engine needs target.server_url and target.model_dir")
+    if target.server_url is None or target.aux_server_url is None or target.model_dir is None:
+        raise InvalidInputError(
+            "the sglang engine needs target.server_url, target.aux_server_url and target.model_dir"
+        )
     return SGLangTargetEngine(
         target.server_url,
+        target.aux_server_url,
         target.model_dir,
         dtype=target.dtype,
         aux_layer_ids=target.aux_layer_ids,

@@ -76,9 +76,17 @@ def admission_factory(
         return None
     policy = StalenessPolicy(stale.max_draft_lag, stale.require_target_match)
     quantum = config.trainer.quantum
+    per_window = stale.publishes_per_step(config.trainer.checkpoint_every)
 
     def build(ledger: Ledger) -> StalenessAdmission:
-        return StalenessAdmission(ledger, WeightRegistry(ledger), policy, target_version, quantum)
+        return StalenessAdmission(
+            ledger,
+            WeightRegistry(ledger),
+            policy,
+            target_version,
+            quantum,
+            publishes_per_window=per_window,
+        )
 
     return build
 

@@ -84,6 +84,7 @@ class RolloutProducer:
         admission = self._admission_factory(self._ledger) if self._admission_factory else None
         side = Controller(self._ledger).producer(flow_limits=self._flow_limits, admission=admission)
         side.open(self.settings.run_id, resume=True)
+        self._ledger.declare_target(self._engine.info.version)
         for name in self.settings.worker_names:
             side.reclaim(name)
         self._side = side

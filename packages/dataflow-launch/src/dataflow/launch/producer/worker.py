@@ -5,15 +5,24 @@ Failure classes, each handled one way:
   tasks are retried one by one so only the bad ones fail; the worker is not blamed;
 - a failed capture or put (engine, transport, store) returns the batch's prompts to the ledger
   as retryable and counts against the worker; ``worker_max_failures`` in a row drop it;
-- a ledger refusal of a commit is fatal for the producer (raised to it), after the sample's
-  features are aborted so nothing leaks.
+- a ledger refusal of a commit is fatal for the producer (raised to it), after the features of
+  every sample in the refused group are aborted so nothing leaks.
+
+Group commit: the refs of one engine batch are committed together, in one ledger transaction
+(all or none), once every sample of the batch is put. The group is committed early when flow
+control has no room for the next sample (its held reservations could otherwise keep that room
+from ever freeing up) and when the worker is stopped. A sample put but not committed — the
+process dies, or the commit raises — is never half-visible: nothing of the group is in the
+ledger, and its features are aborted (or, after SIGKILL, reclaimed by the store's owner rules).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import logging
 import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -26,12 +35,18 @@ from dataflow.contracts import (
     NotFoundError,
     PromptState,
     PromptTask,
+    SampleRef,
 )
 from dataflow.control.flow import Admission
 from dataflow.control.producer import ProducerSide
 from dataflow.launch.engines import CapturedSample, TargetEngine
 from dataflow.launch.producer.report import WorkerReport
 from dataflow.launch.producer.settings import ProducerSettings
+
+log = logging.getLogger(__name__)
+
+REFUSAL_LOG_EVERY_S = 10.0
+"""A worker held back by staleness admission says why at most this often."""
 
 
 def pool_drained(ledger: Ledger) -> bool:
@@ -44,6 +59,15 @@ def pool_drained(ledger: Ledger) -> bool:
 
 def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"[:500]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Put:
+    """A sample in the store whose ref waits for its group's commit (its bytes still reserved)."""
+
+    ref: SampleRef
+    num_tokens: int
+    admission: Admission
 
 
 class RolloutWorker:
@@ -80,6 +104,7 @@ class RolloutWorker:
         )
         self._dropped = False
         self._last_error = ""
+        self._refusal_logged = 0.0
 
     def report(self) -> WorkerReport:
         """The tallies so far."""
@@ -109,9 +134,23 @@ class RolloutWorker:
                 elif pool_drained(self._ledger):
                     return
                 else:  # peers hold the rest, or admission refused: look again shortly
+                    self._note_refusal()
                     self._stop.wait(self._settings.poll_s)
         finally:
             self._side.reclaim(self.name)
+
+    def _note_refusal(self) -> None:
+        refusal = self._side.last_refusal
+        now = time.monotonic()
+        if refusal is not None and now - self._refusal_logged >= REFUSAL_LOG_EVERY_S:
+            self._refusal_logged = now
+            log.warning(
+                "producer worker %s holds back (staleness.admission): a rollout started now "
+                "would arrive with draft lag %s (%s); waiting for the trainer to catch up",
+                self.name,
+                refusal.draft_lag,
+                refusal.reason,
+            )
 
     def _process(self, tasks: Sequence[PromptTask], draft: str | None) -> None:
         try:
@@ -127,10 +166,18 @@ class RolloutWorker:
         except Exception as exc:  # engine or transport trouble: the prompts are not to blame
             self._blame(tasks, exc)
             return
-        for task, sample in zip(tasks, samples, strict=True):
-            if self._stop.is_set():
-                return  # unfinished leases are handed back by run()
-            self._publish(task, sample, draft)
+        group: list[_Put] = []
+        try:
+            for task, sample in zip(tasks, samples, strict=True):
+                if self._stop.is_set():
+                    break  # unfinished leases are handed back by run(); the put ones commit
+                put = self._put(task, sample, draft, group)
+                if put is not None:
+                    group.append(put)
+        except BaseException:
+            self._abandon(group, "producer stopped before the commit")
+            raise
+        self._commit_group(group)
         self._streak = 0
 
     def _fail(self, task: PromptTask, reason: str, *, retryable: bool) -> None:
@@ -154,7 +201,12 @@ class RolloutWorker:
         except NotFoundError:
             return False
 
-    def _wait_for_capacity(self, nbytes: int) -> Admission | None:
+    def _wait_for_capacity(self, nbytes: int, group: list[_Put]) -> Admission | None:
+        if group:  # room now? else commit the group first: its reservations may be the blocker
+            try:
+                return self._side.wait_for_capacity(nbytes, timeout=0)
+            except TimeoutError:
+                self._commit_group(group)
         while not self._stop.is_set():
             try:
                 return self._side.wait_for_capacity(nbytes, timeout=self._settings.poll_s)
@@ -162,51 +214,79 @@ class RolloutWorker:
                 continue
         return None
 
-    def _publish(self, task: PromptTask, sample: CapturedSample, draft: str | None) -> None:
+    def _put(
+        self, task: PromptTask, sample: CapturedSample, draft: str | None, group: list[_Put]
+    ) -> _Put | None:
+        """Put one sample's features; returns what its commit needs, or None if it is not to be
+        committed (a duplicate, refused, or a failed put — each already accounted for).
+        """
         sample_id = task.task_id
         if self._committed(sample_id):
             # A peer that took over our expired lease committed it first; putting now would
             # replace the generation its committed ref points at.
             self._tally["duplicates"] += 1
-            return
+            return None
         try:
-            admission = self._wait_for_capacity(sample.nbytes)
+            admission = self._wait_for_capacity(sample.nbytes, group)
         except CapacityExceededError as exc:  # this sample can never fit under the byte cap
             self._fail(task, _describe(exc), retryable=False)
             self._tally["rejected"] += 1
-            return
+            return None
         if admission is None:
+            return None
+        metadata = {
+            "num_tokens": sample.num_tokens,
+            "worker": self.name,
+            "attempt": task.attempt,
+            **{k: v for k, v in task.metadata.items() if k in ("pass", "line")},
+        }
+        try:
+            ref = self._store.put(sample_id, dict(sample.tensors), metadata)
+        except Exception as exc:  # store full or unreachable: retry the prompt later
+            admission.release()
+            self._blame([task], exc)
+            return None
+        except BaseException:
+            admission.release()
+            raise
+        ref = dataclasses.replace(
+            ref,
+            source_task_id=task.task_id,
+            run_id=self._settings.run_id,
+            target_version=self._engine.info.version,
+            draft_weight_version=draft,
+            num_tokens=sample.num_tokens,
+            estimated_bytes=max(ref.estimated_bytes, sample.nbytes),
+        )
+        return _Put(ref, sample.num_tokens, admission)
+
+    def _abandon(self, group: list[_Put], reason: str) -> None:
+        """Abort every put of ``group`` (none of it is in the ledger) and free its bytes."""
+        for put in group:
+            with contextlib.suppress(Exception):  # abort the rest even if one abort fails
+                self._store.abort(put.ref.sample_id, reason)
+            put.admission.release()
+        group.clear()
+
+    def _commit_group(self, group: list[_Put]) -> None:
+        """Commit ``group``'s refs in one ledger transaction, then free their reservations (the
+        ledger's in-flight bytes account for them from then on); a refusal aborts them all.
+        """
+        if not group:
             return
-        with admission:
-            metadata = {
-                "num_tokens": sample.num_tokens,
-                "worker": self.name,
-                "attempt": task.attempt,
-                **{k: v for k, v in task.metadata.items() if k in ("pass", "line")},
-            }
-            try:
-                ref = self._store.put(sample_id, dict(sample.tensors), metadata)
-            except Exception as exc:  # store full or unreachable: retry the prompt later
-                self._blame([task], exc)
-                return
-            ref = dataclasses.replace(
-                ref,
-                source_task_id=task.task_id,
-                run_id=self._settings.run_id,
-                target_version=self._engine.info.version,
-                draft_weight_version=draft,
-                num_tokens=sample.num_tokens,
-                estimated_bytes=max(ref.estimated_bytes, sample.nbytes),
-            )
-            try:
-                with self._commit_lock:
-                    result = self._side.commit([ref])
-            except BaseException:
-                self._store.abort(sample_id, "commit refused")
-                raise
-        if result.committed:
-            self._tally["committed"] += 1
-            self._tally["tokens"] += sample.num_tokens
-            self._tally["bytes"] += ref.estimated_bytes
-        else:
-            self._tally["duplicates"] += 1
+        try:
+            with self._commit_lock:
+                result = self._side.commit([put.ref for put in group])
+        except BaseException:
+            self._abandon(group, "commit refused")
+            raise
+        committed = set(result.committed)
+        for put in group:
+            put.admission.release()
+            if put.ref.sample_id in committed:
+                self._tally["committed"] += 1
+                self._tally["tokens"] += put.num_tokens
+                self._tally["bytes"] += put.ref.estimated_bytes
+            else:
+                self._tally["duplicates"] += 1
+        group.clear()
