@@ -13,7 +13,7 @@ def test_no_checkpoint_means_nothing_durable(tmp_path):
     # sample instead of refusing a checkpoint "ahead of the last acked step".
     run_dir = RunDir(tmp_path / "run").create()
     layout = RankLayout(0, 1, LocalCollective(), LocalBackend("fp32"))
-    assert latest_checkpoint_step(run_dir, layout) == -1
+    assert latest_checkpoint_step(run_dir, layout, "run") == -1
 
 
 def test_rewind_to_no_checkpoint_drops_every_audit_line(tmp_path):
