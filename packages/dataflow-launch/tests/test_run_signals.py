@@ -111,18 +111,36 @@ def _resume_and_check(config: str, overrides: list[str], out: Path, shm_name: st
     assert shm_segments(shm_name) == []  # every feature freed, the stopped run's included
 
 
+def _job(tmp_path: Path, shm_name: str) -> tuple[Path, list[str], str, Path]:
+    """The run directory, overrides, config and log path of one signal test's job."""
+    out = tmp_path / "run"
+    return (
+        out,
+        _overrides(out, shm_name),
+        str(EXAMPLES / "disaggregated_online.yaml"),
+        tmp_path / "run.log",
+    )
+
+
+def _start_run_with_roles(args: list[str], out: Path, log: Path) -> subprocess.Popen:
+    """Start ``run`` and return once it trained something with producer and consumer running."""
+    run = _start_run(args, log)
+    try:
+        _wait_trained(run, out, log)
+        roles = _roles_of(run.pid)
+        assert len(roles) >= 2, roles  # the producer and the consumer are running
+    except BaseException:
+        _kill_everything(run)
+        raise
+    return run
+
+
 @pytest.mark.parametrize(("signum", "status"), [(signal.SIGTERM, 143), (signal.SIGHUP, 129)])
 def test_stop_signal_to_run_stops_every_role_and_resume_completes(tmp_path, signum, status):
     with fresh_shm_name() as shm_name:
-        out = tmp_path / "run"
-        overrides = _overrides(out, shm_name)
-        config = str(EXAMPLES / "disaggregated_online.yaml")
-        log = tmp_path / "run.log"
-        run = _start_run([config, *overrides], log)
+        out, overrides, config, log = _job(tmp_path, shm_name)
+        run = _start_run_with_roles([config, *overrides], out, log)
         try:
-            _wait_trained(run, out, log)
-            roles = _roles_of(run.pid)
-            assert len(roles) >= 2, roles  # the producer and the consumer are running
             run.send_signal(signum)
             assert run.wait(timeout=120) == status, log.read_text()[-3000:]
             assert _roles_of(run.pid) == []  # no role outlived run
@@ -136,15 +154,9 @@ def test_stop_signal_to_run_stops_every_role_and_resume_completes(tmp_path, sign
 
 def test_sigkill_of_run_stops_its_roles_by_themselves(tmp_path):
     with fresh_shm_name() as shm_name:
-        out = tmp_path / "run"
-        overrides = _overrides(out, shm_name)
-        config = str(EXAMPLES / "disaggregated_online.yaml")
-        log = tmp_path / "run.log"
-        run = _start_run([config, *overrides], log)
+        out, overrides, config, log = _job(tmp_path, shm_name)
+        run = _start_run_with_roles([config, *overrides], out, log)
         try:
-            _wait_trained(run, out, log)
-            roles = _roles_of(run.pid)
-            assert len(roles) >= 2, roles
             run.kill()
             run.wait()
             left = _wait_no_roles(run.pid, timeout_s=60)
