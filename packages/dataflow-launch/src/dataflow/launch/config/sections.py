@@ -250,6 +250,12 @@ class ProducerSection(Section):
     """More prompts than this FAILED for good at the end fail the run instead of closing it."""
     lease_s: float = Field(default=120.0, gt=0)
     poll_s: float = Field(default=0.05, gt=0)
+    regenerate: bool = False
+    """The target writes the assistant turns itself; features cover prompt + its own response."""
+    max_new_tokens: int = Field(default=64, ge=1)
+    """With ``regenerate``: the most tokens the target writes per sample."""
+    temperature: float = Field(default=0.0, ge=0)
+    """With ``regenerate``: 0 is greedy decoding; above 0 samples (seeded by ``run.seed``)."""
 
 
 class TrainerSection(Section):

@@ -6,6 +6,7 @@ from dataflow.launch.config import TargetSection
 from dataflow.launch.engines.base import (
     FEATURE_NAMES,
     CapturedSample,
+    Regeneration,
     TargetEngine,
     TargetHead,
     TargetInfo,
@@ -28,6 +29,7 @@ def open_engine(target: TargetSection) -> TargetEngine:
 __all__ = [
     "FEATURE_NAMES",
     "CapturedSample",
+    "Regeneration",
     "TargetEngine",
     "TargetHead",
     "TargetInfo",

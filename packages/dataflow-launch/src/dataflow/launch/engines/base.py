@@ -74,6 +74,21 @@ class CapturedSample:
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
 
 
+@dataclass(frozen=True)
+class Regeneration:
+    """The target writes the assistant turn itself (``producer.regenerate``).
+
+    A task's payload then holds the prompt only (ending where the assistant's turn starts); the
+    engine appends up to ``max_new_tokens`` tokens of its own (greedy when ``temperature`` is 0,
+    sampled with ``seed`` otherwise) and captures features over prompt + response in the same
+    pass or request. The loss mask covers the generated tokens only.
+    """
+
+    max_new_tokens: int
+    temperature: float = 0.0
+    seed: int = 0
+
+
 @runtime_checkable
 class TargetEngine(Protocol):
     """Runs the target over prompt tasks and captures EAGLE3 features.
