@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import logging
 import threading
 from collections.abc import Sequence
 
@@ -23,6 +24,8 @@ from dataflow.control.dist_ack import DistAckResult, SoloCollective, distributed
 from dataflow.control.gate import StalenessGate
 from dataflow.control.queue import RankQueue
 from dataflow.control.window import WindowShape
+
+_log = logging.getLogger(__name__)
 
 TRAINED_REASON = "trained"
 RECONCILED_REASON = "reconciled_released"
@@ -218,6 +221,13 @@ class ConsumerSide:
         result = run_on_rank0(
             self._collective, f"reconcile to checkpoint step {checkpoint_step}", settle
         )
+        _log.info(
+            "reconciled the ledger to checkpoint step %d (dp_size %d): %d released, %d requeued",
+            checkpoint_step,
+            self.shape.dp_size,
+            len(result.released),
+            len(result.requeued),
+        )
         with self._lock:
             self._unreleased.clear()
         return result
@@ -234,6 +244,7 @@ class ConsumerSide:
 
     def _write_ack(self, step: int, ids: list[str]) -> None:
         self._ledger.ack(step, ids)
+        _log.debug("acked step %d: %d sample(s) TRAINED", step, len(ids))
         if self.release is ReleasePolicy.ON_ACK:
             self._ledger.release_through(step)
 

@@ -54,6 +54,7 @@ import abc
 import copy
 import dataclasses
 import itertools
+import logging
 import secrets
 import threading
 import time
@@ -82,6 +83,8 @@ from dataflow.contracts import (
 from dataflow.contracts.errors import CapacityExceededError
 from dataflow.store.faults import FaultInjector
 from dataflow.store.tensors import PreparedSample, jsonable_metadata, prepare_tensors
+
+_log = logging.getLogger(__name__)
 
 Clock = Callable[[], float]
 
@@ -366,6 +369,15 @@ class BookkeepingStore(abc.ABC):
             else:
                 failed += 1
         orphans, orphan_bytes = self._reclaim_orphans()
+        if freed or orphans or failed:
+            _log.info(
+                "%s gc: freed %d sample(s) (%d orphaned), %d byte(s); %d free(s) still failing",
+                self.uri,
+                freed + orphans,
+                orphans,
+                freed_bytes + orphan_bytes,
+                failed,
+            )
         return GcReport(
             freed_samples=freed + orphans,
             freed_bytes=freed_bytes + orphan_bytes,

@@ -195,6 +195,7 @@ class Trainer:
                 hook.load_state_dict(saved_hooks[key])
         restore_rng(rank_state["rng"])
         self.step = self._saved_step = int(shared["step"])
+        _log.info("resumed from checkpoint %s (step %d)", checkpoint.path, self.step)
 
     def _keyed_hooks(self) -> dict[str, TrainerHook]:
         keyed: dict[str, TrainerHook] = {}
@@ -234,6 +235,7 @@ class Trainer:
         }
         info = self.checkpoints.save(self.step, self._tensor_state(), rank_state, shared)
         self._saved_step = self.step
+        _log.info("checkpoint of step %d written to %s", self.step, info.path)
         error: BaseException | None = None
         try:
             for hook in self.hooks:
@@ -408,6 +410,13 @@ class Trainer:
         except Exception as exc:  # agreed below so every rank raises
             error = exc
         self.backend.agree("optimizer-step hooks", error)
+        _log.debug(
+            "step %d: loss %.6g, lr %.3g, %d sample(s) on this rank",
+            self.step,
+            loss,
+            lr,
+            len(window.sample_ids),
+        )
         if self._metrics is not None and self.step % cfg.log_interval == 0:
             elapsed = time.perf_counter() - started
             row = {

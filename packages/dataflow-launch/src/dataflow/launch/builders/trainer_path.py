@@ -7,7 +7,7 @@ source, the store and the window ack they pass in; nothing here looks at the top
 
 from __future__ import annotations
 
-import sys
+import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -34,6 +34,8 @@ from dataflow.train.metrics import default_metrics, read_jsonl
 from dataflow.train.optim import OptimConfig
 from dataflow.train.parallel.sequence import SequenceParallelObjective
 from dataflow.train.trainer import Trainer
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -127,7 +129,7 @@ def resume_checkpoint(
     lines = report_refused(refused, info)
     if announce and layout.rank == 0:
         for line in lines:
-            print(f"dataflow: {line}", file=sys.stderr, flush=True)
+            log.warning("%s", line)
     return info, refused
 
 
@@ -196,6 +198,15 @@ def train_draft(
     tallies.
     """
     rank0 = layout.rank == 0
+    if rank0:
+        log.info(
+            "training run %s: %s, store %s, %d rank(s), resume=%s",
+            config.run.id,
+            config.run.topology,
+            store.uri,
+            layout.collective.world_size,
+            resume,
+        )
     resumed_at: int | None = None
     chosen: CheckpointInfo | None = None
     refused: list[RefusedCheckpoint] = []

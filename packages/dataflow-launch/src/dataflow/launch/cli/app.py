@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 from dataflow.contracts.errors import DataflowError
 from dataflow.launch.cli import consume, demo, export, produce, run, status
+from dataflow.launch.cli.logs import LEVELS, LOG_LEVEL_ENV, configure_logging, default_level
 from dataflow.launch.cli.signals import exit_status, follow_supervisor, stop_handlers
 from dataflow.launch.version import __version__
 
@@ -37,6 +38,14 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"dataflow-launch {__version__}")
+    parser.add_argument(
+        "--log-level",
+        type=str.lower,
+        choices=LEVELS,
+        default=None,
+        help=f"how much the dataflow.* loggers write to stderr (default: ${LOG_LEVEL_ENV} or "
+        "warning); child role processes inherit it",
+    )
     commands = parser.add_subparsers(title="commands", dest="command", metavar="COMMAND")
     for command in (demo, run, produce, consume, status, export):
         command.register(commands)
@@ -64,6 +73,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     try:
+        configure_logging(args.log_level or default_level())
         follow_supervisor()
         code: int = args.run(args)
     except DataflowError as exc:

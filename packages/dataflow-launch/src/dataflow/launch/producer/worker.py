@@ -130,8 +130,15 @@ class RolloutWorker:
                     target_version=self._engine.info.version,
                 )
                 if tasks:
+                    log.debug(
+                        "producer worker %s leased %d prompt(s): %s",
+                        self.name,
+                        len(tasks),
+                        ", ".join(t.task_id for t in tasks),
+                    )
                     self._process(tasks, draft)
                 elif pool_drained(self._ledger):
+                    log.debug("producer worker %s: the prompt pool is drained", self.name)
                     return
                 else:  # peers hold the rest, or admission refused: look again shortly
                     self._note_refusal()
@@ -192,8 +199,18 @@ class RolloutWorker:
         self._streak += 1
         self._tally["failures"] += 1
         self._last_error = reason
+        log.warning(
+            "producer worker %s: %d prompt(s) returned for retry (failure %d in a row): %s",
+            self.name,
+            len(tasks),
+            self._streak,
+            reason,
+        )
         if self._streak >= self._settings.worker_max_failures:
             self._dropped = True
+            log.error(
+                "producer worker %s gave up after %d failures in a row", self.name, self._streak
+            )
 
     def _committed(self, sample_id: str) -> bool:
         try:
@@ -289,4 +306,10 @@ class RolloutWorker:
                 self._tally["bytes"] += put.ref.estimated_bytes
             else:
                 self._tally["duplicates"] += 1
+        log.debug(
+            "producer worker %s committed %d ref(s) (%d duplicate(s))",
+            self.name,
+            len(result.committed),
+            len(result.duplicates),
+        )
         group.clear()
