@@ -1,10 +1,14 @@
 """The `gpu` session: the GPU matrix, where CUDA is present; CI never runs it.
 
-Executed inside noxfile.py's namespace (ROOT, install_editable, nox), hence the F821 waivers.
 Arguments after `--` go to pytest.
 """
 
-GPU_TESTS = ROOT / "tests" / "gates" / "gpu"  # noqa: F821
+from __future__ import annotations
+
+import nox
+from tools.sessions._common import ROOT, pkg_dir
+
+GPU_TESTS = ROOT / "tests" / "gates" / "gpu"
 GPU_CONSTRAINTS = GPU_TESTS / "constraints-gpu.txt"
 NO_CUDA = "NOT RUN: no CUDA device (torch.cuda.is_available() is False)"
 
@@ -30,8 +34,8 @@ def _cuda_available() -> bool:
     return smi.returncode == 0 and "GPU" in smi.stdout
 
 
-@nox.session(venv_backend="virtualenv")  # noqa: F821
-def gpu(session: nox.Session) -> None:  # noqa: F821
+@nox.session(venv_backend="virtualenv")
+def gpu(session: nox.Session) -> None:
     """NCCL trainer (1 and 2 GPUs where present) in fp32 and bf16, the sglang engine against a
     real SGLang server, the equivalence gate on GPU. Elsewhere: prints NOT RUN and is skipped.
     """
@@ -43,10 +47,10 @@ def gpu(session: nox.Session) -> None:  # noqa: F821
         "-c",
         str(GPU_CONSTRAINTS),
         "-e",
-        str(ROOT / "tools" / "dataflow-testing"),  # noqa: F821
-        *[arg for p in ("contracts", "store", "control", "train") for arg in ("-e", pkg_dir(p))],  # noqa: F821
+        str(ROOT / "tools" / "dataflow-testing"),
+        *[arg for p in ("contracts", "store", "control", "train") for arg in ("-e", pkg_dir(p))],
         "-e",
-        pkg_dir("launch") + "[test,hf,plots,sglang]",  # noqa: F821
+        pkg_dir("launch") + "[test,hf,plots,sglang]",
     )
     session.run(
         "python", "-c", "import torch; assert torch.cuda.is_available(), 'torch sees no CUDA'"
