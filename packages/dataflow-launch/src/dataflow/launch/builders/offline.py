@@ -23,7 +23,6 @@ from dataflow.contracts import (
     parse_store_uri,
 )
 from dataflow.control import run_on_rank0
-from dataflow.launch.builders.acks import RetainedWindowAck
 from dataflow.launch.builders.common import (
     load_run_prompts,
     open_plan_ledger,
@@ -46,6 +45,7 @@ from dataflow.launch.engines import open_engine
 from dataflow.launch.producer import ProducerReport, ProducerSettings, RolloutProducer
 from dataflow.launch.run_dir import RunDir, read_json, write_json_atomic
 from dataflow.store import open_store
+from dataflow.train.hooks import RetainedAck
 
 MANIFEST_VERSION = 1
 
@@ -72,7 +72,7 @@ def _train_refs(
                 objective,
                 store,
                 RefSource(refs=refs, num_epochs=config.data.passes),
-                RetainedWindowAck(layout.collective),
+                RetainedAck(layout.collective),
                 layout,
                 resume=resume,
                 progress=progress,

@@ -11,7 +11,6 @@ from typing import TypeVar
 
 from dataflow.contracts import FeatureStore, Ledger, RefQueue
 from dataflow.control import ConsumerSide, Controller, WindowShape, run_on_rank0
-from dataflow.launch.builders.acks import LedgerWindowAck
 from dataflow.launch.builders.common import (
     load_run_prompts,
     open_plan_ledger,
@@ -156,7 +155,6 @@ def _train_on(
     progress: bool,
 ) -> Callable[[RefQueue], TrainOutcome]:
     objective = trainer_objective(config, sequence_parallel=layout.exchange)
-    window_ack = LedgerWindowAck(consumer, tracks_checkpoints=plan.tracks_checkpoints)
     publisher = publish_hook(config, ledger, run_dir.root)
 
     def train(refs: RefQueue) -> TrainOutcome:
@@ -166,8 +164,9 @@ def _train_on(
             objective,
             store,
             RefSource(queue=WaitingQueue(refs, ledger)),
-            window_ack,
+            consumer.ack,
             layout,
+            durable=consumer.checkpoint_durable if plan.tracks_checkpoints else None,
             resume=resume,
             progress=progress,
             extra_hooks=() if publisher is None else (publisher,),

@@ -1,8 +1,9 @@
 """The one trainer path every topology converges on.
 
-Refs (a fixed list or a rank's queue) → ``FeatureDataLoader`` → ``Trainer`` with the audited ack
-hook → checkpoints, ``metrics.jsonl``, ``trained.jsonl``. Builders differ only in the ref
-source, the store and the window ack they pass in; nothing here looks at the topology.
+Refs (a fixed list or a rank's queue) → ``FeatureDataLoader`` → ``Trainer`` with train's
+``AckHook`` (the one ack seam, docs/architecture.md §7) writing ``trained.jsonl`` once each ack
+returned → checkpoints, ``metrics.jsonl``. Builders differ only in the ref source, the store and
+the ack (and durable) functions they pass in; nothing here looks at the topology.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from typing import Any
 
 from dataflow.contracts import FeatureStore, InvalidInputError, RefQueue, SampleRef
 from dataflow.control import run_on_rank0
-from dataflow.launch.builders.acks import AuditedAckHook, WindowAck
 from dataflow.launch.builders.ranks import RankLayout
 from dataflow.launch.config import LaunchConfig
 from dataflow.launch.run_dir import RunDir, write_json_atomic
@@ -28,7 +28,7 @@ from dataflow.train.checkpoint import (
 )
 from dataflow.train.config import TrainerConfig
 from dataflow.train.eagle3 import Eagle3Objective
-from dataflow.train.hooks import StepEvent, TrainerHook
+from dataflow.train.hooks import AckFn, AckHook, StepEvent, TrainerHook
 from dataflow.train.loader import FeatureDataLoader
 from dataflow.train.metrics import default_metrics, read_jsonl
 from dataflow.train.optim import OptimConfig
@@ -181,9 +181,10 @@ def train_draft(
     objective: Eagle3Objective,
     store: FeatureStore,
     source: RefSource,
-    window_ack: WindowAck,
+    ack: AckFn,
     layout: RankLayout,
     *,
+    durable: Callable[[int], object] | None = None,
     resume: bool,
     progress: bool = True,
     extra_hooks: Sequence[TrainerHook] = (),
@@ -191,7 +192,8 @@ def train_draft(
 ) -> TrainOutcome:
     """Train ``objective`` on ``source`` until the data ends or ``trainer.max_steps``.
 
-    Guarantees: one ack per optimizer window (then its ``trained.jsonl`` line, rank 0); a
+    Guarantees: one ``ack(step, ids)`` per optimizer window (then its ``trained.jsonl`` line,
+    rank 0), ``durable(step)`` after each checkpoint when given; a
     checkpoint every ``trainer.checkpoint_every`` steps and at the end; ``resume`` continues from
     the newest checkpoint after rewinding the records past it; ``extra_hooks`` run after the
     ack, ``extra_metrics`` figures join each ``metrics.jsonl`` row. Returns this process's
@@ -242,7 +244,9 @@ def train_draft(
             pad_multiple=layout.sp_size,
             prefetch=1,
         )
-    ack_hook = AuditedAckHook(window_ack, TrainedLog(run_dir.trained) if rank0 else None)
+    ack_hook = AckHook(
+        ack, durable=durable, on_acked=TrainedLog(run_dir.trained).append if rank0 else None
+    )
     token_hook = _TokenHook(tokens)
     model = (
         objective
