@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from dataflow.contracts import (
+    ConsumerState,
     InvalidInputError,
     ProducerState,
     RunFailedError,
@@ -102,9 +103,23 @@ def run_colocated_offline(
     refs = open_store(config.store.uri).refs()  # type: ignore[attr-defined]
     if not refs:
         raise InvalidInputError(f"{config.store.uri} holds no feature files")
-    return _train_refs(
-        config, run_dir, refs, config.store.uri, {}, resume=resume, progress=progress
-    )
+    # The lightweight plane: the run's ledger is noop:// (config load refuses any other), which
+    # validates the run's markers and retains nothing, so the run does no ledger I/O.
+    ledger = open_plan_ledger(config, control_plan(config, leases_prompts=False))
+    try:
+        ledger.open_run(config.run.id, config.trainer.quantum, resume=True)
+        ledger.set_consumer_state(ConsumerState.RUNNING)
+        try:
+            outcome = _train_refs(
+                config, run_dir, refs, config.store.uri, {}, resume=resume, progress=progress
+            )
+        except BaseException as exc:
+            ledger.set_consumer_state(ConsumerState.FAILED, f"{type(exc).__name__}: {exc}"[:200])
+            raise
+        ledger.set_consumer_state(ConsumerState.DONE)
+        return outcome
+    finally:
+        ledger.close()
 
 
 def produce_offline(

@@ -45,11 +45,6 @@ T = TypeVar("T")
 MAX_REASON = 200
 """The ledger keeps failure reasons up to this many characters."""
 
-TRAINER_STORE = {"retain_on_release": True}
-"""The trainer's store handle keeps features after a read: the control plane frees them (at the
-ack or once a checkpoint is durable, by the release policy), so a sample fetched or trained
-after the last checkpoint is still there to train again after a crash."""
-
 
 @dataclass
 class OnlineProducer:
@@ -202,7 +197,7 @@ def consume_online(
     clean = False
     try:
         ledger = open_plan_ledger(config, plan)
-        store = open_run_store(config, **TRAINER_STORE)
+        store = open_run_store(config, **plan.trainer_store_options)
         try:
             consumer = _consumer_side(config, ledger, store, layout, plan)
             consumer.open(config.run.id, resume=True)
@@ -247,7 +242,7 @@ def run_colocated_online(
     plan = control_plan(config, leases_prompts=True)
     layout = rank_layout(config)
     ledger = open_plan_ledger(config, plan)
-    store = open_run_store(config, **TRAINER_STORE)
+    store = open_run_store(config, **plan.trainer_store_options)
     try:
         # The consumer opens the run first: it sets the quantum the producer's flow control needs.
         consumer = _consumer_side(config, ledger, store, layout, plan)

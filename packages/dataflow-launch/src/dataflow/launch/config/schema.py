@@ -136,10 +136,27 @@ class LaunchConfig(Section):
                 f"ledger.uri: {topology} leases prompts from its ledger and noop:// retains "
                 "none; use memory:// (in-process, no I/O) or a durable sqlite:// or redis:// ledger"
             )
-        if mode.durable and ledger_scheme == "noop":
+        if topology == "colocated_offline" and mode.durable:
             raise ValueError(
-                f"ledger.uri: deployment mode {mode.value!r} keeps a durable ledger; noop:// "
-                "retains nothing"
+                f"run.deployment_mode: colocated_offline keeps no durable ledger; "
+                f"{mode.value!r} needs one, use 'local_colocated'"
+            )
+        if topology == "colocated_offline" and ledger_scheme != "noop":
+            raise ValueError(
+                f"ledger.uri: colocated_offline trains retained feature files and keeps no "
+                f"record (its ledger is noop://); {self.ledger.uri!r} would never be written"
+            )
+        if mode.durable and ledger_scheme not in _DURABLE_LEDGERS:
+            raise ValueError(
+                f"ledger.uri: deployment mode {mode.value!r} keeps a durable ledger (resumable "
+                f"after a crash); {self.ledger.uri!r} is not durable; use sqlite:///PATH or "
+                "redis://HOST:PORT/DB"
+            )
+        if not mode.durable and ledger_scheme in _DURABLE_LEDGERS:
+            raise ValueError(
+                f"ledger.uri: deployment mode 'local_colocated' runs the lightweight plane (in "
+                f"process: no durable transaction, no I/O) and {self.ledger.uri!r} is durable; "
+                "use memory:// or set run.deployment_mode=dataflow_colocated"
             )
         if self.trainer.sp_size > 1 and topology.endswith("_online"):
             raise ValueError(

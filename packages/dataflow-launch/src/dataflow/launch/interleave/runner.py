@@ -45,13 +45,13 @@ def run_interleaved(
     """Run ``producer(stop_event)`` on a daemon thread and ``trainer(refs)`` on this thread.
 
     ``queue`` is the hand-off: the producer feeds it (commits to the ledger behind a rank
-    queue, or puts into a ``HandoffQueue``) and ends its stream before returning; the trainer
+    queue) and ends its stream before returning; the trainer
     reads it through ``refs``, a ``RefQueue`` over ``queue`` that also watches the producer.
 
     Shutdown paths (each joins the producer thread before returning or raising):
     - the trainer returns first (e.g. its step budget is reached): the stop event is set,
       ``on_stop`` is called (for producers with their own stop, e.g. ``RolloutProducer.stop``),
-      ``queue`` is closed (a producer blocked in ``HandoffQueue.put`` wakes), and the producer
+      ``queue`` is closed, and the producer
       gets ``stop_timeout_s`` to return; if it does not, ``ProducerStuckError`` says where it
       is stuck (a thread cannot be killed; it is a daemon, so it cannot hold the process);
     - the producer returns first: the trainer keeps reading, drains the tail and reads the
