@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from dataflow.contracts import InvalidInputError, parse_ledger_uri, parse_store_uri
+from dataflow.launch.builders.config_checks import check_config, check_dataset_fits
 from dataflow.launch.config import LaunchConfig
 
 
@@ -41,13 +42,17 @@ def check_services(config: LaunchConfig) -> None:
         open_run_store(config).close()
 
 
-def preflight(config: LaunchConfig, *, prompts: bool = True) -> None:
+def preflight(config: LaunchConfig, *, prompts: bool = True, role: str = "run") -> None:
     """Refuse bad input before a run starts; changes nothing on disk.
 
-    Raises ``InvalidInputError`` for a missing or incomplete model directory, a missing prompt
-    file or too many malformed prompt lines (naming them); ``BackendUnavailableError`` for an
-    unreachable Redis ledger or Mooncake store.
+    First the config-level checks of :func:`check_config` (a relative ``dir://`` store, more
+    trainer ranks than the host or ``torchrun`` provides), then the inputs: raises
+    ``InvalidInputError`` for a missing or incomplete model directory, a missing prompt file,
+    too many malformed prompt lines (naming them) or a dataset smaller than one optimizer
+    window (with the numbers); ``BackendUnavailableError`` for an unreachable Redis ledger or
+    Mooncake store.
     """
+    check_config(config, role)
     tokenizer = _tokenizer(config)
     if prompts:
         from dataflow.launch.data import load_prompts
@@ -55,6 +60,7 @@ def preflight(config: LaunchConfig, *, prompts: bool = True) -> None:
         loaded = load_prompts(config.data, tokenizer)
         if not loaded.prompts:
             raise InvalidInputError(f"{loaded.source} holds no usable prompt ({loaded.report()})")
+        check_dataset_fits(config, len(loaded.prompts), loaded.source)
     check_services(config)
 
 

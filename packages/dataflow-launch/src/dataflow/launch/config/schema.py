@@ -6,6 +6,7 @@ validation, so a validated config is fully resolved: dumping it shows what actua
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from pydantic import model_validator
@@ -50,7 +51,8 @@ def _default_store(topology: str, run_id: str, out_dir: str) -> str:
     return {
         "colocated_offline": f"file://{base}/features",
         "colocated_online": "memory://",
-        "disaggregated_offline": f"dir://{base}/store",
+        # dir:// must be absolute (two processes resolve it): a relative out_dir is made so.
+        "disaggregated_offline": f"dir://{os.path.abspath(base)}/store",
         "disaggregated_online": f"shm://{run_id}",
     }[topology]
 
