@@ -8,6 +8,7 @@ from pathlib import Path
 from safetensors.torch import save_file
 from tqdm import tqdm
 
+from dataflow.contracts import InvalidInputError
 from dataflow.launch.config import LaunchConfig
 from dataflow.launch.data import build_tasks, load_prompts
 from dataflow.launch.engines import open_engine
@@ -27,6 +28,11 @@ def capture_feature_files(config: LaunchConfig, directory: Path, *, progress: bo
     Files already present are kept (a re-run completes an interrupted capture).
     """
     directory.mkdir(parents=True, exist_ok=True)
+    if config.target.capture == "mooncake":
+        raise InvalidInputError(
+            "target.capture: mooncake writes features into the run's Mooncake store, not into "
+            "feature files; capture feature files with target.capture: response"
+        )
     engine = open_engine(config.target)
     try:
         prompts = load_prompts(config.data, engine.tokenizer)  # type: ignore[attr-defined]

@@ -122,6 +122,13 @@ class LaunchConfig(Section):
                 + " or ".join(f"{s}://" for s in allowed)
                 + f", got {self.store.uri!r}"
             )
+        if self.target.capture == "mooncake" and (
+            store_scheme != "mooncake" or topology.endswith("_offline")
+        ):
+            raise ValueError(
+                "target.capture: mooncake has the server write features into Mooncake; it needs "
+                f"an online run with a mooncake:// store, got {topology} with {self.store.uri!r}"
+            )
         if topology == "disaggregated_online" and ledger_scheme not in _DURABLE_LEDGERS:
             raise ValueError(
                 "ledger.uri: disaggregated_online shares its ledger between processes; use "

@@ -83,6 +83,10 @@ class TargetSection(Section):
     """sglang: the plain server (post-norm last hidden state)."""
     aux_server_url: str | None = None
     """sglang: the EAGLE3 server over the same weights (the three aux layers)."""
+    capture: Literal["response", "mooncake"] = "response"
+    """sglang: ``response`` — two stock servers answer JSON hidden states; ``mooncake`` — one
+    SpecForge-patched server (``--enable-spec-capture``) writes the features straight into the
+    run's ``mooncake://`` store and answers only their shapes and dtypes."""
     request_timeout_s: float = Field(default=300.0, gt=0)
     version: str | None = None
     """Target version stamped on refs; None → derived from the model."""
@@ -110,7 +114,7 @@ class TargetSection(Section):
         if self.engine == "sglang":
             if self.server_url is None:
                 raise ValueError("server_url: required by the sglang engine")
-            if self.aux_server_url is None:
+            if self.aux_server_url is None and self.capture == "response":
                 raise ValueError(
                     "aux_server_url: required by the sglang engine (a stock SGLang server returns "
                     "the aux layers only when it runs EAGLE3, and then not the last hidden state)"
@@ -120,6 +124,8 @@ class TargetSection(Section):
                     "model_dir: required by the sglang engine (the directory the server loaded: "
                     "tokenizer, embedding and LM head come from it)"
                 )
+        if self.capture == "mooncake" and self.engine != "sglang":
+            raise ValueError("capture: 'mooncake' needs engine 'sglang' (a spec-capture server)")
         return self
 
     @field_validator("aux_layer_ids")

@@ -258,9 +258,15 @@ class RolloutWorker:
             **{k: v for k, v in task.metadata.items() if k in ("pass", "line")},
         }
         try:
-            ref = self._store.put(sample_id, dict(sample.tensors), metadata)
+            if sample.written is None:
+                ref = self._store.put(sample_id, dict(sample.tensors), metadata)
+            else:
+                ref = self._adopt(sample_id, sample, metadata)
         except Exception as exc:  # store full or unreachable: retry the prompt later
             admission.release()
+            if sample.written is not None:  # remove what the server wrote (hard-pinned)
+                with contextlib.suppress(Exception):
+                    self._store.abort(sample_id, f"adoption refused: {exc}"[:200])
             self._blame([task], exc)
             return None
         except BaseException:
@@ -276,6 +282,17 @@ class RolloutWorker:
             estimated_bytes=max(ref.estimated_bytes, sample.nbytes),
         )
         return _Put(ref, sample.num_tokens, admission)
+
+    def _adopt(self, sample_id: str, sample: CapturedSample, metadata: dict[str, Any]) -> SampleRef:
+        """Commit-ready ref for features a capture server already wrote (no put, no copy)."""
+        adopt = getattr(self._store, "adopt_external", None)
+        if adopt is None or sample.written is None:
+            raise InvalidInputError(  # short: it ends up in the ledger's 200-character reason
+                f"target.capture mooncake needs a mooncake:// store; {type(self._store).__name__} "
+                "cannot adopt"
+            )
+        ref: SampleRef = adopt(sample_id, sample.written.generation, sample.written.specs, metadata)
+        return ref
 
     def _abandon(self, group: list[_Put], reason: str) -> None:
         """Abort every put of ``group`` (none of it is in the ledger) and free its bytes."""
