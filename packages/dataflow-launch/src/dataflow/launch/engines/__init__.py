@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataflow.contracts import InvalidInputError
 from dataflow.launch.config import TargetSection
 from dataflow.launch.engines.base import (
     FEATURE_NAMES,
@@ -15,15 +16,25 @@ from dataflow.launch.engines.features import check_features, eagle3_feature_spec
 from dataflow.launch.engines.layers import default_aux_layer_ids, resolve_aux_layer_ids
 
 
-def open_engine(target: TargetSection) -> TargetEngine:
-    """The engine ``target.engine`` names, built from ``target``."""
+def open_engine(target: TargetSection, *, regeneration: Regeneration | None = None) -> TargetEngine:
+    """The engine ``target.engine`` names, built from ``target``.
+
+    ``regeneration`` (``producer.regenerate``): the target writes each response itself and the
+    features cover prompt + response; an engine that cannot generate refuses it with
+    ``InvalidInputError`` naming ``producer.regenerate``.
+    """
     if target.engine == "sglang":
+        if regeneration is not None:
+            raise InvalidInputError(
+                "producer.regenerate: the sglang engine cannot generate responses (it only "
+                "captures the data's); use target.engine hf or set producer.regenerate false"
+            )
         from dataflow.launch.engines.sglang import open_sglang_engine
 
         return open_sglang_engine(target)
     from dataflow.launch.engines.hf import open_hf_engine
 
-    return open_hf_engine(target)
+    return open_hf_engine(target, regeneration=regeneration)
 
 
 __all__ = [
