@@ -15,8 +15,14 @@ from dataflow.launch.engines.features import check_features, eagle3_feature_spec
 from dataflow.launch.engines.layers import default_aux_layer_ids, resolve_aux_layer_ids
 
 
-def open_engine(target: TargetSection) -> TargetEngine:
-    """The engine ``target.engine`` names, built from ``target``."""
+def open_engine(target: TargetSection, *, regeneration: Regeneration | None = None) -> TargetEngine:
+    """The engine ``target.engine`` names, built from ``target`` (``regeneration``: the target
+    writes the assistant turns itself, see :class:`Regeneration`).
+    """
+    if target.engine == "vllm":
+        from dataflow.launch.engines.vllm import open_vllm_engine
+
+        return open_vllm_engine(target, regeneration=regeneration)
     if target.engine == "sglang":
         from dataflow.launch.engines.sglang import open_sglang_engine
 
