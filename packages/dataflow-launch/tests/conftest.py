@@ -43,7 +43,9 @@ def _vllm_reachable() -> bool:
     import importlib.util
     import os
 
-    return bool(os.environ.get("DATAFLOW_VLLM_PYTHON")) or importlib.util.find_spec("vllm") is not None
+    return (
+        bool(os.environ.get("DATAFLOW_VLLM_PYTHON")) or importlib.util.find_spec("vllm") is not None
+    )
 
 
 # tests/vllm need a real vLLM (the `vllm` nox session, or DATAFLOW_VLLM_PYTHON): elsewhere they

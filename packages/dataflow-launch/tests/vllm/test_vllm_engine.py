@@ -12,7 +12,7 @@ import time
 
 import pytest
 import torch
-from conftest import AUX, save_tiny_llama
+from vllm_helpers import AUX
 
 from dataflow.contracts import (
     BackendUnavailableError,
