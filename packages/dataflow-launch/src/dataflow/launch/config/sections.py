@@ -66,10 +66,33 @@ class BuiltinTargetSection(Section):
         return self
 
 
+class VLLMServerSection(Section):
+    """The ``vllm`` engine's server: how a managed one is started (``target.server_url`` unset),
+    and where captures are written (a directory the server and the producer both see).
+    """
+
+    python: str | None = None
+    """Python of the environment with vLLM installed; None → the producer's own interpreter."""
+    host: str = "127.0.0.1"
+    port: int = Field(default=0, ge=0, le=65535)
+    """0 → a free port chosen at start."""
+    capture_dir: str | None = None
+    """The connector's ``shared_storage_path``; None → a fresh temporary directory (managed
+    server) or ``<tmp>/dataflow-vllm-captures`` (printed command)."""
+    enforce_eager: bool = True
+    """``--enforce-eager`` (required on CPU builds to start in seconds, not minutes)."""
+    max_model_len: int | None = Field(default=None, ge=2)
+    kv_cache_gib: float = Field(default=1.0, gt=0)
+    """``VLLM_CPU_KVCACHE_SPACE`` of a managed server on a CPU build."""
+    startup_timeout_s: float = Field(default=600.0, gt=0)
+    extra_args: tuple[str, ...] = Field(default=(), strict=False)
+    """More server flags, appended as given."""
+
+
 class TargetSection(Section):
     """Which target model captures features, and how."""
 
-    engine: Literal["hf", "sglang"] = "hf"
+    engine: Literal["hf", "sglang", "vllm"] = "hf"
     model_dir: str | None = None
     builtin: BuiltinTargetSection | None = None
     """Set (or defaulted) exactly when ``model_dir`` is not."""
@@ -80,7 +103,8 @@ class TargetSection(Section):
     aux_layer_ids: tuple[StrictInt, StrictInt, StrictInt] | None = Field(default=None, strict=False)
     """None → the rule [1, N//2 - 1, N - 4] for an N-layer target."""
     server_url: str | None = None
-    """sglang: the plain server (post-norm last hidden state)."""
+    """sglang: the plain server (post-norm last hidden state); vllm: a running server (None →
+    the producer starts and supervises one, see ``vllm``)."""
     aux_server_url: str | None = None
     """sglang: the EAGLE3 server over the same weights (the three aux layers)."""
     capture: Literal["response", "mooncake"] = "response"
@@ -90,6 +114,8 @@ class TargetSection(Section):
     request_timeout_s: float = Field(default=300.0, gt=0)
     version: str | None = None
     """Target version stamped on refs; None → derived from the model."""
+    vllm: VLLMServerSection = VLLMServerSection()
+    """vllm engine: the managed server's settings and the capture directory."""
 
     @model_validator(mode="before")
     @classmethod
@@ -126,6 +152,11 @@ class TargetSection(Section):
                 )
         if self.capture == "mooncake" and self.engine != "sglang":
             raise ValueError("capture: 'mooncake' needs engine 'sglang' (a spec-capture server)")
+        if self.engine == "vllm" and self.model_dir is None:
+            raise ValueError(
+                "model_dir: required by the vllm engine (the directory the server loads; the "
+                "tokenizer, final norm, embedding and LM head come from it)"
+            )
         return self
 
     @field_validator("aux_layer_ids")

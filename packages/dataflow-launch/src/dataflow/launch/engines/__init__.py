@@ -23,6 +23,10 @@ def open_engine(target: TargetSection, *, regeneration: Regeneration | None = No
     features cover prompt + response; an engine that cannot generate refuses it with
     ``InvalidInputError`` naming ``producer.regenerate``.
     """
+    if target.engine == "vllm":
+        from dataflow.launch.engines.vllm import open_vllm_engine
+
+        return open_vllm_engine(target, regeneration=regeneration)
     if target.engine == "sglang":
         if regeneration is not None:
             raise InvalidInputError(
