@@ -1,7 +1,10 @@
-"""The `gpu` session: the GPU matrix, where CUDA is present; CI never runs it.
+"""The `gpu` session: ONE prepared script (tests/gates/gpu/session.py, at most 10 minutes on one
+GPU, no downloads) — target built and saved, a real SGLang server pair, sglang vs hf features,
+the trainer on NCCL in bf16 (samples/s, MFU), the exported draft served with EAGLE3 (acceptance
+length) — printing one summary table. Where no CUDA: prints NOT RUN and is skipped.
 
 Executed inside noxfile.py's namespace (ROOT, install_editable, nox), hence the F821 waivers.
-Arguments after `--` go to pytest.
+Arguments after `--` run the pytest GPU matrix (tests/gates/gpu, marker gpu) after the script.
 """
 
 GPU_TESTS = ROOT / "tests" / "gates" / "gpu"  # noqa: F821
@@ -32,9 +35,7 @@ def _cuda_available() -> bool:
 
 @nox.session(venv_backend="virtualenv")  # noqa: F821
 def gpu(session: nox.Session) -> None:  # noqa: F821
-    """NCCL trainer (1 and 2 GPUs where present) in fp32 and bf16, the sglang engine against a
-    real SGLang server, the equivalence gate on GPU. Elsewhere: prints NOT RUN and is skipped.
-    """
+    """The one-script GPU check (see the module docstring). Elsewhere: prints NOT RUN, skipped."""
     if not _cuda_available():
         print(NO_CUDA)
         session.skip(NO_CUDA)
@@ -51,6 +52,8 @@ def gpu(session: nox.Session) -> None:  # noqa: F821
     session.run(
         "python", "-c", "import torch; assert torch.cuda.is_available(), 'torch sees no CUDA'"
     )
-    session.run(
-        "pytest", str(GPU_TESTS), "-m", "gpu", "-rs", "-p", "no:cacheprovider", *session.posargs
-    )
+    session.run("python", str(GPU_TESTS / "session.py"))
+    if session.posargs:
+        session.run(
+            "pytest", str(GPU_TESTS), "-m", "gpu", "-rs", "-p", "no:cacheprovider", *session.posargs
+        )
