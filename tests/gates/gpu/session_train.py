@@ -3,7 +3,7 @@
 ``session_train.py WORK``: reads ``WORK/config.json`` (a launch config over the saved target)
 and the hf features in ``WORK/features/*.safetensors``, trains the draft on them
 (``REPEATS`` passes, batch 1), and on rank 0 writes ``WORK/train_result.json`` (samples/s,
-tokens/s, MFU, first/last loss, the optimizer's parameter dtypes) and exports the draft in
+tokens/s, MFU, mean loss of the first and last quarter of steps, the optimizer's parameter dtypes) and exports the draft in
 SGLang's EAGLE3 format to ``WORK/draft``. The timed span is ``trainer.fit()`` between CUDA
 synchronisations, warm-up steps included (a conservative figure).
 """
@@ -96,6 +96,7 @@ def main() -> None:
         if context.rank == 0:
             rows = [json.loads(x) for x in (work / "metrics.jsonl").read_text().splitlines() if x]
             losses = [r["loss"] for r in rows if "loss" in r]
+            window = max(1, len(losses) // 4)  # mean of the first and last quarter of steps
             peak = peak_flops()
             flops = 6.0 * trainable * tokens * config.trainer.ttt_length
             dtypes = sorted({str(p.dtype) for p in trainer.model.parameters() if p.requires_grad})
@@ -105,8 +106,8 @@ def main() -> None:
                 "mfu": flops / (seconds * peak) if peak else None,
                 "seconds": seconds,
                 "trainable_params": trainable,
-                "loss_first": losses[0],
-                "loss_last": losses[-1],
+                "loss_first": sum(losses[:window]) / window,
+                "loss_last": sum(losses[-window:]) / window,
                 "dtypes": ",".join(d.removeprefix("torch.") for d in dtypes),
             }
             fresh = trainer_objective(config)

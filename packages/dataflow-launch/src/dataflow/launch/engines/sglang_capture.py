@@ -59,7 +59,9 @@ class Generations:
         return self._last
 
 
-def capture_payload(sample_id: str, generation: int, ids: Sequence[int], mask: Sequence[int]):
+def capture_payload(
+    sample_id: str, generation: int, ids: Sequence[int], mask: Sequence[int]
+) -> dict[str, Any]:
     """One prompt's ``spec_capture`` dict (``input_ids`` and ``loss_mask`` pass through)."""
     t = len(ids)
     return {
@@ -75,7 +77,9 @@ def capture_payload(sample_id: str, generation: int, ids: Sequence[int], mask: S
     }
 
 
-def capture_body(prompts: Sequence[Sequence[int]], payloads: Sequence[dict[str, Any]]):
+def capture_body(
+    prompts: Sequence[Sequence[int]], payloads: Sequence[dict[str, Any]]
+) -> dict[str, Any]:
     """The ``/generate`` body of a spec-capture batch (prefill only, greedy, own cache keys)."""
     return {
         "input_ids": [list(ids) for ids in prompts],
