@@ -1,6 +1,9 @@
-"""The `gpu` session: the GPU matrix, where CUDA is present; CI never runs it.
+"""The `gpu` session: ONE prepared script (tests/gates/gpu/session.py, at most 10 minutes on one
+GPU, no downloads) — target built and saved, a real SGLang server pair, sglang vs hf features,
+the trainer on NCCL in bf16 (samples/s, MFU), the exported draft served with EAGLE3 (acceptance
+length) — printing one summary table. Where no CUDA: prints NOT RUN and is skipped.
 
-Arguments after `--` go to pytest.
+Arguments after `--` run the pytest GPU matrix (tests/gates/gpu, marker gpu) after the script.
 """
 
 from __future__ import annotations
@@ -36,9 +39,7 @@ def _cuda_available() -> bool:
 
 @nox.session(venv_backend="virtualenv")
 def gpu(session: nox.Session) -> None:
-    """NCCL trainer (1 and 2 GPUs where present) in fp32 and bf16, the sglang engine against a
-    real SGLang server, the equivalence gate on GPU. Elsewhere: prints NOT RUN and is skipped.
-    """
+    """The one-script GPU check (see the module docstring). Elsewhere: prints NOT RUN, skipped."""
     if not _cuda_available():
         print(NO_CUDA)
         session.skip(NO_CUDA)
@@ -55,6 +56,8 @@ def gpu(session: nox.Session) -> None:
     session.run(
         "python", "-c", "import torch; assert torch.cuda.is_available(), 'torch sees no CUDA'"
     )
-    session.run(
-        "pytest", str(GPU_TESTS), "-m", "gpu", "-rs", "-p", "no:cacheprovider", *session.posargs
-    )
+    session.run("python", str(GPU_TESTS / "session.py"))
+    if session.posargs:
+        session.run(
+            "pytest", str(GPU_TESTS), "-m", "gpu", "-rs", "-p", "no:cacheprovider", *session.posargs
+        )

@@ -27,7 +27,17 @@ Sources (sgl-project/SpecForge at commit a6b6b023):
   "store_id", "gen", "aux_layer_ids", "features": {name: {"shape", "dtype"}}}``.
 
 Here ``store_id`` is the ``mooncake://`` store's key prefix, ``sample_id`` the task id and
-``gen`` a fresh generation, so the server writes exactly where the store's consumer reads.
+``gen`` a fresh generation (SpecForge keeps ``gen = 1`` and sets ``replace`` on a retry; a fresh
+generation per attempt needs no replace), so the server writes exactly where the store's
+consumer reads.
+
+Deployment: the sink connects with the ``MOONCAKE_*`` environment of the SERVER process
+(``spec_capture_sink.py`` ``_connect``): ``MOONCAKE_MASTER_SERVER_ADDR`` = the ``host:port`` of
+the run's ``mooncake://`` URI, ``MOONCAKE_METADATA_SERVER`` / ``MOONCAKE_PROTOCOL`` the same as
+the store's settings (e.g. ``P2PHANDSHAKE``, ``tcp``), ``MOONCAKE_GLOBAL_SEGMENT_SIZE`` large
+enough for the features in flight. The objects live in the server's segment
+(``replica_num = 1``): if the server process dies, its uncommitted and unconsumed samples go
+with it (a later ``get`` is a ``NotFoundError``).
 """
 
 from __future__ import annotations
@@ -59,7 +69,9 @@ class Generations:
         return self._last
 
 
-def capture_payload(sample_id: str, generation: int, ids: Sequence[int], mask: Sequence[int]):
+def capture_payload(
+    sample_id: str, generation: int, ids: Sequence[int], mask: Sequence[int]
+) -> dict[str, Any]:
     """One prompt's ``spec_capture`` dict (``input_ids`` and ``loss_mask`` pass through)."""
     t = len(ids)
     return {
@@ -75,7 +87,9 @@ def capture_payload(sample_id: str, generation: int, ids: Sequence[int], mask: S
     }
 
 
-def capture_body(prompts: Sequence[Sequence[int]], payloads: Sequence[dict[str, Any]]):
+def capture_body(
+    prompts: Sequence[Sequence[int]], payloads: Sequence[dict[str, Any]]
+) -> dict[str, Any]:
     """The ``/generate`` body of a spec-capture batch (prefill only, greedy, own cache keys)."""
     return {
         "input_ids": [list(ids) for ids in prompts],
