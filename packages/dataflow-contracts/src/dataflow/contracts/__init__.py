@@ -42,6 +42,7 @@ from dataflow.contracts.protocols import (
     SampleAborter,
 )
 from dataflow.contracts.states import (
+    MAX_REASON_LENGTH,
     CommitResult,
     ConsumerState,
     GcReport,
@@ -53,6 +54,7 @@ from dataflow.contracts.states import (
     SampleState,
     StoreHealth,
     Window,
+    clip_reason,
 )
 from dataflow.contracts.uris import (
     LEDGER_SCHEMES,
@@ -65,6 +67,8 @@ from dataflow.contracts.version import __version__
 from dataflow.contracts.weights import WeightStatus, WeightVersion
 
 __all__ = [
+    "MAX_REASON_LENGTH",
+    "clip_reason",
     "DTYPE_ITEMSIZE",
     "FEATURE_SCHEMA_VERSION",
     "LEDGER_SCHEMES",

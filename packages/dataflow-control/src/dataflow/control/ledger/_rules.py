@@ -18,11 +18,11 @@ from dataflow.contracts.features import FeatureSpec, SampleRef
 from dataflow.contracts.ids import validate_id
 from dataflow.contracts.no_tensors import assert_no_tensors
 from dataflow.contracts.prompt import PromptTask
+from dataflow.contracts.states import MAX_REASON_LENGTH
 from dataflow.contracts.weights import WeightVersion
 
 E = TypeVar("E", bound=enum.Enum)
 
-MAX_REASON_LENGTH = 200
 _SCALARS = frozenset({str, int, float, bool, type(None)})
 _SHOWN = 5
 

@@ -23,6 +23,7 @@ from dataflow.contracts import (
     encode,
     parse_store_uri,
 )
+from dataflow.contracts.states import clip_reason
 from dataflow.control import run_on_rank0
 from dataflow.launch.builders.common import (
     load_run_prompts,
@@ -114,7 +115,9 @@ def run_colocated_offline(
                 config, run_dir, refs, config.store.uri, {}, resume=resume, progress=progress
             )
         except BaseException as exc:
-            ledger.set_consumer_state(ConsumerState.FAILED, f"{type(exc).__name__}: {exc}"[:200])
+            ledger.set_consumer_state(
+                ConsumerState.FAILED, clip_reason(f"{type(exc).__name__}: {exc}")
+            )
             raise
         ledger.set_consumer_state(ConsumerState.DONE)
         return outcome

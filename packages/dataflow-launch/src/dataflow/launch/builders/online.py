@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from dataflow.contracts import FeatureStore, Ledger, RefQueue
+from dataflow.contracts.states import clip_reason
 from dataflow.control import ConsumerSide, Controller, WindowShape, run_on_rank0
 from dataflow.launch.builders.common import (
     load_run_prompts,
@@ -41,9 +42,6 @@ from dataflow.launch.producer.versions import DraftVersions
 from dataflow.launch.run_dir import RunDir, write_json_atomic
 
 T = TypeVar("T")
-
-MAX_REASON = 200
-"""The ledger keeps failure reasons up to this many characters."""
 
 
 @dataclass
@@ -177,7 +175,7 @@ def _settled(consumer: ConsumerSide, run: Callable[[], T]) -> T:
         outcome = run()
     except BaseException as exc:
         try:
-            consumer.fail(f"{type(exc).__name__}: {exc}"[:MAX_REASON])
+            consumer.fail(clip_reason(f"{type(exc).__name__}: {exc}"))
         except Exception as marker_error:  # the run's own error stays the one raised
             exc.add_note(f"marking the consumer failed also failed: {marker_error}")
         raise

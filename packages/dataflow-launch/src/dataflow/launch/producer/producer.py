@@ -17,6 +17,7 @@ from dataflow.contracts import (
     RunFailedError,
     parse_ledger_uri,
 )
+from dataflow.contracts.states import clip_reason
 from dataflow.control.flow import FlowLimits
 from dataflow.control.gate import StalenessAdmission
 from dataflow.control.producer import ProducerSide
@@ -166,5 +167,5 @@ class RolloutProducer:
 
     def _fail(self, reason: str, cause: BaseException | None = None) -> None:
         log.error("producer FAILED: %s", reason)
-        self.side.fail(reason)
+        self.side.fail(clip_reason(reason))
         raise RunFailedError(reason) from cause

@@ -37,6 +37,7 @@ from dataflow.contracts import (
     PromptTask,
     SampleRef,
 )
+from dataflow.contracts.states import clip_reason
 from dataflow.control.flow import Admission
 from dataflow.control.producer import ProducerSide
 from dataflow.launch.engines import CapturedSample, TargetEngine
@@ -190,7 +191,9 @@ class RolloutWorker:
     def _fail(self, task: PromptTask, reason: str, *, retryable: bool) -> None:
         # A conflict means the lease expired and was taken over: its new holder owns the prompt.
         with contextlib.suppress(LedgerConflictError):
-            self._side.fail_prompt(task.task_id, self.name, reason, retryable=retryable)
+            self._side.fail_prompt(
+                task.task_id, self.name, clip_reason(reason), retryable=retryable
+            )
 
     def _blame(self, tasks: Sequence[PromptTask], exc: BaseException) -> None:
         reason = _describe(exc)
@@ -266,7 +269,7 @@ class RolloutWorker:
             admission.release()
             if sample.written is not None:  # remove what the server wrote (hard-pinned)
                 with contextlib.suppress(Exception):
-                    self._store.abort(sample_id, f"adoption refused: {exc}"[:200])
+                    self._store.abort(sample_id, clip_reason(f"adoption refused: {exc}"))
             self._blame([task], exc)
             return None
         except BaseException:
