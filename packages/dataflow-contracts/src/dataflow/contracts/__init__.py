@@ -3,6 +3,7 @@
 Standard library only: importing this package never imports torch or numpy.
 """
 
+from dataflow.contracts._checks import is_int, is_number
 from dataflow.contracts._json import FrozenDict
 from dataflow.contracts.batch import TensorLike, TrainBatch
 from dataflow.contracts.codec import SCHEMA_VERSIONS, decode, dumps, encode, loads
@@ -113,6 +114,8 @@ __all__ = [
     "WeightStatus",
     "WeightVersion",
     "Window",
+    "is_int",
+    "is_number",
     "__version__",
     "assert_no_tensors",
     "decode",

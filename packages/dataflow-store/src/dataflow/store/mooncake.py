@@ -59,6 +59,7 @@ from dataflow.contracts import (
     NotFoundError,
     ParsedURI,
     SchemaMismatchError,
+    is_number,
 )
 from dataflow.store import mooncake_wire as wire
 from dataflow.store.base import BookkeepingStore, Generation
@@ -93,7 +94,7 @@ class MooncakeFeatureStore(BookkeepingStore):
         **options: Any,
     ) -> None:
         common = {k: options.pop(k) for k in _STORE_OPTIONS if k in options}
-        if isinstance(lease_grace_s, bool) or not isinstance(lease_grace_s, (int, float)):
+        if not is_number(lease_grace_s):
             raise InvalidInputError(f"lease_grace_s must be a number >= 0, got {lease_grace_s!r}")
         if not lease_grace_s >= 0:
             raise InvalidInputError(f"lease_grace_s must be a number >= 0, got {lease_grace_s!r}")

@@ -6,6 +6,7 @@ import threading
 import time
 from collections import deque
 
+from dataflow.contracts import is_int, is_number
 from dataflow.contracts.errors import ClosedError, InvalidInputError, RunFailedError
 from dataflow.contracts.features import SampleRef
 
@@ -13,7 +14,7 @@ from dataflow.contracts.features import SampleRef
 def _deadline(owner: str, timeout: object) -> float | None:
     if timeout is None:
         return None
-    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout < 0:
+    if not is_number(timeout) or timeout < 0:
         raise InvalidInputError(f"{owner}: timeout must be None or a number >= 0, got {timeout!r}")
     return time.monotonic() + timeout
 
@@ -42,7 +43,7 @@ class HandoffQueue:
     """
 
     def __init__(self, capacity: int) -> None:
-        if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
+        if not is_int(capacity) or capacity < 1:
             raise InvalidInputError(f"HandoffQueue: capacity must be an int >= 1, got {capacity!r}")
         self.capacity = capacity
         self._refs: deque[SampleRef] = deque()
