@@ -11,18 +11,17 @@ import threading
 from collections.abc import Iterator
 
 import pytest
+from dataflow_testing import factories
 
 from dataflow.contracts import (
     ClosedError,
     ConsumerState,
-    FeatureSpec,
     InvalidInputError,
     Ledger,
     LedgerConflictError,
     NotFoundError,
     ProducerState,
     PromptState,
-    PromptTask,
     SampleRef,
     WeightVersion,
 )
@@ -51,27 +50,14 @@ class FakeTensor:
 
 
 def make_ref(i: int, *, nbytes: int = 100, task: str | None = None, run: str = "") -> SampleRef:
-    spec = FeatureSpec("hidden", (4, 8), "bfloat16")
-    return SampleRef(
-        sample_id=f"s{i:05d}",
-        store_uri="memory://features",
-        feature_keys={"hidden": f"s{i:05d}/hidden"},
-        feature_specs={"hidden": spec},
-        generation=1,
-        source_task_id=task,
-        run_id=run,
-        estimated_bytes=nbytes,
-        num_tokens=4,
-        metadata={"i": i},
-    )
+    return factories.make_ref(i, nbytes=nbytes, source_task_id=task, run_id=run, metadata={"i": i})
 
 
 def make_refs(start: int, count: int, **kw: object) -> list[SampleRef]:
     return [make_ref(i, **kw) for i in range(start, start + count)]  # type: ignore[arg-type]
 
 
-def make_task(i: int) -> PromptTask:
-    return PromptTask(task_id=f"t{i:05d}", payload={"input_ids": [1, 2, i]})
+make_task = factories.make_task
 
 
 def ids(refs: list[SampleRef]) -> list[str]:

@@ -6,10 +6,10 @@ import threading
 import time
 
 import pytest
+from dataflow_testing import factories
 
 from dataflow.contracts import (
     ClosedError,
-    FeatureSpec,
     InvalidInputError,
     RefQueue,
     RunFailedError,
@@ -19,11 +19,8 @@ from dataflow.launch.interleave import HandoffQueue
 
 
 def make_ref(i: int) -> SampleRef:
-    return SampleRef(
-        sample_id=f"s{i}",
-        store_uri="memory://features",
-        feature_keys={"h": f"s{i}/h"},
-        feature_specs={"h": FeatureSpec("h", (2,), "int64")},
+    return factories.make_ref(
+        i, width=0, feature="h", shape=(2,), dtype="int64", generation=0, nbytes=0, num_tokens=0
     )
 
 
