@@ -26,7 +26,6 @@ from dataflow.contracts.errors import (
 from dataflow.contracts.features import (
     DTYPE_ITEMSIZE,
     FEATURE_SCHEMA_VERSION,
-    STRATEGIES,
     FeatureHandle,
     FeatureSpec,
     SampleRef,
@@ -56,8 +55,6 @@ from dataflow.contracts.states import (
     Window,
 )
 from dataflow.contracts.uris import (
-    LEDGER_SCHEMES,
-    STORE_SCHEMES,
     ParsedURI,
     parse_ledger_uri,
     parse_store_uri,
@@ -68,11 +65,8 @@ from dataflow.contracts.weights import WeightStatus, WeightVersion
 __all__ = [
     "DTYPE_ITEMSIZE",
     "FEATURE_SCHEMA_VERSION",
-    "LEDGER_SCHEMES",
     "MAX_ID_LENGTH",
     "SCHEMA_VERSIONS",
-    "STORE_SCHEMES",
-    "STRATEGIES",
     "BackendUnavailableError",
     "CapacityExceededError",
     "ClosedError",
