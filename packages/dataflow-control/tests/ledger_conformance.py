@@ -8,7 +8,7 @@ only through the public ``open_ledger`` API and the ``Ledger`` protocol.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 from dataflow_testing import factories
@@ -58,6 +58,22 @@ def make_refs(start: int, count: int, **kw: object) -> list[SampleRef]:
 
 
 make_task = factories.make_task
+
+
+def on_handles(uri: str, count: int, work: Callable[[Ledger, int], object]) -> None:
+    """Run ``work(handle, n)`` at once on ``count`` threads, each with its own handle on
+    ``uri``; every handle is closed afterwards.
+    """
+    handles = [open_ledger(uri) for _ in range(count)]
+    try:
+        threads = [threading.Thread(target=work, args=(h, n)) for n, h in enumerate(handles)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        for handle in handles:
+            handle.close()
 
 
 def ids(refs: list[SampleRef]) -> list[str]:
@@ -262,21 +278,14 @@ class LedgerConformance:
 
     def test_concurrent_committers_each_id_fresh_exactly_once(self, run: Ledger, uri: str) -> None:
         """Four handles on one ledger commit overlapping batches at once (threads)."""
-        handles = [open_ledger(uri) for _ in range(4)]
-        fresh: list[list[str]] = [[] for _ in handles]
+        fresh: list[list[str]] = [[] for _ in range(4)]
 
-        def commit_all(n: int) -> None:
+        def commit_all(handle: Ledger, n: int) -> None:
             for start in range(0, 60, 6):  # every handle sends every id: 3 of 4 are duplicates
-                result = handles[n].commit(make_refs((start + 6 * n) % 60, 6))
+                result = handle.commit(make_refs((start + 6 * n) % 60, 6))
                 fresh[n].extend(result.committed)
 
-        threads = [threading.Thread(target=commit_all, args=(n,)) for n in range(4)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        for handle in handles:
-            handle.close()
+        on_handles(uri, 4, commit_all)
         everything = sorted(sid for ids_ in fresh for sid in ids_)
         assert everything == [f"s{i:05d}" for i in range(60)]  # each id fresh exactly once
         status = run.status()
@@ -548,20 +557,13 @@ class LedgerConformance:
 
     def test_concurrent_workers_never_lease_a_task_twice(self, run: Ledger, uri: str) -> None:
         run.add_prompts([make_task(i) for i in range(80)])
-        handles = [open_ledger(uri) for _ in range(4)]
-        leased: list[list[str]] = [[] for _ in handles]
+        leased: list[list[str]] = [[] for _ in range(4)]
 
-        def lease_all(n: int) -> None:
-            while batch := handles[n].lease_prompts(f"w{n}", 3, 60.0):
+        def lease_all(handle: Ledger, n: int) -> None:
+            while batch := handle.lease_prompts(f"w{n}", 3, 60.0):
                 leased[n].extend(task.task_id for task in batch)
 
-        threads = [threading.Thread(target=lease_all, args=(n,)) for n in range(4)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        for handle in handles:
-            handle.close()
+        on_handles(uri, 4, lease_all)
         everything = sorted(tid for ids_ in leased for tid in ids_)
         assert everything == [f"t{i:05d}" for i in range(80)]
         assert run.status().prompts == {"pending": 0, "leased": 80, "done": 0, "failed": 0}
