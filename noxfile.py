@@ -137,4 +137,10 @@ def ci(session: nox.Session) -> None:
 # importing tools/sessions/_common.py; importing a module registers its sessions with nox, so
 # `nox -l` lists them all (see tools/sessions/README.md).
 for _path in sorted((ROOT / "tools" / "sessions").glob("[!_]*.py")):
-    importlib.import_module(f"tools.sessions.{_path.stem}")
+    try:
+        importlib.import_module(f"tools.sessions.{_path.stem}")
+    except NameError as _exc:  # a file still written for the old exec-in-noxfile style
+        raise RuntimeError(
+            f"{_path} uses a name it does not import ({_exc}): session files are modules that "
+            "import what they use (see tools/sessions/README.md)"
+        ) from _exc

@@ -45,6 +45,8 @@ def test_debug_shows_the_producer_debug_lines_and_the_default_does_not(tmp_path)
     debug = _produce(tmp_path / "debug", "--log-level", "debug")
     assert f"{PRODUCER_DEBUG}[" in debug and "leased 2 prompt(s)" in debug, debug
     assert "committed 2 ref(s)" in debug, debug
+    # info: the run start with its resolved config
+    assert "INFO dataflow.launch.cli.jobs[" in debug and "topology: disaggregated_online" in debug
     quiet = _produce(tmp_path / "default")
     assert "DEBUG" not in quiet and "INFO" not in quiet, quiet
 

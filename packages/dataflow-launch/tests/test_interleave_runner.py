@@ -20,10 +20,10 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from dataflow_testing import factories
 
 from dataflow.contracts import (
     ClosedError,
-    FeatureSpec,
     InvalidInputError,
     RunFailedError,
     SampleRef,
@@ -40,15 +40,7 @@ _names = itertools.count()
 
 
 def make_ref(i: int) -> SampleRef:
-    return SampleRef(
-        sample_id=f"s{i:05d}",
-        store_uri="memory://features",
-        feature_keys={"hidden": f"s{i:05d}/hidden"},
-        feature_specs={"hidden": FeatureSpec("hidden", (4, 8), "bfloat16")},
-        generation=1,
-        estimated_bytes=64,
-        num_tokens=4,
-    )
+    return factories.make_ref(i, nbytes=64)
 
 
 def ids(first: int, count: int) -> list[str]:

@@ -3,6 +3,7 @@
 Standard library only: importing this package never imports torch or numpy.
 """
 
+from dataflow.contracts._checks import is_int, is_number
 from dataflow.contracts._json import FrozenDict
 from dataflow.contracts.batch import TensorLike, TrainBatch
 from dataflow.contracts.codec import SCHEMA_VERSIONS, decode, dumps, encode, loads
@@ -25,7 +26,6 @@ from dataflow.contracts.errors import (
 from dataflow.contracts.features import (
     DTYPE_ITEMSIZE,
     FEATURE_SCHEMA_VERSION,
-    STRATEGIES,
     FeatureHandle,
     FeatureSpec,
     SampleRef,
@@ -57,8 +57,6 @@ from dataflow.contracts.states import (
     clip_reason,
 )
 from dataflow.contracts.uris import (
-    LEDGER_SCHEMES,
-    STORE_SCHEMES,
     ParsedURI,
     parse_ledger_uri,
     parse_store_uri,
@@ -71,11 +69,8 @@ __all__ = [
     "clip_reason",
     "DTYPE_ITEMSIZE",
     "FEATURE_SCHEMA_VERSION",
-    "LEDGER_SCHEMES",
     "MAX_ID_LENGTH",
     "SCHEMA_VERSIONS",
-    "STORE_SCHEMES",
-    "STRATEGIES",
     "BackendUnavailableError",
     "CapacityExceededError",
     "ClosedError",
@@ -117,6 +112,8 @@ __all__ = [
     "WeightStatus",
     "WeightVersion",
     "Window",
+    "is_int",
+    "is_number",
     "__version__",
     "assert_no_tensors",
     "decode",

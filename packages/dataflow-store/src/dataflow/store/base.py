@@ -77,6 +77,7 @@ from dataflow.contracts import (
     SampleRef,
     StaleGenerationError,
     StoreHealth,
+    is_int,
     parse_store_uri,
     validate_sample_id,
 )
@@ -452,7 +453,7 @@ class BookkeepingStore(abc.ABC):
         self, sample_id: str, generation: int, sample: PreparedSample, meta: dict[str, Any]
     ) -> SampleRef:
         num_tokens = meta.get("num_tokens", 0)
-        if isinstance(num_tokens, bool) or not isinstance(num_tokens, int):
+        if not is_int(num_tokens):
             raise InvalidInputError(f"metadata['num_tokens'] must be an int, got {num_tokens!r}")
         return SampleRef(
             sample_id=sample_id,

@@ -67,6 +67,7 @@ from dataflow.contracts import (
     ParsedURI,
     SampleRef,
     SchemaMismatchError,
+    is_number,
     validate_sample_id,
 )
 from dataflow.store import mooncake_external as external
@@ -103,7 +104,7 @@ class MooncakeFeatureStore(BookkeepingStore):
         **options: Any,
     ) -> None:
         common = {k: options.pop(k) for k in _STORE_OPTIONS if k in options}
-        if isinstance(lease_grace_s, bool) or not isinstance(lease_grace_s, (int, float)):
+        if not is_number(lease_grace_s):
             raise InvalidInputError(f"lease_grace_s must be a number >= 0, got {lease_grace_s!r}")
         if not lease_grace_s >= 0:
             raise InvalidInputError(f"lease_grace_s must be a number >= 0, got {lease_grace_s!r}")

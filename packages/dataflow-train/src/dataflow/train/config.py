@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from dataflow.contracts import InvalidInputError, validate_id
+from dataflow.contracts import InvalidInputError, is_int, validate_id
 from dataflow.train.optim import OptimConfig
 
 
@@ -41,15 +41,13 @@ class TrainerConfig:
             ("keep_last", 0),
         ):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            if not is_int(value) or value < low:
                 raise InvalidInputError(
                     f"TrainerConfig.{name} must be an int >= {low}, got {value!r}"
                 )
         for name in ("max_steps", "total_steps"):
             value = getattr(self, name)
-            if value is not None and (
-                isinstance(value, bool) or not isinstance(value, int) or value < 1
-            ):
+            if value is not None and (not is_int(value) or value < 1):
                 raise InvalidInputError(f"TrainerConfig.{name} must be None or an int >= 1")
         if not isinstance(self.optim, OptimConfig):
             raise InvalidInputError("TrainerConfig.optim must be an OptimConfig")

@@ -18,7 +18,14 @@ import torch
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-from dataflow.contracts import Collective, InvalidInputError, Ledger, WeightVersion, validate_id
+from dataflow.contracts import (
+    Collective,
+    InvalidInputError,
+    Ledger,
+    WeightVersion,
+    is_int,
+    validate_id,
+)
 from dataflow.control.dist_ack import DistAckResult, distributed_ack
 from dataflow.train.parallel.backend import TrainBackend
 
@@ -244,7 +251,7 @@ class WeightPublishHook(TrainerHook):
         initial: bool = False,
         target_version: Callable[[], str] | None = None,
     ) -> None:
-        if isinstance(interval, bool) or not isinstance(interval, int) or interval < 0:
+        if not is_int(interval) or interval < 0:
             raise InvalidInputError(f"publish interval must be an int >= 0, got {interval!r}")
         if interval == 0 and not (at_checkpoints or initial):
             raise InvalidInputError(

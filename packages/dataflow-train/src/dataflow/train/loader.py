@@ -26,6 +26,7 @@ from dataflow.contracts import (
     SampleRef,
     SchemaMismatchError,
     TrainBatch,
+    is_int,
 )
 from dataflow.train.collate import check_refs_agree, collate
 from dataflow.train.ref_sources import AbortSettler, FixedRefPlan, QueueRefSource, RefSettler
@@ -84,7 +85,7 @@ class FeatureDataLoader:
             ("pad_multiple", pad_multiple, 1),
             ("prefetch", prefetch, 0),
         ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            if not is_int(value) or value < low:
                 raise InvalidInputError(f"{name} must be an int >= {low}, got {value!r}")
         if not isinstance(strategy, str) or not strategy:
             raise InvalidInputError(f"strategy must be a non-empty str, got {strategy!r}")

@@ -122,7 +122,8 @@ def resume_checkpoint(
     newer ones refused (every rank calls this together; nothing is unpickled to decide).
 
     Raises ``CheckpointRefusedError`` naming the files when checkpoints exist but none
-    verifies. With ``announce``, rank 0 prints each refusal and the fallback to stderr.
+    verifies. With ``announce``, rank 0 logs each refusal and the fallback (a warning on
+    ``dataflow.launch.builders.trainer_path``: stderr by default).
     """
     manager = CheckpointManager(run_dir.checkpoints, layout.collective, run_id=run_id)
     info, refused = manager.newest_verified()

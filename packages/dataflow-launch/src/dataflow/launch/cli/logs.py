@@ -26,7 +26,7 @@ DEFAULT_LEVEL = "warning"
 FORMAT = "%(asctime)s %(levelname)s %(name)s[%(process)d]: %(message)s"
 
 
-class _CliHandler(logging.StreamHandler):  # type: ignore[type-arg]
+class _CliHandler(logging.StreamHandler):
     """The handler the CLI installs (marked by its type, so a second call replaces it)."""
 
 

@@ -8,6 +8,7 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
+from dataflow.contracts import is_int
 from dataflow.launch.config import DataSection
 from dataflow.launch.data.chat import encode_conversation, encode_prompt, normalise_conversation
 from dataflow.launch.data.jsonl import BadLine, MalformedRecord, read_records
@@ -62,7 +63,7 @@ def _token_list(record: dict[str, Any], key: str, vocab_size: int | None) -> lis
     if not isinstance(values, list) or not values:
         raise MalformedRecord(f"'{key}' must be a non-empty list of ints")
     for i, v in enumerate(values):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        if not is_int(v) or v < 0:
             raise MalformedRecord(f"{key}[{i}] = {v!r} is not a non-negative int")
         if vocab_size is not None and key == "input_ids" and v >= vocab_size:
             raise MalformedRecord(f"input_ids[{i}] = {v} is outside the vocabulary ({vocab_size})")

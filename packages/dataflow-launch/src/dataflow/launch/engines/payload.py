@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from dataflow.contracts import InvalidInputError, PromptTask
+from dataflow.contracts import InvalidInputError, PromptTask, is_int
 from dataflow.launch.data.chat import check_messages, encode_conversation, encode_prompt
 from dataflow.launch.data.jsonl import MalformedRecord
 
@@ -15,7 +15,7 @@ def _int_list(task: PromptTask, key: str, values: Any, vocab_size: int | None) -
         raise InvalidInputError(f"task {task.task_id!r}: payload {key} must be a non-empty list")
     out = []
     for v in values:
-        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        if not is_int(v) or v < 0:
             raise InvalidInputError(f"task {task.task_id!r}: payload {key} holds {v!r}")
         if vocab_size is not None and key == "input_ids" and v >= vocab_size:
             raise InvalidInputError(

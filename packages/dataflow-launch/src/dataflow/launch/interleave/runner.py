@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Generic, TypeVar, cast
 
+from dataflow.contracts import is_number
 from dataflow.contracts.errors import InvalidInputError
 from dataflow.contracts.protocols import RefQueue
 from dataflow.launch.interleave.guard import GuardedQueue
@@ -172,7 +173,7 @@ def _check_arguments(
     ):
         if value is None and optional:
             continue
-        if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        if not is_number(value) or value <= 0:
             raise InvalidInputError(f"run_interleaved: {label} must be a number > 0, got {value!r}")
     if not isinstance(name, str) or not name:
         raise InvalidInputError(f"run_interleaved: name must be a non-empty str, got {name!r}")

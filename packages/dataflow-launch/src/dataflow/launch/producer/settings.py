@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from dataflow.contracts import InvalidInputError, validate_id
+from dataflow.contracts import InvalidInputError, is_int, is_number, validate_id
 from dataflow.launch.config import LaunchConfig
 
 
@@ -36,7 +36,7 @@ class ProducerSettings:
         validate_id(self.producer_id, "producer id")
         for name in ("quantum", "workers", "prompts_per_lease", "worker_max_failures"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if not is_int(value) or value < 1:
                 raise InvalidInputError(
                     f"ProducerSettings.{name} must be an int >= 1, got {value!r}"
                 )
@@ -51,7 +51,7 @@ class ProducerSettings:
             )
         for name in ("lease_s", "poll_s"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+            if not is_number(value) or value <= 0:
                 raise InvalidInputError(f"ProducerSettings.{name} must be > 0, got {value!r}")
 
     @property
