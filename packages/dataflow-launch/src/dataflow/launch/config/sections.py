@@ -180,6 +180,9 @@ class LedgerSection(Section):
     uri: str = ""
     """Empty → chosen from the topology and deployment mode."""
     options: LedgerOptions = LedgerOptions()
+    consumer_lease_s: float = Field(default=30.0, gt=0)
+    """The consumer's fenced lease on its run lasts this long without a heartbeat (renewed every
+    third of it); a second consumer is refused until it expires, then takes over."""
 
     @field_validator("uri")
     @classmethod
