@@ -131,7 +131,9 @@ class ConsumerSide:
         """Mark the consumer FAILED from this rank alone; every queue then raises. A consumer
         fenced off by another one's takeover only gives its lease up (the run is not its own).
         """
-        if self._lease is not None and self._lease.epoch is not None:
+        if self._lease is not None:
+            if self._lease.epoch is None:
+                return  # never held the lease (refused at open): the run belongs to another
             try:
                 self._lease.check()
             except LedgerConflictError:
