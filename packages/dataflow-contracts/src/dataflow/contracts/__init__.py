@@ -31,6 +31,7 @@ from dataflow.contracts.features import (
     SampleRef,
 )
 from dataflow.contracts.ids import MAX_ID_LENGTH, validate_id, validate_sample_id, validate_task_id
+from dataflow.contracts.lease import ConsumerLease
 from dataflow.contracts.modes import DeploymentMode
 from dataflow.contracts.no_tensors import assert_no_tensors, looks_like_tensor
 from dataflow.contracts.prompt import PromptTask
@@ -99,6 +100,7 @@ __all__ = [
     "RefQueue",
     "RunFailedError",
     "RunMarkers",
+    "ConsumerLease",
     "SampleAborter",
     "SampleRef",
     "SampleState",

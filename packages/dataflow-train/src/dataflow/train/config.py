@@ -31,9 +31,15 @@ class TrainerConfig:
     checkpoint_interval: int = 0
     keep_last: int = 3
     progress: bool = True
+    on_nonfinite: str = "fail"
+    """A window with a NaN/inf loss or gradient norm: ``fail`` the run or ``skip`` the window
+    (never applied either way; see ``dataflow.train.nonfinite``)."""
 
     def __post_init__(self) -> None:
         validate_id(self.run_id, "run id")
+        from dataflow.train.nonfinite import check_policy
+
+        check_policy(self.on_nonfinite)
         for name, low in (
             ("accumulation_steps", 1),
             ("log_interval", 1),
@@ -60,5 +66,12 @@ class TrainerConfig:
         return data
 
 
-RUN_ONLY_FIELDS = ("max_steps", "log_interval", "checkpoint_interval", "keep_last", "progress")
+RUN_ONLY_FIELDS = (
+    "max_steps",
+    "log_interval",
+    "checkpoint_interval",
+    "keep_last",
+    "progress",
+    "on_nonfinite",
+)
 """Fields that only steer this process (when to stop, log, save) and may change on resume."""

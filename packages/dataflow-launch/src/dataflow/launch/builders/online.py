@@ -132,6 +132,7 @@ def _consumer_side(
         collective=layout.collective,
         release=plan.release,
         gate=consumer_gate(config, ledger, store),
+        lease_s=config.ledger.consumer_lease_s,
     )
 
 

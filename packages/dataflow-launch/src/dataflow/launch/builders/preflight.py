@@ -62,6 +62,8 @@ def preflight(config: LaunchConfig, *, prompts: bool = True, role: str = "run") 
             raise InvalidInputError(f"{loaded.source} holds no usable prompt ({loaded.report()})")
         check_dataset_fits(config, len(loaded.prompts), loaded.source)
     check_services(config)
+    if role == "consume" and config.run.topology == "disaggregated_online":
+        check_consumer_lease(config)
 
 
 def check_fresh_ledger(config: LaunchConfig) -> None:
@@ -93,3 +95,50 @@ def check_fresh_ledger(config: LaunchConfig) -> None:
             f"({held} samples and prompts); pass --resume to continue it, or point ledger.uri "
             "at a new ledger"
         )
+
+
+def check_consumer_lease(config: LaunchConfig) -> None:
+    """A consumer refuses to start while another live consumer holds the run's lease, naming it
+    (before the run directory or any store segment is touched). Read-only: a SQLite file is
+    opened with ``mode=ro``; a missing one holds no lease. The ledger re-checks at open.
+    """
+    import os
+    import socket
+    import time
+    from pathlib import Path
+
+    from dataflow.contracts import LedgerConflictError
+
+    parsed = parse_ledger_uri(config.ledger.uri)
+    if parsed.scheme == "sqlite":
+        if not Path(parsed.location).is_file():
+            return
+        from dataflow.control.ledger import open_ledger
+
+        ledger = open_ledger(config.ledger.uri, read_only=True)
+    elif parsed.scheme == "redis":
+        from dataflow.launch.producer import open_config_ledger
+
+        ledger = open_config_ledger(config)
+    else:
+        return
+    try:
+        held = ledger.consumer_lease()
+    finally:
+        ledger.close()
+    now = time.time()
+    if held.pid == 0 or held.expires_at <= now:
+        return
+    if held.host == socket.gethostname():
+        if held.pid == os.getpid():
+            return
+        try:
+            os.kill(held.pid, 0)
+        except ProcessLookupError:
+            return  # a crashed consumer on this host: taken over at open
+        except PermissionError:
+            pass
+    raise LedgerConflictError(
+        f"another consumer holds run {config.run.id!r} on {config.ledger.uri}: "
+        f"{held.describe(now)}; stop it, or wait for its lease to expire"
+    )

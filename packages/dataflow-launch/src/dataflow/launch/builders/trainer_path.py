@@ -173,7 +173,18 @@ def trainer_config(config: LaunchConfig, *, progress: bool) -> TrainerConfig:
         checkpoint_interval=t.checkpoint_every,
         keep_last=t.keep_last,
         progress=progress,
+        on_nonfinite=t.on_nonfinite,
     )
+
+
+def sample_limits(config: LaunchConfig) -> dict[str, int]:
+    """The loader's value-check settings: the longest sample the run can produce and how many
+    bad samples may be dropped before the run fails.
+    """
+    longest = config.data.max_length
+    if config.producer.regenerate:
+        longest += config.producer.max_new_tokens
+    return {"max_length": longest, "max_bad_samples": config.trainer.max_bad_samples}
 
 
 def train_draft(
@@ -235,6 +246,7 @@ def train_draft(
             world_size=layout.data_world,
             pad_multiple=layout.sp_size,
             prefetch=1,
+            **sample_limits(config),
         )
     else:
         assert source.queue is not None
@@ -244,6 +256,7 @@ def train_draft(
             batch_size=config.trainer.batch_size,
             pad_multiple=layout.sp_size,
             prefetch=1,
+            **sample_limits(config),
         )
     ack_hook = AckHook(
         ack, durable=durable, on_acked=TrainedLog(run_dir.trained).append if rank0 else None

@@ -63,6 +63,8 @@ PLACEMENT_PATHS: tuple[tuple[str, ...], ...] = (
     ("trainer", "keep_last"),
     ("trainer", "log_every"),
     ("trainer", "max_steps"),
+    ("trainer", "on_nonfinite"),
+    ("trainer", "max_bad_samples"),
 )
 
 

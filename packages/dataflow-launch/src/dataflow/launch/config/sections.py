@@ -217,6 +217,9 @@ class LedgerSection(Section):
     uri: str = ""
     """Empty → chosen from the topology and deployment mode."""
     options: LedgerOptions = LedgerOptions()
+    consumer_lease_s: float = Field(default=30.0, gt=0)
+    """The consumer's fenced lease on its run lasts this long without a heartbeat (renewed every
+    third of it); a second consumer is refused until it expires, then takes over."""
 
     @field_validator("uri")
     @classmethod
@@ -318,6 +321,12 @@ class TrainerSection(Section):
     ttt_length: int = Field(default=7, ge=1)
     draft_vocab_size: int = Field(default=512, ge=2)
     log_every: int = Field(default=1, ge=1)
+    on_nonfinite: Literal["fail", "skip"] = "fail"
+    """An optimizer window with a NaN/inf loss or gradient norm is never applied: ``fail`` the
+    run naming its samples, or ``skip`` the window (gradients discarded) and go on."""
+    max_bad_samples: int = Field(default=0, ge=0)
+    """Samples with bad feature values (NaN/inf, no tokens, longer than the run's length, a loss
+    mask not 0/1) are dropped with a reason; more than this many fail the run."""
 
     @property
     def world_size(self) -> int:

@@ -30,6 +30,8 @@ class ProducerSettings:
     producer_id: str = "producer"
     close_when_drained: bool = True
     max_failed_prompts: int = 0
+    max_length: int | None = None
+    """A captured sample longer than this fails its prompt (``bad_features``); None: no limit."""
 
     def __post_init__(self) -> None:
         validate_id(self.run_id, "run id")
@@ -72,4 +74,6 @@ class ProducerSettings:
             poll_s=config.producer.poll_s,
             producer_id=producer_id,
             max_failed_prompts=config.producer.max_failed_prompts,
+            max_length=config.data.max_length
+            + (config.producer.max_new_tokens if config.producer.regenerate else 0),
         )

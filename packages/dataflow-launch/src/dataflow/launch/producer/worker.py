@@ -1,8 +1,11 @@
 """One rollout worker: lease prompts → capture features → put them → commit refs.
 
 Failure classes, each handled one way:
-- a bad prompt (``InvalidInputError`` from the engine) fails that prompt for good; in a batch the
-  tasks are retried one by one so only the bad ones fail; the worker is not blamed;
+- a bad prompt (``InvalidInputError`` from the engine) or bad feature values (NaN/inf, no
+  tokens, longer than ``max_length``, a loss mask not 0/1: ``BadFeatureValuesError`` from the
+  engine's check, or the same check here for every engine) fails that prompt for good with the
+  reason, before anything is put; in a batch the tasks are retried one by one so only the bad
+  ones fail; the worker is not blamed;
 - a failed capture or put (engine, transport, store) returns the batch's prompts to the ledger
   as retryable and counts against the worker; ``worker_max_failures`` in a row drop it;
 - a ledger refusal of a commit is fatal for the producer (raised to it), after the features of
@@ -41,6 +44,7 @@ from dataflow.contracts.states import clip_reason
 from dataflow.control.flow import Admission
 from dataflow.control.producer import ProducerSide
 from dataflow.launch.engines import CapturedSample, TargetEngine
+from dataflow.launch.engines.features import BadFeatureValuesError, value_problem
 from dataflow.launch.producer.report import WorkerReport
 from dataflow.launch.producer.settings import ProducerSettings
 
@@ -163,7 +167,7 @@ class RolloutWorker:
     def _process(self, tasks: Sequence[PromptTask], draft: str | None) -> None:
         try:
             samples = self._engine.capture(tasks)
-        except InvalidInputError as exc:
+        except (InvalidInputError, BadFeatureValuesError) as exc:
             if len(tasks) == 1:
                 self._fail(tasks[0], _describe(exc), retryable=False)
                 self._tally["rejected"] += 1
@@ -179,6 +183,11 @@ class RolloutWorker:
             for task, sample in zip(tasks, samples, strict=True):
                 if self._stop.is_set():
                     break  # unfinished leases are handed back by run(); the put ones commit
+                problem = value_problem(sample.tensors, self._settings.max_length)
+                if problem is not None:
+                    self._fail(task, f"task {task.task_id!r}: {problem}", retryable=False)
+                    self._tally["rejected"] += 1
+                    continue
                 put = self._put(task, sample, draft, group)
                 if put is not None:
                     group.append(put)
