@@ -45,6 +45,7 @@ OPTIONAL_MODULES = {
         "tokenizers",
         "matplotlib",
         "sglang",
+        "vllm",
         "requests",
         "redis",
         "mooncake",
