@@ -238,3 +238,4 @@ def test_sigkill_of_the_producer_leaves_no_vllm_process(tmp_path, model_dir, ser
         if child.poll() is None:
             child.kill()
             child.wait()
+        child.stdout.close()
