@@ -39,6 +39,7 @@ OPTIONAL_MODULES = {
         "tokenizers",
         "matplotlib",
         "sglang",
+        "vllm",
         "requests",
         "redis",
         "mooncake",

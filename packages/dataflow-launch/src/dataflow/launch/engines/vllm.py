@@ -21,7 +21,11 @@ vLLM refuses (HTTP 400, e.g. a prompt over ``max_model_len``) → :class:`Invali
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import glob
 import os
+import threading
 import uuid
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -69,6 +73,22 @@ def _read_norm_weight(model_dir: str) -> torch.Tensor:
         return handle.get_tensor(NORM_KEY)
 
 
+def _writer_done(path: str) -> bool:
+    """Whether the capture at ``path`` is complete (its lock is absent or free)."""
+    lock = path + ".lock"
+    try:
+        fd = os.open(lock, os.O_RDONLY)
+    except FileNotFoundError:
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return True
+    except BlockingIOError:
+        return False
+    finally:
+        os.close(fd)
+
+
 class VLLMTargetEngine:
     """Captures features from a running vLLM server; implements :class:`TargetEngine`.
 
@@ -92,6 +112,7 @@ class VLLMTargetEngine:
         regeneration: Regeneration | None = None,
         tokenizer: Any | None = None,
         server: Any | None = None,
+        capture_dir: str | None = None,
     ) -> None:
         self._requests: Any = require("requests")
         self._url = server_url.rstrip("/")
@@ -100,6 +121,9 @@ class VLLMTargetEngine:
         self._batch_size = batch_size
         self._regeneration = regeneration
         self._server = server
+        self._capture_dir = capture_dir
+        self._orphans: set[str] = set()
+        self._orphans_lock = threading.Lock()
         config = read_model_config(model_dir)
         num_layers = int(config["num_hidden_layers"])
         self._info = TargetInfo(
@@ -227,7 +251,10 @@ class VLLMTargetEngine:
             self._pool.submit(self._capture_one, task, ids, mask)
             for task, (ids, mask) in zip(tasks, encoded, strict=True)
         ]
-        return [f.result() for f in futures]
+        samples = [f.result() for f in futures]
+        if self._orphans:
+            self.sweep_orphans()
+        return samples
 
     def generate(self, prompt: Sequence[int], max_tokens: int) -> list[int]:
         """Plain greedy completion token ids (no capture), for comparisons."""
@@ -240,6 +267,8 @@ class VLLMTargetEngine:
         try:
             answer = self._requests.post(url, json=body, timeout=self._timeout)
         except self._requests.Timeout:
+            with self._orphans_lock:  # the server may still write its capture: swept later
+                self._orphans.add(str(body.get("request_id", "")))
             raise BackendUnavailableError(
                 f"task {task_id!r}: vLLM server {self._url} did not answer within "
                 f"target.request_timeout_s={self._timeout} s"
@@ -350,8 +379,31 @@ class VLLMTargetEngine:
         }
         return checked_sample(task.task_id, tensors, self._info)
 
+    def sweep_orphans(self) -> int:
+        """Remove the complete capture files of requests this engine gave up on (timed out);
+        returns how many requests are still unaccounted for. Needs the capture directory
+        (known for a managed server, else ``target.vllm.capture_dir``).
+        """
+        if self._capture_dir is None:
+            return 0
+        with self._orphans_lock:
+            orphans = set(self._orphans)
+        for rid in orphans:
+            for path in glob.glob(
+                os.path.join(glob.escape(self._capture_dir), f"*{rid}*.safetensors")
+            ):
+                if _writer_done(path):
+                    for leftover in (path, path + ".lock"):
+                        with contextlib.suppress(FileNotFoundError):
+                            os.unlink(leftover)
+                    with self._orphans_lock:
+                        self._orphans.discard(rid)
+        with self._orphans_lock:
+            return len(self._orphans)
+
     def close(self) -> None:
         """Stop capturing; a managed server is stopped (no vLLM process is left)."""
+        self.sweep_orphans()
         self._pool.shutdown(wait=False, cancel_futures=True)
         if self._server is not None:
             self._server.stop()
@@ -395,4 +447,5 @@ def _engine(
         version=target.version,
         regeneration=regeneration,
         server=server,
+        capture_dir=server.capture_dir if server is not None else target.vllm.capture_dir,
     )

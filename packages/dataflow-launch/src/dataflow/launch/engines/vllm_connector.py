@@ -95,7 +95,7 @@ class DataflowHiddenStatesConnector(ExampleHiddenStatesConnector):
         future = self._executor.submit(
             self._write_tensors, tensors, done, pending.filename, lock_fd
         )
-        self._req_copy_events[pending.req_id] = done  # type: ignore[assignment]
+        self._req_copy_events[pending.req_id] = done
         self._req_futures[pending.req_id] = future
         future.add_done_callback(lambda f, rid=pending.req_id: self._on_write_done(rid, f))
 
