@@ -41,18 +41,34 @@ def check_services(config: LaunchConfig) -> None:
         open_run_store(config).close()
 
 
+def check_regeneration(config: LaunchConfig) -> None:
+    """A colocated offline run trains the feature files under its ``file://`` store as they
+    are: with ``producer.regenerate`` they must be the target's own (see
+    ``builders.features.check_precomputed``).
+    """
+    if config.producer.regenerate and config.run.topology == "colocated_offline":
+        from pathlib import Path
+
+        from dataflow.launch.builders.features import check_precomputed
+
+        check_precomputed(config, Path(parse_store_uri(config.store.uri).location))
+
+
 def preflight(config: LaunchConfig, *, prompts: bool = True) -> None:
     """Refuse bad input before a run starts; changes nothing on disk.
 
     Raises ``InvalidInputError`` for a missing or incomplete model directory, a missing prompt
-    file or too many malformed prompt lines (naming them); ``BackendUnavailableError`` for an
-    unreachable Redis ledger or Mooncake store.
+    file or too many malformed prompt lines (naming them), or pre-computed features that
+    ``producer.regenerate`` cannot apply to; ``BackendUnavailableError`` for an unreachable
+    Redis ledger or Mooncake store.
     """
+    check_regeneration(config)
     tokenizer = _tokenizer(config)
     if prompts:
         from dataflow.launch.data import load_prompts
+        from dataflow.launch.producer import regenerate_tokens
 
-        loaded = load_prompts(config.data, tokenizer)
+        loaded = load_prompts(config.data, tokenizer, regenerate_tokens=regenerate_tokens(config))
         if not loaded.prompts:
             raise InvalidInputError(f"{loaded.source} holds no usable prompt ({loaded.report()})")
     check_services(config)
