@@ -212,3 +212,30 @@ def test_the_run_engine_regenerates_per_the_producer_section(tiny_target):
         update={"producer": config.producer.model_copy(update={"regenerate": False})}
     )
     assert engine_regeneration(off) is None
+
+
+def test_regeneration_settings_are_part_of_the_run_fingerprint():
+    from dataflow.launch.config import fingerprint, load_config
+
+    off = fingerprint(load_config(None, []))
+    assert fingerprint(load_config(None, ["producer.max_new_tokens=9"])) == off  # inert when off
+    on = fingerprint(load_config(None, ["producer.regenerate=true"]))
+    assert on != off
+    assert (
+        fingerprint(load_config(None, ["producer.regenerate=true", "producer.max_new_tokens=9"]))
+        != on
+    )
+    assert (
+        fingerprint(load_config(None, ["producer.regenerate=true", "producer.temperature=0.5"]))
+        != on
+    )
+    assert fingerprint(load_config(None, ["producer.regenerate=true", "producer.workers=3"])) == on
+
+
+def test_config_refuses_regeneration_it_cannot_honour():
+    from pydantic import ValidationError
+
+    from dataflow.launch.config import load_config
+
+    with pytest.raises((ValidationError, InvalidInputError), match="producer.max_new_tokens"):
+        load_config(None, ["producer.regenerate=true", "data.max_length=64"])
