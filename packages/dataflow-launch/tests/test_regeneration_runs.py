@@ -6,7 +6,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from run_helpers import EXAMPLES, TINY_RUN, assert_one_error_line, cli, read_jsonl, sets
+from run_helpers import (
+    EXAMPLES,
+    TINY_RUN,
+    assert_one_error_line,
+    cli,
+    fresh_shm_name,
+    read_jsonl,
+    sets,
+    shm_segments,
+)
 from safetensors.torch import load_file
 
 REGEN = ("producer.regenerate=true", "producer.max_new_tokens=8", "data.max_prompts=6")
@@ -51,6 +60,22 @@ def test_colocated_online_regenerating_run_trains_to_the_end(tmp_path):
     out = tmp_path / "run"
     result = run("colocated_online", out, *REGEN, "producer.temperature=0.7")
     assert result.returncode == 0, result.stderr
+    trained = [sid for row in read_jsonl(out / "trained.jsonl") for sid in row["sample_ids"]]
+    assert len(trained) == len(set(trained)) == 6
+
+
+def test_disaggregated_online_regenerating_run_trains_to_the_end(tmp_path):
+    out = tmp_path / "run"
+    with fresh_shm_name() as name:
+        result = run(
+            "disaggregated_online",
+            out,
+            *REGEN,
+            f"store.uri=shm://{name}",
+            f"ledger.uri=sqlite://{out}/ledger.sqlite",
+        )
+        assert result.returncode == 0, result.stderr
+        assert shm_segments(name) == []
     trained = [sid for row in read_jsonl(out / "trained.jsonl") for sid in row["sample_ids"]]
     assert len(trained) == len(set(trained)) == 6
 
