@@ -192,3 +192,50 @@ def test_token_ids_records_keep_the_prompt_before_the_first_loss_token(tmp_path,
     assert [p.loss_mask for p in loaded.prompts] == [(0, 0, 0)]
     reasons = {b.line: b.reason for b in loaded.malformed}
     assert "starts with 1" in reasons[2] and "needs a loss_mask" in reasons[3]
+
+
+def test_the_run_engine_regenerates_per_the_producer_section(tiny_target):
+    from dataflow.launch.config import LaunchConfig
+    from dataflow.launch.producer import engine_regeneration, open_run_engine
+
+    config = LaunchConfig(
+        run={"seed": 3},
+        target=tiny_target,
+        producer={"regenerate": True, "max_new_tokens": 8, "temperature": 0.7},
+    )
+    engine = open_run_engine(config)
+    try:
+        assert engine.regeneration == Regeneration(max_new_tokens=8, temperature=0.7, seed=3)
+    finally:
+        engine.close()
+    off = config.model_copy(
+        update={"producer": config.producer.model_copy(update={"regenerate": False})}
+    )
+    assert engine_regeneration(off) is None
+
+
+def test_regeneration_settings_are_part_of_the_run_fingerprint():
+    from dataflow.launch.config import fingerprint, load_config
+
+    off = fingerprint(load_config(None, []))
+    assert fingerprint(load_config(None, ["producer.max_new_tokens=9"])) == off  # inert when off
+    on = fingerprint(load_config(None, ["producer.regenerate=true"]))
+    assert on != off
+    assert (
+        fingerprint(load_config(None, ["producer.regenerate=true", "producer.max_new_tokens=9"]))
+        != on
+    )
+    assert (
+        fingerprint(load_config(None, ["producer.regenerate=true", "producer.temperature=0.5"]))
+        != on
+    )
+    assert fingerprint(load_config(None, ["producer.regenerate=true", "producer.workers=3"])) == on
+
+
+def test_config_refuses_regeneration_it_cannot_honour():
+    from pydantic import ValidationError
+
+    from dataflow.launch.config import load_config
+
+    with pytest.raises((ValidationError, InvalidInputError), match="producer.max_new_tokens"):
+        load_config(None, ["producer.regenerate=true", "data.max_length=64"])

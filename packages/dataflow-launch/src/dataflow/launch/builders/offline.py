@@ -31,7 +31,11 @@ from dataflow.launch.builders.common import (
     open_run_store,
     trainer_objective,
 )
-from dataflow.launch.builders.features import capture_feature_files, has_feature_files
+from dataflow.launch.builders.features import (
+    capture_feature_files,
+    check_precomputed,
+    has_feature_files,
+)
 from dataflow.launch.builders.online import write_producer_report
 from dataflow.launch.builders.progress import LedgerBar, prompts_done
 from dataflow.launch.builders.ranks import rank_layout
@@ -43,8 +47,12 @@ from dataflow.launch.builders.trainer_path import (
     write_trainer_report,
 )
 from dataflow.launch.config import LaunchConfig
-from dataflow.launch.engines import open_engine
-from dataflow.launch.producer import ProducerReport, ProducerSettings, RolloutProducer
+from dataflow.launch.producer import (
+    ProducerReport,
+    ProducerSettings,
+    RolloutProducer,
+    open_run_engine,
+)
 from dataflow.launch.run_dir import RunDir, read_json, write_json_atomic
 from dataflow.store import open_store
 from dataflow.train.hooks import RetainedAck
@@ -99,6 +107,7 @@ def run_colocated_offline(
     ``file://`` store (captured once with the target first when the directory has none).
     """
     directory = Path(parse_store_uri(config.store.uri).location)
+    check_precomputed(config, directory)
     if not has_feature_files(directory):
         capture_feature_files(config, directory, progress=progress)
     refs = open_store(config.store.uri).refs()  # type: ignore[attr-defined]
@@ -135,7 +144,7 @@ def produce_offline(
     plan = control_plan(config, leases_prompts=True)
     ledger = open_plan_ledger(config, plan)
     store = open_run_store(config)
-    engine = open_engine(config.target)
+    engine = open_run_engine(config)
     try:
         prompts = load_run_prompts(
             config.model_copy(update={"data": config.data.model_copy(update={"passes": 1})}),

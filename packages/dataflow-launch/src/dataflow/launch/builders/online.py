@@ -36,8 +36,13 @@ from dataflow.launch.builders.trainer_path import (
     write_trainer_report,
 )
 from dataflow.launch.config import LaunchConfig
-from dataflow.launch.engines import TargetEngine, open_engine
-from dataflow.launch.producer import ProducerReport, RolloutProducer, build_producer
+from dataflow.launch.engines import TargetEngine
+from dataflow.launch.producer import (
+    ProducerReport,
+    RolloutProducer,
+    build_producer,
+    open_run_engine,
+)
 from dataflow.launch.producer.versions import DraftVersions
 from dataflow.launch.run_dir import RunDir, write_json_atomic
 
@@ -67,7 +72,7 @@ def start_producer(config: LaunchConfig, ledger: Ledger, store: FeatureStore) ->
 
     A restarted producer re-ingests (known tasks are duplicates) and continues.
     """
-    engine = open_engine(config.target)
+    engine = open_run_engine(config)
     try:
         prompts = load_run_prompts(config, engine.tokenizer, engine.info.version)  # type: ignore[attr-defined]
         versions = draft_versions(config, ledger)

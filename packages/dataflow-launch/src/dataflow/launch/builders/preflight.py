@@ -42,22 +42,37 @@ def check_services(config: LaunchConfig) -> None:
         open_run_store(config).close()
 
 
+def check_regeneration(config: LaunchConfig) -> None:
+    """A colocated offline run trains the feature files under its ``file://`` store as they
+    are: with ``producer.regenerate`` they must be the target's own (see
+    ``builders.features.check_precomputed``).
+    """
+    if config.producer.regenerate and config.run.topology == "colocated_offline":
+        from pathlib import Path
+
+        from dataflow.launch.builders.features import check_precomputed
+
+        check_precomputed(config, Path(parse_store_uri(config.store.uri).location))
+
+
 def preflight(config: LaunchConfig, *, prompts: bool = True, role: str = "run") -> None:
     """Refuse bad input before a run starts; changes nothing on disk.
 
     First the config-level checks of :func:`check_config` (a relative ``dir://`` store, more
     trainer ranks than the host or ``torchrun`` provides), then the inputs: raises
     ``InvalidInputError`` for a missing or incomplete model directory, a missing prompt file,
-    too many malformed prompt lines (naming them) or a dataset smaller than one optimizer
-    window (with the numbers); ``BackendUnavailableError`` for an unreachable Redis ledger or
-    Mooncake store.
+    too many malformed prompt lines (naming them), a dataset smaller than one optimizer window
+    (with the numbers) or pre-computed features that ``producer.regenerate`` cannot apply to;
+    ``BackendUnavailableError`` for an unreachable Redis ledger or Mooncake store.
     """
     check_config(config, role)
+    check_regeneration(config)
     tokenizer = _tokenizer(config)
     if prompts:
         from dataflow.launch.data import load_prompts
+        from dataflow.launch.producer import regenerate_tokens
 
-        loaded = load_prompts(config.data, tokenizer)
+        loaded = load_prompts(config.data, tokenizer, regenerate_tokens=regenerate_tokens(config))
         if not loaded.prompts:
             raise InvalidInputError(f"{loaded.source} holds no usable prompt ({loaded.report()})")
         check_dataset_fits(config, len(loaded.prompts), loaded.source)

@@ -63,7 +63,8 @@ class LaunchConfig(Section):
 
     Guarantees once constructed: every key was known, every value had the right type and range,
     topology-dependent defaults are filled in, and the cross-section rules hold (a disaggregated
-    run has a cross-process store and a durable ledger; the high watermark holds one window).
+    run has a cross-process store and a durable ledger; the high watermark holds one window;
+    ``producer.regenerate`` has an engine that generates and room for a prompt).
     """
 
     run: RunSection = RunSection()
@@ -172,6 +173,18 @@ class LaunchConfig(Section):
                 f"trainer.sp_size: sequence parallelism ({self.trainer.sp_size}) needs an offline "
                 f"topology, where every rank of a sequence-parallel group reads the same fixed "
                 f"refs; {topology} consumers are data-parallel only (use trainer.dp_size)"
+            )
+        producer = self.producer
+        if producer.regenerate and self.target.engine == "sglang":
+            raise ValueError(
+                "producer.regenerate: the sglang engine cannot generate responses (it only "
+                "captures the data's); use target.engine hf, or set producer.regenerate false"
+            )
+        if producer.regenerate and producer.max_new_tokens >= self.data.max_length:
+            raise ValueError(
+                f"producer.max_new_tokens: {producer.max_new_tokens} leaves no room for a prompt "
+                f"within data.max_length {self.data.max_length} (prompt + response must fit); "
+                "lower producer.max_new_tokens or raise data.max_length"
             )
         if self.flow.high_watermark < self.trainer.quantum:
             raise ValueError(

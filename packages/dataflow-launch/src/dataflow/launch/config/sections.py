@@ -291,7 +291,12 @@ class ProducerSection(Section):
     lease_s: float = Field(default=120.0, gt=0)
     poll_s: float = Field(default=0.05, gt=0)
     regenerate: bool = False
-    """The target writes the assistant turns itself; features cover prompt + its own response."""
+    """The target writes the assistant turns itself; features cover prompt + its own response
+    and the loss mask covers the response only. Each conversation becomes one prompt: its
+    turns before the first assistant turn (``token_ids`` data: the ids before the first loss
+    mask 1). Needs an engine that generates (not ``sglang``) and
+    ``max_new_tokens < data.max_length``; prompts longer than ``data.max_length -
+    max_new_tokens`` are skipped and reported."""
     max_new_tokens: int = Field(default=64, ge=1)
     """With ``regenerate``: the most tokens the target writes per sample."""
     temperature: float = Field(default=0.0, ge=0)
