@@ -125,11 +125,16 @@ class LaunchConfig(Section):
                 "ledger.uri: disaggregated_online shares its ledger between processes; use "
                 f"sqlite:///PATH or redis://HOST:PORT/DB, got {self.ledger.uri!r}"
             )
-        if self.staleness.enabled and topology.endswith("_offline"):
+        if (
+            self.staleness.enabled
+            and topology.endswith("_offline")
+            and not self.staleness.require_target_match
+        ):
             raise ValueError(
-                f"staleness.enabled: {topology} trains precomputed features, which carry no "
-                "draft weight version and are re-read every epoch; staleness applies to online "
-                "topologies only"
+                f"staleness.require_target_match: {topology} trains a retained feature set no "
+                "draft served, so there is no draft lag to bound; offline staleness only drops "
+                "samples captured by another target, and with require_target_match=false it "
+                "would check nothing (set staleness.enabled=false)"
             )
         if topology.endswith("_online") and ledger_scheme == "noop":
             raise ValueError(
