@@ -262,9 +262,19 @@ def test_colocated_online_refuses_a_noop_ledger_instead_of_replacing_it():
 
 
 @pytest.mark.parametrize("topology", ["colocated_offline", "disaggregated_offline"])
-def test_staleness_is_refused_for_offline_topologies_instead_of_ignored(topology):
-    with pytest.raises(InvalidInputError, match="staleness applies to online topologies only"):
-        load_config(None, [f"run.topology={topology}", "staleness.enabled=true"])
+def test_offline_staleness_is_target_matching_and_a_check_of_nothing_is_refused(topology):
+    config = load_config(None, [f"run.topology={topology}", "staleness.enabled=true"])
+    assert config.staleness.enabled and config.staleness.require_target_match
+    with pytest.raises(InvalidInputError, match="there is no draft lag to bound") as info:
+        load_config(
+            None,
+            [
+                f"run.topology={topology}",
+                "staleness.enabled=true",
+                "staleness.require_target_match=false",
+            ],
+        )
+    assert "staleness.require_target_match" in str(info.value)
 
 
 @pytest.mark.parametrize(

@@ -12,6 +12,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from dataflow.contracts import InvalidInputError
+from dataflow.launch.builders.offline_staleness import write_file_targets
 from dataflow.launch.config import LaunchConfig
 from dataflow.launch.data import build_tasks, load_prompts
 from dataflow.launch.producer import engine_regeneration, open_run_engine, regenerate_tokens
@@ -56,7 +57,8 @@ def check_precomputed(config: LaunchConfig, directory: Path) -> None:
 
 def capture_feature_files(config: LaunchConfig, directory: Path, *, progress: bool = True) -> int:
     """Run the target over every prompt once and write ``<task id>.safetensors`` per sample
-    (the four EAGLE3 features) into ``directory``; return the number written.
+    (the four EAGLE3 features) into ``directory``; return the number written. The target
+    version of each written file is recorded in ``target.json`` beside them.
 
     Each file is written beside its final name and renamed, so a crash leaves no torn file.
     Files already present are kept (a re-run completes an interrupted capture). With
@@ -96,13 +98,17 @@ def capture_feature_files(config: LaunchConfig, directory: Path, *, progress: bo
         )
         with bar:
             for start in range(0, len(todo), step):
+                written: dict[str, str] = {}
                 for sample in engine.capture(todo[start : start + step]):
                     final = directory / f"{sample.task_id}.safetensors"
                     tmp = directory / f".{sample.task_id}.tmp"
                     tensors = {k: v.contiguous() for k, v in sample.tensors.items()}
                     save_file(tensors, str(tmp))
                     os.replace(tmp, final)
+                    written[sample.task_id] = engine.info.version
                     bar.update(1)
+                # which target captured each file: the offline staleness check reads it
+                write_file_targets(directory, written)
         return len(todo)
     finally:
         engine.close()

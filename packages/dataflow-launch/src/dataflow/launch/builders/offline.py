@@ -36,6 +36,7 @@ from dataflow.launch.builders.features import (
     check_precomputed,
     has_feature_files,
 )
+from dataflow.launch.builders.offline_staleness import read_file_targets, screen_offline_refs
 from dataflow.launch.builders.online import write_producer_report
 from dataflow.launch.builders.progress import LedgerBar, prompts_done
 from dataflow.launch.builders.ranks import rank_layout
@@ -113,6 +114,7 @@ def run_colocated_offline(
     refs = open_store(config.store.uri).refs()  # type: ignore[attr-defined]
     if not refs:
         raise InvalidInputError(f"{config.store.uri} holds no feature files")
+    refs = screen_offline_refs(config, run_dir, refs, read_file_targets(directory))
     # The lightweight plane: the run's ledger is noop:// (config load refuses any other), which
     # validates the run's markers and retains nothing, so the run does no ledger I/O.
     ledger = open_plan_ledger(config, control_plan(config, leases_prompts=False))
@@ -208,7 +210,7 @@ def consume_offline(
     """The consumer of a disaggregated offline run: ``data.passes`` epochs over the manifest's
     refs, read from the shared store with retain-on-release.
     """
-    refs = wait_for_manifest(config, run_dir)
+    refs = screen_offline_refs(config, run_dir, wait_for_manifest(config, run_dir))
     from dataflow.launch.producer import store_options
 
     options: dict[str, object] = {**store_options(config), "retain_on_release": True}

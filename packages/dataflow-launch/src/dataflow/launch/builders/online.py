@@ -100,6 +100,27 @@ def write_producer_report(run_dir: RunDir, report: ProducerReport, total_tasks: 
     )
 
 
+def write_plane_report(
+    run_dir: RunDir, config: LaunchConfig, plan: ControlPlan, ledger: Ledger, store: FeatureStore
+) -> None:
+    """``plane.json``: the control plane a colocated run ran on, read from the live objects
+    (the ledger's backend and durability, the release policy, whether a read frees a feature,
+    and the features still resident at the end).
+    """
+    write_json_atomic(
+        run_dir.plane_report,
+        {
+            "deployment_mode": config.deployment_mode.value,
+            "ledger": plan.ledger_uri,
+            "ledger_backend": ledger.status().backend,
+            "ledger_durable": ledger.durable,
+            "release": plan.release.value,
+            "store_retains_on_release": bool(plan.trainer_store_options["retain_on_release"]),
+            "resident_features_at_end": store.health().resident_samples,
+        },
+    )
+
+
 def produce_online(
     config: LaunchConfig, run_dir: RunDir, *, progress: bool = True
 ) -> ProducerReport:
@@ -270,6 +291,7 @@ def run_colocated_online(
         if outcome.produced is not None:
             write_producer_report(run_dir, outcome.produced, online.total_tasks)
         write_trainer_report(run_dir, outcome.trained)
+        write_plane_report(run_dir, config, plan, ledger, store)
         return outcome.trained
     finally:
         store.close()

@@ -135,11 +135,16 @@ class LaunchConfig(Section):
                 "ledger.uri: disaggregated_online shares its ledger between processes; use "
                 f"sqlite:///PATH or redis://HOST:PORT/DB, got {self.ledger.uri!r}"
             )
-        if self.staleness.enabled and topology.endswith("_offline"):
+        if (
+            self.staleness.enabled
+            and topology.endswith("_offline")
+            and not self.staleness.require_target_match
+        ):
             raise ValueError(
-                f"staleness.enabled: {topology} trains precomputed features, which carry no "
-                "draft weight version and are re-read every epoch; staleness applies to online "
-                "topologies only"
+                f"staleness.require_target_match: {topology} trains a retained feature set no "
+                "draft served, so there is no draft lag to bound; offline staleness only drops "
+                "samples captured by another target, and with require_target_match=false it "
+                "would check nothing (set staleness.enabled=false)"
             )
         if topology.endswith("_online") and ledger_scheme == "noop":
             raise ValueError(
@@ -168,6 +173,11 @@ class LaunchConfig(Section):
                 f"process: no durable transaction, no I/O) and {self.ledger.uri!r} is durable; "
                 "use memory:// or set run.deployment_mode=dataflow_colocated"
             )
+        return self
+
+    @model_validator(mode="after")
+    def _trainer_and_producer_rules(self) -> LaunchConfig:
+        topology = self.run.topology
         if self.trainer.sp_size > 1 and topology.endswith("_online"):
             raise ValueError(
                 f"trainer.sp_size: sequence parallelism ({self.trainer.sp_size}) needs an offline "
@@ -178,7 +188,7 @@ class LaunchConfig(Section):
         if producer.regenerate and self.target.engine == "sglang":
             raise ValueError(
                 "producer.regenerate: the sglang engine cannot generate responses (it only "
-                "captures the data's); use target.engine hf, or set producer.regenerate false"
+                "captures the data's); use target.engine hf or vllm, or set producer.regenerate false"
             )
         if producer.regenerate and producer.max_new_tokens >= self.data.max_length:
             raise ValueError(

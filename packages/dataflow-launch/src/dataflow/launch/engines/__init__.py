@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from dataflow.contracts import InvalidInputError
 from dataflow.launch.config import TargetSection
 from dataflow.launch.engines.base import (
@@ -41,6 +43,23 @@ def open_engine(target: TargetSection, *, regeneration: Regeneration | None = No
     return open_hf_engine(target, regeneration=regeneration)
 
 
+def expected_version(target: TargetSection) -> str:
+    """The version ``open_engine(target).info.version`` reports, without opening the engine:
+    ``target.version`` when set, else the built-in target's config digest or the model
+    directory's name (the target's identity, as each engine states it).
+    """
+    if target.version:
+        return target.version
+    if target.model_dir is not None:
+        if target.engine in ("sglang", "vllm"):
+            return target.model_dir.rstrip("/").rsplit("/", 1)[-1]
+        return Path(target.model_dir).resolve().name
+    from dataflow.launch.builtin.target import builtin_version
+
+    assert target.builtin is not None  # the config guarantees one of the two
+    return builtin_version(target.builtin)
+
+
 __all__ = [
     "FEATURE_NAMES",
     "CapturedSample",
@@ -51,6 +70,7 @@ __all__ = [
     "check_features",
     "default_aux_layer_ids",
     "eagle3_feature_specs",
+    "expected_version",
     "open_engine",
     "resolve_aux_layer_ids",
 ]
