@@ -177,14 +177,14 @@ def trainer_config(config: LaunchConfig, *, progress: bool) -> TrainerConfig:
     )
 
 
-def sample_limits(config: LaunchConfig) -> dict[str, int]:
-    """The loader's value-check settings: the longest sample the run can produce and how many
-    bad samples may be dropped before the run fails.
+def longest_sample(config: LaunchConfig) -> int:
+    """The longest sample the run can produce (prompt, plus the response when regenerating):
+    the loader drops anything longer as a bad sample.
     """
     longest = config.data.max_length
     if config.producer.regenerate:
         longest += config.producer.max_new_tokens
-    return {"max_length": longest, "max_bad_samples": config.trainer.max_bad_samples}
+    return longest
 
 
 def train_draft(
@@ -246,7 +246,8 @@ def train_draft(
             world_size=layout.data_world,
             pad_multiple=layout.sp_size,
             prefetch=1,
-            **sample_limits(config),
+            max_length=longest_sample(config),
+            max_bad_samples=config.trainer.max_bad_samples,
         )
     else:
         assert source.queue is not None
@@ -256,7 +257,8 @@ def train_draft(
             batch_size=config.trainer.batch_size,
             pad_multiple=layout.sp_size,
             prefetch=1,
-            **sample_limits(config),
+            max_length=longest_sample(config),
+            max_bad_samples=config.trainer.max_bad_samples,
         )
     ack_hook = AckHook(
         ack, durable=durable, on_acked=TrainedLog(run_dir.trained).append if rank0 else None
