@@ -17,7 +17,10 @@ What differs from the stock class:
   default stream (correct on GPU too, where it orders after the forward that wrote the cache);
 - ``request_finished`` also answers what the server captures (``dataflow`` key of the
   response's ``kv_transfer_params``: layer ids, dtype, hidden size, model path), so a client can
-  refuse a server started for another model, other layer ids or another dtype.
+  refuse a server started for another model, other layer ids or another dtype;
+- a request whose save was submitted before the stock ``wait_for_save`` pre-created its lock
+  (the write and the pre-creation can fall in one engine step) does not keep a second lock
+  held for ever: such a lock is released, and removed once its capture has been read.
 
 Only this module imports vLLM; the client engine (:mod:`dataflow.launch.engines.vllm`) never
 does.
@@ -25,6 +28,9 @@ does.
 
 from __future__ import annotations
 
+import collections
+import contextlib
+import os
 from typing import Any
 
 import torch
@@ -33,6 +39,8 @@ from vllm.distributed.kv_transfer.kv_connector.v1.example_hidden_states_connecto
     PendingSave,
     extract_from_kv_cache,
 )
+
+_SAVED_KEPT = 4096
 
 
 class _Done:
@@ -69,6 +77,8 @@ class DataflowHiddenStatesConnector(ExampleHiddenStatesConnector):
     def __init__(self, vllm_config: Any, role: Any, kv_cache_config: Any) -> None:
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         self._facts = server_facts(vllm_config)
+        # req_id -> capture filename of each submitted save (the newest _SAVED_KEPT of them).
+        self._saved: collections.OrderedDict[str, str] = collections.OrderedDict()
 
     def _submit_async_write(self, pending: PendingSave) -> None:
         if not self._is_tp_rank_zero:
@@ -98,6 +108,22 @@ class DataflowHiddenStatesConnector(ExampleHiddenStatesConnector):
         self._req_copy_events[pending.req_id] = done
         self._req_futures[pending.req_id] = future
         future.add_done_callback(lambda f, rid=pending.req_id: self._on_write_done(rid, f))
+        self._saved[pending.req_id] = pending.filename
+        while len(self._saved) > _SAVED_KEPT:
+            self._saved.popitem(last=False)
+
+    def wait_for_save(self) -> None:
+        """The stock lock pre-creation, then: a lock it took for a request already saved is
+        closed (released), and its file removed when the capture was already read (the
+        client removes the capture and its lock; this lock would otherwise outlive both).
+        """
+        super().wait_for_save()
+        for req_id in [r for r in self._lock_fds if r in self._saved]:
+            os.close(self._lock_fds.pop(req_id))
+            filename = self._saved[req_id]
+            if not os.path.exists(filename):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(filename + ".lock")
 
     def build_connector_meta(self, scheduler_output: Any) -> Any:
         """The stock metadata, but only requests that asked for a capture (they carry
