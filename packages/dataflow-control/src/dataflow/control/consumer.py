@@ -98,8 +98,9 @@ class ConsumerSide:
         self._queue: RankQueue | None = None
         self._lock = threading.Lock()
         self._unreleased: list[tuple[int, list[str]]] = []  # (step, own ids) acked, not freed
-        # Rank 0 holds the run's fenced consumer lease from open to finish/fail.
-        self._lease = LeaseKeeper(ledger, lease_s) if rank == 0 else None
+        # Rank 0 holds the run's fenced consumer lease from open to finish/fail, on a durable
+        # ledger (another process can open it); an in-memory one lives in this process only.
+        self._lease = LeaseKeeper(ledger, lease_s) if rank == 0 and ledger.durable else None
 
     @property
     def gate(self) -> StalenessGate | None:

@@ -122,7 +122,7 @@ def check_consumer_lease(config: LaunchConfig) -> None:
     import time
     from pathlib import Path
 
-    from dataflow.contracts import LedgerConflictError
+    from dataflow.contracts import CorruptRecordError, LedgerConflictError
 
     parsed = parse_ledger_uri(config.ledger.uri)
     if parsed.scheme == "sqlite":
@@ -130,7 +130,12 @@ def check_consumer_lease(config: LaunchConfig) -> None:
             return
         from dataflow.control.ledger import open_ledger
 
-        ledger = open_ledger(config.ledger.uri, read_only=True)
+        try:
+            ledger = open_ledger(config.ledger.uri, read_only=True)
+        except CorruptRecordError:
+            # No ledger schema yet (the producer may be creating it this instant): no lease is
+            # held. A foreign or damaged file is refused by the ledger's own open just after.
+            return
     elif parsed.scheme == "redis":
         from dataflow.launch.producer import open_config_ledger
 
