@@ -36,19 +36,19 @@ import torch
 
 from dataflow.contracts import (
     BackendUnavailableError,
-    FeatureSpec,
     InvalidInputError,
     PromptTask,
     SchemaMismatchError,
 )
 from dataflow.launch.config import TargetSection
 from dataflow.launch.engines import sglang_capture as spec_capture
-from dataflow.launch.engines.base import CapturedSample, TargetHead, TargetInfo
-from dataflow.launch.engines.features import checked_sample, eagle3_feature_specs
+from dataflow.launch.engines.base import CapturedSample, TargetInfo
+from dataflow.launch.engines.features import checked_sample
 from dataflow.launch.engines.layers import resolve_aux_layer_ids
 from dataflow.launch.engines.payload import encode_payload
+from dataflow.launch.engines.served import ServedModelDirEngine
 from dataflow.launch.engines.sglang_wire import error_message, generate_body, prefill_block
-from dataflow.launch.engines.target_files import read_head_weights, read_model_config
+from dataflow.launch.engines.target_files import read_model_config
 from dataflow.launch.extras import require
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -59,7 +59,7 @@ def build_request(encoded: Sequence[tuple[list[int], list[int]]]) -> dict[str, A
     return generate_body([ids for ids, _ in encoded])
 
 
-class SGLangTargetEngine:
+class SGLangTargetEngine(ServedModelDirEngine):
     """Captures features from a running SGLang server; implements :class:`TargetEngine`.
 
     Guarantees: the server is probed at construction (unreachable → error naming the URL, after
@@ -120,32 +120,6 @@ class SGLangTargetEngine:
             raise BackendUnavailableError(
                 f"SGLang server {url} is not healthy: /health answered {answer.status_code}"
             )
-
-    @property
-    def info(self) -> TargetInfo:
-        return self._info
-
-    @property
-    def tokenizer(self) -> Any:
-        """The tokenizer of the model directory (loaded on first use)."""
-        if self._tokenizer is None:
-            transformers = require("transformers")
-            self._tokenizer = transformers.AutoTokenizer.from_pretrained(
-                self._model_dir, local_files_only=True
-            )
-        return self._tokenizer
-
-    def feature_specs(self, num_tokens: int) -> dict[str, FeatureSpec]:
-        return eagle3_feature_specs(self._info, num_tokens)
-
-    def target_head(self) -> TargetHead:
-        embed, head = read_head_weights(self._model_dir)
-        return TargetHead(
-            self._info,
-            embed.detach().clone(),
-            head.detach().clone(),
-            model_config=read_model_config(self._model_dir),
-        )
 
     def capture(self, tasks: Sequence[PromptTask]) -> list[CapturedSample]:
         needs_tokenizer = any("messages" in t.payload for t in tasks)

@@ -36,17 +36,17 @@ import torch
 
 from dataflow.contracts import (
     BackendUnavailableError,
-    FeatureSpec,
     InvalidInputError,
     PromptTask,
     SchemaMismatchError,
 )
 from dataflow.launch.config import TargetSection
-from dataflow.launch.engines.base import CapturedSample, Regeneration, TargetHead, TargetInfo
-from dataflow.launch.engines.features import checked_sample, eagle3_feature_specs
+from dataflow.launch.engines.base import CapturedSample, Regeneration, TargetInfo
+from dataflow.launch.engines.features import checked_sample
 from dataflow.launch.engines.layers import resolve_aux_layer_ids
 from dataflow.launch.engines.payload import encode_payload
-from dataflow.launch.engines.target_files import read_head_weights, read_model_config
+from dataflow.launch.engines.served import ServedModelDirEngine
+from dataflow.launch.engines.target_files import read_model_config
 from dataflow.launch.engines.vllm_wire import (
     completion_body,
     final_norm,
@@ -89,7 +89,7 @@ def _writer_done(path: str) -> bool:
         os.close(fd)
 
 
-class VLLMTargetEngine:
+class VLLMTargetEngine(ServedModelDirEngine):
     """Captures features from a running vLLM server; implements :class:`TargetEngine`.
 
     Guarantees: the server is probed at construction (``/health`` and ``/v1/models``: a server
@@ -198,32 +198,6 @@ class VLLMTargetEngine:
                 )
 
     # ----------------------------------------------------------------- engine contract
-
-    @property
-    def info(self) -> TargetInfo:
-        return self._info
-
-    @property
-    def tokenizer(self) -> Any:
-        """The tokenizer of the model directory (loaded on first use)."""
-        if self._tokenizer is None:
-            transformers = require("transformers")
-            self._tokenizer = transformers.AutoTokenizer.from_pretrained(
-                self._model_dir, local_files_only=True
-            )
-        return self._tokenizer
-
-    def feature_specs(self, num_tokens: int) -> dict[str, FeatureSpec]:
-        return eagle3_feature_specs(self._info, num_tokens)
-
-    def target_head(self) -> TargetHead:
-        embed, head = read_head_weights(self._model_dir)
-        return TargetHead(
-            self._info,
-            embed.detach().clone(),
-            head.detach().clone(),
-            model_config=read_model_config(self._model_dir),
-        )
 
     @property
     def server(self) -> Any | None:
