@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from dataflow.contracts.errors import DataflowError
-from dataflow.launch.cli import consume, demo, export, produce, run, status
+from dataflow.launch.cli import consume, demo, eval, export, produce, run, status, target
 from dataflow.launch.cli.signals import exit_status, follow_supervisor, stop_handlers
 from dataflow.launch.version import __version__
 
@@ -25,8 +25,9 @@ Train EAGLE3 draft models from a live target model.
 
 Commands: demo (start here: it trains a draft for the built-in small target on this machine and
 prints a summary), run CONFIG (any topology), produce and consume (the two roles of a
-disaggregated run, for separate machines), status LEDGER_URI (a run's ledger) and export (a
-run's draft for SGLang or HF)."""
+disaggregated run, for separate machines), status LEDGER_URI (a run's ledger), export (a
+run's draft for SGLang, vLLM or HF), eval (the draft measured by speculative decoding in vLLM
+or in-process) and target save DIR (the built-in target as a model directory)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"dataflow-launch {__version__}")
     commands = parser.add_subparsers(title="commands", dest="command", metavar="COMMAND")
-    for command in (demo, run, produce, consume, status, export):
+    for command in (demo, run, produce, consume, status, export, eval, target):
         command.register(commands)
     return parser
 
