@@ -1,6 +1,6 @@
 """Run every benchmark with ``--json`` in one go and write ``docs/benchmarks.md`` from them.
 
-Benchmarks: ``packages/*/benchmarks/bench_*.py`` (store, Mooncake, control, train) and the
+Benchmarks: ``packages/*/benchmarks/bench_*.py`` (store, Mooncake, control, train, plane) and the
 end-to-end one here (``bench_e2e.py``). Each runs in its own process; its JSON is kept beside
 the report's data (``--raw DIR``), its stderr shown on failure. A benchmark that crashes is
 reported as such in the document (and makes this script exit 1); one that runs but misses its
@@ -127,6 +127,18 @@ def main() -> int:
                 *(["--rounds", "4"] if args.quick else []),
             ],
             raw / "train.result.json",
+            raw,
+        ),
+        run(
+            "plane",
+            [
+                py,
+                str(ROOT / "packages" / "dataflow-train" / "benchmarks" / "bench_plane.py"),
+                "--json",
+                str(raw / "plane.result.json"),
+                *(["--rounds", "4"] if args.quick else []),
+            ],
+            raw / "plane.result.json",
             raw,
         ),
         run(

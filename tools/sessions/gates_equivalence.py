@@ -1,14 +1,18 @@
 """The `equivalence` gates: one seed, one dataset, the same loss curve on every path.
 
-Executed inside noxfile.py's namespace (ROOT, CONSTRAINTS, install_editable, nox), hence the
-F821 waivers. Arguments after `--` go to pytest.
+Arguments after `--` go to pytest.
 """
 
-EQUIVALENCE_TESTS = ROOT / "tests" / "gates" / "equivalence"  # noqa: F821
+from __future__ import annotations
+
+import nox
+from tools.sessions._common import ROOT, install_editable
+
+EQUIVALENCE_TESTS = ROOT / "tests" / "gates" / "equivalence"
 
 
-def _equivalence(session: nox.Session, prompts: int) -> None:  # noqa: F821
-    install_editable(session, "launch", ("test", "hf", "plots", "mooncake-cpu"))  # noqa: F821
+def _equivalence(session: nox.Session, prompts: int) -> None:
+    install_editable(session, "launch", ("test", "hf", "plots", "mooncake-cpu"))
     session.run(
         "pytest",
         str(EQUIVALENCE_TESTS),
@@ -24,8 +28,8 @@ def _equivalence(session: nox.Session, prompts: int) -> None:  # noqa: F821
     )
 
 
-@nox.session  # noqa: F821
-def equivalence(session: nox.Session) -> None:  # noqa: F821
+@nox.session
+def equivalence(session: nox.Session) -> None:
     """CI variant (8 prompts, 4 optimizer steps per path; 2-5 minutes on 2 cores).
 
     Bit-identical per-step losses through colocated offline (file://), disaggregated offline
@@ -36,7 +40,7 @@ def equivalence(session: nox.Session) -> None:  # noqa: F821
     _equivalence(session, prompts=8)
 
 
-@nox.session(name="equivalence-long")  # noqa: F821
-def equivalence_long(session: nox.Session) -> None:  # noqa: F821
+@nox.session(name="equivalence-long")
+def equivalence_long(session: nox.Session) -> None:
     """The same gates over 96 prompts (48 optimizer steps per path); not run by CI."""
     _equivalence(session, prompts=96)

@@ -1,15 +1,19 @@
 """The `faults` gate (CI variant) and `faults-long` (not run by CI).
 
-Executed inside noxfile.py's namespace (ROOT, CONSTRAINTS, install_editable, nox), hence the
-F821 waivers. The tests live in tests/gates/faults; each prints its line in the gate summary.
+The tests live in tests/gates/faults; each prints its line in the gate summary.
 """
 
-GATE_TESTS = ROOT / "tests" / "gates"  # noqa: F821
+from __future__ import annotations
+
+import nox
+from tools.sessions._common import ROOT, install_editable
+
+GATE_TESTS = ROOT / "tests" / "gates"
 GATE_EXTRAS = ("test", "hf", "plots", "redis")
 
 
 def _run_gate(session, suite: str, variant: str) -> None:
-    install_editable(session, "launch", GATE_EXTRAS)  # noqa: F821
+    install_editable(session, "launch", GATE_EXTRAS)
     session.run(
         "pytest",
         str(GATE_TESTS / suite),
@@ -20,8 +24,8 @@ def _run_gate(session, suite: str, variant: str) -> None:
     )
 
 
-@nox.session  # noqa: F821
-def faults(session: nox.Session) -> None:  # noqa: F821
+@nox.session
+def faults(session: nox.Session) -> None:
     """Fault gate, CI variant: 5 seeded SIGKILL runs (consumer, producer, both) of a real
     disaggregated online run with restarts, a full ledger disk (tmpfs; needs root, skipped
     with the reason otherwise), Redis restarted mid-run, torn/corrupt records, a producer
@@ -30,7 +34,7 @@ def faults(session: nox.Session) -> None:  # noqa: F821
     _run_gate(session, "faults", "ci")
 
 
-@nox.session(name="faults-long")  # noqa: F821
-def faults_long(session: nox.Session) -> None:  # noqa: F821
+@nox.session(name="faults-long")
+def faults_long(session: nox.Session) -> None:
     """Fault gate, long variant (not in CI): 20 SIGKILL runs with up to three kills each."""
     _run_gate(session, "faults", "long")

@@ -1,10 +1,17 @@
-"""The `gpu` session: the GPU matrix, where CUDA is present; CI never runs it.
+"""The `gpu` session: ONE prepared script (tests/gates/gpu/session.py, at most 10 minutes on one
+GPU, no downloads) — target built and saved, a real SGLang server pair, sglang vs hf features,
+the trainer on NCCL in bf16 (samples/s, MFU), the exported draft served with EAGLE3 (acceptance
+length) — printing one summary table. Where no CUDA: prints NOT RUN and is skipped.
 
-Executed inside noxfile.py's namespace (ROOT, install_editable, nox), hence the F821 waivers.
-Arguments after `--` go to pytest.
+Arguments after `--` run the pytest GPU matrix (tests/gates/gpu, marker gpu) after the script.
 """
 
-GPU_TESTS = ROOT / "tests" / "gates" / "gpu"  # noqa: F821
+from __future__ import annotations
+
+import nox
+from tools.sessions._common import ROOT, pkg_dir
+
+GPU_TESTS = ROOT / "tests" / "gates" / "gpu"
 GPU_CONSTRAINTS = GPU_TESTS / "constraints-gpu.txt"
 NO_CUDA = "NOT RUN: no CUDA device (torch.cuda.is_available() is False)"
 
@@ -30,11 +37,9 @@ def _cuda_available() -> bool:
     return smi.returncode == 0 and "GPU" in smi.stdout
 
 
-@nox.session(venv_backend="virtualenv")  # noqa: F821
-def gpu(session: nox.Session) -> None:  # noqa: F821
-    """NCCL trainer (1 and 2 GPUs where present) in fp32 and bf16, the sglang engine against a
-    real SGLang server, the equivalence gate on GPU. Elsewhere: prints NOT RUN and is skipped.
-    """
+@nox.session(venv_backend="virtualenv")
+def gpu(session: nox.Session) -> None:
+    """The one-script GPU check (see the module docstring). Elsewhere: prints NOT RUN, skipped."""
     if not _cuda_available():
         print(NO_CUDA)
         session.skip(NO_CUDA)
@@ -43,14 +48,16 @@ def gpu(session: nox.Session) -> None:  # noqa: F821
         "-c",
         str(GPU_CONSTRAINTS),
         "-e",
-        str(ROOT / "tools" / "dataflow-testing"),  # noqa: F821
-        *[arg for p in ("contracts", "store", "control", "train") for arg in ("-e", pkg_dir(p))],  # noqa: F821
+        str(ROOT / "tools" / "dataflow-testing"),
+        *[arg for p in ("contracts", "store", "control", "train") for arg in ("-e", pkg_dir(p))],
         "-e",
-        pkg_dir("launch") + "[test,hf,plots,sglang]",  # noqa: F821
+        pkg_dir("launch") + "[test,hf,plots,sglang]",
     )
     session.run(
         "python", "-c", "import torch; assert torch.cuda.is_available(), 'torch sees no CUDA'"
     )
-    session.run(
-        "pytest", str(GPU_TESTS), "-m", "gpu", "-rs", "-p", "no:cacheprovider", *session.posargs
-    )
+    session.run("python", str(GPU_TESTS / "session.py"))
+    if session.posargs:
+        session.run(
+            "pytest", str(GPU_TESTS), "-m", "gpu", "-rs", "-p", "no:cacheprovider", *session.posargs
+        )

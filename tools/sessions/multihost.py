@@ -1,14 +1,15 @@
-"""The `multihost` gate: virtual hosts (network namespaces on one bridge) with real services.
+"""The `multihost` gate: virtual hosts (network namespaces on one bridge) with real services."""
 
-Executed inside noxfile.py's namespace (ROOT, CONSTRAINTS, install_editable, nox), hence the
-F821 waivers.
-"""
+from __future__ import annotations
 
-MULTIHOST_TESTS = ROOT / "tools" / "dataflow-testing" / "tests"  # noqa: F821
+import nox
+from tools.sessions._common import CONSTRAINTS, ROOT, install_editable
+
+MULTIHOST_TESTS = ROOT / "tools" / "dataflow-testing" / "tests"
 
 
-@nox.session  # noqa: F821
-def multihost(session: nox.Session) -> None:  # noqa: F821
+@nox.session
+def multihost(session: nox.Session) -> None:
     """Three virtual hosts on this machine: Redis + Mooncake master on one, clients on the others,
     and a real disaggregated run (producer on b, consumer on c, a consumer SIGKILL + resume).
 
@@ -17,8 +18,8 @@ def multihost(session: nox.Session) -> None:  # noqa: F821
     """
     # launch brings store, control and train: test_multihost_run.py runs `dataflow-launch
     # produce` / `consume` on the virtual hosts with a Redis ledger and a mooncake:// store.
-    install_editable(session, "launch", ("test", "hf", "redis", "mooncake-cpu"))  # noqa: F821
-    session.install(*CONSTRAINTS, "redis>=5", "hiredis")  # noqa: F821
+    install_editable(session, "launch", ("test", "hf", "redis", "mooncake-cpu"))
+    session.install(*CONSTRAINTS, "redis>=5", "hiredis")
     check = session.run(
         "python", "-m", "dataflow_testing.netns", "check", silent=True, success_codes=[0, 3]
     )

@@ -5,7 +5,9 @@ from __future__ import annotations
 import itertools
 import threading
 
-from dataflow.contracts import FeatureSpec, SampleRef
+from dataflow_testing import factories
+
+from dataflow.contracts import SampleRef
 
 _names = itertools.count()
 
@@ -23,17 +25,8 @@ def make_ref(
     target: str = "target-a",
     task: str | None = None,
 ) -> SampleRef:
-    return SampleRef(
-        sample_id=f"s{i:05d}",
-        store_uri="memory://features",
-        feature_keys={"hidden": f"s{i:05d}/hidden"},
-        feature_specs={"hidden": FeatureSpec("hidden", (4, 8), "bfloat16")},
-        generation=1,
-        source_task_id=task,
-        estimated_bytes=nbytes,
-        num_tokens=4,
-        target_version=target,
-        draft_weight_version=draft,
+    return factories.make_ref(
+        i, nbytes=nbytes, source_task_id=task, target_version=target, draft_weight_version=draft
     )
 
 

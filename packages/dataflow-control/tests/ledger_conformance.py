@@ -8,21 +8,20 @@ only through the public ``open_ledger`` API and the ``Ledger`` protocol.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
+from dataflow_testing import factories
 
 from dataflow.contracts import (
     ClosedError,
     ConsumerState,
-    FeatureSpec,
     InvalidInputError,
     Ledger,
     LedgerConflictError,
     NotFoundError,
     ProducerState,
     PromptState,
-    PromptTask,
     SampleRef,
     WeightVersion,
 )
@@ -51,27 +50,30 @@ class FakeTensor:
 
 
 def make_ref(i: int, *, nbytes: int = 100, task: str | None = None, run: str = "") -> SampleRef:
-    spec = FeatureSpec("hidden", (4, 8), "bfloat16")
-    return SampleRef(
-        sample_id=f"s{i:05d}",
-        store_uri="memory://features",
-        feature_keys={"hidden": f"s{i:05d}/hidden"},
-        feature_specs={"hidden": spec},
-        generation=1,
-        source_task_id=task,
-        run_id=run,
-        estimated_bytes=nbytes,
-        num_tokens=4,
-        metadata={"i": i},
-    )
+    return factories.make_ref(i, nbytes=nbytes, source_task_id=task, run_id=run, metadata={"i": i})
 
 
 def make_refs(start: int, count: int, **kw: object) -> list[SampleRef]:
     return [make_ref(i, **kw) for i in range(start, start + count)]  # type: ignore[arg-type]
 
 
-def make_task(i: int) -> PromptTask:
-    return PromptTask(task_id=f"t{i:05d}", payload={"input_ids": [1, 2, i]})
+make_task = factories.make_task
+
+
+def on_handles(uri: str, count: int, work: Callable[[Ledger, int], object]) -> None:
+    """Run ``work(handle, n)`` at once on ``count`` threads, each with its own handle on
+    ``uri``; every handle is closed afterwards.
+    """
+    handles = [open_ledger(uri) for _ in range(count)]
+    try:
+        threads = [threading.Thread(target=work, args=(h, n)) for n, h in enumerate(handles)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        for handle in handles:
+            handle.close()
 
 
 def ids(refs: list[SampleRef]) -> list[str]:
@@ -276,21 +278,14 @@ class LedgerConformance:
 
     def test_concurrent_committers_each_id_fresh_exactly_once(self, run: Ledger, uri: str) -> None:
         """Four handles on one ledger commit overlapping batches at once (threads)."""
-        handles = [open_ledger(uri) for _ in range(4)]
-        fresh: list[list[str]] = [[] for _ in handles]
+        fresh: list[list[str]] = [[] for _ in range(4)]
 
-        def commit_all(n: int) -> None:
+        def commit_all(handle: Ledger, n: int) -> None:
             for start in range(0, 60, 6):  # every handle sends every id: 3 of 4 are duplicates
-                result = handles[n].commit(make_refs((start + 6 * n) % 60, 6))
+                result = handle.commit(make_refs((start + 6 * n) % 60, 6))
                 fresh[n].extend(result.committed)
 
-        threads = [threading.Thread(target=commit_all, args=(n,)) for n in range(4)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        for handle in handles:
-            handle.close()
+        on_handles(uri, 4, commit_all)
         everything = sorted(sid for ids_ in fresh for sid in ids_)
         assert everything == [f"s{i:05d}" for i in range(60)]  # each id fresh exactly once
         status = run.status()
@@ -562,20 +557,13 @@ class LedgerConformance:
 
     def test_concurrent_workers_never_lease_a_task_twice(self, run: Ledger, uri: str) -> None:
         run.add_prompts([make_task(i) for i in range(80)])
-        handles = [open_ledger(uri) for _ in range(4)]
-        leased: list[list[str]] = [[] for _ in handles]
+        leased: list[list[str]] = [[] for _ in range(4)]
 
-        def lease_all(n: int) -> None:
-            while batch := handles[n].lease_prompts(f"w{n}", 3, 60.0):
+        def lease_all(handle: Ledger, n: int) -> None:
+            while batch := handle.lease_prompts(f"w{n}", 3, 60.0):
                 leased[n].extend(task.task_id for task in batch)
 
-        threads = [threading.Thread(target=lease_all, args=(n,)) for n in range(4)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        for handle in handles:
-            handle.close()
+        on_handles(uri, 4, lease_all)
         everything = sorted(tid for ids_ in leased for tid in ids_)
         assert everything == [f"t{i:05d}" for i in range(80)]
         assert run.status().prompts == {"pending": 0, "leased": 80, "done": 0, "failed": 0}

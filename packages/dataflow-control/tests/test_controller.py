@@ -45,6 +45,17 @@ def produce(controller: Controller, features: ResidentFeatures, count: int, *, c
     return producer
 
 
+def acked_two_steps(controller: Controller, features: ResidentFeatures) -> ConsumerSide:
+    """A one-sample-window consumer of run-1 that trained and acked steps 0 and 1 of 3 samples."""
+    side = controller.consumer(WindowShape(dp_size=1, batch_size=1))
+    side.open("run-1")
+    produce(controller, features, 3)
+    queue = side.queue()
+    for step in range(2):
+        side.ack(step, [queue.get(timeout=1).sample_id])
+    return side
+
+
 def take_window(queue: RefQueue, per_rank: int) -> list[str] | None:
     """One rank's share of the next window (None at end of stream)."""
     ids = []
@@ -301,12 +312,7 @@ def test_on_ack_frees_at_ack_and_then_refuses_a_resume_that_needs_the_gap(featur
 
 
 def test_reconcile_refuses_a_checkpoint_older_than_the_durable_one(controller, features):
-    side = controller.consumer(WindowShape(dp_size=1, batch_size=1))
-    side.open("run-1")
-    produce(controller, features, 3)
-    queue = side.queue()
-    for step in range(2):
-        side.ack(step, [queue.get(timeout=1).sample_id])
+    side = acked_two_steps(controller, features)
     side.checkpoint_durable(0)  # releases step 0
     side.checkpoint_durable(1)  # and step 1
     again = controller.consumer(WindowShape(dp_size=1, batch_size=1))
@@ -480,12 +486,7 @@ def test_a_resume_with_another_quantum_is_refused_and_changes_nothing(controller
 
 
 def test_reconcile_ahead_of_the_last_ack_frees_nothing_and_changes_nothing(controller, features):
-    side = controller.consumer(WindowShape(dp_size=1, batch_size=1))
-    side.open("run-1")
-    produce(controller, features, 3)
-    queue = side.queue()
-    for step in range(2):
-        side.ack(step, [queue.get(timeout=1).sample_id])
+    acked_two_steps(controller, features)
     again = controller.consumer(WindowShape(dp_size=1, batch_size=1))
     before, resident = controller.status(), set(features.resident)
     with pytest.raises(LedgerConflictError, match="checkpoint step 5 is ahead of the last acked"):

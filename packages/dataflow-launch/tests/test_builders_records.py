@@ -62,6 +62,8 @@ def test_deployment_mode_picks_ledger_and_release_policy(topology, leases, ledge
     plan = control_plan(config, leases_prompts=leases)
     assert (plan.ledger_uri, plan.release) == (ledger, release)
     assert plan.durable is config.deployment_mode.durable
+    # the lightweight plane frees a feature as the loader reads it; a durable one retains it
+    assert plan.trainer_store_options == {"retain_on_release": plan.durable}
 
 
 def test_fresh_run_refuses_a_ledger_that_holds_a_run(tmp_path):

@@ -56,6 +56,15 @@ def _equivalent_losses(tmp_path: Path, shm_name: str) -> None:
     ledger = f"ledger.uri=sqlite://{disaggregated}/ledger.sqlite"
     run_example("disaggregated_online", disaggregated, *EQUIVALENCE, store, ledger)
     a, b = losses(colocated), losses(disaggregated)
+    plane = json.loads((colocated / "plane.json").read_text())
+    assert (plane["ledger_backend"], plane["ledger_durable"], plane["release"]) == (
+        "memory",
+        False,
+        "on_ack",
+    )  # the colocated leg ran on the lightweight plane
+    assert plane["store_retains_on_release"] is False
+    assert plane["resident_features_at_end"] == 0
+    assert not (disaggregated / "plane.json").exists()
     assert len(a) == 8  # 16 prompts, windows of 2
     assert a == b  # exact float equality, step by step
     assert read_jsonl(colocated / "trained.jsonl") == read_jsonl(disaggregated / "trained.jsonl")

@@ -14,10 +14,11 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from dataflow_testing import factories
 from dataflow_testing.launch import console_script
 from dataflow_testing.ports import free_port
 
-from dataflow.contracts import FeatureSpec, PromptTask, SampleRef
+from dataflow.contracts import PromptTask, SampleRef
 from dataflow.control import open_ledger
 from dataflow.control.controller import Controller
 from dataflow.control.window import WindowShape
@@ -34,14 +35,13 @@ def cli(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def ref(i: int, *, task: str | None = None) -> SampleRef:
-    return SampleRef(
-        sample_id=f"s{i}",
+    return factories.make_ref(
+        i,
+        width=0,
         store_uri="shm://run-a",
-        feature_keys={"hidden": f"s{i}/hidden"},
-        feature_specs={"hidden": FeatureSpec("hidden", (4, 8), "bfloat16")},
+        generation=0,
+        nbytes=1000 * (i + 1),
         source_task_id=task,
-        estimated_bytes=1000 * (i + 1),
-        num_tokens=4,
     )
 
 

@@ -91,7 +91,10 @@ def test_unknown_key_is_refused_with_its_dotted_path(tmp_path):
         ("trainer.lr=-1", "trainer.lr: Input should be greater than 0 (got -1)"),
         ("trainer.batch_size='2'", "trainer.batch_size: Input should be a valid integer (got '2')"),
         ("run.seed=1.5", "run.seed: Input should be a valid integer (got 1.5)"),
-        ("target.dtype=bf16", "target.dtype: Input should be 'auto', 'bfloat16', 'float16' or 'float32'"),
+        (
+            "target.dtype=bf16",
+            "target.dtype: Input should be 'auto', 'bfloat16', 'float16' or 'float32'",
+        ),
         ("target.device=tpu", "target.device: unknown device 'tpu'"),
         ("run.id=../up", "run.id: run id '../up' contains the forbidden character '/'"),
         ("target.aux_layer_ids=[1, 1, 2]", "target.aux_layer_ids: must be three distinct"),
@@ -262,6 +265,68 @@ def test_colocated_online_refuses_a_noop_ledger_instead_of_replacing_it():
 
 
 @pytest.mark.parametrize("topology", ["colocated_offline", "disaggregated_offline"])
-def test_staleness_is_refused_for_offline_topologies_instead_of_ignored(topology):
-    with pytest.raises(InvalidInputError, match="staleness applies to online topologies only"):
-        load_config(None, [f"run.topology={topology}", "staleness.enabled=true"])
+def test_offline_staleness_is_target_matching_and_a_check_of_nothing_is_refused(topology):
+    config = load_config(None, [f"run.topology={topology}", "staleness.enabled=true"])
+    assert config.staleness.enabled and config.staleness.require_target_match
+    with pytest.raises(InvalidInputError, match="there is no draft lag to bound") as info:
+        load_config(
+            None,
+            [
+                f"run.topology={topology}",
+                "staleness.enabled=true",
+                "staleness.require_target_match=false",
+            ],
+        )
+    assert "staleness.require_target_match" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("sets", "message"),
+    [
+        (
+            ("run.topology=colocated_online", "ledger.uri=sqlite:///x/ledger.sqlite"),
+            "ledger.uri: deployment mode 'local_colocated' runs the lightweight plane (in "
+            "process: no durable transaction, no I/O) and 'sqlite:///x/ledger.sqlite' is durable",
+        ),
+        (
+            (
+                "run.topology=colocated_online",
+                "run.deployment_mode=dataflow_colocated",
+                "ledger.uri=memory://",
+            ),
+            "ledger.uri: deployment mode 'dataflow_colocated' keeps a durable ledger (resumable "
+            "after a crash); 'memory://' is not durable",
+        ),
+        (
+            ("run.topology=disaggregated_offline", "ledger.uri=memory://"),
+            "ledger.uri: deployment mode 'disaggregated' keeps a durable ledger",
+        ),
+        (
+            ("run.topology=colocated_offline", "ledger.uri=memory://"),
+            "ledger.uri: colocated_offline trains retained feature files and keeps no record "
+            "(its ledger is noop://); 'memory://' would never be written",
+        ),
+        (
+            ("run.topology=colocated_offline", "run.deployment_mode=dataflow_colocated"),
+            "run.deployment_mode: colocated_offline keeps no durable ledger",
+        ),
+    ],
+)
+def test_the_deployment_mode_decides_the_plane_and_a_ledger_it_cannot_run_is_refused(sets, message):
+    with pytest.raises(InvalidInputError) as info:
+        load_config(None, list(sets))
+    assert message in str(info.value)
+
+
+def test_a_durable_colocated_run_keeps_the_ledger_it_was_given(tmp_path):
+    uri = f"sqlite://{tmp_path}/ledger.sqlite"
+    config = load_config(
+        None,
+        [
+            "run.topology=colocated_online",
+            "run.deployment_mode=dataflow_colocated",
+            f"ledger.uri={uri}",
+        ],
+    )
+    assert config.ledger.uri == uri
+    assert config.deployment_mode is DeploymentMode.DATAFLOW_COLOCATED

@@ -4,9 +4,9 @@ Each scenario runs on a watchdog thread (pytest has no timeout plugin here): a h
 test instead of blocking the suite. Every test asserts the live threads return to their
 baseline, and the exact exception raised.
 
-Two hand-offs are exercised: the control plane's own rank queue over a real ``memory://``
-ledger (the producer commits through the controller's producer side, with flow control) and
-the in-process ``HandoffQueue``.
+The hand-off is the one colocated online runs on: the control plane's own rank queue over a
+real ``memory://`` ledger (the producer commits through the controller's producer side, with
+flow control).
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
+from dataflow_testing import factories
 
 from dataflow.contracts import (
     ClosedError,
-    FeatureSpec,
     InvalidInputError,
     RunFailedError,
     SampleRef,
@@ -32,11 +32,7 @@ from dataflow.control import open_ledger
 from dataflow.control.controller import Controller
 from dataflow.control.flow import FlowLimits
 from dataflow.control.window import WindowShape
-from dataflow.launch.interleave import (
-    HandoffQueue,
-    ProducerStuckError,
-    run_interleaved,
-)
+from dataflow.launch.interleave import ProducerStuckError, run_interleaved
 
 WATCHDOG_S = 20.0
 PER_STEP = 2  # refs per optimizer window (one rank)
@@ -44,15 +40,7 @@ _names = itertools.count()
 
 
 def make_ref(i: int) -> SampleRef:
-    return SampleRef(
-        sample_id=f"s{i:05d}",
-        store_uri="memory://features",
-        feature_keys={"hidden": f"s{i:05d}/hidden"},
-        feature_specs={"hidden": FeatureSpec("hidden", (4, 8), "bfloat16")},
-        generation=1,
-        estimated_bytes=64,
-        num_tokens=4,
-    )
+    return factories.make_ref(i, nbytes=64)
 
 
 def ids(first: int, count: int) -> list[str]:
@@ -128,26 +116,7 @@ class LedgerStream:
         self.consumer.ack(step, sample_ids)
 
 
-class HandoffStream:
-    """The in-process bounded hand-off."""
-
-    def __init__(self, *, high_refs: int | None = None) -> None:
-        self.queue = HandoffQueue(high_refs or 64)
-
-    def send(self, ref: SampleRef, stop: threading.Event) -> bool:
-        return self.queue.put(ref)
-
-    def end(self) -> None:
-        self.queue.finish()
-
-    def fail(self, reason: str) -> None:
-        self.queue.fail(reason)
-
-    def ack(self, step: int, sample_ids: list[str]) -> None:
-        pass
-
-
-STREAMS = {"ledger": LedgerStream, "handoff": HandoffStream}
+STREAMS = {"ledger": LedgerStream}
 
 
 @pytest.fixture(params=sorted(STREAMS))
@@ -245,12 +214,12 @@ def test_trainer_stops_first_producer_winds_down(make_stream, baseline_threads):
 
 
 def test_on_stop_reaches_a_producer_with_its_own_stop(baseline_threads):
-    stream = HandoffStream()
+    stream = LedgerStream()
     own_stop = threading.Event()  # like RolloutProducer.stop(): the producer ignores the event
 
     def produce(_: threading.Event) -> str:
         for i in range(PER_STEP):
-            stream.queue.put(make_ref(i))
+            assert stream.send(make_ref(i), threading.Event())
         own_stop.wait(WATCHDOG_S)
         return "stopped by on_stop"
 
@@ -313,7 +282,7 @@ def test_producer_that_marks_its_stream_failed_is_reported_once(make_stream, bas
 
 
 def test_trainer_sees_run_failed_from_get(baseline_threads):
-    stream = HandoffStream()
+    stream = LedgerStream()
     seen: list[BaseException] = []
 
     def produce(stop: threading.Event) -> None:
@@ -423,7 +392,7 @@ def test_trainer_error_alone_stops_the_producer(make_stream, baseline_threads):
 def test_ctrl_c_stays_ctrl_c_and_carries_the_producer_error(baseline_threads):
     # The real SIGINT path is in test_interleave_interrupt.py; here the interrupt is raised
     # where the signal handler would raise it, after the producer failed on its own.
-    stream = HandoffStream()
+    stream = LedgerStream()
     name = f"producer-{next(_names)}"
 
     def produce(stop: threading.Event) -> None:
@@ -444,7 +413,7 @@ def test_ctrl_c_stays_ctrl_c_and_carries_the_producer_error(baseline_threads):
 
 def test_stuck_producer_is_reported_not_left_silently(baseline_threads):
     release = threading.Event()
-    queue = HandoffQueue(1)
+    queue = LedgerStream().queue
 
     def ignore_stop(stop: threading.Event) -> None:
         release.wait(WATCHDOG_S)  # deaf to the stop event
@@ -484,7 +453,7 @@ def test_stuck_producer_is_attached_to_a_trainer_error(baseline_threads):
             finish_within(
                 WATCHDOG_S,
                 lambda: run_interleaved(
-                    ignore_stop, train, HandoffQueue(1), stop_timeout_s=0.2, name="deaf2"
+                    ignore_stop, train, LedgerStream().queue, stop_timeout_s=0.2, name="deaf2"
                 ),
             )
     finally:
@@ -515,7 +484,7 @@ def test_stuck_producer_is_attached_to_a_trainer_error(baseline_threads):
     ],
 )
 def test_bad_arguments_are_refused_before_any_thread_starts(kwargs, message, baseline_threads):
-    queue = HandoffQueue(1)
+    queue = LedgerStream().queue
     ran: list[str] = []
     arguments: dict[str, Any] = {
         "producer": lambda stop: ran.append("producer"),
@@ -527,15 +496,15 @@ def test_bad_arguments_are_refused_before_any_thread_starts(kwargs, message, bas
         run_interleaved(**arguments)
     assert str(info.value) == message
     assert ran == []
-    assert queue.put(make_ref(0)) is True  # the queue was not closed either
+    with pytest.raises(TimeoutError):  # the queue was not closed either
+        queue.get(timeout=0)
 
 
 def test_the_hand_off_is_closed_when_the_trainer_returns(baseline_threads):
-    stream = HandoffStream()
+    stream = LedgerStream()
     outcome = finish_within(
         WATCHDOG_S, lambda: run_interleaved(lambda stop: "done", lambda refs: refs, stream.queue)
     )
     assert outcome.produced == "done"
-    with pytest.raises(ClosedError, match="^HandoffQueue is closed$"):
+    with pytest.raises(ClosedError, match="^RankQueue of rank 0 is closed$"):
         stream.queue.get(timeout=0)
-    assert stream.queue.put(make_ref(0)) is False  # a late producer is told to stop

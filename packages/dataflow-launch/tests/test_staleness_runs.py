@@ -1,5 +1,6 @@
-"""Staleness in real online runs (CLI, real processes): it finishes in both online topologies,
-and with the gate on but nothing stale the loss curve is the gate-off one, bit for bit.
+"""Staleness in real runs (CLI, real processes): it finishes in all four topologies' example
+configs; online, with the gate on but nothing stale the loss curve is the gate-off one, bit for
+bit; offline (no draft served: target matching) exactly the other target's samples are dropped.
 """
 
 from __future__ import annotations
@@ -79,3 +80,66 @@ def test_stale_samples_are_dropped_in_a_real_run_and_the_rest_trained_once(tmp_p
     # every prompt ends trained, dropped as stale, or in the dropped partial tail (< a window)
     assert 16 - 2 < len(trained) + dropped <= 16
     assert (out / "weights").is_dir()  # publish_every saves the published weights
+
+
+# -- offline: no draft is served, so staleness is target matching over the feature set ------
+
+OFFLINE = [*TINY_RUN, "data.max_prompts=6", "data.passes=1", "staleness.enabled=true"]
+
+
+def _run_offline(example: str, out: Path, *extra: str):
+    return cli("run", EXAMPLES / f"{example}.yaml", *sets(f"run.out_dir={out}", *OFFLINE, *extra))
+
+
+def test_staleness_on_finishes_in_the_colocated_offline_example_and_drops_other_targets(
+    tmp_path,
+):
+    import json
+
+    out, features = tmp_path / "first", tmp_path / "features"
+    store = f"store.uri=file://{features}"
+    result = _run_offline("colocated_offline", out, store)
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = json.loads((out / "staleness.json").read_text())
+    assert (record["passed"], record["dropped"]) == (6, 0)
+    assert len(trained_ids(out)) == 6
+    targets = json.loads((features / "target.json").read_text())
+    assert sorted(targets) == sorted(p.stem for p in features.glob("*.safetensors"))
+    assert set(targets.values()) == {record["target_version"]}
+
+    # two files recorded as another target's: exactly those are dropped, the rest trained once
+    other = sorted(targets)[:2]
+    (features / "target.json").write_text(
+        json.dumps({k: ("old-target" if k in other else v) for k, v in targets.items()})
+    )
+    result = _run_offline("colocated_offline", tmp_path / "mixed", store)
+    assert result.returncode == 0, result.stderr[-3000:]
+    mixed = json.loads((tmp_path / "mixed" / "staleness.json").read_text())
+    assert (mixed["passed"], mixed["dropped"]) == (4, 2)
+    assert mixed["dropped_reasons"] == {"target_version_mismatch": 2}
+    assert mixed["other_targets"] == {"old-target": 2}
+    trained = trained_ids(tmp_path / "mixed")
+    assert sorted(trained) == sorted(set(targets) - set(other))
+
+    # a run whose target captured none of the files fails fast, naming the setting
+    result = _run_offline("colocated_offline", tmp_path / "foreign", store, "target.version=v2")
+    assert result.returncode != 0
+    assert "staleness.require_target_match: all 6 offline samples" in result.stderr
+    assert "than this run's 'v2'" in result.stderr
+    assert not (tmp_path / "foreign" / "metrics.jsonl").exists()
+
+
+def test_staleness_on_finishes_in_the_disaggregated_offline_example(tmp_path):
+    import json
+
+    out = tmp_path / "disagg-offline"
+    result = _run_offline(
+        "disaggregated_offline",
+        out,
+        f"store.uri=dir://{out}/store",
+        f"ledger.uri=sqlite://{out}/ledger.sqlite",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = json.loads((out / "staleness.json").read_text())
+    assert (record["passed"], record["dropped"]) == (6, 0)
+    assert len(trained_ids(out)) == 6

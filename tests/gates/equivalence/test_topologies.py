@@ -6,7 +6,8 @@ One dataset (the first ``PROMPTS`` shipped demo prompts), one seed, real process
 - colocated offline: features captured once into ``file://`` files, trained in one process;
 - disaggregated offline through ``dir://`` and through ``mooncake://`` (a real master): a
   producer process ingests, a consumer process trains from the manifest;
-- colocated online: producer thread + trainer, ``memory://`` store, in-process ledger;
+- colocated online: producer thread + trainer on the lightweight plane (``memory://`` store
+  and ledger, consume-once reads, ``on_ack``; asserted from its ``plane.json``);
 - disaggregated online: producer and consumer processes, SQLite ledger + ``shm://`` store.
 
 Offline runs train the loader's seeded shuffle of the feature set; online runs train in arrival
@@ -107,6 +108,18 @@ def test_online_matches(offline_reference, topology, tmp_path, record):
         extra += ["store.uri=memory://"]
         name = "colocated online, memory:// (1 process, 2 threads)"
     run_topology(topology, tmp_path / "run", *extra)
+    if topology == "colocated_online":
+        # the colocated leg ran on the lightweight plane, not on a durable one
+        plane = json.loads((tmp_path / "run" / "plane.json").read_text())
+        assert plane == {
+            "deployment_mode": "local_colocated",
+            "ledger": "memory://",
+            "ledger_backend": "memory",
+            "ledger_durable": False,
+            "release": "on_ack",
+            "store_retains_on_release": False,
+            "resident_features_at_end": 0,
+        }, plane
     # Online sample i is line i of the reordered file, i.e. the reference's i-th prompt.
     _assert_same_curve(record, name, tmp_path / "run", offline_reference, list(range(2 * STEPS)))
     reference_lines = demo_prompts_path().read_text(encoding="utf-8").splitlines()

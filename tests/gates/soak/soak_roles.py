@@ -18,8 +18,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from dataflow.control import Controller, DistAckResult, WindowShape
-from dataflow.launch.builders.acks import LedgerWindowAck
+from dataflow.control import ConsumerSide, Controller, DistAckResult, WindowShape
 from dataflow.launch.builders.common import open_plan_ledger, open_run_store, trainer_objective
 from dataflow.launch.builders.online import start_producer
 from dataflow.launch.builders.ranks import rank_layout
@@ -29,16 +28,18 @@ from dataflow.launch.config import LaunchConfig, load_config
 from dataflow.launch.run_dir import RunDir
 
 
-class LaggingAck(LedgerWindowAck):
-    """The ledger ack, after sleeping ``delay_s``: a trainer that is that much slower per step."""
+class LaggingAck:
+    """The consumer side's ack, after sleeping ``delay_s``: a trainer that is that much slower
+    per step.
+    """
 
-    def __init__(self, delay_s: float, *args, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(self, delay_s: float, side: ConsumerSide) -> None:
         self._delay_s = delay_s
+        self._side = side
 
-    def ack(self, step: int, sample_ids: Sequence[str]) -> DistAckResult:
+    def __call__(self, step: int, sample_ids: Sequence[str]) -> DistAckResult:
         time.sleep(self._delay_s)
-        return super().ack(step, sample_ids)
+        return self._side.ack(step, sample_ids)
 
 
 def produce(config: LaunchConfig) -> None:
@@ -93,7 +94,7 @@ def consume(config: LaunchConfig, delay_s: float) -> None:
             shape, rank=layout.rank, collective=layout.collective, release=plan.release
         )
         side.open(config.run.id, resume=True)
-        ack = LaggingAck(delay_s, side, tracks_checkpoints=plan.tracks_checkpoints)
+        ack = LaggingAck(delay_s, side)
         objective = trainer_objective(config)
         started = time.monotonic()
         try:
@@ -105,6 +106,7 @@ def consume(config: LaunchConfig, delay_s: float) -> None:
                 RefSource(queue=side.queue()),
                 ack,
                 layout,
+                durable=side.checkpoint_durable if plan.tracks_checkpoints else None,
                 resume=False,
                 progress=False,
             )

@@ -3,6 +3,7 @@
 Standard library only: importing this package never imports torch or numpy.
 """
 
+from dataflow.contracts._checks import is_int, is_number
 from dataflow.contracts._json import FrozenDict
 from dataflow.contracts.batch import TensorLike, TrainBatch
 from dataflow.contracts.codec import SCHEMA_VERSIONS, decode, dumps, encode, loads
@@ -25,12 +26,12 @@ from dataflow.contracts.errors import (
 from dataflow.contracts.features import (
     DTYPE_ITEMSIZE,
     FEATURE_SCHEMA_VERSION,
-    STRATEGIES,
     FeatureHandle,
     FeatureSpec,
     SampleRef,
 )
 from dataflow.contracts.ids import MAX_ID_LENGTH, validate_id, validate_sample_id, validate_task_id
+from dataflow.contracts.lease import ConsumerLease
 from dataflow.contracts.modes import DeploymentMode
 from dataflow.contracts.no_tensors import assert_no_tensors, looks_like_tensor
 from dataflow.contracts.prompt import PromptTask
@@ -42,6 +43,7 @@ from dataflow.contracts.protocols import (
     SampleAborter,
 )
 from dataflow.contracts.states import (
+    MAX_REASON_LENGTH,
     CommitResult,
     ConsumerState,
     GcReport,
@@ -53,10 +55,9 @@ from dataflow.contracts.states import (
     SampleState,
     StoreHealth,
     Window,
+    clip_reason,
 )
 from dataflow.contracts.uris import (
-    LEDGER_SCHEMES,
-    STORE_SCHEMES,
     ParsedURI,
     parse_ledger_uri,
     parse_store_uri,
@@ -65,13 +66,12 @@ from dataflow.contracts.version import __version__
 from dataflow.contracts.weights import WeightStatus, WeightVersion
 
 __all__ = [
+    "MAX_REASON_LENGTH",
+    "clip_reason",
     "DTYPE_ITEMSIZE",
     "FEATURE_SCHEMA_VERSION",
-    "LEDGER_SCHEMES",
     "MAX_ID_LENGTH",
     "SCHEMA_VERSIONS",
-    "STORE_SCHEMES",
-    "STRATEGIES",
     "BackendUnavailableError",
     "CapacityExceededError",
     "ClosedError",
@@ -100,6 +100,7 @@ __all__ = [
     "RefQueue",
     "RunFailedError",
     "RunMarkers",
+    "ConsumerLease",
     "SampleAborter",
     "SampleRef",
     "SampleState",
@@ -113,6 +114,8 @@ __all__ = [
     "WeightStatus",
     "WeightVersion",
     "Window",
+    "is_int",
+    "is_number",
     "__version__",
     "assert_no_tensors",
     "decode",

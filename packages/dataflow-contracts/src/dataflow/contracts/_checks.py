@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, TypeGuard
 
 from dataflow.contracts.errors import InvalidInputError
+
+
+def is_int(value: Any) -> TypeGuard[int]:
+    """Whether ``value`` is an ``int`` and not a ``bool`` (the one integer check every plane uses)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value: Any) -> TypeGuard[int | float]:
+    """Whether ``value`` is an ``int`` or a ``float`` and not a ``bool``."""
+    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def check_type(owner: str, name: str, value: Any, kind: type | tuple[type, ...]) -> None:

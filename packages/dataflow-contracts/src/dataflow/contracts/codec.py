@@ -16,6 +16,7 @@ import typing
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
+from dataflow.contracts._checks import is_int, is_number
 from dataflow.contracts._json import freeze_json, thaw_json
 from dataflow.contracts.errors import InvalidInputError, InvalidRecordError, SchemaVersionError
 from dataflow.contracts.features import FeatureHandle, FeatureSpec, SampleRef
@@ -113,11 +114,11 @@ def _decode_scalar(hint: type, value: Any, path: str) -> Any:
             _fail(path, "a bool", value)
         return value
     if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
+        if not is_int(value):
             _fail(path, "an int", value)
         return value
     if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if not is_number(value):
             _fail(path, "a number", value)
         return float(value)
     if not isinstance(value, str):
@@ -210,7 +211,7 @@ def decode(data: Any, expected: type[R]) -> R:
     if data.get("kind") != kind:
         raise InvalidRecordError(f"expected a {kind} record, got kind {data.get('kind')!r}")
     version = data.get("v")
-    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+    if not is_int(version) or version < 1:
         raise InvalidRecordError(f"{kind}.v (schema version) must be an int >= 1, got {version!r}")
     if version > SCHEMA_VERSIONS[kind]:
         raise SchemaVersionError(

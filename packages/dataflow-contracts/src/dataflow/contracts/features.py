@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any
 
-from dataflow.contracts._checks import check_non_negative, check_text, check_type
+from dataflow.contracts._checks import check_non_negative, check_text, check_type, is_int
 from dataflow.contracts._json import JsonMap, freeze_map, frozen_dict
 from dataflow.contracts.errors import InvalidInputError
 from dataflow.contracts.ids import validate_id, validate_sample_id, validate_task_id
@@ -50,7 +50,7 @@ class FeatureSpec:
             object.__setattr__(self, "shape", tuple(self.shape))
         check_type("FeatureSpec", "shape", self.shape, tuple)
         for i, dim in enumerate(self.shape):
-            if isinstance(dim, bool) or not isinstance(dim, int) or dim < 0:
+            if not is_int(dim) or dim < 0:
                 raise InvalidInputError(
                     f"FeatureSpec.shape[{i}] of {self.name!r} must be an int >= 0, got {dim!r}"
                 )

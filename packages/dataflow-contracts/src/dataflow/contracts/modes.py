@@ -8,7 +8,9 @@ import enum
 class DeploymentMode(enum.StrEnum):
     """How a run is deployed.
 
-    - ``local_colocated``: one process, no durable ledger (``noop://``), ack is free.
+    - ``local_colocated``: one process, the lightweight plane: a ledger in process memory
+      (``memory://`` online, ``noop://`` offline), no durable transaction, no I/O, features
+      freed as they are consumed.
     - ``dataflow_colocated``: one host, the durable ledger and ack on the same code path.
     - ``disaggregated``: producer and trainer in different processes or hosts; durable ledger.
     """

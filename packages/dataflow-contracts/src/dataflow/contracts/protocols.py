@@ -9,6 +9,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from dataflow.contracts.features import FeatureHandle, SampleRef
+from dataflow.contracts.lease import ConsumerLease
 from dataflow.contracts.prompt import PromptTask
 from dataflow.contracts.states import (
     CommitResult,
@@ -121,8 +122,16 @@ class Ledger(Protocol):
       ``committed(limit)``: the oldest ``limit`` COMMITTED refs (the next window's candidates);
       ``trained_through(step)``: TRAINED refs with step ≤ ``step`` (what a release would free),
       so features can be freed before the state change that makes them unneeded.
-    - ``ack(step, ids)``: every id must be ASSIGNED and ``step`` ≥ the last acked step; marks
-      them TRAINED(step) and records the step.
+    - ``ack(step, ids, epoch=None)``: every id must be ASSIGNED and ``step`` ≥ the last acked
+      step; marks them TRAINED(step) and records the step. With ``epoch`` the ack is fenced:
+      refused (``LedgerConflictError``, "stale") unless it is the current consumer lease's.
+
+    Consumer lease (fencing, one live consumer per run): ``acquire_consumer_lease(host, pid,
+    lease_s)`` bumps the epoch and records the holder; refused with ``LedgerConflictError``
+    naming the holder (host, pid, since when, when it expires) while another holder's lease is
+    live, unless ``takeover``. ``renew_consumer_lease(epoch, lease_s)`` extends it (a stale
+    epoch is refused); ``release_consumer_lease(epoch)`` gives it up; ``consumer_lease()``
+    reads it. Lease times are the ledger clock's wall-clock seconds.
     - ``drop(ids, reason)``: COMMITTED/ASSIGNED → DROPPED(reason); returns the dropped refs.
     - ``drop_partial_tail()``: at end of stream (producer CLOSED) the COMMITTED remainder,
       fewer than a quantum, becomes DROPPED("partial_window"); returns those refs.
@@ -190,7 +199,18 @@ class Ledger(Protocol):
 
     def refs(self, sample_ids: Sequence[str]) -> list[SampleRef]: ...
 
-    def ack(self, step: int, sample_ids: Sequence[str]) -> None: ...
+    def ack(self, step: int, sample_ids: Sequence[str], *, epoch: int | None = None) -> None: ...
+
+    # consumer lease
+    def consumer_lease(self) -> ConsumerLease: ...
+
+    def acquire_consumer_lease(
+        self, host: str, pid: int, lease_s: float, *, takeover: bool = False
+    ) -> ConsumerLease: ...
+
+    def renew_consumer_lease(self, epoch: int, lease_s: float) -> ConsumerLease: ...
+
+    def release_consumer_lease(self, epoch: int) -> None: ...
 
     def drop(self, sample_ids: Sequence[str], reason: str) -> list[SampleRef]: ...
 

@@ -8,6 +8,20 @@ from dataclasses import dataclass, field
 
 from dataflow.contracts._json import frozen_dict
 
+MAX_REASON_LENGTH = 200
+"""The longest reason (prompt failure, drop, run failure) a ledger stores."""
+
+
+def clip_reason(text: str) -> str:
+    """``text`` as a reason every ledger accepts: each non-printable character (a newline in an
+    exception's message, say) becomes a space, and text over :data:`MAX_REASON_LENGTH` is cut to
+    that length, ending in ``…``. Printable text within the limit is returned unchanged.
+    """
+    flat = "".join(ch if ch.isprintable() else " " for ch in text)
+    if len(flat) <= MAX_REASON_LENGTH:
+        return flat
+    return flat[: MAX_REASON_LENGTH - 1] + "…"
+
 
 class SampleState(enum.StrEnum):
     """Where a sample is in its life (docs/architecture.md §4)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import logging
 import threading
 from collections.abc import Sequence
 
@@ -21,8 +22,11 @@ from dataflow.control._validate import non_negative_int
 from dataflow.control.dispatch import Dispatcher
 from dataflow.control.dist_ack import DistAckResult, SoloCollective, distributed_ack, run_on_rank0
 from dataflow.control.gate import StalenessGate
+from dataflow.control.lease_keeper import DEFAULT_LEASE_S, LeaseKeeper
 from dataflow.control.queue import RankQueue
 from dataflow.control.window import WindowShape
+
+_log = logging.getLogger(__name__)
 
 TRAINED_REASON = "trained"
 RECONCILED_REASON = "reconciled_released"
@@ -65,6 +69,7 @@ class ConsumerSide:
         dispatch: bool | None = None,
         lookahead: int = 2,
         idle_timeout_s: float | None = None,
+        lease_s: float = DEFAULT_LEASE_S,
     ) -> None:
         if not isinstance(shape, WindowShape):
             raise InvalidInputError(f"shape must be a WindowShape, got {type(shape).__name__}")
@@ -93,6 +98,8 @@ class ConsumerSide:
         self._queue: RankQueue | None = None
         self._lock = threading.Lock()
         self._unreleased: list[tuple[int, list[str]]] = []  # (step, own ids) acked, not freed
+        # Rank 0 holds the run's fenced consumer lease from open to finish/fail.
+        self._lease = LeaseKeeper(ledger, lease_s) if rank == 0 else None
 
     @property
     def gate(self) -> StalenessGate | None:
@@ -106,22 +113,46 @@ class ConsumerSide:
 
         def open_run() -> RunMarkers:
             self._ledger.open_run(run_id, self.shape.quantum, resume=resume)
+            if self._lease is not None and self._lease.epoch is None:
+                self._lease.acquire()  # refused, naming the holder, while another consumer runs
             self._ledger.set_consumer_state(ConsumerState.RUNNING)
             return self._ledger.markers()
 
         return run_on_rank0(self._collective, f"opening run {run_id!r}", open_run)
 
     def finish(self) -> None:
-        """Mark the consumer DONE (call once every rank's queue has ended)."""
-        run_on_rank0(
-            self._collective,
-            "marking the consumer done",
-            lambda: self._ledger.set_consumer_state(ConsumerState.DONE),
-        )
+        """Mark the consumer DONE (call once every rank's queue has ended); gives the lease up."""
+
+        def done() -> None:
+            self._check_lease()
+            self._ledger.set_consumer_state(ConsumerState.DONE)
+            self.release_lease()
+
+        run_on_rank0(self._collective, "marking the consumer done", done)
 
     def fail(self, reason: str) -> None:
-        """Mark the consumer FAILED from this rank alone; every queue then raises."""
+        """Mark the consumer FAILED from this rank alone; every queue then raises. A consumer
+        fenced off by another one's takeover only gives its lease up (the run is not its own).
+        """
+        if self._lease is not None:
+            if self._lease.epoch is None:
+                return  # never held the lease (refused at open): the run belongs to another
+            try:
+                self._lease.check()
+            except LedgerConflictError:
+                self.release_lease()
+                return
         self._ledger.set_consumer_state(ConsumerState.FAILED, reason)
+        self.release_lease()
+
+    def release_lease(self) -> None:
+        """Stop renewing the consumer lease and release it (idempotent)."""
+        if self._lease is not None:
+            self._lease.release()
+
+    def _check_lease(self) -> None:
+        if self._lease is not None:
+            self._lease.check()
 
     # -- refs --------------------------------------------------------------------------------
 
@@ -218,6 +249,13 @@ class ConsumerSide:
         result = run_on_rank0(
             self._collective, f"reconcile to checkpoint step {checkpoint_step}", settle
         )
+        _log.info(
+            "reconciled the ledger to checkpoint step %d (dp_size %d): %d released, %d requeued",
+            checkpoint_step,
+            self.shape.dp_size,
+            len(result.released),
+            len(result.requeued),
+        )
         with self._lock:
             self._unreleased.clear()
         return result
@@ -233,7 +271,9 @@ class ConsumerSide:
     # -- internals ---------------------------------------------------------------------------
 
     def _write_ack(self, step: int, ids: list[str]) -> None:
-        self._ledger.ack(step, ids)
+        epoch = self._lease.epoch if self._lease is not None else None
+        self._ledger.ack(step, ids, epoch=epoch)  # a stale epoch is refused by the ledger
+        _log.debug("acked step %d: %d sample(s) TRAINED", step, len(ids))
         if self.release is ReleasePolicy.ON_ACK:
             self._ledger.release_through(step)
 

@@ -17,6 +17,7 @@ from dataflow.control._validate import optional_timeout
 from dataflow.control.consumer import ConsumerSide, ReleasePolicy
 from dataflow.control.flow import FlowControl, FlowLimits
 from dataflow.control.gate import StalenessAdmission, StalenessGate
+from dataflow.control.lease_keeper import DEFAULT_LEASE_S
 from dataflow.control.ledger import open_ledger
 from dataflow.control.producer import ProducerSide
 from dataflow.control.window import WindowShape
@@ -90,6 +91,7 @@ class Controller:
         gate: StalenessGate | None = None,
         idle_timeout_s: float | None = None,
         lookahead: int = 2,
+        lease_s: float = DEFAULT_LEASE_S,
     ) -> ConsumerSide:
         """One data-parallel rank's consumer side (rank 0 dispatches the windows)."""
         return ConsumerSide(
@@ -102,6 +104,7 @@ class Controller:
             gate=gate,
             idle_timeout_s=idle_timeout_s,
             lookahead=lookahead,
+            lease_s=lease_s,
         )
 
     def status(self) -> LedgerStatus:

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from dataflow.contracts import errors as taxonomy
+from dataflow.contracts import is_int
 from dataflow.contracts.errors import DataflowError, InvalidInputError
 from dataflow.contracts.protocols import Collective
 from dataflow.control._abort import FeatureCleanupError
@@ -110,7 +111,7 @@ def distributed_ack(
 
     def write_union() -> None:
         steps = [s for s, _ in gathered]
-        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+        if not is_int(step) or step < 0:
             raise InvalidInputError(f"step must be an int >= 0, got {step!r}")
         if any(s != step for s in steps):
             raise InvalidInputError(f"ranks disagree on the optimizer step: {steps}")

@@ -6,6 +6,7 @@ import threading
 from collections import deque
 from dataclasses import dataclass
 
+from dataflow.contracts import is_int, is_number
 from dataflow.contracts.errors import InvalidInputError
 from dataflow.control._validate import positive_int
 
@@ -38,7 +39,7 @@ class DriftMonitor:
 
     def observe(self, lag: int | None) -> None:
         """Record one sample's draft lag (None when its version is unknown)."""
-        if lag is not None and (isinstance(lag, bool) or not isinstance(lag, int) or lag < 0):
+        if lag is not None and (not is_int(lag) or lag < 0):
             raise InvalidInputError(f"DriftMonitor: lag must be None or an int >= 0, got {lag!r}")
         with self._lock:
             self._observed += 1
@@ -61,7 +62,7 @@ class DriftMonitor:
 
     def drifting(self, threshold: float) -> bool:
         """Whether the rolling mean lag is above ``threshold`` versions."""
-        if isinstance(threshold, bool) or not isinstance(threshold, int | float) or threshold < 0:
+        if not is_number(threshold) or threshold < 0:
             raise InvalidInputError(
                 f"DriftMonitor.drifting: threshold must be a number >= 0, got {threshold!r}"
             )

@@ -8,6 +8,7 @@ from the next fresh samples instead. Stale samples are DROPPED in the ledger wit
 
 from __future__ import annotations
 
+import logging
 import math
 import threading
 from collections.abc import Sequence
@@ -19,6 +20,8 @@ from dataflow.control._abort import abort_features
 from dataflow.control._validate import positive_int
 from dataflow.control.drift import DriftMonitor
 from dataflow.control.staleness import StalenessAssessment, StalenessPolicy, WeightRegistry
+
+_log = logging.getLogger(__name__)
 
 
 class StalenessGate:
@@ -111,6 +114,7 @@ class StalenessGate:
                 stale.setdefault(verdict.reason, []).append(ref.sample_id)
         for reason, ids in stale.items():
             self._ledger.drop(ids, reason)
+            _log.info("dropped %d stale sample(s) (%s)", len(ids), reason)
         for lag in lags:
             self.drift.observe(lag)
         with self._lock:

@@ -13,6 +13,8 @@ Layout (``RunDir(root)``)::
     manifest.json      disaggregated offline: the refs the producer ingested
     producer.json      what the producer did (samples, tokens, seconds)
     trainer.json       what the trainer did (steps, samples, tokens, seconds, final metrics)
+    plane.json         colocated online: the control plane that ran (ledger, release, store)
+    staleness.json     offline with staleness on: samples passed / dropped by target
     summary.json       the end summary
     logs/              the role processes' output (demo)
 """
@@ -96,6 +98,10 @@ class RunDir:
     @property
     def trainer_report(self) -> Path:
         return self.root / "trainer.json"
+
+    @property
+    def plane_report(self) -> Path:
+        return self.root / "plane.json"
 
     @property
     def summary(self) -> Path:

@@ -4,16 +4,14 @@
 ``FeatureStore`` protocol through :class:`BookkeepingStore`.
 """
 
-from dataflow.store.base import BookkeepingStore, Generation, StoreOptions
-from dataflow.store.factory import BACKENDS, open_store
+from dataflow.store.base import BookkeepingStore, StoreOptions
+from dataflow.store.factory import open_store
 from dataflow.store.faults import FaultInjector
 from dataflow.store.version import __version__
 
 __all__ = [
-    "BACKENDS",
     "BookkeepingStore",
     "FaultInjector",
-    "Generation",
     "StoreOptions",
     "open_store",
     "__version__",

@@ -54,6 +54,7 @@ import abc
 import copy
 import dataclasses
 import itertools
+import logging
 import secrets
 import threading
 import time
@@ -76,12 +77,15 @@ from dataflow.contracts import (
     SampleRef,
     StaleGenerationError,
     StoreHealth,
+    is_int,
     parse_store_uri,
     validate_sample_id,
 )
 from dataflow.contracts.errors import CapacityExceededError
 from dataflow.store.faults import FaultInjector
 from dataflow.store.tensors import PreparedSample, jsonable_metadata, prepare_tensors
+
+_log = logging.getLogger(__name__)
 
 Clock = Callable[[], float]
 
@@ -366,6 +370,15 @@ class BookkeepingStore(abc.ABC):
             else:
                 failed += 1
         orphans, orphan_bytes = self._reclaim_orphans()
+        if freed or orphans or failed:
+            _log.info(
+                "%s gc: freed %d sample(s) (%d orphaned), %d byte(s); %d free(s) still failing",
+                self.uri,
+                freed + orphans,
+                orphans,
+                freed_bytes + orphan_bytes,
+                failed,
+            )
         return GcReport(
             freed_samples=freed + orphans,
             freed_bytes=freed_bytes + orphan_bytes,
@@ -440,7 +453,7 @@ class BookkeepingStore(abc.ABC):
         self, sample_id: str, generation: int, sample: PreparedSample, meta: dict[str, Any]
     ) -> SampleRef:
         num_tokens = meta.get("num_tokens", 0)
-        if isinstance(num_tokens, bool) or not isinstance(num_tokens, int):
+        if not is_int(num_tokens):
             raise InvalidInputError(f"metadata['num_tokens'] must be an int, got {num_tokens!r}")
         return SampleRef(
             sample_id=sample_id,

@@ -24,6 +24,12 @@ are :class:`~dataflow.store.base.BookkeepingStore`'s; this backend adds the Moon
   be transferring) and forces only once the generation has been refused that long. Failed
   frees stay pending with their bookkeeping; :meth:`MooncakeFeatureStore.drain` forces them out
   within a bounded time or raises naming them.
+- **Server-written features** (:mod:`dataflow.store.mooncake_external`): a capture server
+  (SpecForge's patched SGLang) writes headerless objects at this store's feature keys under a
+  generation from :meth:`MooncakeFeatureStore.new_generation`; :meth:`~MooncakeFeatureStore.adopt_external`
+  commits them as a generation without a put (sizes checked, manifest written, ref marked
+  headerless); ``get`` of such a ref reads each object straight into a tensor of the ref's spec
+  and refuses one whose size differs. The same lifetimes apply as to a put.
 - **Setup timeout.** Connecting checks the master's port and probes the handshake in a child
   process first (:mod:`dataflow.store.mooncake_connect`): a missing master is a
   ``BackendUnavailableError`` in seconds, never a minute-long hang.
@@ -44,7 +50,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -54,17 +60,22 @@ from dataflow.contracts import (
     BackendUnavailableError,
     CorruptRecordError,
     DataflowError,
+    FeatureHandle,
     FeatureSpec,
     InvalidInputError,
     NotFoundError,
     ParsedURI,
+    SampleRef,
     SchemaMismatchError,
+    is_number,
+    validate_sample_id,
 )
+from dataflow.store import mooncake_external as external
 from dataflow.store import mooncake_wire as wire
 from dataflow.store.base import BookkeepingStore, Generation
 from dataflow.store.mooncake_client import MooncakeClient, ObjectIO, Region
 from dataflow.store.mooncake_settings import settings_from_uri
-from dataflow.store.tensors import PreparedSample, empty_like_spec
+from dataflow.store.tensors import PreparedSample, describe, empty_like_spec, jsonable_metadata
 
 _STORE_OPTIONS = ("budget_bytes", "max_age_s", "retain_on_release", "clock", "faults")
 
@@ -93,7 +104,7 @@ class MooncakeFeatureStore(BookkeepingStore):
         **options: Any,
     ) -> None:
         common = {k: options.pop(k) for k in _STORE_OPTIONS if k in options}
-        if isinstance(lease_grace_s, bool) or not isinstance(lease_grace_s, (int, float)):
+        if not is_number(lease_grace_s):
             raise InvalidInputError(f"lease_grace_s must be a number >= 0, got {lease_grace_s!r}")
         if not lease_grace_s >= 0:
             raise InvalidInputError(f"lease_grace_s must be a number >= 0, got {lease_grace_s!r}")
@@ -114,6 +125,7 @@ class MooncakeFeatureStore(BookkeepingStore):
         self._refused_since: dict[tuple[str, int], float] = {}
         self._last_error: dict[tuple[str, int], str] = {}
         self._forcing = threading.local()
+        self._layout = threading.local()  # .raw: the get on this thread reads headerless objects
 
     # ----------------------------------------------------------------- generations
 
@@ -135,6 +147,105 @@ class MooncakeFeatureStore(BookkeepingStore):
         if not found:  # freed by another process: nothing of ours left to retry
             self._forget_refusal((sample_id, generation))
         return found
+
+    # ----------------------------------------------------------------- server-written
+
+    def new_generation(self, sample_id: str) -> int:
+        """A generation under which a writer outside this process (a capture server) writes
+        ``sample_id``: by the rule of ``put``, greater than any this instance handed out and
+        never reused after a restart (wall-clock microseconds).
+        """
+        self._enter()
+        validate_sample_id(sample_id)
+        with self._lock:
+            return self._next_generation(sample_id)
+
+    def adopt_external(
+        self,
+        sample_id: str,
+        generation: int,
+        specs: Mapping[str, FeatureSpec],
+        metadata: Mapping[str, Any] | None = None,
+    ) -> SampleRef:
+        """Commit, without a put, the headerless objects a capture server wrote at this store's
+        feature keys ``dataflow/<sample_id>/g<generation>/<name>``; return their ref.
+
+        Checks, before anything changes: every object exists (``NotFoundError``) and holds
+        exactly ``numel * itemsize`` bytes of its spec (``SchemaMismatchError``); the generation
+        is not already adopted (``CorruptRecordError``), not stale or freed (as ``get``) and fits
+        the budget (``CapacityExceededError``). A refused adoption leaves the objects where the
+        server put them (``abort(sample_id)`` removes them). Then it writes the manifest
+        (marked headerless), and the generation lives by the same rules as a put one; the ref's
+        ``metadata`` carries ``mooncake_layout: raw``.
+        """
+        self._enter()
+        validate_sample_id(sample_id)
+        if isinstance(generation, bool) or not isinstance(generation, int) or generation < 1:
+            raise InvalidInputError(
+                f"adopt_external of {sample_id!r}: generation must be an int >= 1, "
+                f"got {generation!r}"
+            )
+        wanted = external.checked_specs(sample_id, specs)
+        meta = {**jsonable_metadata(metadata), external.LAYOUT_KEY: external.RAW}
+        num_tokens = meta.get("num_tokens", 0)
+        if isinstance(num_tokens, bool) or not isinstance(num_tokens, int):
+            raise InvalidInputError(f"metadata['num_tokens'] must be an int, got {num_tokens!r}")
+        manifest = wire.manifest_key(sample_id, generation)
+        if self.client.exists([manifest])[0]:
+            raise CorruptRecordError(
+                f"{self.uri}: generation {generation} of {sample_id!r} is already adopted "
+                f"(its manifest {manifest!r} exists)"
+            )
+        keys = [wire.feature_key(sample_id, generation, n) for n in wanted]
+        external.check_sizes(keys, list(wanted.values()), self.client.sizes(keys), self.uri)
+        nbytes = sum(spec.nbytes for spec in wanted.values())
+        with self._lock:
+            self._check_live(sample_id, generation)
+            self._check_budget(sample_id, nbytes)
+            self._last_generation = max(self._last_generation, generation)
+        blob = _buffer(wire.manifest_bytes(sample_id, generation, list(wanted), external.RAW))
+        self.client.put([ObjectIO(manifest, (_region(blob),))])
+        self._publish(Generation(sample_id, generation, nbytes, tuple(wanted)))
+        return SampleRef(
+            sample_id=sample_id,
+            store_uri=self.uri,
+            feature_keys={n: f"{sample_id}/g{generation}/{n}" for n in wanted},
+            feature_specs=wanted,
+            generation=generation,
+            estimated_bytes=nbytes,
+            num_tokens=num_tokens,
+            metadata=meta,
+        )
+
+    def get(
+        self, ref: SampleRef, names: Sequence[str] | None = None
+    ) -> tuple[dict[str, Any], FeatureHandle]:
+        """As the base class; a headerless ref (``adopt_external``) is read without headers."""
+        raw = isinstance(ref, SampleRef) and external.layout_of(ref) == external.RAW
+        self._layout.raw = raw
+        try:
+            return super().get(ref, names)
+        finally:
+            self._layout.raw = False
+
+    def _read_raw(
+        self, sample_id: str, generation: int, wanted: Mapping[str, FeatureSpec]
+    ) -> dict[str, torch.Tensor]:
+        tensors = {name: empty_like_spec(spec) for name, spec in wanted.items()}
+        objects = [
+            ObjectIO(wire.feature_key(sample_id, generation, name), (_region(tensors[name]),))
+            for name in wanted
+        ]
+        with self._read_in_flight(sample_id, generation):
+            try:
+                self.client.get(objects)
+            except SchemaMismatchError as exc:
+                shown = ", ".join(f"{n}: {describe(s)}" for n, s in wanted.items())
+                raise SchemaMismatchError(
+                    f"{self.uri}: headerless (server-written) features of {sample_id!r} "
+                    f"generation {generation} disagree with the ref ({shown}): {exc}"
+                ) from None
+        return tensors
 
     # ----------------------------------------------------------------- bytes
 
@@ -162,6 +273,8 @@ class MooncakeFeatureStore(BookkeepingStore):
     def _read(
         self, sample_id: str, generation: int, wanted: Mapping[str, FeatureSpec]
     ) -> dict[str, torch.Tensor]:
+        if getattr(self._layout, "raw", False):
+            return self._read_raw(sample_id, generation, wanted)
         tensors = {name: empty_like_spec(spec) for name, spec in wanted.items()}
         expected = {
             name: wire.feature_header(sample_id, generation, spec) for name, spec in wanted.items()

@@ -276,6 +276,14 @@ class MooncakeClient:
             out.append(rc == 1)
         return out
 
+    def sizes(self, keys: Sequence[str]) -> list[int]:
+        """Each object's stored size in bytes, or a negative Mooncake code when it is absent.
+
+        Side effect: like :meth:`exists`, the master may grant a read lease on existing keys.
+        """
+        store = self._live()
+        return [int(store.get_size(key)) for key in keys]
+
     def object_bytes(self, key: str) -> bytes:
         """The whole stored object (a copy). For diagnosing a refused read only: it takes a read
         lease and copies through Python memory.

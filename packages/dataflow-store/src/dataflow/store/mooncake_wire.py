@@ -57,9 +57,15 @@ def feature_header(sample_id: str, generation: int, spec: FeatureSpec) -> bytes:
     return plan([spec], _identity(sample_id, generation)).header
 
 
-def manifest_bytes(sample_id: str, generation: int, names: Sequence[str]) -> bytes:
-    """The manifest object of one generation."""
-    body = {**_identity(sample_id, generation), "features": sorted(names)}
+def manifest_bytes(
+    sample_id: str, generation: int, names: Sequence[str], layout: str = ""
+) -> bytes:
+    """The manifest object of one generation (``layout`` set for headerless feature objects
+    a capture server wrote, see :mod:`dataflow.store.mooncake_external`).
+    """
+    body: dict[str, object] = {**_identity(sample_id, generation), "features": sorted(names)}
+    if layout:
+        body["layout"] = layout
     return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
 
 

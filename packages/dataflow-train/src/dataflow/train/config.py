@@ -6,7 +6,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from dataflow.contracts import InvalidInputError, validate_id
+from dataflow.contracts import InvalidInputError, is_int, validate_id
 from dataflow.train.optim import OptimConfig
 
 
@@ -31,9 +31,15 @@ class TrainerConfig:
     checkpoint_interval: int = 0
     keep_last: int = 3
     progress: bool = True
+    on_nonfinite: str = "fail"
+    """A window with a NaN/inf loss or gradient norm: ``fail`` the run or ``skip`` the window
+    (never applied either way; see ``dataflow.train.nonfinite``)."""
 
     def __post_init__(self) -> None:
         validate_id(self.run_id, "run id")
+        from dataflow.train.nonfinite import check_policy
+
+        check_policy(self.on_nonfinite)
         for name, low in (
             ("accumulation_steps", 1),
             ("log_interval", 1),
@@ -41,15 +47,13 @@ class TrainerConfig:
             ("keep_last", 0),
         ):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            if not is_int(value) or value < low:
                 raise InvalidInputError(
                     f"TrainerConfig.{name} must be an int >= {low}, got {value!r}"
                 )
         for name in ("max_steps", "total_steps"):
             value = getattr(self, name)
-            if value is not None and (
-                isinstance(value, bool) or not isinstance(value, int) or value < 1
-            ):
+            if value is not None and (not is_int(value) or value < 1):
                 raise InvalidInputError(f"TrainerConfig.{name} must be None or an int >= 1")
         if not isinstance(self.optim, OptimConfig):
             raise InvalidInputError("TrainerConfig.optim must be an OptimConfig")
@@ -62,5 +66,12 @@ class TrainerConfig:
         return data
 
 
-RUN_ONLY_FIELDS = ("max_steps", "log_interval", "checkpoint_interval", "keep_last", "progress")
+RUN_ONLY_FIELDS = (
+    "max_steps",
+    "log_interval",
+    "checkpoint_interval",
+    "keep_last",
+    "progress",
+    "on_nonfinite",
+)
 """Fields that only steer this process (when to stop, log, save) and may change on resume."""

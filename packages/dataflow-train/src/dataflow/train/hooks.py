@@ -18,7 +18,14 @@ import torch
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-from dataflow.contracts import Collective, InvalidInputError, Ledger, WeightVersion, validate_id
+from dataflow.contracts import (
+    Collective,
+    InvalidInputError,
+    Ledger,
+    WeightVersion,
+    is_int,
+    validate_id,
+)
 from dataflow.control.dist_ack import DistAckResult, distributed_ack
 from dataflow.train.parallel.backend import TrainBackend
 
@@ -76,23 +83,54 @@ class TrainerHook:
 
 
 AckFn = Callable[[int, Sequence[str]], object]
+"""``ack(step, sample_ids)``: settles one optimizer window (a ``DistAckResult`` when distributed)."""
+
+AckedFn = Callable[[int, tuple[str, ...]], object]
+"""``on_acked(step, all_ids)``: told once an ack returned, with every rank's ids of the step."""
 
 
 class AckHook(TrainerHook):
-    """Acknowledges each optimizer window: ``ack(step, sample_ids)`` at every boundary.
+    """The one place that decides when a trained window is acknowledged (docs/architecture.md §7).
 
-    With several ranks, ``ack`` is the control plane's distributed ack (gather → rank 0 writes
-    → broadcast → local free), called on every rank in lockstep. ``acked_step`` (saved in
-    checkpoints as the ledger step) is the last step whose ack returned.
+    At every optimizer boundary, on every rank in lockstep, after the optimizer step and before
+    metrics and checkpoint: ``ack(step, sample_ids)``; then ``on_acked(step, all_ids)`` (the
+    audit trail) with every rank's ids when ``ack`` returned a ``DistAckResult``, else this
+    rank's. After each checkpoint, ``durable(step)`` (if given) declares the step durable, which
+    frees features under the ``on_checkpoint`` release policy.
+
+    The ack functions: :class:`LedgerAck` (distributed ack writing a ledger),
+    :class:`RetainedAck` (ranks agree; nothing written or freed) or a control-plane consumer
+    side's ``ack`` (:class:`ControlPlaneHook`). ``acked_step`` (saved in checkpoints as the
+    ledger step) is the last step whose ack returned; ``samples`` counts the acked samples of
+    every rank.
     """
 
-    def __init__(self, ack: AckFn) -> None:
+    def __init__(
+        self,
+        ack: AckFn,
+        *,
+        durable: Callable[[int], object] | None = None,
+        on_acked: AckedFn | None = None,
+    ) -> None:
         self._ack = ack
+        self._durable = durable
+        self._on_acked = on_acked
         self.acked_step = 0
+        self.durable_step = 0
+        self.samples = 0
 
     def on_optimizer_step(self, event: StepEvent) -> None:
-        self._ack(event.step, event.sample_ids)
+        result = self._ack(event.step, event.sample_ids)
         self.acked_step = event.step
+        ids = result.all_ids if isinstance(result, DistAckResult) else tuple(event.sample_ids)
+        self.samples += len(ids)
+        if self._on_acked is not None:
+            self._on_acked(event.step, ids)
+
+    def on_checkpoint(self, step: int, path: str) -> None:
+        if self._durable is not None:
+            self._durable(step)
+            self.durable_step = step
 
     def state_dict(self) -> dict[str, Any]:
         return {"acked_step": self.acked_step}
@@ -110,22 +148,26 @@ class ConsumerControl(Protocol):
 
 
 class ControlPlaneHook(AckHook):
-    """Wires the trainer to the control plane's consumer side.
+    """:class:`AckHook` over the control plane's consumer side.
 
     At each optimizer boundary it acks the window (``consumer.ack``: the distributed ack);
-    after each checkpoint it declares the step durable (``consumer.checkpoint_durable``), which
-    frees the features trained at or before it under the default release policy. Every rank
-    calls both in lockstep, as the consumer side requires.
+    with ``release_on_checkpoint`` (default), after each checkpoint it declares the step durable
+    (``consumer.checkpoint_durable``), which frees the features trained at or before it. Every
+    rank calls both in lockstep, as the consumer side requires.
     """
 
-    def __init__(self, consumer: ConsumerControl) -> None:
-        super().__init__(consumer.ack)
-        self._consumer = consumer
-        self.durable_step = 0
-
-    def on_checkpoint(self, step: int, path: str) -> None:
-        self._consumer.checkpoint_durable(step)
-        self.durable_step = step
+    def __init__(
+        self,
+        consumer: ConsumerControl,
+        *,
+        release_on_checkpoint: bool = True,
+        on_acked: AckedFn | None = None,
+    ) -> None:
+        super().__init__(
+            consumer.ack,
+            durable=consumer.checkpoint_durable if release_on_checkpoint else None,
+            on_acked=on_acked,
+        )
 
 
 class LedgerAck:
@@ -157,6 +199,19 @@ class LedgerAck:
         return distributed_ack(
             self._collective, step, sample_ids, write=self._write, free_local=self._free_local
         )
+
+
+class RetainedAck:
+    """The offline ack for :class:`AckHook`: every rank's window ids are gathered over
+    ``collective`` so all ranks agree on the step; nothing is written and nothing freed (the
+    dataset is retained for the next epoch).
+    """
+
+    def __init__(self, collective: Collective) -> None:
+        self._collective = collective
+
+    def __call__(self, step: int, sample_ids: Sequence[str]) -> DistAckResult:
+        return distributed_ack(self._collective, step, sample_ids, write=lambda _s, _ids: None)
 
 
 class WeightRegistry(Protocol):
@@ -196,7 +251,7 @@ class WeightPublishHook(TrainerHook):
         initial: bool = False,
         target_version: Callable[[], str] | None = None,
     ) -> None:
-        if isinstance(interval, bool) or not isinstance(interval, int) or interval < 0:
+        if not is_int(interval) or interval < 0:
             raise InvalidInputError(f"publish interval must be an int >= 0, got {interval!r}")
         if interval == 0 and not (at_checkpoints or initial):
             raise InvalidInputError(

@@ -26,9 +26,11 @@ from dataflow.contracts import (
     SampleRef,
     SchemaMismatchError,
     TrainBatch,
+    is_int,
 )
 from dataflow.train.collate import check_refs_agree, collate
 from dataflow.train.ref_sources import AbortSettler, FixedRefPlan, QueueRefSource, RefSettler
+from dataflow.train.sample_checks import BadSampleError, sample_problem
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,11 @@ class FeatureDataLoader:
       a partial batch at a clean end of a queue stream is settled the same way;
     - refs mode: ``state_dict``/``load_state_dict`` hold the position (epoch, batch), and the
       next iteration starts there without fetching the skipped batches;
+    - a sample whose values are bad (NaN/inf features, no tokens, longer than ``max_length``,
+      a loss mask not 0/1: :func:`~dataflow.train.sample_checks.sample_problem`) never trains:
+      it is handed to the settler with its reason and recorded in ``bad_samples``; past
+      ``max_bad_samples`` of them, or when no sample of a batch is left, the loader raises
+      :class:`~dataflow.train.sample_checks.BadSampleError` naming them;
     - at most ``prefetch`` batches are fetched ahead; ``close`` stops the prefetch thread within
       ``join_timeout_s`` and returns every ref fetched from the source but never yielded.
     """
@@ -75,6 +82,8 @@ class FeatureDataLoader:
         idle_timeout_s: float | None = None,
         settler: RefSettler | None = None,
         join_timeout_s: float = 5.0,
+        max_length: int | None = None,
+        max_bad_samples: int = 0,
     ) -> None:
         if (refs is None) == (queue is None):
             raise InvalidInputError("FeatureDataLoader needs exactly one of refs= or queue=")
@@ -83,8 +92,9 @@ class FeatureDataLoader:
             ("num_epochs", num_epochs, 1),
             ("pad_multiple", pad_multiple, 1),
             ("prefetch", prefetch, 0),
+            ("max_bad_samples", max_bad_samples, 0),
         ):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            if not is_int(value) or value < low:
                 raise InvalidInputError(f"{name} must be an int >= {low}, got {value!r}")
         if not isinstance(strategy, str) or not strategy:
             raise InvalidInputError(f"strategy must be a non-empty str, got {strategy!r}")
@@ -104,6 +114,10 @@ class FeatureDataLoader:
         self._pad_multiple = pad_multiple
         self._prefetch = prefetch
         self._join_timeout_s = join_timeout_s
+        self._max_length = max_length
+        self._max_bad = max_bad_samples
+        self.bad_samples: dict[str, str] = {}
+        """Samples refused for their feature values, with the reason (they never trained)."""
         # Online refs are consume-once: nobody else will ever train a refused one, so its
         # features are freed. Offline refs belong to a retained dataset and are left alone.
         self._settler: RefSettler | None = settler
@@ -290,21 +304,49 @@ class FeatureDataLoader:
         # Collation copies every feature into fresh batch tensors, so the store's buffers are
         # read while the leases are held and never referenced after they are returned.
         handles: list[FeatureHandle] = []
+        bad: dict[str, str] = {}
+        batch: TrainBatch | None = None
         try:
-            samples = []
+            samples, kept = [], []
             for ref in refs:
                 tensors, handle = self._store.get(ref)
                 handles.append(handle)
-                samples.append(_checked_tensors(ref, tensors))
-            return collate(
-                [ref.sample_id for ref in refs],
-                samples,
-                strategy=self._strategy,
-                pad_multiple=self._pad_multiple,
-                metadata={"schema_version": refs[0].schema_version},
-            )
+                checked = _checked_tensors(ref, tensors)
+                problem = sample_problem(checked, self._max_length)
+                if problem is not None:
+                    bad[ref.sample_id] = problem
+                    continue
+                samples.append(checked)
+                kept.append(ref.sample_id)
+            if kept:
+                batch = collate(
+                    kept,
+                    samples,
+                    strategy=self._strategy,
+                    pad_multiple=self._pad_multiple,
+                    metadata={"schema_version": refs[0].schema_version},
+                )
         finally:
             self._release_all(handles)
+        if bad:
+            self._refuse_bad(refs, bad, batch is None)
+        assert batch is not None
+        return batch
+
+    def _refuse_bad(self, refs: list[SampleRef], bad: dict[str, str], empty: bool) -> None:
+        """Settle the bad samples (their leases already returned); raise past the threshold."""
+        for ref in refs:
+            if ref.sample_id in bad:
+                self._settle([ref], bad[ref.sample_id])
+        self.bad_samples.update(bad)
+        listed = "; ".join(f"{sid}: {why}" for sid, why in sorted(self.bad_samples.items())[:10])
+        if len(self.bad_samples) > self._max_bad:
+            raise BadSampleError(
+                f"{len(self.bad_samples)} samples with bad feature values (more than "
+                f"trainer.max_bad_samples={self._max_bad}); none of them trained: {listed}"
+            )
+        if empty:
+            raise BadSampleError(f"every sample of a batch has bad feature values: {listed}")
 
     def _release_all(self, handles: list[FeatureHandle]) -> None:
         first: BaseException | None = None

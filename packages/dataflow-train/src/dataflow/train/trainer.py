@@ -31,6 +31,7 @@ from dataflow.train.config import TrainerConfig
 from dataflow.train.hooks import AckHook, HookContext, StepEvent, TrainerHook
 from dataflow.train.loader import FeatureDataLoader
 from dataflow.train.metrics import MetricsSink
+from dataflow.train.nonfinite import guard_step
 from dataflow.train.optim import WarmupCosineSchedule, build_adamw
 from dataflow.train.parallel.backend import LocalBackend, TrainBackend
 from dataflow.train.rng import capture_rng, restore_rng
@@ -195,6 +196,7 @@ class Trainer:
                 hook.load_state_dict(saved_hooks[key])
         restore_rng(rank_state["rng"])
         self.step = self._saved_step = int(shared["step"])
+        _log.info("resumed from checkpoint %s (step %d)", checkpoint.path, self.step)
 
     def _keyed_hooks(self) -> dict[str, TrainerHook]:
         keyed: dict[str, TrainerHook] = {}
@@ -234,6 +236,7 @@ class Trainer:
         }
         info = self.checkpoints.save(self.step, self._tensor_state(), rank_state, shared)
         self._saved_step = self.step
+        _log.info("checkpoint of step %d written to %s", self.step, info.path)
         error: BaseException | None = None
         try:
             for hook in self.hooks:
@@ -388,14 +391,19 @@ class Trainer:
         cfg = self.config
         grad_norm = self.backend.clip_grad_norm(self._params, cfg.optim.max_grad_norm)
         lr = self.schedule.lr
-        self.optimizer.step()
-        self.schedule.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.step += 1
         names = sorted(window.metrics)
         packed = torch.stack([window.loss, *(window.metrics[n] for n in names)]) / window.micro
         reduced = self.backend.mean_over_ranks(packed).tolist()
         loss, metrics = reduced[0], dict(zip(names, reduced[1:], strict=True))
+        # Global loss and norm, so every rank decides the same; raises under on_nonfinite=fail.
+        skipped = guard_step(self.step + 1, loss, grad_norm, window.sample_ids, cfg.on_nonfinite)
+        if not skipped:
+            self.optimizer.step()
+        self.schedule.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        if skipped:
+            metrics["nonfinite_skipped"] = 1.0
         if window.counts and self._metrics_from_counts is not None:
             metrics.update(self._global_ratio_metrics(window.counts, self._metrics_from_counts))
         result.losses[self.step] = loss
@@ -408,6 +416,13 @@ class Trainer:
         except Exception as exc:  # agreed below so every rank raises
             error = exc
         self.backend.agree("optimizer-step hooks", error)
+        _log.debug(
+            "step %d: loss %.6g, lr %.3g, %d sample(s) on this rank",
+            self.step,
+            loss,
+            lr,
+            len(window.sample_ids),
+        )
         if self._metrics is not None and self.step % cfg.log_interval == 0:
             elapsed = time.perf_counter() - started
             row = {

@@ -10,8 +10,10 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 
+from dataflow.contracts.errors import InvalidInputError
 from dataflow.contracts.features import SampleRef
 from dataflow.contracts.ids import validate_id, validate_task_id
+from dataflow.contracts.lease import ConsumerLease
 from dataflow.contracts.prompt import PromptTask
 from dataflow.contracts.states import (
     CommitResult,
@@ -24,7 +26,7 @@ from dataflow.contracts.states import (
     Window,
 )
 from dataflow.contracts.weights import WeightVersion
-from dataflow.control.ledger import _prompts, _run, _samples
+from dataflow.control.ledger import _lease, _prompts, _run, _samples
 from dataflow.control.ledger._rules import (
     check_drift,
     check_ids,
@@ -37,7 +39,7 @@ from dataflow.control.ledger._rules import (
     check_tasks,
     check_weight,
 )
-from dataflow.control.ledger._tx import LedgerStorage
+from dataflow.control.ledger._tx import LedgerStorage, LedgerTx
 
 DEFAULT_MAX_PROMPT_ATTEMPTS = 3
 """Total attempts a prompt gets (first try included) before it is FAILED."""
@@ -163,10 +165,45 @@ class StorageLedger:
         ids = check_ids(sample_ids)
         return self._storage.read(lambda tx: _samples.refs(tx, ids))
 
-    def ack(self, step: int, sample_ids: Sequence[str]) -> None:
+    def ack(self, step: int, sample_ids: Sequence[str], *, epoch: int | None = None) -> None:
         check_int(step, "step", 0)
         ids = check_ids(sample_ids)
-        self._storage.write(lambda tx: _samples.ack(tx, step, ids))
+        if epoch is None:
+            self._storage.write(lambda tx: _samples.ack(tx, step, ids))
+            return
+        check_int(epoch, "epoch", 1)
+
+        def fenced(tx: LedgerTx) -> None:
+            _lease.check_epoch(tx, epoch, self._clock(), f"ack of step {step}")
+            _samples.ack(tx, step, ids)
+
+        self._storage.write(fenced)
+
+    # -- consumer lease ----------------------------------------------------------------------
+    def consumer_lease(self) -> ConsumerLease:
+        return self._storage.read(_lease.current)
+
+    def acquire_consumer_lease(
+        self, host: str, pid: int, lease_s: float, *, takeover: bool = False
+    ) -> ConsumerLease:
+        check_int(pid, "pid", 1)
+        if not isinstance(host, str) or not host:
+            raise InvalidInputError(f"host must be a non-empty str, got {host!r}")
+        _check_lease_s(lease_s)
+        return self._storage.write(
+            lambda tx: _lease.acquire(tx, host, pid, self._clock(), float(lease_s), takeover)
+        )
+
+    def renew_consumer_lease(self, epoch: int, lease_s: float) -> ConsumerLease:
+        check_int(epoch, "epoch", 1)
+        _check_lease_s(lease_s)
+        return self._storage.write(
+            lambda tx: _lease.renew(tx, epoch, self._clock(), float(lease_s))
+        )
+
+    def release_consumer_lease(self, epoch: int) -> None:
+        check_int(epoch, "epoch", 1)
+        self._storage.write(lambda tx: _lease.release(tx, epoch))
 
     def drop(self, sample_ids: Sequence[str], reason: str) -> list[SampleRef]:
         ids = check_ids(sample_ids)
@@ -210,3 +247,8 @@ class StorageLedger:
 
     def close(self) -> None:
         self._storage.close()
+
+
+def _check_lease_s(lease_s: object) -> None:
+    if isinstance(lease_s, bool) or not isinstance(lease_s, int | float) or not lease_s > 0:
+        raise InvalidInputError(f"lease_s must be a number > 0, got {lease_s!r}")

@@ -21,7 +21,7 @@ _QUERY_OPTIONS: dict[str, Callable[[str], Any]] = {
 _BACKEND_OPTIONS = {
     "noop": frozenset(),
     "memory": frozenset({"max_prompt_attempts", "clock"}),
-    "sqlite": frozenset({"max_prompt_attempts", "clock", "busy_timeout_s"}),
+    "sqlite": frozenset({"max_prompt_attempts", "clock", "busy_timeout_s", "read_only"}),
     "redis": frozenset(
         {"max_prompt_attempts", "clock", "connect_timeout_s", "op_timeout_s", "namespace"}
     ),
@@ -62,6 +62,9 @@ def open_ledger(uri: str, **options: Any) -> Ledger:
     ``clock`` (keyword only; wall-clock seconds for lease deadlines), SQLite's
     ``busy_timeout_s`` (default 30), Redis's ``connect_timeout_s`` (default 5),
     ``op_timeout_s`` (default 30) and ``namespace`` (key prefix; default ``default``).
+    SQLite's ``read_only=True`` (keyword only) opens an existing ledger file with ``mode=ro``:
+    the file is never created, written or switched to WAL (for read-only commands like
+    ``status``); any write through that ledger is refused.
 
     A bad URI or option raises ``InvalidInputError``; an unreachable Redis or an SQLite path
     that cannot be opened ``BackendUnavailableError``; a file that is not a ledger

@@ -12,17 +12,17 @@ from collections.abc import Sequence
 from types import MappingProxyType
 from typing import Any, TypeVar
 
-from dataflow.contracts import FrozenDict
+from dataflow.contracts import FrozenDict, is_int
 from dataflow.contracts.errors import InvalidInputError, LedgerConflictError
 from dataflow.contracts.features import FeatureSpec, SampleRef
 from dataflow.contracts.ids import validate_id
 from dataflow.contracts.no_tensors import assert_no_tensors
 from dataflow.contracts.prompt import PromptTask
+from dataflow.contracts.states import MAX_REASON_LENGTH
 from dataflow.contracts.weights import WeightVersion
 
 E = TypeVar("E", bound=enum.Enum)
 
-MAX_REASON_LENGTH = 200
 _SCALARS = frozenset({str, int, float, bool, type(None)})
 _SHOWN = 5
 
@@ -110,7 +110,7 @@ def check_ids(ids: Any, what: str = "sample id") -> list[str]:
 
 def check_int(value: Any, name: str, minimum: int) -> int:
     """An ``int`` (never a ``bool``) ≥ ``minimum``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    if not is_int(value) or value < minimum:
         raise InvalidInputError(f"{name} must be an int >= {minimum}, got {value!r}")
     return value
 

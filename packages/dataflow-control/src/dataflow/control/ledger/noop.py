@@ -9,11 +9,13 @@ against), no window is ever assigned, nothing is found, and ``status()`` says
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Sequence
 
 from dataflow.contracts.errors import ClosedError, NotFoundError
 from dataflow.contracts.features import SampleRef
 from dataflow.contracts.ids import validate_id, validate_task_id
+from dataflow.contracts.lease import ConsumerLease
 from dataflow.contracts.prompt import PromptTask
 from dataflow.contracts.states import (
     CommitResult,
@@ -146,10 +148,30 @@ class NoopLedger:
             raise NotFoundError(f"a noop:// ledger retains nothing; unknown sample id {ids[0]!r}")
         return []
 
-    def ack(self, step: int, sample_ids: Sequence[str]) -> None:
+    def ack(self, step: int, sample_ids: Sequence[str], *, epoch: int | None = None) -> None:
         self._check_open()
         check_int(step, "step", 0)
         check_ids(sample_ids)
+
+    # A noop:// ledger is private to one process: its lease is always granted, never fenced.
+    def consumer_lease(self) -> ConsumerLease:
+        self._check_open()
+        return ConsumerLease()
+
+    def acquire_consumer_lease(
+        self, host: str, pid: int, lease_s: float, *, takeover: bool = False
+    ) -> ConsumerLease:
+        self._check_open()
+        now = time.time()
+        return ConsumerLease(1, host, pid, now, now + lease_s)
+
+    def renew_consumer_lease(self, epoch: int, lease_s: float) -> ConsumerLease:
+        self._check_open()
+        now = time.time()
+        return ConsumerLease(epoch, "", 0, now, now + lease_s)
+
+    def release_consumer_lease(self, epoch: int) -> None:
+        self._check_open()
 
     def drop(self, sample_ids: Sequence[str], reason: str) -> list[SampleRef]:
         self._check_open()

@@ -24,6 +24,7 @@ from collections.abc import Callable, Mapping, Sequence
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from dataflow.contracts import is_number
 from dataflow.contracts.errors import (
     BackendUnavailableError,
     ClosedError,
@@ -274,7 +275,7 @@ class RedisStorage(LedgerStorage):
             ("connect_timeout_s", connect_timeout_s),
             ("op_timeout_s", op_timeout_s),
         ):
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+            if not is_number(value) or value <= 0:
                 raise InvalidInputError(f"{name} must be a number > 0, got {value!r}")
         validate_id(namespace, "redis ledger namespace")
         self._r = _redis_client_library()

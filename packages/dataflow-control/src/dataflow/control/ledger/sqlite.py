@@ -231,7 +231,7 @@ class SQLiteStorage(LedgerStorage):
     backend = "sqlite"
     durable = True
 
-    def __init__(self, path: str, *, busy_timeout_s: float = 30.0) -> None:
+    def __init__(self, path: str, *, busy_timeout_s: float = 30.0, read_only: bool = False) -> None:
         if not isinstance(busy_timeout_s, (int, float)) or busy_timeout_s <= 0:
             raise InvalidInputError(f"busy_timeout_s must be a number > 0, got {busy_timeout_s!r}")
         self._path = Path(path)
@@ -239,19 +239,46 @@ class SQLiteStorage(LedgerStorage):
         self._pid = os.getpid()
         self._conn: sqlite3.Connection | None = None
         try:
-            self._path.parent.mkdir(parents=True, exist_ok=True)
+            if not read_only:
+                self._path.parent.mkdir(parents=True, exist_ok=True)
             check_file(self._path)
-            conn = sqlite3.connect(
-                self._path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False
-            )
+            if read_only:
+                # mode=ro: SQLite never writes the file, never switches its journal mode and
+                # never creates it; a missing file fails here instead. With no -wal file no
+                # writer has it open, and immutable=1 also keeps SQLite from creating the
+                # -wal/-shm side files a WAL reader would otherwise leave behind.
+                target = f"{self._path.resolve().as_uri()}?mode=ro"
+                if not Path(f"{self._path}-wal").exists():
+                    target += "&immutable=1"
+                conn = sqlite3.connect(
+                    target,
+                    uri=True,
+                    timeout=busy_timeout_s,
+                    isolation_level=None,
+                    check_same_thread=False,
+                )
+            else:
+                conn = sqlite3.connect(
+                    self._path,
+                    timeout=busy_timeout_s,
+                    isolation_level=None,
+                    check_same_thread=False,
+                )
         except (OSError, sqlite3.OperationalError) as exc:
             raise BackendUnavailableError(
                 f"cannot open the ledger file {self._path}: {exc}"
             ) from None
         try:
             with self._errors("open"):
-                self._configure(conn, busy_timeout_s)
-                self._create_schema(conn)
+                if read_only:
+                    conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
+                    if not check_schema(conn, self._path):
+                        raise CorruptRecordError(
+                            f"{self._path} is an empty SQLite database, not a dataflow ledger"
+                        )
+                else:
+                    self._configure(conn, busy_timeout_s)
+                    self._create_schema(conn)
         except BaseException:
             conn.close()
             raise

@@ -12,7 +12,7 @@ from dataflow.launch.builders.roles import ControlPlan
 from dataflow.launch.builders.target_side import load_target_side
 from dataflow.launch.config import LaunchConfig
 from dataflow.launch.data import PromptSet, build_tasks, load_prompts
-from dataflow.launch.producer import ledger_options, store_options
+from dataflow.launch.producer import ledger_options, regenerate_tokens, store_options
 from dataflow.store import open_store
 from dataflow.train.eagle3 import Eagle3Objective
 from dataflow.train.eagle3.sequence import SequenceExchange
@@ -40,8 +40,9 @@ def load_run_prompts(config: LaunchConfig, tokenizer: Any, target_version: str) 
     """Load ``config.data`` with ``tokenizer`` and cut it into tasks, deterministically.
 
     Malformed lines beyond ``data.max_malformed_lines`` raise ``InvalidInputError`` naming them.
+    With ``producer.regenerate`` the tasks hold prompts only (the target writes the responses).
     """
-    prompts = load_prompts(config.data, tokenizer)
+    prompts = load_prompts(config.data, tokenizer, regenerate_tokens=regenerate_tokens(config))
     tasks = build_tasks(
         prompts.prompts,
         run_id=config.run.id,
@@ -58,8 +59,12 @@ def trainer_objective(
     config: LaunchConfig, *, sequence_parallel: SequenceExchange | None = None
 ) -> Eagle3Objective:
     """The draft objective of ``config`` (target side loaded, vocabulary map from the prompts),
-    on this rank's sequence shard when ``sequence_parallel`` is given.
+    on this rank's sequence shard when ``sequence_parallel`` is given. With
+    ``producer.regenerate`` the vocabulary map counts the prompts the target answers (its
+    responses are not written yet when training starts).
     """
     target = load_target_side(config)
-    prompts = load_prompts(config.data, target.tokenizer)
+    prompts = load_prompts(
+        config.data, target.tokenizer, regenerate_tokens=regenerate_tokens(config)
+    )
     return build_objective(config, target, prompts, sequence_parallel=sequence_parallel)

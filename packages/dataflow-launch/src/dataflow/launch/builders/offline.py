@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from dataflow.contracts import (
+    ConsumerState,
     InvalidInputError,
     ProducerState,
     RunFailedError,
@@ -22,15 +23,20 @@ from dataflow.contracts import (
     encode,
     parse_store_uri,
 )
+from dataflow.contracts.states import clip_reason
 from dataflow.control import run_on_rank0
-from dataflow.launch.builders.acks import RetainedWindowAck
 from dataflow.launch.builders.common import (
     load_run_prompts,
     open_plan_ledger,
     open_run_store,
     trainer_objective,
 )
-from dataflow.launch.builders.features import capture_feature_files, has_feature_files
+from dataflow.launch.builders.features import (
+    capture_feature_files,
+    check_precomputed,
+    has_feature_files,
+)
+from dataflow.launch.builders.offline_staleness import read_file_targets, screen_offline_refs
 from dataflow.launch.builders.online import write_producer_report
 from dataflow.launch.builders.progress import LedgerBar, prompts_done
 from dataflow.launch.builders.ranks import rank_layout
@@ -42,10 +48,15 @@ from dataflow.launch.builders.trainer_path import (
     write_trainer_report,
 )
 from dataflow.launch.config import LaunchConfig
-from dataflow.launch.engines import open_engine
-from dataflow.launch.producer import ProducerReport, ProducerSettings, RolloutProducer
+from dataflow.launch.producer import (
+    ProducerReport,
+    ProducerSettings,
+    RolloutProducer,
+    open_run_engine,
+)
 from dataflow.launch.run_dir import RunDir, read_json, write_json_atomic
 from dataflow.store import open_store
+from dataflow.train.hooks import RetainedAck
 
 MANIFEST_VERSION = 1
 
@@ -72,7 +83,7 @@ def _train_refs(
                 objective,
                 store,
                 RefSource(refs=refs, num_epochs=config.data.passes),
-                RetainedWindowAck(layout.collective),
+                RetainedAck(layout.collective),
                 layout,
                 resume=resume,
                 progress=progress,
@@ -97,14 +108,32 @@ def run_colocated_offline(
     ``file://`` store (captured once with the target first when the directory has none).
     """
     directory = Path(parse_store_uri(config.store.uri).location)
+    check_precomputed(config, directory)
     if not has_feature_files(directory):
         capture_feature_files(config, directory, progress=progress)
     refs = open_store(config.store.uri).refs()  # type: ignore[attr-defined]
     if not refs:
         raise InvalidInputError(f"{config.store.uri} holds no feature files")
-    return _train_refs(
-        config, run_dir, refs, config.store.uri, {}, resume=resume, progress=progress
-    )
+    refs = screen_offline_refs(config, run_dir, refs, read_file_targets(directory))
+    # The lightweight plane: the run's ledger is noop:// (config load refuses any other), which
+    # validates the run's markers and retains nothing, so the run does no ledger I/O.
+    ledger = open_plan_ledger(config, control_plan(config, leases_prompts=False))
+    try:
+        ledger.open_run(config.run.id, config.trainer.quantum, resume=True)
+        ledger.set_consumer_state(ConsumerState.RUNNING)
+        try:
+            outcome = _train_refs(
+                config, run_dir, refs, config.store.uri, {}, resume=resume, progress=progress
+            )
+        except BaseException as exc:
+            ledger.set_consumer_state(
+                ConsumerState.FAILED, clip_reason(f"{type(exc).__name__}: {exc}")
+            )
+            raise
+        ledger.set_consumer_state(ConsumerState.DONE)
+        return outcome
+    finally:
+        ledger.close()
 
 
 def produce_offline(
@@ -117,7 +146,7 @@ def produce_offline(
     plan = control_plan(config, leases_prompts=True)
     ledger = open_plan_ledger(config, plan)
     store = open_run_store(config)
-    engine = open_engine(config.target)
+    engine = open_run_engine(config)
     try:
         prompts = load_run_prompts(
             config.model_copy(update={"data": config.data.model_copy(update={"passes": 1})}),
@@ -181,7 +210,7 @@ def consume_offline(
     """The consumer of a disaggregated offline run: ``data.passes`` epochs over the manifest's
     refs, read from the shared store with retain-on-release.
     """
-    refs = wait_for_manifest(config, run_dir)
+    refs = screen_offline_refs(config, run_dir, wait_for_manifest(config, run_dir))
     from dataflow.launch.producer import store_options
 
     options: dict[str, object] = {**store_options(config), "retain_on_release": True}

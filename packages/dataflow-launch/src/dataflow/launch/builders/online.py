@@ -10,8 +10,8 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 from dataflow.contracts import FeatureStore, Ledger, RefQueue
+from dataflow.contracts.states import clip_reason
 from dataflow.control import ConsumerSide, Controller, WindowShape, run_on_rank0
-from dataflow.launch.builders.acks import LedgerWindowAck
 from dataflow.launch.builders.common import (
     load_run_prompts,
     open_plan_ledger,
@@ -36,20 +36,17 @@ from dataflow.launch.builders.trainer_path import (
     write_trainer_report,
 )
 from dataflow.launch.config import LaunchConfig
-from dataflow.launch.engines import TargetEngine, open_engine
-from dataflow.launch.producer import ProducerReport, RolloutProducer, build_producer
+from dataflow.launch.engines import TargetEngine
+from dataflow.launch.producer import (
+    ProducerReport,
+    RolloutProducer,
+    build_producer,
+    open_run_engine,
+)
 from dataflow.launch.producer.versions import DraftVersions
 from dataflow.launch.run_dir import RunDir, write_json_atomic
 
 T = TypeVar("T")
-
-MAX_REASON = 200
-"""The ledger keeps failure reasons up to this many characters."""
-
-TRAINER_STORE = {"retain_on_release": True}
-"""The trainer's store handle keeps features after a read: the control plane frees them (at the
-ack or once a checkpoint is durable, by the release policy), so a sample fetched or trained
-after the last checkpoint is still there to train again after a crash."""
 
 
 @dataclass
@@ -75,7 +72,7 @@ def start_producer(config: LaunchConfig, ledger: Ledger, store: FeatureStore) ->
 
     A restarted producer re-ingests (known tasks are duplicates) and continues.
     """
-    engine = open_engine(config.target)
+    engine = open_run_engine(config)
     try:
         prompts = load_run_prompts(config, engine.tokenizer, engine.info.version)  # type: ignore[attr-defined]
         versions = draft_versions(config, ledger)
@@ -99,6 +96,27 @@ def write_producer_report(run_dir: RunDir, report: ProducerReport, total_tasks: 
             "tokens": report.tokens,
             "seconds": round(report.seconds, 3),
             "tokens_per_s": round(report.tokens_per_s, 1),
+        },
+    )
+
+
+def write_plane_report(
+    run_dir: RunDir, config: LaunchConfig, plan: ControlPlan, ledger: Ledger, store: FeatureStore
+) -> None:
+    """``plane.json``: the control plane a colocated run ran on, read from the live objects
+    (the ledger's backend and durability, the release policy, whether a read frees a feature,
+    and the features still resident at the end).
+    """
+    write_json_atomic(
+        run_dir.plane_report,
+        {
+            "deployment_mode": config.deployment_mode.value,
+            "ledger": plan.ledger_uri,
+            "ledger_backend": ledger.status().backend,
+            "ledger_durable": ledger.durable,
+            "release": plan.release.value,
+            "store_retains_on_release": bool(plan.trainer_store_options["retain_on_release"]),
+            "resident_features_at_end": store.health().resident_samples,
         },
     )
 
@@ -140,6 +158,7 @@ def _consumer_side(
         collective=layout.collective,
         release=plan.release,
         gate=consumer_gate(config, ledger, store),
+        lease_s=config.ledger.consumer_lease_s,
     )
 
 
@@ -156,7 +175,6 @@ def _train_on(
     progress: bool,
 ) -> Callable[[RefQueue], TrainOutcome]:
     objective = trainer_objective(config, sequence_parallel=layout.exchange)
-    window_ack = LedgerWindowAck(consumer, tracks_checkpoints=plan.tracks_checkpoints)
     publisher = publish_hook(config, ledger, run_dir.root)
 
     def train(refs: RefQueue) -> TrainOutcome:
@@ -166,8 +184,9 @@ def _train_on(
             objective,
             store,
             RefSource(queue=WaitingQueue(refs, ledger)),
-            window_ack,
+            consumer.ack,
             layout,
+            durable=consumer.checkpoint_durable if plan.tracks_checkpoints else None,
             resume=resume,
             progress=progress,
             extra_hooks=() if publisher is None else (publisher,),
@@ -183,7 +202,7 @@ def _settled(consumer: ConsumerSide, run: Callable[[], T]) -> T:
         outcome = run()
     except BaseException as exc:
         try:
-            consumer.fail(f"{type(exc).__name__}: {exc}"[:MAX_REASON])
+            consumer.fail(clip_reason(f"{type(exc).__name__}: {exc}"))
         except Exception as marker_error:  # the run's own error stays the one raised
             exc.add_note(f"marking the consumer failed also failed: {marker_error}")
         raise
@@ -203,7 +222,7 @@ def consume_online(
     clean = False
     try:
         ledger = open_plan_ledger(config, plan)
-        store = open_run_store(config, **TRAINER_STORE)
+        store = open_run_store(config, **plan.trainer_store_options)
         try:
             consumer = _consumer_side(config, ledger, store, layout, plan)
             consumer.open(config.run.id, resume=True)
@@ -248,7 +267,7 @@ def run_colocated_online(
     plan = control_plan(config, leases_prompts=True)
     layout = rank_layout(config)
     ledger = open_plan_ledger(config, plan)
-    store = open_run_store(config, **TRAINER_STORE)
+    store = open_run_store(config, **plan.trainer_store_options)
     try:
         # The consumer opens the run first: it sets the quantum the producer's flow control needs.
         consumer = _consumer_side(config, ledger, store, layout, plan)
@@ -272,6 +291,7 @@ def run_colocated_online(
         if outcome.produced is not None:
             write_producer_report(run_dir, outcome.produced, online.total_tasks)
         write_trainer_report(run_dir, outcome.trained)
+        write_plane_report(run_dir, config, plan, ledger, store)
         return outcome.trained
     finally:
         store.close()

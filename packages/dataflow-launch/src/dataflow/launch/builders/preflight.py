@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Any
 
 from dataflow.contracts import InvalidInputError, parse_ledger_uri, parse_store_uri
+from dataflow.launch.builders.config_checks import check_config, check_dataset_fits
 from dataflow.launch.config import LaunchConfig
 
 
@@ -41,21 +42,43 @@ def check_services(config: LaunchConfig) -> None:
         open_run_store(config).close()
 
 
-def preflight(config: LaunchConfig, *, prompts: bool = True) -> None:
+def check_regeneration(config: LaunchConfig) -> None:
+    """A colocated offline run trains the feature files under its ``file://`` store as they
+    are: with ``producer.regenerate`` they must be the target's own (see
+    ``builders.features.check_precomputed``).
+    """
+    if config.producer.regenerate and config.run.topology == "colocated_offline":
+        from pathlib import Path
+
+        from dataflow.launch.builders.features import check_precomputed
+
+        check_precomputed(config, Path(parse_store_uri(config.store.uri).location))
+
+
+def preflight(config: LaunchConfig, *, prompts: bool = True, role: str = "run") -> None:
     """Refuse bad input before a run starts; changes nothing on disk.
 
-    Raises ``InvalidInputError`` for a missing or incomplete model directory, a missing prompt
-    file or too many malformed prompt lines (naming them); ``BackendUnavailableError`` for an
-    unreachable Redis ledger or Mooncake store.
+    First the config-level checks of :func:`check_config` (a relative ``dir://`` store, more
+    trainer ranks than the host or ``torchrun`` provides), then the inputs: raises
+    ``InvalidInputError`` for a missing or incomplete model directory, a missing prompt file,
+    too many malformed prompt lines (naming them), a dataset smaller than one optimizer window
+    (with the numbers) or pre-computed features that ``producer.regenerate`` cannot apply to;
+    ``BackendUnavailableError`` for an unreachable Redis ledger or Mooncake store.
     """
+    check_config(config, role)
+    check_regeneration(config)
     tokenizer = _tokenizer(config)
     if prompts:
         from dataflow.launch.data import load_prompts
+        from dataflow.launch.producer import regenerate_tokens
 
-        loaded = load_prompts(config.data, tokenizer)
+        loaded = load_prompts(config.data, tokenizer, regenerate_tokens=regenerate_tokens(config))
         if not loaded.prompts:
             raise InvalidInputError(f"{loaded.source} holds no usable prompt ({loaded.report()})")
+        check_dataset_fits(config, len(loaded.prompts), loaded.source)
     check_services(config)
+    if role == "consume" and config.run.topology == "disaggregated_online":
+        check_consumer_lease(config)
 
 
 def check_fresh_ledger(config: LaunchConfig) -> None:
@@ -87,3 +110,50 @@ def check_fresh_ledger(config: LaunchConfig) -> None:
             f"({held} samples and prompts); pass --resume to continue it, or point ledger.uri "
             "at a new ledger"
         )
+
+
+def check_consumer_lease(config: LaunchConfig) -> None:
+    """A consumer refuses to start while another live consumer holds the run's lease, naming it
+    (before the run directory or any store segment is touched). Read-only: a SQLite file is
+    opened with ``mode=ro``; a missing one holds no lease. The ledger re-checks at open.
+    """
+    import os
+    import socket
+    import time
+    from pathlib import Path
+
+    from dataflow.contracts import LedgerConflictError
+
+    parsed = parse_ledger_uri(config.ledger.uri)
+    if parsed.scheme == "sqlite":
+        if not Path(parsed.location).is_file():
+            return
+        from dataflow.control.ledger import open_ledger
+
+        ledger = open_ledger(config.ledger.uri, read_only=True)
+    elif parsed.scheme == "redis":
+        from dataflow.launch.producer import open_config_ledger
+
+        ledger = open_config_ledger(config)
+    else:
+        return
+    try:
+        held = ledger.consumer_lease()
+    finally:
+        ledger.close()
+    now = time.time()
+    if held.pid == 0 or held.expires_at <= now:
+        return
+    if held.host == socket.gethostname():
+        if held.pid == os.getpid():
+            return
+        try:
+            os.kill(held.pid, 0)
+        except ProcessLookupError:
+            return  # a crashed consumer on this host: taken over at open
+        except PermissionError:
+            pass
+    raise LedgerConflictError(
+        f"another consumer holds run {config.run.id!r} on {config.ledger.uri}: "
+        f"{held.describe(now)}; stop it, or wait for its lease to expire"
+    )

@@ -8,6 +8,9 @@ that exits cleanly never cancels the others.
 A stop signal to the supervisor (Ctrl-C, ``SIGTERM``, ``SIGHUP``: see ``cli/signals.py``) stops
 every role the same way before it propagates, and a role whose supervisor dies (even by
 ``SIGKILL``) stops by itself: each child gets ``DATAFLOW_SUPERVISOR_PID`` and follows it.
+Children inherit this process's environment, so ``--log-level`` (exported as
+``DATAFLOW_LOG_LEVEL`` by ``cli/logs.py``) reaches every role, and each logs alike into its
+``logs/<role>.log``.
 """
 
 from __future__ import annotations

@@ -1,13 +1,14 @@
 """The one trainer path every topology converges on.
 
-Refs (a fixed list or a rank's queue) → ``FeatureDataLoader`` → ``Trainer`` with the audited ack
-hook → checkpoints, ``metrics.jsonl``, ``trained.jsonl``. Builders differ only in the ref
-source, the store and the window ack they pass in; nothing here looks at the topology.
+Refs (a fixed list or a rank's queue) → ``FeatureDataLoader`` → ``Trainer`` with train's
+``AckHook`` (the one ack seam, docs/architecture.md §7) writing ``trained.jsonl`` once each ack
+returned → checkpoints, ``metrics.jsonl``. Builders differ only in the ref source, the store and
+the ack (and durable) functions they pass in; nothing here looks at the topology.
 """
 
 from __future__ import annotations
 
-import sys
+import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -15,7 +16,6 @@ from typing import Any
 
 from dataflow.contracts import FeatureStore, InvalidInputError, RefQueue, SampleRef
 from dataflow.control import run_on_rank0
-from dataflow.launch.builders.acks import AuditedAckHook, WindowAck
 from dataflow.launch.builders.ranks import RankLayout
 from dataflow.launch.config import LaunchConfig
 from dataflow.launch.run_dir import RunDir, write_json_atomic
@@ -28,12 +28,14 @@ from dataflow.train.checkpoint import (
 )
 from dataflow.train.config import TrainerConfig
 from dataflow.train.eagle3 import Eagle3Objective
-from dataflow.train.hooks import StepEvent, TrainerHook
+from dataflow.train.hooks import AckFn, AckHook, StepEvent, TrainerHook
 from dataflow.train.loader import FeatureDataLoader
 from dataflow.train.metrics import default_metrics, read_jsonl
 from dataflow.train.optim import OptimConfig
 from dataflow.train.parallel.sequence import SequenceParallelObjective
 from dataflow.train.trainer import Trainer
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -120,14 +122,15 @@ def resume_checkpoint(
     newer ones refused (every rank calls this together; nothing is unpickled to decide).
 
     Raises ``CheckpointRefusedError`` naming the files when checkpoints exist but none
-    verifies. With ``announce``, rank 0 prints each refusal and the fallback to stderr.
+    verifies. With ``announce``, rank 0 logs each refusal and the fallback (a warning on
+    ``dataflow.launch.builders.trainer_path``: stderr by default).
     """
     manager = CheckpointManager(run_dir.checkpoints, layout.collective, run_id=run_id)
     info, refused = manager.newest_verified()
     lines = report_refused(refused, info)
     if announce and layout.rank == 0:
         for line in lines:
-            print(f"dataflow: {line}", file=sys.stderr, flush=True)
+            log.warning("%s", line)
     return info, refused
 
 
@@ -170,7 +173,18 @@ def trainer_config(config: LaunchConfig, *, progress: bool) -> TrainerConfig:
         checkpoint_interval=t.checkpoint_every,
         keep_last=t.keep_last,
         progress=progress,
+        on_nonfinite=t.on_nonfinite,
     )
+
+
+def longest_sample(config: LaunchConfig) -> int:
+    """The longest sample the run can produce (prompt, plus the response when regenerating):
+    the loader drops anything longer as a bad sample.
+    """
+    longest = config.data.max_length
+    if config.producer.regenerate:
+        longest += config.producer.max_new_tokens
+    return longest
 
 
 def train_draft(
@@ -179,9 +193,10 @@ def train_draft(
     objective: Eagle3Objective,
     store: FeatureStore,
     source: RefSource,
-    window_ack: WindowAck,
+    ack: AckFn,
     layout: RankLayout,
     *,
+    durable: Callable[[int], object] | None = None,
     resume: bool,
     progress: bool = True,
     extra_hooks: Sequence[TrainerHook] = (),
@@ -189,13 +204,23 @@ def train_draft(
 ) -> TrainOutcome:
     """Train ``objective`` on ``source`` until the data ends or ``trainer.max_steps``.
 
-    Guarantees: one ack per optimizer window (then its ``trained.jsonl`` line, rank 0); a
+    Guarantees: one ``ack(step, ids)`` per optimizer window (then its ``trained.jsonl`` line,
+    rank 0), ``durable(step)`` after each checkpoint when given; a
     checkpoint every ``trainer.checkpoint_every`` steps and at the end; ``resume`` continues from
     the newest checkpoint after rewinding the records past it; ``extra_hooks`` run after the
     ack, ``extra_metrics`` figures join each ``metrics.jsonl`` row. Returns this process's
     tallies.
     """
     rank0 = layout.rank == 0
+    if rank0:
+        log.info(
+            "training run %s: %s, store %s, %d rank(s), resume=%s",
+            config.run.id,
+            config.run.topology,
+            store.uri,
+            layout.collective.world_size,
+            resume,
+        )
     resumed_at: int | None = None
     chosen: CheckpointInfo | None = None
     refused: list[RefusedCheckpoint] = []
@@ -221,6 +246,8 @@ def train_draft(
             world_size=layout.data_world,
             pad_multiple=layout.sp_size,
             prefetch=1,
+            max_length=longest_sample(config),
+            max_bad_samples=config.trainer.max_bad_samples,
         )
     else:
         assert source.queue is not None
@@ -230,8 +257,12 @@ def train_draft(
             batch_size=config.trainer.batch_size,
             pad_multiple=layout.sp_size,
             prefetch=1,
+            max_length=longest_sample(config),
+            max_bad_samples=config.trainer.max_bad_samples,
         )
-    ack_hook = AuditedAckHook(window_ack, TrainedLog(run_dir.trained) if rank0 else None)
+    ack_hook = AckHook(
+        ack, durable=durable, on_acked=TrainedLog(run_dir.trained).append if rank0 else None
+    )
     token_hook = _TokenHook(tokens)
     model = (
         objective

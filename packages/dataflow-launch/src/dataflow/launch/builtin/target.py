@@ -1,8 +1,8 @@
 """The built-in small target: the shipped trained LLaMA, or a LLaMA with seeded random weights.
 
-``weights: trained`` (the default) loads ``assets/target.safetensors`` (made by
+``weights: trained`` (opt-in) loads ``assets/target.safetensors`` (made by
 ``python -m dataflow.launch.builtin.train_target``) after checking its sha256 against
-``assets/target.json``; nothing is downloaded. ``weights: random``: the target is random but FIXED: every weight is drawn from ``torch.Generator(seed)`` in a fixed
+``assets/target.json``; nothing is downloaded. ``weights: random`` (the default): the target is random but FIXED: every weight is drawn from ``torch.Generator(seed)`` in a fixed
 order by this module (not by transformers' own initialiser), so the same seed gives bit-identical
 weights on every machine and transformers version, and the global RNG is left untouched. Its
 next-token choices are therefore a fixed function of the context; a draft trained on its features
@@ -32,10 +32,13 @@ _MAX_POSITIONS = 8192
 
 
 def builtin_version(section: BuiltinTargetSection) -> str:
-    """A target version id that changes with any field of the built-in target's config."""
-    digest = hashlib.sha256(
-        json.dumps(section.model_dump(mode="json"), sort_keys=True).encode()
-    ).hexdigest()
+    """A target version id that changes with any field of the built-in target's config (a random
+    target's id leaves out ``weights``, so it is the id such a target had before that field).
+    """
+    fields = section.model_dump(mode="json")
+    if fields["weights"] == "random":
+        del fields["weights"]
+    digest = hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
     return f"builtin-{digest[:12]}"
 
 

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 from dataflow.contracts.errors import DataflowError
 from dataflow.launch.cli import consume, demo, eval, export, produce, run, status, target
+from dataflow.launch.cli.logs import LEVELS, LOG_LEVEL_ENV, configure_logging, default_level
 from dataflow.launch.cli.signals import exit_status, follow_supervisor, stop_handlers
 from dataflow.launch.version import __version__
 
@@ -27,7 +28,8 @@ Commands: demo (start here: it trains a draft for the built-in small target on t
 prints a summary), run CONFIG (any topology), produce and consume (the two roles of a
 disaggregated run, for separate machines), status LEDGER_URI (a run's ledger), export (a
 run's draft for SGLang, vLLM or HF), eval (the draft measured by speculative decoding in vLLM
-or in-process) and target save DIR (the built-in target as a model directory)."""
+or in-process), target save DIR (the built-in target as a model directory) and target
+vllm-command CONFIG (the vLLM server command line)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,6 +40,14 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"dataflow-launch {__version__}")
+    parser.add_argument(
+        "--log-level",
+        type=str.lower,
+        choices=LEVELS,
+        default=None,
+        help=f"how much the dataflow.* loggers write to stderr (default: ${LOG_LEVEL_ENV} or "
+        "warning); child role processes inherit it",
+    )
     commands = parser.add_subparsers(title="commands", dest="command", metavar="COMMAND")
     for command in (demo, run, produce, consume, status, export, eval, target):
         command.register(commands)
@@ -65,6 +75,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     try:
+        configure_logging(args.log_level or default_level())
         follow_supervisor()
         code: int = args.run(args)
     except DataflowError as exc:

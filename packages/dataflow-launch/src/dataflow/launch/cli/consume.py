@@ -41,7 +41,7 @@ def run(args: argparse.Namespace) -> int:
     from dataflow.launch.builders.preflight import preflight
     from dataflow.launch.builders.ranks import in_torchrun
 
-    preflight(config)
+    preflight(config, role="consume")
 
     rank = 0
     if in_torchrun():

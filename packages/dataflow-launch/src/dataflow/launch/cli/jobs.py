@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import logging
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -14,6 +15,8 @@ from typing import Any
 from dataflow.contracts import InvalidInputError, parse_ledger_uri
 from dataflow.launch.config import LaunchConfig, load_config
 from dataflow.launch.run_dir import RunDir
+
+log = logging.getLogger(__name__)
 
 DISAGGREGATED = ("disaggregated_offline", "disaggregated_online")
 
@@ -68,8 +71,24 @@ def require_disaggregated(config: LaunchConfig, role: str) -> None:
 
 
 def load_cli_config(args: argparse.Namespace) -> LaunchConfig:
-    """The config named by ``args.config`` with ``args.overrides`` applied (validated)."""
-    return load_config(Path(args.config), list(args.overrides))
+    """The config named by ``args.config`` with ``args.overrides`` applied (validated); logs
+    the resolved config (secrets redacted) at ``info``.
+    """
+    config = load_config(Path(args.config), list(args.overrides))
+    if log.isEnabledFor(logging.INFO):
+        from dataflow.launch.config.loading import dump_yaml, fingerprint
+
+        log.info(
+            "run %s (%s, %s): ledger %s, store %s, config fingerprint %s\n%s",
+            config.run.id,
+            config.run.topology,
+            config.run.deployment_mode,
+            config.ledger.uri,
+            config.store.uri,
+            fingerprint(config)[:12],
+            dump_yaml(config).rstrip(),
+        )
+    return config
 
 
 def config_argv(args: argparse.Namespace) -> tuple[str, ...]:

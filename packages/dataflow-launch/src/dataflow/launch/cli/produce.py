@@ -34,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
     require_disaggregated(config, "produce")
     from dataflow.launch.builders.preflight import preflight
 
-    preflight(config)
+    preflight(config, role="produce")
     run_dir = RunDir(Path(config.run.out_dir)).create()
     if config.run.topology == "disaggregated_online":
         from dataflow.launch.builders.online import produce_online

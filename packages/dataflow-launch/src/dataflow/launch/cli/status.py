@@ -93,4 +93,8 @@ def open_existing_ledger(uri: str) -> Ledger:
             raise NotFoundError(f"no ledger at {path}: the file is empty")
     from dataflow.control.ledger import open_ledger
 
+    if parsed.scheme == "sqlite":
+        # mode=ro: reading never switches a file to WAL or writes a byte (a foreign SQLite
+        # file stays byte-identical when it is refused).
+        return open_ledger(uri, read_only=True)
     return open_ledger(uri)

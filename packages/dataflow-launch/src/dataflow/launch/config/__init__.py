@@ -24,6 +24,7 @@ from dataflow.launch.config.sections import (
     StoreSection,
     TargetSection,
     TrainerSection,
+    VLLMServerSection,
 )
 
 __all__ = [
@@ -39,6 +40,7 @@ __all__ = [
     "StoreOptions",
     "StoreSection",
     "TargetSection",
+    "VLLMServerSection",
     "TrainerSection",
     "apply_overrides",
     "config_from_mapping",

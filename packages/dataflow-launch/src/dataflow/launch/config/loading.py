@@ -63,6 +63,8 @@ PLACEMENT_PATHS: tuple[tuple[str, ...], ...] = (
     ("trainer", "keep_last"),
     ("trainer", "log_every"),
     ("trainer", "max_steps"),
+    ("trainer", "on_nonfinite"),
+    ("trainer", "max_bad_samples"),
 )
 
 
@@ -193,9 +195,18 @@ def fingerprint(config: LaunchConfig) -> str:
 
     Equal fingerprints mean the same samples trained the same way. Independent of key order and
     of every field in :data:`PLACEMENT_PATHS` (topology, store, ledger, flow control, producer,
-    device, data-parallel size, checkpoint cadence); any other change alters it.
+    device, data-parallel size, checkpoint cadence); any other change alters it. The producer's
+    regeneration settings are the exception within ``producer``: with ``producer.regenerate``
+    on, the target writes the responses, so ``max_new_tokens`` and ``temperature`` change the
+    samples and are part of the digest (off, they change nothing and are left out).
     """
     data = config.model_dump(mode="json")
     _strip(data, PLACEMENT_PATHS, None)
+    producer = config.producer
+    if producer.regenerate:
+        data["regeneration"] = {
+            "max_new_tokens": producer.max_new_tokens,
+            "temperature": producer.temperature,
+        }
     canonical = json.dumps(data, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()

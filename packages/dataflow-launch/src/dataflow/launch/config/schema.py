@@ -6,6 +6,7 @@ validation, so a validated config is fully resolved: dumping it shows what actua
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from pydantic import model_validator
@@ -50,7 +51,8 @@ def _default_store(topology: str, run_id: str, out_dir: str) -> str:
     return {
         "colocated_offline": f"file://{base}/features",
         "colocated_online": "memory://",
-        "disaggregated_offline": f"dir://{base}/store",
+        # dir:// must be absolute (two processes resolve it): a relative out_dir is made so.
+        "disaggregated_offline": f"dir://{os.path.abspath(base)}/store",
         "disaggregated_online": f"shm://{run_id}",
     }[topology]
 
@@ -61,7 +63,8 @@ class LaunchConfig(Section):
 
     Guarantees once constructed: every key was known, every value had the right type and range,
     topology-dependent defaults are filled in, and the cross-section rules hold (a disaggregated
-    run has a cross-process store and a durable ledger; the high watermark holds one window).
+    run has a cross-process store and a durable ledger; the high watermark holds one window;
+    ``producer.regenerate`` has an engine that generates and room for a prompt).
     """
 
     run: RunSection = RunSection()
@@ -120,32 +123,78 @@ class LaunchConfig(Section):
                 + " or ".join(f"{s}://" for s in allowed)
                 + f", got {self.store.uri!r}"
             )
+        if self.target.capture == "mooncake" and (
+            store_scheme != "mooncake" or topology.endswith("_offline")
+        ):
+            raise ValueError(
+                "target.capture: mooncake has the server write features into Mooncake; it needs "
+                f"an online run with a mooncake:// store, got {topology} with {self.store.uri!r}"
+            )
         if topology == "disaggregated_online" and ledger_scheme not in _DURABLE_LEDGERS:
             raise ValueError(
                 "ledger.uri: disaggregated_online shares its ledger between processes; use "
                 f"sqlite:///PATH or redis://HOST:PORT/DB, got {self.ledger.uri!r}"
             )
-        if self.staleness.enabled and topology.endswith("_offline"):
+        if (
+            self.staleness.enabled
+            and topology.endswith("_offline")
+            and not self.staleness.require_target_match
+        ):
             raise ValueError(
-                f"staleness.enabled: {topology} trains precomputed features, which carry no "
-                "draft weight version and are re-read every epoch; staleness applies to online "
-                "topologies only"
+                f"staleness.require_target_match: {topology} trains a retained feature set no "
+                "draft served, so there is no draft lag to bound; offline staleness only drops "
+                "samples captured by another target, and with require_target_match=false it "
+                "would check nothing (set staleness.enabled=false)"
             )
         if topology.endswith("_online") and ledger_scheme == "noop":
             raise ValueError(
                 f"ledger.uri: {topology} leases prompts from its ledger and noop:// retains "
                 "none; use memory:// (in-process, no I/O) or a durable sqlite:// or redis:// ledger"
             )
-        if mode.durable and ledger_scheme == "noop":
+        if topology == "colocated_offline" and mode.durable:
             raise ValueError(
-                f"ledger.uri: deployment mode {mode.value!r} keeps a durable ledger; noop:// "
-                "retains nothing"
+                f"run.deployment_mode: colocated_offline keeps no durable ledger; "
+                f"{mode.value!r} needs one, use 'local_colocated'"
             )
+        if topology == "colocated_offline" and ledger_scheme != "noop":
+            raise ValueError(
+                f"ledger.uri: colocated_offline trains retained feature files and keeps no "
+                f"record (its ledger is noop://); {self.ledger.uri!r} would never be written"
+            )
+        if mode.durable and ledger_scheme not in _DURABLE_LEDGERS:
+            raise ValueError(
+                f"ledger.uri: deployment mode {mode.value!r} keeps a durable ledger (resumable "
+                f"after a crash); {self.ledger.uri!r} is not durable; use sqlite:///PATH or "
+                "redis://HOST:PORT/DB"
+            )
+        if not mode.durable and ledger_scheme in _DURABLE_LEDGERS:
+            raise ValueError(
+                f"ledger.uri: deployment mode 'local_colocated' runs the lightweight plane (in "
+                f"process: no durable transaction, no I/O) and {self.ledger.uri!r} is durable; "
+                "use memory:// or set run.deployment_mode=dataflow_colocated"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _trainer_and_producer_rules(self) -> LaunchConfig:
+        topology = self.run.topology
         if self.trainer.sp_size > 1 and topology.endswith("_online"):
             raise ValueError(
                 f"trainer.sp_size: sequence parallelism ({self.trainer.sp_size}) needs an offline "
                 f"topology, where every rank of a sequence-parallel group reads the same fixed "
                 f"refs; {topology} consumers are data-parallel only (use trainer.dp_size)"
+            )
+        producer = self.producer
+        if producer.regenerate and self.target.engine == "sglang":
+            raise ValueError(
+                "producer.regenerate: the sglang engine cannot generate responses (it only "
+                "captures the data's); use target.engine hf or vllm, or set producer.regenerate false"
+            )
+        if producer.regenerate and producer.max_new_tokens >= self.data.max_length:
+            raise ValueError(
+                f"producer.max_new_tokens: {producer.max_new_tokens} leaves no room for a prompt "
+                f"within data.max_length {self.data.max_length} (prompt + response must fit); "
+                "lower producer.max_new_tokens or raise data.max_length"
             )
         if self.flow.high_watermark < self.trainer.quantum:
             raise ValueError(

@@ -51,22 +51,40 @@ TRAINED_BUILTIN_SHAPE = {
 """The shape of the shipped trained built-in target (``weights: trained``)."""
 
 
+RANDOM_BUILTIN_SHAPE: dict[str, int] = {
+    "hidden_size": 256,
+    "num_layers": 8,
+    "num_heads": 4,
+    "num_kv_heads": 2,
+    "intermediate_size": 512,
+}
+"""The default shape of the random built-in target (``weights: random``, the default)."""
+
+
 class BuiltinTargetSection(Section):
-    """The built-in small target over the shipped tokenizer: the shipped *trained* LLaMA
-    (``weights: trained``, the default; its shape is fixed) or a random LLaMA of any shape fixed
-    by ``seed`` (``weights: random``).
+    """The built-in small target over the shipped tokenizer: a random LLaMA of any shape fixed by
+    ``seed`` (``weights: random``, the default) or the shipped *trained* LLaMA (``weights:
+    trained``, opt-in; its shape is fixed and its defaults follow it).
     """
 
-    weights: Literal["trained", "random"] = "trained"
-    hidden_size: int = Field(default=TRAINED_BUILTIN_SHAPE["hidden_size"], ge=8)
-    num_layers: int = Field(default=TRAINED_BUILTIN_SHAPE["num_layers"], ge=1)
-    num_heads: int = Field(default=TRAINED_BUILTIN_SHAPE["num_heads"], ge=1)
-    num_kv_heads: int = Field(default=TRAINED_BUILTIN_SHAPE["num_kv_heads"], ge=1)
-    intermediate_size: int = Field(default=TRAINED_BUILTIN_SHAPE["intermediate_size"], ge=1)
+    weights: Literal["trained", "random"] = "random"
+    hidden_size: int = Field(default=RANDOM_BUILTIN_SHAPE["hidden_size"], ge=8)
+    num_layers: int = Field(default=RANDOM_BUILTIN_SHAPE["num_layers"], ge=1)
+    num_heads: int = Field(default=RANDOM_BUILTIN_SHAPE["num_heads"], ge=1)
+    num_kv_heads: int = Field(default=RANDOM_BUILTIN_SHAPE["num_kv_heads"], ge=1)
+    intermediate_size: int = Field(default=RANDOM_BUILTIN_SHAPE["intermediate_size"], ge=1)
     seed: int = Field(default=0, ge=0)
     logit_std: float = Field(default=5.0, gt=0)
     """Spread of the target's logits (the LM head is drawn with std ``logit_std / sqrt(H)``):
     large enough that the target's next-token choice is sharp."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _trained_shape_defaults(cls, data: Any) -> Any:
+        """With ``weights: trained`` the shape fields left unset take the trained shape."""
+        if isinstance(data, dict) and data.get("weights") == "trained":
+            return {**TRAINED_BUILTIN_SHAPE, **data}
+        return data
 
     @model_validator(mode="after")
     def _heads_divide(self) -> BuiltinTargetSection:
@@ -92,10 +110,33 @@ class BuiltinTargetSection(Section):
         return self
 
 
+class VLLMServerSection(Section):
+    """The ``vllm`` engine's server: how a managed one is started (``target.server_url`` unset),
+    and where captures are written (a directory the server and the producer both see).
+    """
+
+    python: str | None = None
+    """Python of the environment with vLLM installed; None → the producer's own interpreter."""
+    host: str = "127.0.0.1"
+    port: int = Field(default=0, ge=0, le=65535)
+    """0 → a free port chosen at start."""
+    capture_dir: str | None = None
+    """The connector's ``shared_storage_path``; None → a fresh temporary directory (managed
+    server) or ``<tmp>/dataflow-vllm-captures`` (printed command)."""
+    enforce_eager: bool = True
+    """``--enforce-eager`` (required on CPU builds to start in seconds, not minutes)."""
+    max_model_len: int | None = Field(default=None, ge=2)
+    kv_cache_gib: float = Field(default=1.0, gt=0)
+    """``VLLM_CPU_KVCACHE_SPACE`` of a managed server on a CPU build."""
+    startup_timeout_s: float = Field(default=600.0, gt=0)
+    extra_args: tuple[str, ...] = Field(default=(), strict=False)
+    """More server flags, appended as given."""
+
+
 class TargetSection(Section):
     """Which target model captures features, and how."""
 
-    engine: Literal["hf", "sglang"] = "hf"
+    engine: Literal["hf", "sglang", "vllm"] = "hf"
     model_dir: str | None = None
     builtin: BuiltinTargetSection | None = None
     """Set (or defaulted) exactly when ``model_dir`` is not."""
@@ -107,12 +148,19 @@ class TargetSection(Section):
     aux_layer_ids: tuple[StrictInt, StrictInt, StrictInt] | None = Field(default=None, strict=False)
     """None → the rule [1, N//2 - 1, N - 4] for an N-layer target."""
     server_url: str | None = None
-    """sglang: the plain server (post-norm last hidden state)."""
+    """sglang: the plain server (post-norm last hidden state); vllm: a running server (None →
+    the producer starts and supervises one, see ``vllm``)."""
     aux_server_url: str | None = None
     """sglang: the EAGLE3 server over the same weights (the three aux layers)."""
+    capture: Literal["response", "mooncake"] = "response"
+    """sglang: ``response`` — two stock servers answer JSON hidden states; ``mooncake`` — one
+    SpecForge-patched server (``--enable-spec-capture``) writes the features straight into the
+    run's ``mooncake://`` store and answers only their shapes and dtypes."""
     request_timeout_s: float = Field(default=300.0, gt=0)
     version: str | None = None
     """Target version stamped on refs; None → derived from the model."""
+    vllm: VLLMServerSection = VLLMServerSection()
+    """vllm engine: the managed server's settings and the capture directory."""
 
     @model_validator(mode="before")
     @classmethod
@@ -137,7 +185,7 @@ class TargetSection(Section):
         if self.engine == "sglang":
             if self.server_url is None:
                 raise ValueError("server_url: required by the sglang engine")
-            if self.aux_server_url is None:
+            if self.aux_server_url is None and self.capture == "response":
                 raise ValueError(
                     "aux_server_url: required by the sglang engine (a stock SGLang server returns "
                     "the aux layers only when it runs EAGLE3, and then not the last hidden state)"
@@ -147,6 +195,13 @@ class TargetSection(Section):
                     "model_dir: required by the sglang engine (the directory the server loaded: "
                     "tokenizer, embedding and LM head come from it)"
                 )
+        if self.capture == "mooncake" and self.engine != "sglang":
+            raise ValueError("capture: 'mooncake' needs engine 'sglang' (a spec-capture server)")
+        if self.engine == "vllm" and self.model_dir is None:
+            raise ValueError(
+                "model_dir: required by the vllm engine (the directory the server loads; the "
+                "tokenizer, final norm, embedding and LM head come from it)"
+            )
         return self
 
     @field_validator("aux_layer_ids")
@@ -207,6 +262,9 @@ class LedgerSection(Section):
     uri: str = ""
     """Empty → chosen from the topology and deployment mode."""
     options: LedgerOptions = LedgerOptions()
+    consumer_lease_s: float = Field(default=30.0, gt=0)
+    """The consumer's fenced lease on its run lasts this long without a heartbeat (renewed every
+    third of it); a second consumer is refused until it expires, then takes over."""
 
     @field_validator("uri")
     @classmethod
@@ -278,7 +336,12 @@ class ProducerSection(Section):
     lease_s: float = Field(default=120.0, gt=0)
     poll_s: float = Field(default=0.05, gt=0)
     regenerate: bool = False
-    """The target writes the assistant turns itself; features cover prompt + its own response."""
+    """The target writes the assistant turns itself; features cover prompt + its own response
+    and the loss mask covers the response only. Each conversation becomes one prompt: its
+    turns before the first assistant turn (``token_ids`` data: the ids before the first loss
+    mask 1). Needs an engine that generates (not ``sglang``) and
+    ``max_new_tokens < data.max_length``; prompts longer than ``data.max_length -
+    max_new_tokens`` are skipped and reported."""
     max_new_tokens: int = Field(default=64, ge=1)
     """With ``regenerate``: the most tokens the target writes per sample."""
     temperature: float = Field(default=0.0, ge=0)
@@ -309,6 +372,12 @@ class TrainerSection(Section):
     ttt_length: int = Field(default=7, ge=1)
     draft_vocab_size: int = Field(default=512, ge=2)
     log_every: int = Field(default=1, ge=1)
+    on_nonfinite: Literal["fail", "skip"] = "fail"
+    """An optimizer window with a NaN/inf loss or gradient norm is never applied: ``fail`` the
+    run naming its samples, or ``skip`` the window (gradients discarded) and go on."""
+    max_bad_samples: int = Field(default=0, ge=0)
+    """Samples with bad feature values (NaN/inf, no tokens, longer than the run's length, a loss
+    mask not 0/1) are dropped with a reason; more than this many fail the run."""
 
     @property
     def world_size(self) -> int:

@@ -1,5 +1,10 @@
 """Conversations: normalising ShareGPT / messages records and tokenising them with a loss mask.
 
+With regeneration (``producer.regenerate``) a conversation is cut to its prompt instead: the
+turns before its first assistant turn, rendered with the template's generation prompt (so the
+text ends where the assistant's turn starts), loss mask all 0; the target writes the reply.
+Later turns are dropped: one task per conversation, whose prompt is its first user turn(s).
+
 The loss mask is 1 exactly on the tokens of assistant turns (their content and end-of-turn
 marker), found by rendering the chat template on growing prefixes of the conversation and
 mapping the assistant character spans onto token offsets. This works for any fast tokenizer
@@ -33,9 +38,10 @@ def _turns(record: Mapping[str, Any]) -> tuple[list[Any], str, str, str]:
     raise MalformedRecord("has neither 'conversations' nor 'messages'")
 
 
-def normalise_conversation(record: Any) -> list[dict[str, str]]:
+def normalise_conversation(record: Any, *, need_assistant: bool = True) -> list[dict[str, str]]:
     """``[{"role", "content"}, …]`` from a ShareGPT (``conversations``: from/value) or chat
     (``messages``: role/content) record; raises :class:`MalformedRecord` saying what is wrong.
+    ``need_assistant=False`` accepts a prompt-only record (the target writes the reply).
     """
     if not isinstance(record, dict):
         raise MalformedRecord(f"expected a JSON object, got {type(record).__name__}")
@@ -53,7 +59,7 @@ def normalise_conversation(record: Any) -> list[dict[str, str]]:
         if not isinstance(text, str):
             raise MalformedRecord(f"{field}[{i}].{text_key} must be a string")
         messages.append({"role": role, "content": text})
-    if not any(m["role"] == "assistant" for m in messages):
+    if need_assistant and not any(m["role"] == "assistant" for m in messages):
         raise MalformedRecord("has no assistant turn")
     return messages
 
@@ -114,3 +120,28 @@ def encode_conversation(
         inside = end > begin and any(begin >= s.start and end <= s.stop for s in spans)
         mask.append(1 if inside else 0)
     return ids, mask
+
+
+def prompt_messages(messages: list[dict[str, str]]) -> list[dict[str, str]]:
+    """The turns before the first assistant turn (the prompt the target answers when it
+    regenerates); raises :class:`MalformedRecord` when there is none or no user turn among them.
+    """
+    first = next((i for i, m in enumerate(messages) if m["role"] == "assistant"), len(messages))
+    prompt = messages[:first]
+    if not any(m["role"] == "user" for m in prompt):
+        raise MalformedRecord("has no user turn before its first assistant turn")
+    return prompt
+
+
+def encode_prompt(tokenizer: Any, messages: list[dict[str, str]]) -> tuple[list[int], list[int]]:
+    """Token ids of ``prompt_messages(messages)`` rendered up to where the assistant's turn
+    starts (generation prompt included), and an all-0 loss mask; never truncated (a prompt cut
+    short would lose the start of the assistant's turn).
+    """
+    if not getattr(tokenizer, "chat_template", None):
+        raise InvalidInputError(
+            "the tokenizer has no chat template; use data.format token_ids for pre-tokenised data"
+        )
+    text = _render(tokenizer, prompt_messages(messages), True)
+    ids = [int(t) for t in tokenizer(text, add_special_tokens=False)["input_ids"]]
+    return ids, [0] * len(ids)

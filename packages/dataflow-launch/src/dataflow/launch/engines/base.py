@@ -49,16 +49,34 @@ class TargetHead:
 
 
 @dataclass(frozen=True)
+class ServerWritten:
+    """Features a capture server already wrote into the run's ``mooncake://`` store, headerless,
+    at the store's keys for ``generation`` (``target.capture: mooncake``); ``specs`` are the four
+    feature specs, checked against the engine's. The producer commits them without a put
+    (``MooncakeFeatureStore.adopt_external``).
+    """
+
+    generation: int
+    specs: Mapping[str, FeatureSpec] = field(hash=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "specs", MappingProxyType(dict(self.specs)))
+
+
+@dataclass(frozen=True)
 class CapturedSample:
     """One prompt's features, checked against the engine's feature specs.
 
     ``tensors`` holds :data:`FEATURE_NAMES`: ``input_ids`` int64 ``[1,T]``, ``loss_mask`` int64
     ``[1,T]``, ``hidden_state`` ``[1,T,H]`` (last post-norm hidden state) and
-    ``aux_hidden_state`` ``[1,T,3H]`` (the three captured layers, concatenated in order).
+    ``aux_hidden_state`` ``[1,T,3H]`` (the three captured layers, concatenated in order) — or,
+    when ``written`` is set, nothing: the features are already in the store (see
+    :class:`ServerWritten`).
     """
 
     task_id: str
     tensors: Mapping[str, torch.Tensor] = field(hash=False)
+    written: ServerWritten | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "tensors", MappingProxyType(dict(self.tensors)))
@@ -66,11 +84,15 @@ class CapturedSample:
     @property
     def num_tokens(self) -> int:
         """T, the sample's token count."""
+        if self.written is not None:
+            return int(self.written.specs["input_ids"].shape[-1])
         return int(self.tensors["input_ids"].shape[-1])
 
     @property
     def nbytes(self) -> int:
         """Raw bytes of all four features."""
+        if self.written is not None:
+            return sum(spec.nbytes for spec in self.written.specs.values())
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
 
 

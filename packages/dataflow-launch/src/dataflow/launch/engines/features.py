@@ -44,12 +44,26 @@ def check_features(
                 f"task {task_id!r}: feature {name!r} is {got_dtype}{list(tensor.shape)}, "
                 f"expected {spec.dtype}{list(spec.shape)}"
             )
-    mask = tensors["loss_mask"]
-    if bool(((mask != 0) & (mask != 1)).any()):
-        raise SchemaMismatchError(f"task {task_id!r}: loss_mask holds values other than 0 and 1")
-    for name in ("hidden_state", "aux_hidden_state"):
-        if not bool(torch.isfinite(tensors[name]).all()):
-            raise SchemaMismatchError(f"task {task_id!r}: feature {name!r} has NaN or inf values")
+    problem = value_problem(tensors)
+    if problem is not None:
+        raise BadFeatureValuesError(f"task {task_id!r}: {problem}")
+
+
+class BadFeatureValuesError(SchemaMismatchError):
+    """A captured sample's values must never train (NaN/inf hidden states, no tokens, too long,
+    a loss mask not 0/1). The prompt is at fault, not the worker: it fails for good.
+    """
+
+
+def value_problem(tensors: Mapping[str, torch.Tensor], max_length: int | None = None) -> str | None:
+    """Why a sample's values must not train (``bad_features: …``), or ``None``.
+
+    The one definition shared by every engine (through :func:`check_features`), the producer
+    worker (with the run's ``max_length``) and the trainer's loader.
+    """
+    from dataflow.train.sample_checks import sample_problem
+
+    return sample_problem(tensors, max_length)
 
 
 def checked_sample(

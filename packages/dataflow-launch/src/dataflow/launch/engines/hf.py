@@ -6,6 +6,11 @@ model's ``last_hidden_state``, which is post-final-norm. Prompts are batched wit
 causal attention keeps every real position independent of the padding after it. Features are
 bit-reproducible for the same batch composition (different batch shapes can change the last
 bits of float results, so equivalence runs use a fixed batch size).
+
+With a :class:`Regeneration` the payload is the prompt only: the target first writes its
+response to each prompt (:mod:`dataflow.launch.engines.generate`, one task at a time), then one
+forward over prompt + response captures the features, exactly as for a prompt from the data;
+the loss mask is the payload's followed by 1 on every generated token.
 """
 
 from __future__ import annotations
@@ -20,8 +25,9 @@ import torch
 
 from dataflow.contracts import FeatureSpec, InvalidInputError, PromptTask
 from dataflow.launch.config import TargetSection
-from dataflow.launch.engines.base import CapturedSample, TargetHead, TargetInfo
+from dataflow.launch.engines.base import CapturedSample, Regeneration, TargetHead, TargetInfo
 from dataflow.launch.engines.features import checked_sample, eagle3_feature_specs, torch_dtype_name
+from dataflow.launch.engines.generate import eos_token_ids, generate_tokens, task_seed
 from dataflow.launch.engines.layers import resolve_aux_layer_ids
 from dataflow.launch.engines.payload import encode_payload
 from dataflow.launch.extras import require
@@ -54,7 +60,9 @@ class HFTargetEngine:
     Guarantees: one sample per task in task order; every sample checked against
     :meth:`feature_specs` before it is returned; tensors on CPU, detached, each owning its own
     storage; a bad payload raises before any forward pass. Safe to share between threads
-    (captures are serialised).
+    (captures are serialised). With ``regeneration``, each sample is the prompt plus the
+    target's own response (greedy: deterministic; sampled: reproducible for the same
+    ``regeneration.seed`` and task id), loss mask 1 on the response only.
     """
 
     def __init__(
@@ -66,7 +74,9 @@ class HFTargetEngine:
         device: str = "cpu",
         batch_size: int = 4,
         version: str = "unknown",
+        regeneration: Regeneration | None = None,
     ) -> None:
+        self._regeneration = regeneration
         self._device = resolve_device(device)
         self._model = model.to(self._device).eval()
         self._base = _base_model(self._model)
@@ -86,10 +96,16 @@ class HFTargetEngine:
             pad_token_id=int(pad),
         )
         self._lock = threading.Lock()
+        self._eos = eos_token_ids(self._model, tokenizer)
 
     @property
     def info(self) -> TargetInfo:
         return self._info
+
+    @property
+    def regeneration(self) -> Regeneration | None:
+        """How the target writes the responses, or None when it only reads the data's."""
+        return self._regeneration
 
     @property
     def model(self) -> Any:
@@ -115,15 +131,37 @@ class HFTargetEngine:
         )
 
     def capture(self, tasks: Sequence[PromptTask]) -> list[CapturedSample]:
-        encoded = [encode_payload(t, self._tokenizer, self._info.vocab_size) for t in tasks]
+        prompt_only = self._regeneration is not None
+        encoded = [
+            encode_payload(t, self._tokenizer, self._info.vocab_size, prompt_only=prompt_only)
+            for t in tasks
+        ]
         samples: list[CapturedSample] = []
         with self._lock:
+            if self._regeneration is not None:
+                encoded = [
+                    self._respond(task, ids, mask, self._regeneration)
+                    for task, (ids, mask) in zip(tasks, encoded, strict=True)
+                ]
             for start in range(0, len(tasks), self._batch_size):
                 chunk = range(start, min(start + self._batch_size, len(tasks)))
                 samples.extend(
                     self._capture_batch([tasks[i] for i in chunk], [encoded[i] for i in chunk])
                 )
         return samples
+
+    def _respond(
+        self, task: PromptTask, ids: list[int], mask: list[int], regen: Regeneration
+    ) -> tuple[list[int], list[int]]:
+        new = generate_tokens(
+            self._model,
+            ids,
+            max_new_tokens=min(regen.max_new_tokens, task.max_length - len(ids)),
+            temperature=regen.temperature,
+            seed=task_seed(regen.seed, task.task_id),
+            eos=self._eos,
+        )
+        return ids + new, mask + [1] * len(new)
 
     @torch.no_grad()
     def _capture_batch(
@@ -202,8 +240,13 @@ def load_model_dir(model_dir: str, dtype: str) -> tuple[Any, Any]:
     return model, tokenizer
 
 
-def open_hf_engine(target: TargetSection) -> HFTargetEngine:
-    """The ``hf`` engine for ``target``: the model directory, or the built-in small target."""
+def open_hf_engine(
+    target: TargetSection, *, regeneration: Regeneration | None = None
+) -> HFTargetEngine:
+    """The ``hf`` engine for ``target``: the model directory, or the built-in small target;
+    with ``regeneration`` the target writes each response itself. ``target.dtype: auto`` is
+    resolved by :func:`dataflow.launch.precision.choose_dtype`.
+    """
     from dataflow.launch.precision import choose_dtype
 
     dtype = choose_dtype(target.dtype, target.device).dtype
@@ -223,4 +266,5 @@ def open_hf_engine(target: TargetSection) -> HFTargetEngine:
         device=target.device,
         batch_size=target.batch_size,
         version=version,
+        regeneration=regeneration,
     )

@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from dataflow.contracts import InvalidInputError, PromptTask
-from dataflow.launch.data.chat import check_messages, encode_conversation
+from dataflow.contracts import InvalidInputError, PromptTask, is_int
+from dataflow.launch.data.chat import check_messages, encode_conversation, encode_prompt
+from dataflow.launch.data.jsonl import MalformedRecord
 
 
 def _int_list(task: PromptTask, key: str, values: Any, vocab_size: int | None) -> list[int]:
@@ -14,7 +15,7 @@ def _int_list(task: PromptTask, key: str, values: Any, vocab_size: int | None) -
         raise InvalidInputError(f"task {task.task_id!r}: payload {key} must be a non-empty list")
     out = []
     for v in values:
-        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        if not is_int(v) or v < 0:
             raise InvalidInputError(f"task {task.task_id!r}: payload {key} holds {v!r}")
         if vocab_size is not None and key == "input_ids" and v >= vocab_size:
             raise InvalidInputError(
@@ -25,13 +26,18 @@ def _int_list(task: PromptTask, key: str, values: Any, vocab_size: int | None) -
 
 
 def encode_payload(
-    task: PromptTask, tokenizer: Any | None, vocab_size: int | None
+    task: PromptTask, tokenizer: Any | None, vocab_size: int | None, *, prompt_only: bool = False
 ) -> tuple[list[int], list[int]]:
     """``(input_ids, loss_mask)`` of a task, truncated to ``task.max_length``.
 
     Payload ``{"input_ids", "loss_mask"?}`` (mask defaults to all ones) or ``{"messages"}``
     (rendered with ``tokenizer``'s chat template; the mask covers assistant tokens). Raises
     :class:`InvalidInputError` naming the task when the payload is unusable.
+
+    ``prompt_only`` (the engine regenerates): the payload is the prompt the target answers; a
+    ``messages`` payload is cut before its first assistant turn and rendered up to where the
+    assistant's turn starts. Never truncated: a prompt with no room left under
+    ``task.max_length`` for a generated token is refused.
     """
     payload: Mapping[str, Any] = task.payload
     if "input_ids" in payload:
@@ -52,11 +58,22 @@ def encode_payload(
             )
         try:
             messages = check_messages(payload["messages"])
-        except InvalidInputError as exc:
+            ids, mask = (
+                encode_prompt(tokenizer, messages)
+                if prompt_only
+                else encode_conversation(tokenizer, messages, task.max_length)
+            )
+        except (InvalidInputError, MalformedRecord) as exc:
             raise InvalidInputError(f"task {task.task_id!r}: {exc}") from None
-        ids, mask = encode_conversation(tokenizer, messages, task.max_length)
     else:
         raise InvalidInputError(
             f"task {task.task_id!r}: payload needs 'input_ids' or 'messages', got {sorted(payload)}"
         )
+    if prompt_only:
+        if len(ids) >= task.max_length:
+            raise InvalidInputError(
+                f"task {task.task_id!r}: a prompt of {len(ids)} tokens leaves no room to "
+                f"generate within max_length {task.max_length}"
+            )
+        return ids, mask
     return ids[: task.max_length], mask[: task.max_length]

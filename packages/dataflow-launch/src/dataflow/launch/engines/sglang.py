@@ -15,7 +15,11 @@ instead. It can never return both, so this engine asks two servers over the same
 Both answer JSON floats (``.tolist()`` of the model-dtype tensor), so values are exact in the
 model dtype and cast back to it. The mode that writes all features in one pass without JSON is
 SpecForge's patched server (``--enable-spec-capture``, tensors written into Mooncake), not stock
-SGLang.
+SGLang. ``capture="mooncake"`` (config ``target.capture: mooncake``) speaks that protocol
+(:mod:`dataflow.launch.engines.sglang_capture`): one patched server at ``server_url`` writes all
+four features into the run's ``mooncake://`` store and each sample comes back as
+:class:`~dataflow.launch.engines.base.ServerWritten` (shapes and dtypes checked against
+:meth:`SGLangTargetEngine.feature_specs`), which the producer commits without a put.
 
 Errors: an SGLang refusal (HTTP 400 ``{"error": {"message"}}``, e.g. the missing
 ``--enable-return-hidden-states``) is an ``InvalidInputError`` quoting it; any shape disagreement
@@ -38,6 +42,7 @@ from dataflow.contracts import (
     SchemaMismatchError,
 )
 from dataflow.launch.config import TargetSection
+from dataflow.launch.engines import sglang_capture as spec_capture
 from dataflow.launch.engines.base import CapturedSample, TargetHead, TargetInfo
 from dataflow.launch.engines.features import checked_sample, eagle3_feature_specs
 from dataflow.launch.engines.layers import resolve_aux_layer_ids
@@ -65,9 +70,10 @@ class SGLangTargetEngine:
     def __init__(
         self,
         server_url: str,
-        aux_server_url: str,
+        aux_server_url: str | None,
         model_dir: str,
         *,
+        capture: str = "response",
         dtype: str = "bfloat16",
         aux_layer_ids: Sequence[int] | None = None,
         batch_size: int = 8,
@@ -76,8 +82,14 @@ class SGLangTargetEngine:
         tokenizer: Any | None = None,
     ) -> None:
         self._requests: Any = require("requests")
+        if capture not in ("response", "mooncake"):
+            raise InvalidInputError(f"capture must be 'response' or 'mooncake', got {capture!r}")
+        if capture == "response" and aux_server_url is None:
+            raise InvalidInputError("capture 'response' needs aux_server_url (the EAGLE3 server)")
+        self._capture = capture
+        self._generations = spec_capture.Generations()
         self._url = server_url.rstrip("/")
-        self._aux_url = aux_server_url.rstrip("/")
+        self._aux_url = aux_server_url.rstrip("/") if aux_server_url else ""
         self._model_dir = model_dir
         self._timeout = timeout_s
         self._batch_size = batch_size
@@ -94,7 +106,8 @@ class SGLangTargetEngine:
         )
         self._tokenizer = tokenizer
         self._probe(self._url)
-        self._probe(self._aux_url)
+        if capture == "response":
+            self._probe(self._aux_url)
 
     def _probe(self, url: str) -> None:
         try:
@@ -175,6 +188,8 @@ class SGLangTargetEngine:
     def _capture_batch(
         self, tasks: Sequence[PromptTask], encoded: list[tuple[list[int], list[int]]]
     ) -> list[CapturedSample]:
+        if self._capture == "mooncake":
+            return self._capture_written(tasks, encoded)
         body = build_request(encoded)
         last_rows = self._post(self._url, body, len(tasks))
         aux_rows = self._post(self._aux_url, body, len(tasks))
@@ -209,20 +224,44 @@ class SGLangTargetEngine:
             samples.append(checked_sample(task.task_id, tensors, self._info))
         return samples
 
+    def _capture_written(
+        self, tasks: Sequence[PromptTask], encoded: list[tuple[list[int], list[int]]]
+    ) -> list[CapturedSample]:
+        """One spec-capture request: the server writes the features, we check what it says."""
+        payloads = [
+            spec_capture.capture_payload(t.task_id, self._generations.next(), ids, mask)
+            for t, (ids, mask) in zip(tasks, encoded, strict=True)
+        ]
+        body = spec_capture.capture_body([ids for ids, _ in encoded], payloads)
+        rows = self._post(self._url, body, len(tasks))
+        return [
+            CapturedSample(
+                task.task_id,
+                {},
+                written=spec_capture.written_features(
+                    row,
+                    payload,
+                    self.feature_specs(len(ids)),
+                    self._info.aux_layer_ids,
+                    where=f"task {task.task_id!r} from {self._url}",
+                ),
+            )
+            for task, (ids, _), row, payload in zip(tasks, encoded, rows, payloads, strict=True)
+        ]
+
     def close(self) -> None:
         pass
 
 
 def open_sglang_engine(target: TargetSection) -> SGLangTargetEngine:
     """The ``sglang`` engine for ``target`` (the config guarantees server_url and model_dir)."""
-    if target.server_url is None or target.aux_server_url is None or target.model_dir is None:
-        raise InvalidInputError(
-            "the sglang engine needs target.server_url, target.aux_server_url and target.model_dir"
-        )
+    if target.server_url is None or target.model_dir is None:
+        raise InvalidInputError("the sglang engine needs target.server_url and target.model_dir")
     return SGLangTargetEngine(
         target.server_url,
         target.aux_server_url,
         target.model_dir,
+        capture=target.capture,
         dtype="bfloat16" if target.dtype == "auto" else target.dtype,
         aux_layer_ids=target.aux_layer_ids,
         batch_size=target.batch_size,

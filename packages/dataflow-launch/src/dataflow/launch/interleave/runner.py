@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Generic, TypeVar, cast
 
+from dataflow.contracts import is_number
 from dataflow.contracts.errors import InvalidInputError
 from dataflow.contracts.protocols import RefQueue
 from dataflow.launch.interleave.guard import GuardedQueue
@@ -45,13 +46,13 @@ def run_interleaved(
     """Run ``producer(stop_event)`` on a daemon thread and ``trainer(refs)`` on this thread.
 
     ``queue`` is the hand-off: the producer feeds it (commits to the ledger behind a rank
-    queue, or puts into a ``HandoffQueue``) and ends its stream before returning; the trainer
+    queue) and ends its stream before returning; the trainer
     reads it through ``refs``, a ``RefQueue`` over ``queue`` that also watches the producer.
 
     Shutdown paths (each joins the producer thread before returning or raising):
     - the trainer returns first (e.g. its step budget is reached): the stop event is set,
       ``on_stop`` is called (for producers with their own stop, e.g. ``RolloutProducer.stop``),
-      ``queue`` is closed (a producer blocked in ``HandoffQueue.put`` wakes), and the producer
+      ``queue`` is closed, and the producer
       gets ``stop_timeout_s`` to return; if it does not, ``ProducerStuckError`` says where it
       is stuck (a thread cannot be killed; it is a daemon, so it cannot hold the process);
     - the producer returns first: the trainer keeps reading, drains the tail and reads the
@@ -172,7 +173,7 @@ def _check_arguments(
     ):
         if value is None and optional:
             continue
-        if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+        if not is_number(value) or value <= 0:
             raise InvalidInputError(f"run_interleaved: {label} must be a number > 0, got {value!r}")
     if not isinstance(name, str) or not name:
         raise InvalidInputError(f"run_interleaved: name must be a non-empty str, got {name!r}")

@@ -3,10 +3,13 @@
 from dataflow.launch.producer.factory import (
     admission_factory,
     build_producer,
+    engine_regeneration,
     flow_limits,
     ledger_options,
     open_config_ledger,
     open_config_store,
+    open_run_engine,
+    regenerate_tokens,
     store_options,
 )
 from dataflow.launch.producer.producer import RolloutProducer
@@ -17,6 +20,9 @@ from dataflow.launch.producer.worker import RolloutWorker, pool_drained
 __all__ = [
     "admission_factory",
     "build_producer",
+    "engine_regeneration",
+    "open_run_engine",
+    "regenerate_tokens",
     "flow_limits",
     "ledger_options",
     "open_config_ledger",

@@ -11,7 +11,7 @@ from dataflow.control.flow import FlowLimits
 from dataflow.control.gate import StalenessAdmission
 from dataflow.control.staleness import StalenessPolicy, WeightRegistry
 from dataflow.launch.config import LaunchConfig
-from dataflow.launch.engines import TargetEngine
+from dataflow.launch.engines import Regeneration, TargetEngine, open_engine
 from dataflow.launch.producer.producer import RolloutProducer
 from dataflow.launch.producer.settings import ProducerSettings
 from dataflow.store import open_store
@@ -53,6 +53,32 @@ def store_options(config: LaunchConfig) -> dict[str, Any]:
 def open_config_store(config: LaunchConfig) -> FeatureStore:
     """The run's feature store, opened from ``config.store``."""
     return open_store(config.store.uri, **store_options(config))
+
+
+def engine_regeneration(config: LaunchConfig) -> Regeneration | None:
+    """``producer.regenerate`` as the engine's :class:`Regeneration` (``max_new_tokens``,
+    ``temperature``, seeded by ``run.seed``), or None when the target reads the data's responses.
+    """
+    p = config.producer
+    if not p.regenerate:
+        return None
+    return Regeneration(
+        max_new_tokens=p.max_new_tokens, temperature=p.temperature, seed=config.run.seed
+    )
+
+
+def regenerate_tokens(config: LaunchConfig) -> int | None:
+    """The room prompts leave for the target's response (``load_prompts(regenerate_tokens=)``):
+    ``producer.max_new_tokens`` with ``producer.regenerate``, else None.
+    """
+    return config.producer.max_new_tokens if config.producer.regenerate else None
+
+
+def open_run_engine(config: LaunchConfig) -> TargetEngine:
+    """The run's target engine: ``config.target``, regenerating per ``producer.regenerate``.
+    Every place a run opens its engine goes through here, so the setting is never ignored.
+    """
+    return open_engine(config.target, regeneration=engine_regeneration(config))
 
 
 def flow_limits(config: LaunchConfig) -> FlowLimits:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -16,6 +17,7 @@ from dataflow.contracts import (
     RunFailedError,
     parse_ledger_uri,
 )
+from dataflow.contracts.states import clip_reason
 from dataflow.control.flow import FlowLimits
 from dataflow.control.gate import StalenessAdmission
 from dataflow.control.producer import ProducerSide
@@ -23,6 +25,8 @@ from dataflow.launch.engines import TargetEngine
 from dataflow.launch.producer.report import ProducerReport
 from dataflow.launch.producer.settings import ProducerSettings
 from dataflow.launch.producer.worker import RolloutWorker, pool_drained
+
+log = logging.getLogger(__name__)
 
 
 class RolloutProducer:
@@ -88,6 +92,12 @@ class RolloutProducer:
         for name in self.settings.worker_names:
             side.reclaim(name)
         self._side = side
+        log.info(
+            "producer joined run %s (workers %s, target %s)",
+            self.settings.run_id,
+            ", ".join(self.settings.worker_names),
+            self._engine.info.version,
+        )
 
     def ingest(self, tasks: Sequence[PromptTask]) -> CommitResult:
         """Queue prompt tasks; ids the ledger already knows are reported as duplicates."""
@@ -151,9 +161,11 @@ class RolloutProducer:
             )
         if self.settings.close_when_drained:
             side.close()
+            log.info("producer closed the stream after %.1fs: every prompt is done", seconds)
             return ProducerReport("closed", seconds, reports)
         return ProducerReport("drained", seconds, reports)
 
     def _fail(self, reason: str, cause: BaseException | None = None) -> None:
-        self.side.fail(reason)
+        log.error("producer FAILED: %s", reason)
+        self.side.fail(clip_reason(reason))
         raise RunFailedError(reason) from cause

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from dataflow.contracts import InvalidInputError, validate_id
+from dataflow.contracts import InvalidInputError, is_int, is_number, validate_id
 from dataflow.launch.config import LaunchConfig
 
 
@@ -30,13 +30,15 @@ class ProducerSettings:
     producer_id: str = "producer"
     close_when_drained: bool = True
     max_failed_prompts: int = 0
+    max_length: int | None = None
+    """A captured sample longer than this fails its prompt (``bad_features``); None: no limit."""
 
     def __post_init__(self) -> None:
         validate_id(self.run_id, "run id")
         validate_id(self.producer_id, "producer id")
         for name in ("quantum", "workers", "prompts_per_lease", "worker_max_failures"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if not is_int(value) or value < 1:
                 raise InvalidInputError(
                     f"ProducerSettings.{name} must be an int >= 1, got {value!r}"
                 )
@@ -51,7 +53,7 @@ class ProducerSettings:
             )
         for name in ("lease_s", "poll_s"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float) or value <= 0:
+            if not is_number(value) or value <= 0:
                 raise InvalidInputError(f"ProducerSettings.{name} must be > 0, got {value!r}")
 
     @property
@@ -72,4 +74,6 @@ class ProducerSettings:
             poll_s=config.producer.poll_s,
             producer_id=producer_id,
             max_failed_prompts=config.producer.max_failed_prompts,
+            max_length=config.data.max_length
+            + (config.producer.max_new_tokens if config.producer.regenerate else 0),
         )

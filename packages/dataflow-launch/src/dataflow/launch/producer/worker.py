@@ -1,8 +1,11 @@
 """One rollout worker: lease prompts → capture features → put them → commit refs.
 
 Failure classes, each handled one way:
-- a bad prompt (``InvalidInputError`` from the engine) fails that prompt for good; in a batch the
-  tasks are retried one by one so only the bad ones fail; the worker is not blamed;
+- a bad prompt (``InvalidInputError`` from the engine) or bad feature values (NaN/inf, no
+  tokens, longer than ``max_length``, a loss mask not 0/1: ``BadFeatureValuesError`` from the
+  engine's check, or the same check here for every engine) fails that prompt for good with the
+  reason, before anything is put; in a batch the tasks are retried one by one so only the bad
+  ones fail; the worker is not blamed;
 - a failed capture or put (engine, transport, store) returns the batch's prompts to the ledger
   as retryable and counts against the worker; ``worker_max_failures`` in a row drop it;
 - a ledger refusal of a commit is fatal for the producer (raised to it), after the features of
@@ -37,9 +40,11 @@ from dataflow.contracts import (
     PromptTask,
     SampleRef,
 )
+from dataflow.contracts.states import clip_reason
 from dataflow.control.flow import Admission
 from dataflow.control.producer import ProducerSide
 from dataflow.launch.engines import CapturedSample, TargetEngine
+from dataflow.launch.engines.features import BadFeatureValuesError, value_problem
 from dataflow.launch.producer.report import WorkerReport
 from dataflow.launch.producer.settings import ProducerSettings
 
@@ -130,8 +135,15 @@ class RolloutWorker:
                     target_version=self._engine.info.version,
                 )
                 if tasks:
+                    log.debug(
+                        "producer worker %s leased %d prompt(s): %s",
+                        self.name,
+                        len(tasks),
+                        ", ".join(t.task_id for t in tasks),
+                    )
                     self._process(tasks, draft)
                 elif pool_drained(self._ledger):
+                    log.debug("producer worker %s: the prompt pool is drained", self.name)
                     return
                 else:  # peers hold the rest, or admission refused: look again shortly
                     self._note_refusal()
@@ -155,7 +167,7 @@ class RolloutWorker:
     def _process(self, tasks: Sequence[PromptTask], draft: str | None) -> None:
         try:
             samples = self._engine.capture(tasks)
-        except InvalidInputError as exc:
+        except (InvalidInputError, BadFeatureValuesError) as exc:
             if len(tasks) == 1:
                 self._fail(tasks[0], _describe(exc), retryable=False)
                 self._tally["rejected"] += 1
@@ -171,6 +183,11 @@ class RolloutWorker:
             for task, sample in zip(tasks, samples, strict=True):
                 if self._stop.is_set():
                     break  # unfinished leases are handed back by run(); the put ones commit
+                problem = value_problem(sample.tensors, self._settings.max_length)
+                if problem is not None:
+                    self._fail(task, f"task {task.task_id!r}: {problem}", retryable=False)
+                    self._tally["rejected"] += 1
+                    continue
                 put = self._put(task, sample, draft, group)
                 if put is not None:
                     group.append(put)
@@ -183,7 +200,9 @@ class RolloutWorker:
     def _fail(self, task: PromptTask, reason: str, *, retryable: bool) -> None:
         # A conflict means the lease expired and was taken over: its new holder owns the prompt.
         with contextlib.suppress(LedgerConflictError):
-            self._side.fail_prompt(task.task_id, self.name, reason, retryable=retryable)
+            self._side.fail_prompt(
+                task.task_id, self.name, clip_reason(reason), retryable=retryable
+            )
 
     def _blame(self, tasks: Sequence[PromptTask], exc: BaseException) -> None:
         reason = _describe(exc)
@@ -192,8 +211,18 @@ class RolloutWorker:
         self._streak += 1
         self._tally["failures"] += 1
         self._last_error = reason
+        log.warning(
+            "producer worker %s: %d prompt(s) returned for retry (failure %d in a row): %s",
+            self.name,
+            len(tasks),
+            self._streak,
+            reason,
+        )
         if self._streak >= self._settings.worker_max_failures:
             self._dropped = True
+            log.error(
+                "producer worker %s gave up after %d failures in a row", self.name, self._streak
+            )
 
     def _committed(self, sample_id: str) -> bool:
         try:
@@ -241,9 +270,15 @@ class RolloutWorker:
             **{k: v for k, v in task.metadata.items() if k in ("pass", "line")},
         }
         try:
-            ref = self._store.put(sample_id, dict(sample.tensors), metadata)
+            if sample.written is None:
+                ref = self._store.put(sample_id, dict(sample.tensors), metadata)
+            else:
+                ref = self._adopt(sample_id, sample, metadata)
         except Exception as exc:  # store full or unreachable: retry the prompt later
             admission.release()
+            if sample.written is not None:  # remove what the server wrote (hard-pinned)
+                with contextlib.suppress(Exception):
+                    self._store.abort(sample_id, clip_reason(f"adoption refused: {exc}"))
             self._blame([task], exc)
             return None
         except BaseException:
@@ -259,6 +294,17 @@ class RolloutWorker:
             estimated_bytes=max(ref.estimated_bytes, sample.nbytes),
         )
         return _Put(ref, sample.num_tokens, admission)
+
+    def _adopt(self, sample_id: str, sample: CapturedSample, metadata: dict[str, Any]) -> SampleRef:
+        """Commit-ready ref for features a capture server already wrote (no put, no copy)."""
+        adopt = getattr(self._store, "adopt_external", None)
+        if adopt is None or sample.written is None:
+            raise InvalidInputError(  # short: it ends up in the ledger's 200-character reason
+                f"target.capture mooncake needs a mooncake:// store; {type(self._store).__name__} "
+                "cannot adopt"
+            )
+        ref: SampleRef = adopt(sample_id, sample.written.generation, sample.written.specs, metadata)
+        return ref
 
     def _abandon(self, group: list[_Put], reason: str) -> None:
         """Abort every put of ``group`` (none of it is in the ledger) and free its bytes."""
@@ -289,4 +335,10 @@ class RolloutWorker:
                 self._tally["bytes"] += put.ref.estimated_bytes
             else:
                 self._tally["duplicates"] += 1
+        log.debug(
+            "producer worker %s committed %d ref(s) (%d duplicate(s))",
+            self.name,
+            len(result.committed),
+            len(result.duplicates),
+        )
         group.clear()

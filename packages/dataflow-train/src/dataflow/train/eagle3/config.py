@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from dataflow.contracts import is_int
 from dataflow.contracts.errors import InvalidInputError
 
 
@@ -21,7 +22,7 @@ def default_target_layers(num_target_layers: int) -> tuple[int, int, int]:
     that and are refused with :class:`InvalidInputError`.
     """
     n = num_target_layers
-    if isinstance(n, bool) or not isinstance(n, int) or n < 6:
+    if not is_int(n) or n < 6:
         raise InvalidInputError(
             f"the default captured layers [1, N//2-1, N-4] need a target with at least 6 "
             f"layers (three distinct ids); got num_hidden_layers={n!r}"
@@ -30,7 +31,7 @@ def default_target_layers(num_target_layers: int) -> tuple[int, int, int]:
 
 
 def _check_positive(name: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+    if not is_int(value) or value <= 0:
         raise InvalidInputError(f"Eagle3Config.{name} must be a positive int, got {value!r}")
 
 
@@ -91,11 +92,7 @@ class Eagle3Config:
                 f"vocab_size ({self.vocab_size})"
             )
         layers = tuple(self.target_layers)
-        if (
-            len(layers) != 3
-            or len(set(layers)) != 3
-            or any(isinstance(x, bool) or not isinstance(x, int) or x < 0 for x in layers)
-        ):
+        if len(layers) != 3 or len(set(layers)) != 3 or any(not is_int(x) or x < 0 for x in layers):
             raise InvalidInputError(
                 f"Eagle3Config.target_layers must be three distinct non-negative ints, "
                 f"got {self.target_layers!r}"

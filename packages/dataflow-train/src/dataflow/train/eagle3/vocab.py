@@ -12,6 +12,7 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
+from dataflow.contracts import is_int
 from dataflow.contracts.errors import InvalidInputError
 
 TokenCounts = Mapping[int, int] | torch.Tensor | Iterable[int]
@@ -38,11 +39,11 @@ def _counts_tensor(source: TokenCounts, target_vocab: int) -> torch.Tensor:
     )
     counts = torch.zeros(target_vocab, dtype=torch.int64)
     for token, count in counter.items():
-        if isinstance(token, bool) or not isinstance(token, int) or not 0 <= token < target_vocab:
+        if not is_int(token) or not 0 <= token < target_vocab:
             raise InvalidInputError(
                 f"token id {token!r} is outside the target vocabulary [0, {target_vocab})"
             )
-        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+        if not is_int(count) or count < 0:
             raise InvalidInputError(
                 f"count of token {token} must be a non-negative int, got {count!r}"
             )
@@ -64,7 +65,7 @@ def build_vocab_map(
     exactly those ids True. Bad input raises :class:`InvalidInputError`.
     """
     for name, value in (("target_vocab", target_vocab), ("draft_vocab", draft_vocab)):
-        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        if not is_int(value) or value <= 0:
             raise InvalidInputError(f"{name} must be a positive int, got {value!r}")
     if draft_vocab > target_vocab:
         raise InvalidInputError(

@@ -33,7 +33,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 
-from dataflow.contracts import Collective, InvalidInputError
+from dataflow.contracts import Collective, InvalidInputError, is_int
 from dataflow.train.distributed import FailTogether, TorchCollective
 from dataflow.train.eagle3.objective import Eagle3Objective, StepOutput
 from dataflow.train.eagle3.sequence import SequenceExchange
@@ -67,7 +67,7 @@ def init_sequence_parallel(dp_size: int, sp_size: int) -> SequenceParallelMesh:
     form one sequence-parallel group.
     """
     for name, value in (("dp_size", dp_size), ("sp_size", sp_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        if not is_int(value) or value < 1:
             raise InvalidInputError(f"{name} must be an int >= 1, got {value!r}")
     if not dist.is_initialized():
         raise InvalidInputError("init_sequence_parallel needs an initialised process group")
