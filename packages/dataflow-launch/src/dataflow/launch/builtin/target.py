@@ -73,15 +73,17 @@ def _seed_weights(model: torch.nn.Module, seed: int, head_std: float) -> None:
         param.copy_(values.to(param.dtype))
 
 
-def trained_weights() -> dict[str, torch.Tensor]:
-    """The shipped trained target's tensors, after their sha256 matched ``target.json``.
+def trained_weights(assets: Any = None) -> dict[str, torch.Tensor]:
+    """The shipped trained target's tensors, after their sha256 matched ``target.json``
+    (``assets``: the directory holding both; default the package's ``assets``).
 
     Raises :class:`NotFoundError` when the asset is missing and :class:`CorruptRecordError` when
     its checksum disagrees (a truncated or replaced file is never loaded).
     """
     from safetensors.torch import load
 
-    assets = files("dataflow.launch").joinpath("assets")
+    if assets is None:
+        assets = files("dataflow.launch").joinpath("assets")
     weights, meta = assets.joinpath(TRAINED_WEIGHTS), assets.joinpath(TRAINED_META)
     if not weights.is_file() or not meta.is_file():
         raise NotFoundError(
