@@ -190,3 +190,28 @@ def test_target_save_dir_loads_as_model_dir_with_the_builtin_features(tmp_path, 
     assert config["hidden_size"] == BuiltinTargetSection(weights="trained").hidden_size
     assert main(["target", "save", str(tmp_path / "trained")]) == 2
     assert "exists and is not an empty directory" in capsys.readouterr().err
+
+
+def test_before_after_eval_goes_into_the_summary_and_a_plot(tiny_run, tmp_path):
+    """What ``demo --eval`` adds: the run's initial draft and its trained one, both measured."""
+    import shutil
+
+    from dataflow.launch.evaluate.before_after import INITIAL_DRAFT, PLOT_FILE, eval_before_after
+    from dataflow.launch.run_dir import RunDir
+    from dataflow.launch.summary import collect_summary, render_summary
+
+    run_dir, _ = tiny_run
+    copy = RunDir(tmp_path / "run")
+    shutil.copytree(run_dir, copy.root)
+    config = load_config(str(copy.config))
+    served = eval_before_after(config, copy, k=2, limit=1, max_new_tokens=6)
+    assert list(served) == ["eval before", "eval after"]
+    assert served["eval before"]["draft"] == str(copy.root / INITIAL_DRAFT)
+    assert served["eval after"]["draft"] == str(copy.draft)
+    assert all(r["lossless"] and r["num_speculative_tokens"] == 2 for r in served.values())
+    assert (copy.plots / PLOT_FILE).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    text = render_summary(collect_summary(copy, config.run.topology, serving=served))
+    for label, result in served.items():
+        line = f"{label:<18} mean acceptance length {result['mean_acceptance_length']:.2f} at k=2"
+        assert line in text, text
+    assert json.loads((copy.root / "summary.json").read_text())["serving"] == served
