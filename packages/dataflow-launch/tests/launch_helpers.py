@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 TINY = {
+    "weights": "random",
     "hidden_size": 32,
     "num_layers": 8,
     "num_heads": 2,

@@ -91,7 +91,10 @@ def test_unknown_key_is_refused_with_its_dotted_path(tmp_path):
         ("trainer.lr=-1", "trainer.lr: Input should be greater than 0 (got -1)"),
         ("trainer.batch_size='2'", "trainer.batch_size: Input should be a valid integer (got '2')"),
         ("run.seed=1.5", "run.seed: Input should be a valid integer (got 1.5)"),
-        ("target.dtype=bf16", "target.dtype: Input should be 'bfloat16', 'float16' or 'float32'"),
+        (
+            "target.dtype=bf16",
+            "target.dtype: Input should be 'auto', 'bfloat16', 'float16' or 'float32'",
+        ),
         ("target.device=tpu", "target.device: unknown device 'tpu'"),
         ("run.id=../up", "run.id: run id '../up' contains the forbidden character '/'"),
         ("target.aux_layer_ids=[1, 1, 2]", "target.aux_layer_ids: must be three distinct"),

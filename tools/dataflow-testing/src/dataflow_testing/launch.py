@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 TINY_JOB = (
+    "target.builtin.weights=random",
     "target.builtin.hidden_size=32",
     "target.builtin.num_layers=8",
     "target.builtin.num_heads=2",

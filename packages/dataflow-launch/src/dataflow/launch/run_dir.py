@@ -9,6 +9,7 @@ Layout (``RunDir(root)``)::
     checkpoints/       trainer checkpoints (step-NNNNNNNN/)
     plots/             loss / accuracy / acceptance PNGs
     draft/             the exported draft (SGLang form)
+    draft-vllm/        the same draft with the aux layer ids vLLM reads
     manifest.json      disaggregated offline: the refs the producer ingested
     producer.json      what the producer did (samples, tokens, seconds)
     trainer.json       what the trainer did (steps, samples, tokens, seconds, final metrics)
@@ -81,6 +82,10 @@ class RunDir:
     @property
     def draft(self) -> Path:
         return self.root / "draft"
+
+    @property
+    def draft_vllm(self) -> Path:
+        return self.root / "draft-vllm"
 
     @property
     def manifest(self) -> Path:

@@ -30,6 +30,10 @@ class RunSummary:
     final_metrics: dict[str, float] = field(default_factory=dict)
     paths: dict[str, str] = field(default_factory=dict)
     ledger: dict[str, Any] = field(default_factory=dict)
+    precision: dict[str, dict[str, str]] = field(default_factory=dict)
+    """``{"target"|"trainer": {"dtype", "reason"}}``: what ran and why."""
+    serving: dict[str, Any] = field(default_factory=dict)
+    """``eval`` results (before / after training) when the run measured them."""
 
 
 def _pick(metrics: dict[str, Any]) -> dict[str, float]:
@@ -37,7 +41,11 @@ def _pick(metrics: dict[str, Any]) -> dict[str, float]:
 
 
 def collect_summary(
-    run_dir: RunDir, topology: str, ledger: dict[str, Any] | None = None
+    run_dir: RunDir,
+    topology: str,
+    ledger: dict[str, Any] | None = None,
+    precision: dict[str, dict[str, str]] | None = None,
+    serving: dict[str, Any] | None = None,
 ) -> RunSummary:
     """Gather the run's reports and records into a summary and write ``summary.json``."""
     producer = read_json(run_dir.producer_report) if run_dir.producer_report.is_file() else {}
@@ -54,6 +62,8 @@ def collect_summary(
     }
     if run_dir.draft.is_dir():
         paths["draft"] = str(run_dir.draft)
+    if run_dir.draft_vllm.is_dir():
+        paths["draft-vllm"] = str(run_dir.draft_vllm)
     summary = RunSummary(
         topology=topology,
         steps=log[-1].step if log else 0,
@@ -65,6 +75,8 @@ def collect_summary(
         final_metrics=_pick(trainer.get("final_metrics", {})),
         paths=paths,
         ledger=dict(ledger or {}),
+        precision=dict(precision or {}),
+        serving=dict(serving or {}),
     )
     write_json_atomic(run_dir.summary, asdict(summary))
     return summary
@@ -103,6 +115,15 @@ def render_summary(summary: RunSummary) -> str:
     if summary.ledger:
         counts = ", ".join(f"{k} {v}" for k, v in summary.ledger.items())
         lines.append(f"ledger             {counts}")
+    for role, choice in summary.precision.items():
+        lines.append(f"{role + ' dtype':<18} {choice['dtype']} ({choice['reason']})")
+    for label, result in summary.serving.items():
+        per_pos = " / ".join(f"{a:.2f}" for a in result.get("acceptance_per_position", []))
+        lines.append(
+            f"{label:<18} mean acceptance length {result['mean_acceptance_length']:.2f} at "
+            f"k={result['num_speculative_tokens']} ({result['engine']}; per position {per_pos}; "
+            f"lossless {result['lossless']})"
+        )
     for name, path in summary.paths.items():
         lines.append(f"{name:<18} {path}")
     return "\n".join(lines)

@@ -6,8 +6,10 @@ embedding is omitted because the server shares the target's); the HF form adds
 ``embed_tokens.weight`` (the frozen target embedding) so the directory stands alone.
 ``config.json`` carries the fields SGLang's EAGLE3 path reads: ``architectures``,
 ``draft_vocab_size``, ``tie_word_embeddings: false``, ``target_hidden_size`` and
-``eagle_config.eagle_aux_hidden_state_layer_ids`` (the captured layers, "output of layer k"
-convention), plus the usual Llama fields. The package README records the source checked.
+``eagle_config.eagle_aux_hidden_state_layer_ids`` (the captured layers, in the convention of the
+engine the format targets: :data:`ENGINE_LAYER_OFFSET`), plus the usual Llama fields. The
+``vllm`` form is the SGLang form with the layer ids vLLM reads (trained id + 1); it loads with
+vLLM's ``eagle3`` method as written. The package README records the source checked.
 """
 
 from __future__ import annotations
@@ -29,7 +31,13 @@ SGLANG_ARCHITECTURE = "LlamaForCausalLMEagle3"
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 EMBEDDING_NAME = "embed_tokens.weight"
-FORMATS = ("sglang", "hf")
+FORMATS = ("sglang", "vllm", "hf")
+
+ENGINE_LAYER_OFFSET = {"sglang": 0, "hf": 0, "vllm": 1}
+"""What each format adds to a trained layer id ("output of decoder layer k") in
+``eagle_aux_hidden_state_layer_ids``: SGLang adds 1 to explicit ids itself
+(``set_eagle3_layers_to_capture``), vLLM uses them as given as "residual stream after k decoder
+layers" (``_maybe_add_hidden_state``), so its ids are ours + 1."""
 
 SGLANG_TENSOR_NAMES = (
     "fc.weight",
@@ -78,6 +86,11 @@ def expected_tensor_shapes(config: Eagle3Config) -> dict[str, tuple[int, ...]]:
     }
 
 
+def engine_layer_ids(trained: tuple[int, ...] | list[int], fmt: str) -> list[int]:
+    """The ids to write for ``fmt`` so that the engine captures exactly the ``trained`` layers."""
+    return [int(k) + ENGINE_LAYER_OFFSET[fmt] for k in trained]
+
+
 def draft_config_json(config: Eagle3Config, dtype: torch.dtype, fmt: str) -> dict[str, Any]:
     """The ``config.json`` of an exported draft (see the module docstring for the fields)."""
     return {
@@ -104,7 +117,7 @@ def draft_config_json(config: Eagle3Config, dtype: torch.dtype, fmt: str) -> dic
         "torch_dtype": _DTYPE_NAMES[dtype],
         "eagle_config": {
             "use_aux_hidden_state": True,
-            "eagle_aux_hidden_state_layer_ids": list(config.target_layers),
+            "eagle_aux_hidden_state_layer_ids": engine_layer_ids(config.target_layers, fmt),
         },
         "dataflow": {
             "format": fmt,
@@ -188,7 +201,10 @@ def config_from_json(data: dict[str, Any]) -> Eagle3Config:
             head_dim=data["head_dim"],
             vocab_size=data["vocab_size"],
             draft_vocab_size=data["draft_vocab_size"],
-            target_layers=tuple(data["eagle_config"]["eagle_aux_hidden_state_layer_ids"]),
+            target_layers=tuple(
+                int(k) - ENGINE_LAYER_OFFSET.get(extra.get("format", "sglang"), 0)
+                for k in data["eagle_config"]["eagle_aux_hidden_state_layer_ids"]
+            ),
             rms_norm_eps=data["rms_norm_eps"],
             rope_theta=data["rope_theta"],
             max_position_embeddings=data["max_position_embeddings"],

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from dataflow.contracts import Collective, InvalidInputError
 from dataflow.launch.config import LaunchConfig
+from dataflow.launch.precision import DtypeChoice, choose_dtype, trainer_device
 from dataflow.train.distributed import (
     DistributedContext,
     LocalCollective,
@@ -60,6 +61,14 @@ class RankLayout:
             shutdown_distributed(clean)
 
 
+def trainer_bf16(config: LaunchConfig) -> DtypeChoice:
+    """The trainer's precision: ``trainer.bf16`` when set, else chosen by capability."""
+    bf16 = config.trainer.bf16
+    if bf16 is not None:
+        return DtypeChoice("bfloat16" if bf16 else "float32", "set in the config (trainer.bf16)")
+    return choose_dtype("auto", trainer_device())
+
+
 def in_torchrun() -> bool:
     """Whether this process was started by ``torchrun`` with more than one rank."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -72,7 +81,7 @@ def rank_layout(config: LaunchConfig) -> RankLayout:
     The job's world size must equal ``trainer.dp_size * trainer.sp_size``
     (``InvalidInputError`` otherwise, before joining any process group).
     """
-    precision = "bf16" if config.trainer.bf16 else "fp32"
+    precision = "bf16" if trainer_bf16(config).dtype == "bfloat16" else "fp32"
     t = config.trainer
     ranks = t.world_size
     if not in_torchrun():

@@ -8,7 +8,7 @@ import sys
 from collections.abc import Sequence
 
 from dataflow.contracts.errors import DataflowError
-from dataflow.launch.cli import consume, demo, export, produce, run, status, target
+from dataflow.launch.cli import consume, demo, eval, export, produce, run, status, target
 from dataflow.launch.cli.logs import LEVELS, LOG_LEVEL_ENV, configure_logging, default_level
 from dataflow.launch.cli.signals import exit_status, follow_supervisor, stop_handlers
 from dataflow.launch.version import __version__
@@ -27,7 +27,9 @@ Train EAGLE3 draft models from a live target model.
 Commands: demo (start here: it trains a draft for the built-in small target on this machine and
 prints a summary), run CONFIG (any topology), produce and consume (the two roles of a
 disaggregated run, for separate machines), status LEDGER_URI (a run's ledger), export (a
-run's draft for SGLang or HF) and target vllm-command CONFIG (the vLLM server command line)."""
+run's draft for SGLang, vLLM or HF), eval (the draft measured by speculative decoding in vLLM
+or in-process), target save DIR (the built-in target as a model directory) and target
+vllm-command CONFIG (the vLLM server command line)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -47,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
         "warning); child role processes inherit it",
     )
     commands = parser.add_subparsers(title="commands", dest="command", metavar="COMMAND")
-    for command in (demo, run, produce, consume, status, export, target):
+    for command in (demo, run, produce, consume, status, export, eval, target):
         command.register(commands)
     return parser
 

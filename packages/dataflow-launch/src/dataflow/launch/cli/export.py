@@ -1,4 +1,4 @@
-"""``dataflow-launch export RUN_DIR --format sglang|hf --out DIR``: write a run's draft."""
+"""``dataflow-launch export RUN_DIR --format sglang|vllm|hf --out DIR``: write a run's draft."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from typing import Any
 _DESCRIPTION = """\
 Export the draft of a run directory's newest checkpoint: `sglang` (the layout SGLang's
 LlamaForCausalLMEagle3 loads: config.json + model.safetensors, no embedding) or `hf` (adds the
-embedding). DIR must not exist or be empty; it appears complete or not at all. The checkpoint
+embedding) or `vllm` (the SGLang layout with the aux layer ids vLLM reads: trained id + 1,
+since vLLM counts "after k decoder layers" and SGLang adds the 1 itself). DIR must not exist or be empty; it appears complete or not at all. The checkpoint
 is verified against the manifest the run signed when it saved it before any of it is read; a
 refused one is named with the file that failed, and nothing is written."""
 
@@ -22,7 +23,7 @@ def register(commands: Any) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("run_dir", metavar="RUN_DIR", help="a run directory (has config.yaml)")
-    parser.add_argument("--format", dest="fmt", choices=("sglang", "hf"), default="sglang")
+    parser.add_argument("--format", dest="fmt", choices=("sglang", "vllm", "hf"), default="sglang")
     parser.add_argument("--out", required=True, metavar="DIR", help="where to write the draft")
     parser.add_argument(
         "--checkpoint",

@@ -129,18 +129,45 @@ def ledger_counts(config: LaunchConfig) -> dict[str, Any]:
         ledger.close()
 
 
-def finish_run(config: LaunchConfig, run_dir: RunDir) -> None:
-    """Export the draft (SGLang form) into ``draft/``, draw the plots, print the summary."""
+def run_precision(config: LaunchConfig) -> dict[str, dict[str, str]]:
+    """The dtypes the run's target (hf engine) and trainer use on this host, and why."""
+    from dataflow.launch.builders.ranks import trainer_bf16
+    from dataflow.launch.precision import choose_dtype
+
+    target = config.target
+    if target.engine == "hf":
+        chosen = choose_dtype(target.dtype, target.device)
+    else:
+        chosen = choose_dtype("bfloat16" if target.dtype == "auto" else target.dtype, "cpu")
+        chosen = type(chosen)(chosen.dtype, f"the {target.engine} server's features, as configured")
+    trainer = trainer_bf16(config)
+    return {
+        "target": {"dtype": chosen.dtype, "reason": chosen.reason},
+        "trainer": {"dtype": trainer.dtype, "reason": trainer.reason},
+    }
+
+
+def finish_run(
+    config: LaunchConfig, run_dir: RunDir, serving: Callable[[], dict[str, Any]] | None = None
+) -> None:
+    """Export the draft into ``draft/`` (SGLang form) and ``draft-vllm/`` (vLLM's layer ids),
+    run ``serving`` (e.g. the demo's eval) if given, draw the plots, print the summary.
+    """
     from dataflow.launch.builders.export import export_from_checkpoint
     from dataflow.launch.plots import write_plots
     from dataflow.launch.summary import collect_summary, render_summary
 
     if not run_dir.draft.exists():
         export_from_checkpoint(config, run_dir, "sglang", run_dir.draft)
+    if not run_dir.draft_vllm.exists():
+        export_from_checkpoint(config, run_dir, "vllm", run_dir.draft_vllm)
+    served = serving() if serving is not None else {}
     if run_dir.metrics.is_file():
         if importlib.util.find_spec("matplotlib") is None:
             print("plots skipped: matplotlib is not installed (dataflow-launch[plots])", flush=True)
         else:
             write_plots(run_dir.metrics, run_dir.plots)
-    summary = collect_summary(run_dir, config.run.topology, ledger_counts(config))
+    summary = collect_summary(
+        run_dir, config.run.topology, ledger_counts(config), run_precision(config), served
+    )
     print(render_summary(summary), file=sys.stdout, flush=True)

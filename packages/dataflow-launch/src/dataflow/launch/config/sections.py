@@ -13,7 +13,8 @@ Topology = Literal[
     "colocated_offline", "colocated_online", "disaggregated_offline", "disaggregated_online"
 ]
 Mode = Literal["local_colocated", "dataflow_colocated", "disaggregated"]
-Dtype = Literal["bfloat16", "float16", "float32"]
+Dtype = Literal["auto", "bfloat16", "float16", "float32"]
+"""``auto``: chosen by the machine's capability (``dataflow.launch.precision``)."""
 
 _DEVICE = re.compile(r"cpu|cuda(:\d+)?|mps")
 
@@ -40,18 +41,50 @@ class RunSection(Section):
         return validate_id(value, "run id")
 
 
-class BuiltinTargetSection(Section):
-    """The built-in small target: a random LLaMA fixed by ``seed`` over the shipped tokenizer."""
+TRAINED_BUILTIN_SHAPE = {
+    "hidden_size": 128,
+    "num_layers": 8,
+    "num_heads": 2,
+    "num_kv_heads": 1,
+    "intermediate_size": 256,
+}
+"""The shape of the shipped trained built-in target (``weights: trained``)."""
 
-    hidden_size: int = Field(default=256, ge=8)
-    num_layers: int = Field(default=8, ge=1)
-    num_heads: int = Field(default=4, ge=1)
-    num_kv_heads: int = Field(default=2, ge=1)
-    intermediate_size: int = Field(default=512, ge=1)
+
+RANDOM_BUILTIN_SHAPE: dict[str, int] = {
+    "hidden_size": 256,
+    "num_layers": 8,
+    "num_heads": 4,
+    "num_kv_heads": 2,
+    "intermediate_size": 512,
+}
+"""The default shape of the random built-in target (``weights: random``, the default)."""
+
+
+class BuiltinTargetSection(Section):
+    """The built-in small target over the shipped tokenizer: a random LLaMA of any shape fixed by
+    ``seed`` (``weights: random``, the default) or the shipped *trained* LLaMA (``weights:
+    trained``, opt-in; its shape is fixed and its defaults follow it).
+    """
+
+    weights: Literal["trained", "random"] = "random"
+    hidden_size: int = Field(default=RANDOM_BUILTIN_SHAPE["hidden_size"], ge=8)
+    num_layers: int = Field(default=RANDOM_BUILTIN_SHAPE["num_layers"], ge=1)
+    num_heads: int = Field(default=RANDOM_BUILTIN_SHAPE["num_heads"], ge=1)
+    num_kv_heads: int = Field(default=RANDOM_BUILTIN_SHAPE["num_kv_heads"], ge=1)
+    intermediate_size: int = Field(default=RANDOM_BUILTIN_SHAPE["intermediate_size"], ge=1)
     seed: int = Field(default=0, ge=0)
     logit_std: float = Field(default=5.0, gt=0)
     """Spread of the target's logits (the LM head is drawn with std ``logit_std / sqrt(H)``):
     large enough that the target's next-token choice is sharp."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _trained_shape_defaults(cls, data: Any) -> Any:
+        """With ``weights: trained`` the shape fields left unset take the trained shape."""
+        if isinstance(data, dict) and data.get("weights") == "trained":
+            return {**TRAINED_BUILTIN_SHAPE, **data}
+        return data
 
     @model_validator(mode="after")
     def _heads_divide(self) -> BuiltinTargetSection:
@@ -63,6 +96,17 @@ class BuiltinTargetSection(Section):
             raise ValueError(
                 f"num_heads: {self.num_heads} must be a multiple of num_kv_heads {self.num_kv_heads}"
             )
+        if self.weights == "trained":
+            wrong = {
+                name: getattr(self, name)
+                for name, value in TRAINED_BUILTIN_SHAPE.items()
+                if getattr(self, name) != value
+            }
+            if wrong:
+                raise ValueError(
+                    f"weights: the trained built-in target has shape {TRAINED_BUILTIN_SHAPE}, "
+                    f"not {wrong}; set weights: random for a random target of another shape"
+                )
         return self
 
 
@@ -96,7 +140,8 @@ class TargetSection(Section):
     model_dir: str | None = None
     builtin: BuiltinTargetSection | None = None
     """Set (or defaulted) exactly when ``model_dir`` is not."""
-    dtype: Dtype = "bfloat16"
+    dtype: Dtype = "auto"
+    """auto → bf16 where the device computes it natively, else fp32 (see precision.py)."""
     device: str = "cpu"
     batch_size: int = Field(default=4, ge=1)
     # Lax container (a YAML list is accepted) with strict elements ("1" is still refused).
@@ -319,7 +364,8 @@ class TrainerSection(Section):
     max_steps: int | None = Field(default=None, ge=1)
     """Stop after this many optimizer steps; None: when the data ends."""
     max_grad_norm: float = Field(default=0.5, gt=0)
-    bf16: bool = True
+    bf16: bool | None = None
+    """None → by capability, as ``target.dtype: auto`` (bf16 only with native bf16)."""
     checkpoint_every: int = Field(default=0, ge=0)
     """0 → only at the end."""
     keep_last: int = Field(default=2, ge=1)

@@ -244,16 +244,20 @@ def open_hf_engine(
     target: TargetSection, *, regeneration: Regeneration | None = None
 ) -> HFTargetEngine:
     """The ``hf`` engine for ``target``: the model directory, or the built-in small target;
-    with ``regeneration`` the target writes each response itself.
+    with ``regeneration`` the target writes each response itself. ``target.dtype: auto`` is
+    resolved by :func:`dataflow.launch.precision.choose_dtype`.
     """
+    from dataflow.launch.precision import choose_dtype
+
+    dtype = choose_dtype(target.dtype, target.device).dtype
     if target.model_dir is not None:
-        model, tokenizer = load_model_dir(target.model_dir, target.dtype)
+        model, tokenizer = load_model_dir(target.model_dir, dtype)
         version = target.version or Path(target.model_dir).resolve().name
     else:
         from dataflow.launch.builtin.target import build_builtin_target, builtin_version
 
         assert target.builtin is not None  # the config guarantees one of the two
-        model, tokenizer = build_builtin_target(target.builtin, _DTYPES[target.dtype])
+        model, tokenizer = build_builtin_target(target.builtin, _DTYPES[dtype])
         version = target.version or builtin_version(target.builtin)
     return HFTargetEngine(
         model,

@@ -236,7 +236,7 @@ def open_sglang_engine(target: TargetSection) -> SGLangTargetEngine:
         target.aux_server_url,
         target.model_dir,
         capture=target.capture,
-        dtype=target.dtype,
+        dtype="bfloat16" if target.dtype == "auto" else target.dtype,
         aux_layer_ids=target.aux_layer_ids,
         batch_size=target.batch_size,
         timeout_s=target.request_timeout_s,

@@ -410,11 +410,13 @@ def open_vllm_engine(
 def _engine(
     target: TargetSection, url: str, regeneration: Regeneration | None, server: Any
 ) -> VLLMTargetEngine:
+    from dataflow.launch.precision import choose_dtype
+
     assert target.model_dir is not None
     return VLLMTargetEngine(
         url,
         target.model_dir,
-        dtype=target.dtype,
+        dtype=choose_dtype(target.dtype, target.device).dtype,
         aux_layer_ids=target.aux_layer_ids,
         batch_size=target.batch_size,
         timeout_s=target.request_timeout_s,

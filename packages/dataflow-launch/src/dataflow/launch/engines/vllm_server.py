@@ -25,6 +25,7 @@ from dataflow.launch.config import TargetSection
 from dataflow.launch.engines.layers import resolve_aux_layer_ids
 from dataflow.launch.engines.target_files import read_model_config
 from dataflow.launch.engines.vllm_wire import server_args, vllm_layer_ids
+from dataflow.launch.precision import choose_dtype
 
 API_MODULE = "vllm.entrypoints.openai.api_server"
 
@@ -52,7 +53,7 @@ def server_command(target: TargetSection, *, port: int, capture_dir: str) -> lis
         *server_args(
             str(Path(target.model_dir).resolve()),
             layer_ids=vllm_layer_ids(aux, num_layers),
-            dtype=target.dtype,
+            dtype=choose_dtype(target.dtype, target.device).dtype,
             capture_dir=capture_dir,
             host=section.host,
             port=port,

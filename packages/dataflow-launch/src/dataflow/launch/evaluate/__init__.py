@@ -1,0 +1,1 @@
+"""``eval``: exported drafts measured by speculative decoding (hf in-process, or vLLM)."""
