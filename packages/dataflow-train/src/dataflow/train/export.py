@@ -184,6 +184,16 @@ def export_draft(
     return target
 
 
+def _trained_layers(ids: list[Any], offset: int) -> tuple[int, int, int]:
+    """The three target layers the draft was trained on, from an export's engine ids."""
+    layers = [int(k) - offset for k in ids]
+    if len(layers) != 3:
+        raise SchemaMismatchError(
+            f"eagle_aux_hidden_state_layer_ids {ids!r}: an EAGLE3 draft reads exactly 3 layers"
+        )
+    return layers[0], layers[1], layers[2]
+
+
 def config_from_json(data: dict[str, Any]) -> Eagle3Config:
     """Rebuild :class:`Eagle3Config` from an exported ``config.json``; refuses other drafts."""
     if data.get("architectures") != [SGLANG_ARCHITECTURE]:
@@ -201,9 +211,9 @@ def config_from_json(data: dict[str, Any]) -> Eagle3Config:
             head_dim=data["head_dim"],
             vocab_size=data["vocab_size"],
             draft_vocab_size=data["draft_vocab_size"],
-            target_layers=tuple(
-                int(k) - ENGINE_LAYER_OFFSET.get(extra.get("format", "sglang"), 0)
-                for k in data["eagle_config"]["eagle_aux_hidden_state_layer_ids"]
+            target_layers=_trained_layers(
+                data["eagle_config"]["eagle_aux_hidden_state_layer_ids"],
+                ENGINE_LAYER_OFFSET.get(extra.get("format", "sglang"), 0),
             ),
             rms_norm_eps=data["rms_norm_eps"],
             rope_theta=data["rope_theta"],
@@ -214,7 +224,7 @@ def config_from_json(data: dict[str, Any]) -> Eagle3Config:
             hidden_act=data.get("hidden_act", "silu"),
             pad_token_id=data.get("pad_token_id"),
         )
-    except (KeyError, TypeError) as exc:
+    except (KeyError, TypeError, ValueError) as exc:
         raise SchemaMismatchError(f"config.json lacks or mistypes field {exc}") from exc
 
 
