@@ -19,22 +19,13 @@ import time
 
 from dataflow.contracts.errors import DataflowError, InvalidInputError, LedgerConflictError
 from dataflow.contracts.lease import ConsumerLease
+from dataflow.contracts.processes import pid_alive
 from dataflow.contracts.protocols import Ledger
 
 log = logging.getLogger(__name__)
 
 DEFAULT_LEASE_S = 30.0
 """How long a consumer's lease lasts without a heartbeat."""
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 class LeaseKeeper:
@@ -63,7 +54,7 @@ class LeaseKeeper:
             lease = self._ledger.acquire_consumer_lease(self._host, pid, self._lease_s)
         except LedgerConflictError:
             held = self._ledger.consumer_lease()
-            if held.host != self._host or _pid_alive(held.pid):
+            if held.host != self._host or pid_alive(held.pid):
                 raise
             log.warning(
                 "taking over the consumer lease of process %d on this host: it no longer runs",

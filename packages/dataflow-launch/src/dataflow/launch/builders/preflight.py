@@ -123,6 +123,7 @@ def check_consumer_lease(config: LaunchConfig) -> None:
     from pathlib import Path
 
     from dataflow.contracts import CorruptRecordError, LedgerConflictError
+    from dataflow.contracts.processes import pid_alive
 
     parsed = parse_ledger_uri(config.ledger.uri)
     if parsed.scheme == "sqlite":
@@ -152,12 +153,8 @@ def check_consumer_lease(config: LaunchConfig) -> None:
     if held.host == socket.gethostname():
         if held.pid == os.getpid():
             return
-        try:
-            os.kill(held.pid, 0)
-        except ProcessLookupError:
+        if not pid_alive(held.pid):
             return  # a crashed consumer on this host: taken over at open
-        except PermissionError:
-            pass
     raise LedgerConflictError(
         f"another consumer holds run {config.run.id!r} on {config.ledger.uri}: "
         f"{held.describe(now)}; stop it, or wait for its lease to expire"

@@ -23,6 +23,8 @@ import threading
 from collections.abc import Iterator
 from types import FrameType
 
+from dataflow.contracts.processes import pid_alive
+
 SUPERVISOR_ENV = "DATAFLOW_SUPERVISOR_PID"
 """Environment variable naming the pid of the ``run`` process a role belongs to."""
 
@@ -102,16 +104,6 @@ def _set_parent_death_signal(signum: int) -> bool:
         return False
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def follow_supervisor(env: dict[str, str] | None = None) -> int | None:
     """If this process is a role of a ``run`` (``DATAFLOW_SUPERVISOR_PID`` set), stop it
     (``SIGTERM`` to itself) when its parent or the supervisor dies; return the supervisor pid.
@@ -126,7 +118,7 @@ def follow_supervisor(env: dict[str, str] | None = None) -> int | None:
     _set_parent_death_signal(signal.SIGTERM)
 
     def orphaned() -> bool:
-        return os.getppid() != parent or not _alive(supervisor)
+        return os.getppid() != parent or not pid_alive(supervisor)
 
     def watch() -> None:
         stop = threading.Event()

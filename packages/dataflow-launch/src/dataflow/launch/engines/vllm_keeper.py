@@ -19,18 +19,10 @@ import sys
 import threading
 import time
 
+from dataflow.contracts.processes import pid_alive
+
 GRACE_S = 10.0
 WATCH_S = 0.2
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def _set_parent_death_signal(signum: int) -> None:
@@ -97,7 +89,7 @@ def main(argv: list[str]) -> int:
     while not stop.wait(WATCH_S):
         if server.poll() is not None:
             break
-        if os.getppid() != parent or not _alive(parent_pid):
+        if os.getppid() != parent or not pid_alive(parent_pid):
             break
     _stop_group(server)
     code = server.wait()
