@@ -134,3 +134,23 @@ def test_a_second_consumer_process_is_refused_then_opens_once_the_first_finishes
     )
     assert again.returncode == 0 and "opened" in again.stdout, again.stderr
     ledger.close()
+
+
+def test_the_heartbeat_ends_when_its_ledger_is_closed(uri):
+    import threading
+    import time
+
+    from dataflow.control.lease_keeper import LeaseKeeper
+
+    ledger = open_ledger(uri)
+    ledger.open_run("r", 2, resume=False)
+    keeper = LeaseKeeper(ledger, 0.3)
+    keeper.acquire()
+    ledger.close()
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and any(
+        t.name == "consumer-lease" and t.is_alive() for t in threading.enumerate()
+    ):
+        time.sleep(0.05)
+    assert not any(t.name == "consumer-lease" and t.is_alive() for t in threading.enumerate())
+    keeper.release()  # idempotent, and quiet on a closed ledger

@@ -269,3 +269,39 @@ def test_early_exit_without_prefetch_holds_nothing_and_returns_nothing_unfetched
     assert store.health().active_leases == 0
     assert loader.close() == []  # nothing was fetched beyond the yielded batch
     assert loader.state_dict()["batch"] == 1
+
+
+class _OneRefThenSilence:
+    """A rank queue that hands out one ref, then has nothing more (a window still filling)."""
+
+    def __init__(self, ref) -> None:
+        self._ref = ref
+
+    def get(self, timeout: float | None = None):
+        ref, self._ref = self._ref, None
+        if ref is not None:
+            return ref
+        time.sleep(timeout or 0)
+        raise TimeoutError
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_stop_hands_a_partial_batch_back_instead_of_settling_it():
+    # A consumer stopped (SIGTERM) while its prefetch thread holds half a window: the window is
+    # still assigned in the ledger and a resume trains it, so its features must stay. Only a
+    # clean end of stream settles a partial batch (the test above).
+    from dataflow.train.ref_sources import QueueRefSource
+
+    store = open_store("memory://stopped")
+    (ref,) = put_samples(store, 1)
+    stop = threading.Event()
+    timer = threading.Timer(0.3, stop.set)
+    timer.start()
+    pulled, settled = [], []
+    source = QueueRefSource(_OneRefThenSilence(ref), batch_size=2, idle_timeout_s=None, poll_s=0.05)
+    batches = list(source.batches(stop, pulled.extend, settled.extend))
+    timer.join()
+    assert batches == [] and pulled == [ref] and settled == []
+    assert store.health().resident_samples == 1  # nothing aborted: the resume still reads it

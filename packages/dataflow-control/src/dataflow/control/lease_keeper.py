@@ -17,7 +17,12 @@ import socket
 import threading
 import time
 
-from dataflow.contracts.errors import DataflowError, InvalidInputError, LedgerConflictError
+from dataflow.contracts.errors import (
+    ClosedError,
+    DataflowError,
+    InvalidInputError,
+    LedgerConflictError,
+)
 from dataflow.contracts.lease import ConsumerLease
 from dataflow.contracts.processes import pid_alive
 from dataflow.contracts.protocols import Ledger
@@ -85,6 +90,8 @@ class LeaseKeeper:
                 self._lost = str(exc)
                 log.error("%s", exc)
                 return
+            except ClosedError:
+                return  # the ledger was closed under the heartbeat: its consumer is gone
             except DataflowError as exc:  # a ledger hiccup: the next beat tries again
                 log.warning("renewing the consumer lease failed: %s", exc)
 

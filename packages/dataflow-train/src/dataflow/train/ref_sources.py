@@ -113,7 +113,7 @@ class QueueRefSource:
     """Pulls batches of refs from one rank's consume-once :class:`RefQueue`.
 
     Guarantees: ``batches`` yields full batches in queue order; at a clean end of stream a
-    partial batch is handed to ``on_partial`` and iteration ends; ``TimeoutError`` is raised once
+    partial batch is handed to ``on_partial`` and iteration ends (a ``stop`` never settles one); ``TimeoutError`` is raised once
     ``idle_timeout_s`` passes without a ref (``None`` waits for ever); ``stop`` makes a blocked
     pull return within ``poll_s``. Every ref pulled is reported to ``on_pulled`` first, so a
     caller can account for refs the consumer never received.
@@ -140,7 +140,11 @@ class QueueRefSource:
             while len(batch) < self._batch_size:
                 ref = self._pull(stop)
                 if ref is None:
-                    if batch:
+                    # Only a clean end of stream settles a partial batch. A stop is not one:
+                    # the refs pulled so far were reported to on_pulled and go back to the
+                    # caller (their windows are still assigned in the ledger; a resume trains
+                    # them, so their features must stay).
+                    if batch and not stop.is_set():
                         on_partial(batch)
                     return
                 on_pulled([ref])
