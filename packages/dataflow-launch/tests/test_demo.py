@@ -1,5 +1,6 @@
 """The main job: ``dataflow-launch demo`` runs to completion (producer and consumer processes,
-SQLite ledger, shm:// store), prints the summary, draws the plots, exports the draft, and its
+SQLite ledger, shm:// store) on the trained built-in target, prints the summary, draws the
+plots, exports the draft, measures it by speculative decoding before and after training, and its
 ledger shows every committed sample trained or dropped.
 """
 
@@ -25,7 +26,17 @@ def test_demo_runs_to_completion(tmp_path):
         png = out / "plots" / f"{name}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     assert (out / "draft" / "model.safetensors").is_file()
-    assert json.loads((out / "summary.json").read_text())["steps"] == STEPS
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["steps"] == STEPS
+    # The demo ends with real speculative decoding of held-out prompts, before and after.
+    serving = summary["serving"]
+    assert sorted(serving) == ["eval after", "eval before"]
+    for label, measured in serving.items():
+        assert measured["lossless"], measured
+        assert 1.0 <= measured["mean_acceptance_length"] <= 4.0
+        assert f"{label:<18} mean acceptance length" in result.stdout
+    assert serving["eval before"]["mean_acceptance_length"] < 1.1  # the untrained draft: ~1.0
+    assert (out / "plots" / "eval_acceptance.png").is_file()
 
     ids = trained_ids(out)
     assert len(ids) == len(set(ids)) == STEPS * 4
