@@ -66,7 +66,7 @@ def _control_targets(control: dict[str, Any] | None) -> list[Target]:
     for name, v in control["targets"].items():
         growth = "100k/10k" in name
         ratio = growth or " / " in name
-        relation = "<=" if growth else ">="
+        relation = "<=" if growth or "us/ref" in name else ">="  # a cost: lower is better
         if ratio:
             value, target = f"{v['value']:.2f}x", f"{v['target']}x"
         else:
