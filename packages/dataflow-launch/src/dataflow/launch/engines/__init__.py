@@ -52,7 +52,9 @@ def expected_version(target: TargetSection) -> str:
         return target.version
     if target.model_dir is not None:
         if target.engine in ("sglang", "vllm"):
-            return target.model_dir.rstrip("/").rsplit("/", 1)[-1]
+            from dataflow.launch.engines.served import model_dir_version
+
+            return model_dir_version(target.model_dir)
         return Path(target.model_dir).resolve().name
     from dataflow.launch.builtin.target import builtin_version
 

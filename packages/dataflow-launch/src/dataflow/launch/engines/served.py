@@ -7,8 +7,34 @@ from typing import Any
 from dataflow.contracts import FeatureSpec
 from dataflow.launch.engines.base import TargetHead, TargetInfo
 from dataflow.launch.engines.features import eagle3_feature_specs
+from dataflow.launch.engines.layers import resolve_aux_layer_ids
 from dataflow.launch.engines.target_files import read_head_weights, read_model_config
 from dataflow.launch.extras import require
+
+
+def model_dir_version(model_dir: str) -> str:
+    """A served target's identity when ``target.version`` is unset: its directory's name."""
+    return model_dir.rstrip("/").rsplit("/", 1)[-1]
+
+
+def served_target_info(
+    model_dir: str, aux_layer_ids: Any, dtype: str, version: str | None
+) -> tuple[TargetInfo, dict[str, Any]]:
+    """The :class:`TargetInfo` of the model a server runs from ``model_dir`` (read from its
+    ``config.json``, aux layers by the layer rule), and that config.
+    """
+    config = read_model_config(model_dir)
+    num_layers = int(config["num_hidden_layers"])
+    info = TargetInfo(
+        hidden_size=int(config["hidden_size"]),
+        vocab_size=int(config["vocab_size"]),
+        num_layers=num_layers,
+        aux_layer_ids=resolve_aux_layer_ids(num_layers, aux_layer_ids),
+        dtype=dtype,
+        version=version or model_dir_version(model_dir),
+        pad_token_id=int(config.get("pad_token_id") or 0),
+    )
+    return info, config
 
 
 class ServedModelDirEngine:

@@ -42,13 +42,11 @@ from dataflow.contracts import (
 )
 from dataflow.launch.config import TargetSection
 from dataflow.launch.engines import sglang_capture as spec_capture
-from dataflow.launch.engines.base import CapturedSample, TargetInfo
+from dataflow.launch.engines.base import CapturedSample
 from dataflow.launch.engines.features import checked_sample
-from dataflow.launch.engines.layers import resolve_aux_layer_ids
 from dataflow.launch.engines.payload import encode_payload
-from dataflow.launch.engines.served import ServedModelDirEngine
+from dataflow.launch.engines.served import ServedModelDirEngine, served_target_info
 from dataflow.launch.engines.sglang_wire import error_message, generate_body, prefill_block
-from dataflow.launch.engines.target_files import read_model_config
 from dataflow.launch.extras import require
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -93,17 +91,7 @@ class SGLangTargetEngine(ServedModelDirEngine):
         self._model_dir = model_dir
         self._timeout = timeout_s
         self._batch_size = batch_size
-        config = read_model_config(model_dir)
-        num_layers = int(config["num_hidden_layers"])
-        self._info = TargetInfo(
-            hidden_size=int(config["hidden_size"]),
-            vocab_size=int(config["vocab_size"]),
-            num_layers=num_layers,
-            aux_layer_ids=resolve_aux_layer_ids(num_layers, aux_layer_ids),
-            dtype=dtype,
-            version=version or model_dir.rstrip("/").rsplit("/", 1)[-1],
-            pad_token_id=int(config.get("pad_token_id") or 0),
-        )
+        self._info, _ = served_target_info(model_dir, aux_layer_ids, dtype, version)
         self._tokenizer = tokenizer
         self._probe(self._url)
         if capture == "response":

@@ -41,12 +41,10 @@ from dataflow.contracts import (
     SchemaMismatchError,
 )
 from dataflow.launch.config import TargetSection
-from dataflow.launch.engines.base import CapturedSample, Regeneration, TargetInfo
+from dataflow.launch.engines.base import CapturedSample, Regeneration
 from dataflow.launch.engines.features import checked_sample
-from dataflow.launch.engines.layers import resolve_aux_layer_ids
 from dataflow.launch.engines.payload import encode_payload
-from dataflow.launch.engines.served import ServedModelDirEngine
-from dataflow.launch.engines.target_files import read_model_config
+from dataflow.launch.engines.served import ServedModelDirEngine, served_target_info
 from dataflow.launch.engines.vllm_wire import (
     completion_body,
     final_norm,
@@ -124,18 +122,8 @@ class VLLMTargetEngine(ServedModelDirEngine):
         self._capture_dir = capture_dir
         self._orphans: set[str] = set()
         self._orphans_lock = threading.Lock()
-        config = read_model_config(model_dir)
-        num_layers = int(config["num_hidden_layers"])
-        self._info = TargetInfo(
-            hidden_size=int(config["hidden_size"]),
-            vocab_size=int(config["vocab_size"]),
-            num_layers=num_layers,
-            aux_layer_ids=resolve_aux_layer_ids(num_layers, aux_layer_ids),
-            dtype=dtype,
-            version=version or model_dir.rstrip("/").rsplit("/", 1)[-1],
-            pad_token_id=int(config.get("pad_token_id") or 0),
-        )
-        self._layer_ids = vllm_layer_ids(self._info.aux_layer_ids, num_layers)
+        self._info, config = served_target_info(model_dir, aux_layer_ids, dtype, version)
+        self._layer_ids = vllm_layer_ids(self._info.aux_layer_ids, self._info.num_layers)
         self._eps = float(config.get("rms_norm_eps", 1e-6))
         self._norm = _read_norm_weight(model_dir).to(_DTYPES[dtype])
         self._tokenizer = tokenizer
