@@ -93,7 +93,7 @@ def check_dataset_fits(config: LaunchConfig, prompts: int, source: str) -> None:
         f"trainer quantum {t.quantum} (dp_size {t.dp_size} x batch_size {t.batch_size} x "
         f"accumulation_steps {t.accumulation_steps})"
     )
-    if config.run.topology.endswith("_online"):
+    if config.topology.online:
         samples = prompts * passes
         if samples < t.quantum:
             raise InvalidInputError(

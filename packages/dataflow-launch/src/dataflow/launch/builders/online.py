@@ -9,7 +9,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TypeVar
 
-from dataflow.contracts import FeatureStore, Ledger, RefQueue
+from dataflow.contracts import FeatureStore, InvalidInputError, Ledger, RefQueue
 from dataflow.contracts.states import clip_reason
 from dataflow.control import ConsumerSide, Controller, WindowShape, run_on_rank0
 from dataflow.launch.builders.common import (
@@ -256,7 +256,7 @@ def consume_online(
 
 
 def run_colocated_online(
-    config: LaunchConfig, run_dir: RunDir, *, progress: bool = True
+    config: LaunchConfig, run_dir: RunDir, *, resume: bool = False, progress: bool = True
 ) -> TrainOutcome:
     """Colocated online in one process: the rollout producer on a background thread, the
     trainer on this thread, one in-process ledger and store; the shutdown paths are those of
@@ -264,6 +264,11 @@ def run_colocated_online(
     """
     from dataflow.launch.interleave import run_interleaved
 
+    if resume:
+        raise InvalidInputError(
+            "a colocated_online run keeps its ledger in memory and cannot be resumed; "
+            "use a disaggregated_online config for resumable online runs"
+        )
     plan = control_plan(config, leases_prompts=True)
     layout = rank_layout(config)
     ledger = open_plan_ledger(config, plan)

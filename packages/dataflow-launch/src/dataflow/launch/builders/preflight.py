@@ -47,7 +47,7 @@ def check_regeneration(config: LaunchConfig) -> None:
     are: with ``producer.regenerate`` they must be the target's own (see
     ``builders.features.check_precomputed``).
     """
-    if config.producer.regenerate and config.run.topology == "colocated_offline":
+    if config.producer.regenerate and config.topology.ref_source == "files":
         from pathlib import Path
 
         from dataflow.launch.builders.features import check_precomputed
@@ -77,7 +77,7 @@ def preflight(config: LaunchConfig, *, prompts: bool = True, role: str = "run") 
             raise InvalidInputError(f"{loaded.source} holds no usable prompt ({loaded.report()})")
         check_dataset_fits(config, len(loaded.prompts), loaded.source)
     check_services(config)
-    if role == "consume" and config.run.topology == "disaggregated_online":
+    if role == "consume" and config.topology.online:
         check_consumer_lease(config)
 
 

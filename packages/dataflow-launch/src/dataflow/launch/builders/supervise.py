@@ -155,7 +155,7 @@ def run_disaggregated(
     bars = [
         LedgerBar(config.ledger.uri, total, "Produced", prompts_done, enabled=progress, position=0),
     ]
-    if config.run.topology == "disaggregated_online":
+    if config.topology.online:
         bars.append(
             LedgerBar(
                 config.ledger.uri, total, "Trained ", samples_settled, enabled=progress, position=1
@@ -178,5 +178,5 @@ def _planned_samples(config: LaunchConfig) -> int:
         return 0
     if config.data.max_prompts is not None:
         lines = min(lines, config.data.max_prompts)
-    passes = config.data.passes if config.run.topology == "disaggregated_online" else 1
+    passes = config.data.passes if config.topology.online else 1
     return lines * passes

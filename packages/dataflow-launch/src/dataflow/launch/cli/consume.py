@@ -49,10 +49,7 @@ def run(args: argparse.Namespace) -> int:
 
         rank = int(os.environ.get("RANK", "0"))
     run_dir = prepare_run_dir(config, resume=args.resume) if rank == 0 else None
-    if config.run.topology == "disaggregated_online":
-        from dataflow.launch.builders.online import consume_online as consume
-    else:
-        from dataflow.launch.builders.offline import consume_offline as consume
+    consume = config.topology.entry("consume")
     from pathlib import Path
 
     from dataflow.launch.run_dir import RunDir

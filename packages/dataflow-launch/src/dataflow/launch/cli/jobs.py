@@ -18,8 +18,6 @@ from dataflow.launch.run_dir import RunDir
 
 log = logging.getLogger(__name__)
 
-DISAGGREGATED = ("disaggregated_offline", "disaggregated_online")
-
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     """``CONFIG``, repeatable ``--set a.b=value`` and ``--no-progress``."""
@@ -62,7 +60,7 @@ def add_job_command(
 
 def require_disaggregated(config: LaunchConfig, role: str) -> None:
     """Refuse a one-process topology for a role command (``produce`` / ``consume``)."""
-    if config.run.topology not in DISAGGREGATED:
+    if not config.topology.separate_roles:
         raise InvalidInputError(
             f"{role} runs the {'producer' if role == 'produce' else 'trainer'} of a "
             f"disaggregated run; run.topology is {config.run.topology!r}, which runs in one "

@@ -36,14 +36,7 @@ def run(args: argparse.Namespace) -> int:
 
     preflight(config, role="produce")
     run_dir = RunDir(Path(config.run.out_dir)).create()
-    if config.run.topology == "disaggregated_online":
-        from dataflow.launch.builders.online import produce_online
-
-        report = produce_online(config, run_dir, progress=args.progress)
-    else:
-        from dataflow.launch.builders.offline import produce_offline
-
-        report = produce_offline(config, run_dir, progress=args.progress)
+    report = config.topology.entry("produce")(config, run_dir, progress=args.progress)
     print(
         f"producer {report.outcome}: {report.committed} samples, {report.tokens} tokens in "
         f"{report.seconds:.1f}s ({report.tokens_per_s:.0f} tokens/s)",

@@ -6,7 +6,6 @@ import argparse
 from typing import Any
 
 from dataflow.launch.cli.jobs import (
-    DISAGGREGATED,
     add_job_command,
     config_argv,
     finish_run,
@@ -37,7 +36,7 @@ def register(commands: Any) -> None:
 
 def topology_is_disaggregated(config: LaunchConfig) -> bool:
     """Whether the run's roles are separate processes sharing a ledger."""
-    return config.run.topology in DISAGGREGATED
+    return config.topology.separate_roles
 
 
 def run(args: argparse.Namespace) -> int:
@@ -49,24 +48,9 @@ def run(args: argparse.Namespace) -> int:
     if not args.resume and topology_is_disaggregated(config):
         check_fresh_ledger(config)
     run_dir = prepare_run_dir(config, resume=args.resume)
-    topology = config.run.topology
-    if topology == "colocated_offline":
-        from dataflow.launch.builders.offline import run_colocated_offline
-
-        run_colocated_offline(config, run_dir, resume=args.resume, progress=args.progress)
-    elif topology == "colocated_online":
-        from dataflow.launch.builders.online import run_colocated_online
-
-        if args.resume:
-            from dataflow.contracts import InvalidInputError
-
-            raise InvalidInputError(
-                "a colocated_online run keeps its ledger in memory and cannot be resumed; "
-                "use a disaggregated_online config for resumable online runs"
-            )
-        run_colocated_online(config, run_dir, progress=args.progress)
+    if not config.topology.separate_roles:
+        config.topology.entry("run")(config, run_dir, resume=args.resume, progress=args.progress)
     else:
-        assert topology in DISAGGREGATED
         from dataflow.launch.builders.supervise import run_disaggregated
 
         run_disaggregated(

@@ -6,7 +6,6 @@ validation, so a validated config is fully resolved: dumping it shows what actua
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 from pydantic import model_validator
@@ -24,8 +23,8 @@ from dataflow.launch.config.sections import (
     TargetSection,
     TrainerSection,
 )
+from dataflow.launch.topologies import TOPOLOGIES, TopologySpec
 
-_SHARED_STORES = ("shm", "dir", "mooncake")
 _DURABLE_LEDGERS = ("sqlite", "redis")
 
 
@@ -34,27 +33,12 @@ def _section(data: dict[str, Any], name: str) -> dict[str, Any]:
     return value if isinstance(value, dict) else {}
 
 
-def _default_mode(topology: str) -> str:
-    return "local_colocated" if topology.startswith("colocated") else "disaggregated"
-
-
 # ``scheme://`` + an absolute path gives ``scheme:///abs``; + a relative one stays cwd-relative.
-def _default_ledger(mode: str, out_dir: str, topology: str) -> str:
+def _default_ledger(mode: str, out_dir: str, spec: TopologySpec) -> str:
     if mode == "local_colocated":
         # online runs lease prompts from the ledger: in-process memory://, no I/O
-        return "memory://" if topology.endswith("_online") else "noop://"
+        return "memory://" if spec.online else "noop://"
     return f"sqlite://{out_dir.rstrip('/')}/ledger.sqlite"
-
-
-def _default_store(topology: str, run_id: str, out_dir: str) -> str:
-    base = out_dir.rstrip("/")
-    return {
-        "colocated_offline": f"file://{base}/features",
-        "colocated_online": "memory://",
-        # dir:// must be absolute (two processes resolve it): a relative out_dir is made so.
-        "disaggregated_offline": f"dir://{os.path.abspath(base)}/store",
-        "disaggregated_online": f"shm://{run_id}",
-    }[topology]
 
 
 class LaunchConfig(Section):
@@ -88,77 +72,73 @@ class LaunchConfig(Section):
         run_id = run.get("id", RunSection.model_fields["id"].default)
         if not all(isinstance(v, str) for v in (topology, out_dir, run_id)):
             return data  # field validation reports the bad types
-        if topology not in _STORE_RULES:
+        if topology not in TOPOLOGIES:
             return data
-        mode = run.get("deployment_mode") or _default_mode(topology)
+        spec = TOPOLOGIES[topology]
+        mode = run.get("deployment_mode") or spec.default_mode
         out = dict(data)
         out["run"] = {**run, "deployment_mode": mode}
         ledger = _section(data, "ledger")
         if not ledger.get("uri"):
-            out["ledger"] = {**ledger, "uri": _default_ledger(str(mode), out_dir, topology)}
+            out["ledger"] = {**ledger, "uri": _default_ledger(str(mode), out_dir, spec)}
         store = _section(data, "store")
         if not store.get("uri"):
-            out["store"] = {**store, "uri": _default_store(topology, run_id, out_dir)}
+            out["store"] = {**store, "uri": spec.default_store_uri(run_id, out_dir)}
         return out
 
     @model_validator(mode="after")
     def _cross_rules(self) -> LaunchConfig:
-        topology = self.run.topology
+        spec = self.topology
+        topology = spec.name
         mode = self.deployment_mode
         store_scheme = parse_store_uri(self.store.uri).scheme
         ledger_scheme = parse_ledger_uri(self.ledger.uri).scheme
-        if topology.startswith("disaggregated") and mode is not DeploymentMode.DISAGGREGATED:
+        if spec.separate_roles and mode is not DeploymentMode.DISAGGREGATED:
             raise ValueError(
                 f"run.deployment_mode: {topology} needs 'disaggregated', got {mode.value!r}"
             )
-        if topology.startswith("colocated") and mode is DeploymentMode.DISAGGREGATED:
+        if not spec.separate_roles and mode is DeploymentMode.DISAGGREGATED:
             raise ValueError(
                 f"run.deployment_mode: {topology} runs in one process; use 'local_colocated' or "
                 "'dataflow_colocated'"
             )
-        allowed = _STORE_RULES[topology]
+        allowed = spec.stores
         if store_scheme not in allowed:
             raise ValueError(
                 f"store.uri: {topology} needs a store of scheme "
                 + " or ".join(f"{s}://" for s in allowed)
                 + f", got {self.store.uri!r}"
             )
-        if self.target.capture == "mooncake" and (
-            store_scheme != "mooncake" or topology.endswith("_offline")
-        ):
+        if self.target.capture == "mooncake" and (store_scheme != "mooncake" or not spec.online):
             raise ValueError(
                 "target.capture: mooncake has the server write features into Mooncake; it needs "
                 f"an online run with a mooncake:// store, got {topology} with {self.store.uri!r}"
             )
-        if topology == "disaggregated_online" and ledger_scheme not in _DURABLE_LEDGERS:
+        if spec.separate_roles and spec.online and ledger_scheme not in _DURABLE_LEDGERS:
             raise ValueError(
-                "ledger.uri: disaggregated_online shares its ledger between processes; use "
+                f"ledger.uri: {topology} shares its ledger between processes; use "
                 f"sqlite:///PATH or redis://HOST:PORT/DB, got {self.ledger.uri!r}"
             )
-        if (
-            self.staleness.enabled
-            and topology.endswith("_offline")
-            and not self.staleness.require_target_match
-        ):
+        if self.staleness.enabled and not spec.online and not self.staleness.require_target_match:
             raise ValueError(
                 f"staleness.require_target_match: {topology} trains a retained feature set no "
                 "draft served, so there is no draft lag to bound; offline staleness only drops "
                 "samples captured by another target, and with require_target_match=false it "
                 "would check nothing (set staleness.enabled=false)"
             )
-        if topology.endswith("_online") and ledger_scheme == "noop":
+        if spec.online and ledger_scheme == "noop":
             raise ValueError(
                 f"ledger.uri: {topology} leases prompts from its ledger and noop:// retains "
                 "none; use memory:// (in-process, no I/O) or a durable sqlite:// or redis:// ledger"
             )
-        if topology == "colocated_offline" and mode.durable:
+        if spec.ref_source == "files" and mode.durable:
             raise ValueError(
-                f"run.deployment_mode: colocated_offline keeps no durable ledger; "
+                f"run.deployment_mode: {topology} keeps no durable ledger; "
                 f"{mode.value!r} needs one, use 'local_colocated'"
             )
-        if topology == "colocated_offline" and ledger_scheme != "noop":
+        if spec.ref_source == "files" and ledger_scheme != "noop":
             raise ValueError(
-                f"ledger.uri: colocated_offline trains retained feature files and keeps no "
+                f"ledger.uri: {topology} trains retained feature files and keeps no "
                 f"record (its ledger is noop://); {self.ledger.uri!r} would never be written"
             )
         if mode.durable and ledger_scheme not in _DURABLE_LEDGERS:
@@ -178,7 +158,7 @@ class LaunchConfig(Section):
     @model_validator(mode="after")
     def _trainer_and_producer_rules(self) -> LaunchConfig:
         topology = self.run.topology
-        if self.trainer.sp_size > 1 and topology.endswith("_online"):
+        if self.trainer.sp_size > 1 and self.topology.online:
             raise ValueError(
                 f"trainer.sp_size: sequence parallelism ({self.trainer.sp_size}) needs an offline "
                 f"topology, where every rank of a sequence-parallel group reads the same fixed "
@@ -210,10 +190,7 @@ class LaunchConfig(Section):
         assert self.run.deployment_mode is not None  # filled in before validation
         return DeploymentMode(self.run.deployment_mode)
 
-
-_STORE_RULES: dict[str, tuple[str, ...]] = {
-    "colocated_offline": ("file",),
-    "colocated_online": ("memory", *_SHARED_STORES),
-    "disaggregated_offline": _SHARED_STORES,
-    "disaggregated_online": _SHARED_STORES,
-}
+    @property
+    def topology(self) -> TopologySpec:
+        """The record of ``run.topology`` (what differs between topologies, as data)."""
+        return TOPOLOGIES[self.run.topology]
