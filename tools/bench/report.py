@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from machine import Machine
+from machine import SIMD_FLAGS, Machine
 
 
 @dataclass(frozen=True)
@@ -233,6 +233,9 @@ def render(
         + (" (**quick smoke run: fewer repeats**)" if quick else ""),
         f"- Machine: {machine.cpus} CPU cores ({machine.cpu_model}), "
         f"{machine.memory_gib:.1f} GiB memory, Linux {machine.kernel}",
+        f"- CPU flags: {', '.join(machine.cpu_flags) or 'none of ' + ', '.join(SIMD_FLAGS)} "
+        f"(torch dispatches to {machine.torch_capability}; bf16 is native only with "
+        "avx512_bf16 or amx_bf16)",
         f"- Software: Python {machine.python}, torch {machine.torch}",
         f"- Load: 1-minute load average {load[0]:.1f} at the start, {load[1]:.1f} at the end. "
         "This machine is shared with other jobs while the benchmarks run, so absolute figures "
