@@ -38,15 +38,20 @@ def length_problem(tensors: Mapping[str, torch.Tensor], max_length: int | None) 
     """The checks of :func:`sample_problem` that read only shapes (no tensor value is read)."""
     ids = tensors.get("input_ids")
     if ids is not None:
-        length = int(ids.shape[-1]) if ids.dim() else int(ids.numel())
-        if ids.numel() == 0 or length == 0:
-            return "bad_features: empty sequence (no tokens)"
+        shape = ids.shape
+        if not shape:  # a 0-d tensor: one token
+            length = 1
+        else:
+            length = int(shape[-1])
+            if 0 in shape:
+                return "bad_features: empty sequence (no tokens)"
         if max_length is not None and length > max_length:
             return f"bad_features: {length} tokens, longer than max_length {max_length}"
     return None
 
 
 _WIDE = {torch.float16: torch.float32, torch.bfloat16: torch.float32}
+_INTEGER = frozenset((torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64))
 
 
 def values_surely_fine(tensors: Mapping[str, torch.Tensor]) -> bool:
@@ -58,19 +63,15 @@ def values_surely_fine(tensors: Mapping[str, torch.Tensor]) -> bool:
     caller then asks :func:`sample_problem` of each sample for the exact answer.
     """
     mask = tensors.get("loss_mask")
-    if mask is not None and mask.numel():
-        if mask.dtype == torch.bool:
-            pass
-        elif mask.is_floating_point() or mask.is_complex():
-            if bool(((mask != 0) & (mask != 1)).any()):
-                return False
-        else:
-            low, high = torch.aminmax(mask)
-            if int(low) < 0 or int(high) > 1:
-                return False
+    if mask is not None and mask.dtype in _INTEGER and mask.numel():
+        low, high = torch.aminmax(mask)
+        if int(low) < 0 or int(high) > 1:
+            return False
+    elif mask is not None and mask.dtype != torch.bool and bool(((mask != 0) & (mask != 1)).any()):
+        return False
     for value in tensors.values():
-        if value.is_floating_point() and value.numel():
-            total = value.sum(dtype=_WIDE.get(value.dtype, value.dtype))
-            if not math.isfinite(float(total)):
+        dtype = value.dtype
+        if dtype.is_floating_point and value.numel():
+            if not math.isfinite(float(value.sum(dtype=_WIDE.get(dtype, dtype)))):
                 return False
     return True
