@@ -119,7 +119,8 @@ def _check_samples_agree(ids: Sequence[str], samples: Sequence[Mapping[str, torc
 
 def _lengths_if_agreeing(samples: Sequence[Mapping[str, torch.Tensor]]) -> list[int] | None:
     """Each sample's ``T`` when every check of ``sequence_length`` and ``_check_samples_agree``
-    passes, read in one pass (one shape and dtype read per tensor); ``None`` otherwise."""
+    passes, read in one pass (one shape and dtype read per tensor); ``None`` otherwise.
+    """
     first = samples[0]
     if not first or ATTENTION_MASK in first:
         return None

@@ -71,7 +71,10 @@ def values_surely_fine(tensors: Mapping[str, torch.Tensor]) -> bool:
         return False
     for value in tensors.values():
         dtype = value.dtype
-        if dtype.is_floating_point and value.numel():
-            if not math.isfinite(float(value.sum(dtype=_WIDE.get(dtype, dtype)))):
-                return False
+        if (
+            dtype.is_floating_point
+            and value.numel()
+            and not math.isfinite(float(value.sum(dtype=_WIDE.get(dtype, dtype))))
+        ):
+            return False
     return True
