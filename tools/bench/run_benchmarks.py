@@ -136,6 +136,18 @@ def main() -> int:
             raw,
         ),
         run(
+            "loader",
+            [
+                py,
+                str(ROOT / "packages" / "dataflow-train" / "benchmarks" / "bench_loader.py"),
+                "--json",
+                str(raw / "loader.result.json"),
+                *(["--rounds", "3"] if args.quick else []),
+            ],
+            raw / "loader.result.json",
+            raw,
+        ),
+        run(
             "plane",
             [
                 py,
