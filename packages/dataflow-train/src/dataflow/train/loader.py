@@ -11,7 +11,7 @@ import queue as queue_mod
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -327,7 +327,7 @@ class FeatureDataLoader:
                 batch = self._collate(refs, kept, samples)
                 # The value checks read the batch once (one reduction per feature); only when
                 # it is not surely clean is each sample asked, to name the bad ones exactly.
-                if not values_surely_fine(batch.tensors):
+                if not values_surely_fine(cast("Mapping[str, torch.Tensor]", batch.tensors)):
                     clean = []
                     for sample_id, sample in zip(kept, samples, strict=True):
                         problem = sample_problem(sample, self._max_length)
