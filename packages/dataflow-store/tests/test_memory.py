@@ -156,3 +156,29 @@ def test_a_ref_naming_another_store_is_refused_each_time():
         with pytest.raises(InvalidInputError, match="nosuch"):
             store.get(bad)
     assert store.health().active_leases == 0
+
+
+def test_bad_get_and_release_arguments_are_refused_and_lease_nothing():
+    # The checks live in BookkeepingStore (shared by every backend); the ref's own specs are
+    # handed to the backend as they are, so each refusal must still happen before a lease.
+    store = open_store("memory://badget")
+    ref = store.put("s", eagle_sample(0))
+    described = SampleRef("s", ref.store_uri, {}, {}, generation=ref.generation)
+    cases: list[tuple[Any, Any, type[Exception], str]] = [
+        ("not a ref", None, InvalidInputError, "get needs a SampleRef, got str"),
+        (ref, "hidden_state", InvalidInputError, "names must be a sequence of feature names"),
+        (ref, 7, InvalidInputError, "names must be a sequence of feature names"),
+        (ref, [], InvalidInputError, "names must not be empty"),
+        (described, None, InvalidInputError, "names must not be empty"),
+        (ref, ["nope"], NotFoundError, r"has no feature\(s\) \['nope'\]"),
+    ]
+    for bad_ref, names, error, message in cases:
+        with pytest.raises(error, match=message):
+            store.get(bad_ref, names)
+        assert store.health().active_leases == 0
+    with pytest.raises(InvalidInputError, match="release needs a FeatureHandle, got str"):
+        store.release("token")  # type: ignore[arg-type]
+    got, handle = store.get(ref, ["input_ids"])  # the store still serves the good ref
+    assert list(got) == ["input_ids"]
+    store.release(handle)
+    assert store.health().resident_samples == 0
