@@ -59,6 +59,49 @@ def _mooncake_targets(mooncake: dict[str, Any] | None) -> list[Target]:
     ]
 
 
+def _hot_path_targets(hot: dict[str, Any] | None) -> list[Target]:
+    if hot is None:
+        return [
+            Target(15, "memory:// put+get+release <= 50 us per sample", "-", None),
+            Target(15, "dir:// get no slower than SpecForge's shared-dir get", "-", None),
+        ]
+    mem = hot["memory"]
+    out = [
+        Target(
+            15,
+            f"memory:// put+get+release <= {mem['target_us']:g} us per sample (CPU time, "
+            f"in-process; {mem['baseline']}: {mem['baseline_us_per_sample']:.2f} us)",
+            f"{mem['us_per_sample']:.1f} us",
+            bool(mem["met"]),
+        )
+    ]
+    for row in hot["dir"]:
+        out.append(
+            Target(
+                15,
+                f"{row['name']} >= {row['target']}x the speed of {row['baseline']}",
+                f"{row['ratio']:.2f}x ({row['ms']:.1f} vs {row['baseline_ms']:.1f} ms)",
+                bool(row["met"]),
+            )
+        )
+    return out
+
+
+def _loader_targets(loader: dict[str, Any] | None) -> list[Target]:
+    what = "loader overhead <= {} us per sample beyond a bare stack loop ({})"
+    if loader is None:
+        return [Target(15, what.format(20, "every mode"), "-", None)]
+    return [
+        Target(
+            15,
+            what.format(loader["target_us"], row["case"]),
+            f"{row['overhead_us']:.1f} us",
+            bool(row["met"]),
+        )
+        for row in loader["rows"]
+    ]
+
+
 def _control_targets(control: dict[str, Any] | None) -> list[Target]:
     if control is None:
         return [Target(4, "ledger throughput on SQLite", "-", None)]
@@ -129,6 +172,15 @@ def _ratios(outcomes: Sequence[Any]) -> list[str]:
             lines.append(
                 f"| mooncake | {row['path']} / bare put_from+get_into speed | {row['ratio']:.2f}x |"
             )
+    hot = _result(outcomes, "store-hot-paths")
+    for row in (hot or {}).get("dir", []):
+        lines.append(f"| store | {row['name']} / {row['baseline']} speed | {row['ratio']:.2f}x |")
+    loader = _result(outcomes, "loader")
+    for row in (loader or {}).get("rows", []):
+        lines.append(
+            f"| loader | loader / bare stack loop, CPU s per sample ({row['case']}) "
+            f"| {row['ratio']:.2f}x |"
+        )
     control = _result(outcomes, "control")
     for name, value in (control or {}).get("ratios", {}).items():
         lines.append(f"| control | {name} | {value:.2f}x |")
@@ -218,8 +270,10 @@ def render(
     targets = [
         *_store_targets(_result(outcomes, "store")),
         *_mooncake_targets(_result(outcomes, "mooncake")),
+        *_hot_path_targets(_result(outcomes, "store-hot-paths")),
         *_control_targets(_result(outcomes, "control")),
         *_train_targets(_result(outcomes, "train")),
+        *_loader_targets(_result(outcomes, "loader")),
         *_plane_targets(_result(outcomes, "plane")),
         *_e2e_targets(_result(outcomes, "e2e")),
     ]
@@ -242,7 +296,7 @@ def render(
         "and wall-clock ratios are noisy; every ratio compares against a baseline measured in "
         "the same run, under the same load.",
         "",
-        f"## Targets (issues 3-7, 14): {met} of {len(targets)} met",
+        f"## Targets (issues 3-7, 14, 15): {met} of {len(targets)} met",
         "",
         "| issue | target | measured | verdict |",
         "|---|---|---:|---|",

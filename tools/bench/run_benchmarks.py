@@ -1,7 +1,7 @@
 """Run every benchmark with ``--json`` in one go and write ``docs/benchmarks.md`` from them.
 
-Benchmarks: ``packages/*/benchmarks/bench_*.py`` (store, Mooncake, control, train, plane) and the
-end-to-end one here (``bench_e2e.py``). Each runs in its own process; its JSON is kept beside
+Benchmarks: ``packages/*/benchmarks/bench_*.py`` (store, Mooncake, store hot paths, control,
+train, loader, plane) and the end-to-end one here (``bench_e2e.py``). Each runs in its own process; its JSON is kept beside
 the report's data (``--raw DIR``), its stderr shown on failure. A benchmark that crashes is
 reported as such in the document (and makes this script exit 1); one that runs but misses its
 target is reported as "not met" (exit 0: the numbers are the result).
@@ -107,6 +107,12 @@ def main() -> int:
         run("store", [py, str(store_dir / "bench_store.py"), "--json", *repeat], None, raw),
         run("mooncake", [py, str(store_dir / "bench_mooncake.py"), "--json", *repeat], None, raw),
         run(
+            "store-hot-paths",
+            [py, str(store_dir / "bench_hot_paths.py"), "--json", *repeat],
+            None,
+            raw,
+        ),
+        run(
             "control",
             [
                 py,
@@ -127,6 +133,18 @@ def main() -> int:
                 *(["--rounds", "4"] if args.quick else []),
             ],
             raw / "train.result.json",
+            raw,
+        ),
+        run(
+            "loader",
+            [
+                py,
+                str(ROOT / "packages" / "dataflow-train" / "benchmarks" / "bench_loader.py"),
+                "--json",
+                str(raw / "loader.result.json"),
+                *(["--rounds", "3"] if args.quick else []),
+            ],
+            raw / "loader.result.json",
             raw,
         ),
         run(

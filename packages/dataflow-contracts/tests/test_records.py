@@ -114,3 +114,56 @@ def test_train_batch_is_refused_by_the_guard():
     assert batch.size == 1
     with pytest.raises(TypeError, match=r"at batch.tensors\['input_ids'\]"):
         assert_no_tensors(batch, "batch")
+
+
+def _ref_fields(ref):
+    return {f.name: getattr(ref, f.name) for f in dataclasses.fields(ref)}
+
+
+def test_from_validated_builds_what_the_constructor_builds():
+    checked = SampleRef(
+        sample_id="s-1",
+        store_uri="memory://m",
+        feature_keys={"hidden_state": "s-1/g3/hidden_state"},
+        feature_specs={"hidden_state": spec()},
+        generation=3,
+        num_tokens=8,
+        estimated_bytes=256,
+        metadata={"k": [1, 2]},
+    )
+    fast = SampleRef.from_validated(**_ref_fields(checked))
+    assert fast == checked and repr(fast) == repr(checked) and hash(fast) == hash(checked)
+    assert fast.spec_bytes == 256
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        fast.generation = 4  # type: ignore[misc]
+    # defaults are filled in as the constructor fills them
+    minimal = SampleRef.from_validated(
+        sample_id="s", store_uri="memory://m", feature_keys={}, feature_specs={}
+    )
+    assert minimal == SampleRef("s", "memory://m", {}, {})
+    assert FeatureSpec.from_validated("x", (2, 3), "int64") == FeatureSpec("x", (2, 3), "int64")
+    assert FeatureHandle.from_validated("s", 2, "t") == FeatureHandle("s", 2, "t")
+
+
+@pytest.mark.parametrize(
+    ("values", "message"),
+    [
+        (
+            {"sample_id": "s"},
+            r"missing field\(s\) \['feature_keys', 'feature_specs', 'store_uri'\]",
+        ),
+        (
+            {
+                "sample_id": "s",
+                "store_uri": "m://",
+                "feature_keys": {},
+                "feature_specs": {},
+                "x": 1,
+            },
+            r"unknown field\(s\) \['x'\]",
+        ),
+    ],
+)
+def test_from_validated_refuses_unknown_and_missing_fields(values, message):
+    with pytest.raises(TypeError, match=message):
+        SampleRef.from_validated(**values)

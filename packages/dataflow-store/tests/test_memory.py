@@ -7,7 +7,7 @@ import pytest
 import torch
 from conformance import StoreConformance, eagle_sample
 
-from dataflow.contracts import FeatureStore, InvalidInputError, NotFoundError
+from dataflow.contracts import FeatureStore, InvalidInputError, NotFoundError, SampleRef
 from dataflow.store import open_store
 
 
@@ -115,3 +115,70 @@ def test_drain_names_the_samples_whose_frees_keep_failing():
         store.drain(timeout_s=-1)
     faults.clear()
     assert store.drain() == 1
+
+
+def test_a_puts_ref_is_one_the_validating_constructor_accepts_unchanged():
+    # put assembles its ref without SampleRef.__post_init__ (its inputs were checked where they
+    # entered): the same fields through the constructor give an equal ref.
+    store = open_store("memory://assembled")
+    ref = store.put("s-1", eagle_sample(0), {"num_tokens": 8, "tags": ["a", {"b": 1.5}]})
+    fields = {f: getattr(ref, f) for f in ref.__dataclass_fields__}
+    assert SampleRef(**fields) == ref
+    assert ref.metadata["tags"] == ("a", {"b": 1.5}) and ref.num_tokens == 8
+
+
+@pytest.mark.parametrize(
+    ("metadata", "message"),
+    [
+        ({"num_tokens": "8"}, r"metadata\['num_tokens'\] must be an int, got '8'"),
+        ({"num_tokens": True}, r"metadata\['num_tokens'\] must be an int, got True"),
+        ({"num_tokens": -1}, r"SampleRef.num_tokens must be >= 0, got -1"),
+        ({"x": float("nan")}, r"SampleRef.metadata\['x'\] is nan"),
+        ({1: "a"}, "SampleRef.metadata has a non-str key 1"),
+        ([("a", 1)], "metadata must be a mapping or None, got list"),
+    ],
+)
+def test_bad_metadata_is_refused_before_anything_is_stored(metadata, message):
+    store = open_store("memory://badmeta")
+    with pytest.raises(InvalidInputError, match=message):
+        store.put("s", eagle_sample(0), metadata)
+    assert store.health().resident_samples == 0
+
+
+def test_a_ref_naming_another_store_is_refused_each_time():
+    store = open_store("memory://mine")
+    other = open_store("memory://theirs").put("s", eagle_sample(0))
+    for _ in range(2):  # the parsed form is cached; the refusal is not
+        with pytest.raises(InvalidInputError, match="belongs to store 'memory://theirs'"):
+            store.get(other)
+    bad = SampleRef("s", "nosuch://x", {}, {})
+    for _ in range(2):
+        with pytest.raises(InvalidInputError, match="nosuch"):
+            store.get(bad)
+    assert store.health().active_leases == 0
+
+
+def test_bad_get_and_release_arguments_are_refused_and_lease_nothing():
+    # The checks live in BookkeepingStore (shared by every backend); the ref's own specs are
+    # handed to the backend as they are, so each refusal must still happen before a lease.
+    store = open_store("memory://badget")
+    ref = store.put("s", eagle_sample(0))
+    described = SampleRef("s", ref.store_uri, {}, {}, generation=ref.generation)
+    cases: list[tuple[Any, Any, type[Exception], str]] = [
+        ("not a ref", None, InvalidInputError, "get needs a SampleRef, got str"),
+        (ref, "hidden_state", InvalidInputError, "names must be a sequence of feature names"),
+        (ref, 7, InvalidInputError, "names must be a sequence of feature names"),
+        (ref, [], InvalidInputError, "names must not be empty"),
+        (described, None, InvalidInputError, "names must not be empty"),
+        (ref, ["nope"], NotFoundError, r"has no feature\(s\) \['nope'\]"),
+    ]
+    for bad_ref, names, error, message in cases:
+        with pytest.raises(error, match=message):
+            store.get(bad_ref, names)
+        assert store.health().active_leases == 0
+    with pytest.raises(InvalidInputError, match="release needs a FeatureHandle, got str"):
+        store.release("token")  # type: ignore[arg-type]
+    got, handle = store.get(ref, ["input_ids"])  # the store still serves the good ref
+    assert list(got) == ["input_ids"]
+    store.release(handle)
+    assert store.health().resident_samples == 0

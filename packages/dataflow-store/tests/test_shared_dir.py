@@ -300,3 +300,24 @@ def test_a_put_retires_older_generations_another_producer_left(tmp_path: Path) -
         open_store(f"dir://{tmp_path}").get(old)
     mine.abort("g", "done")
     assert samples(tmp_path) == []
+
+
+@pytest.mark.parametrize("huge_min", [0, 1 << 40], ids=["huge-page-buffer", "torch-empty"])
+def test_a_get_reads_into_private_writable_memory_that_outlives_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, huge_min: int
+) -> None:
+    from dataflow.store import segments
+
+    monkeypatch.setattr(segments, "HUGE_BUFFER_MIN", huge_min)  # both buffer kinds, small data
+    store = open_store(f"dir://{tmp_path}/s", fsync=False, retain_on_release=True)
+    tensors = eagle_sample(3)
+    ref = store.put("big", tensors)
+    got, handle = store.get(ref)
+    again, handle2 = store.get(ref)
+    store.release(handle)
+    store.release(handle2)
+    store.abort("big", "done")  # the file is gone; the tensors are private copies
+    assert samples(tmp_path / "s") == []
+    assert all(same_bits(got[n], tensors[n]) for n in tensors)
+    got["hidden_state"].add_(1)  # writable, and not shared with another get
+    assert same_bits(again["hidden_state"], tensors["hidden_state"])

@@ -12,7 +12,7 @@ from dataflow.train.config import TrainerConfig
 from dataflow.train.loader import FeatureDataLoader
 from dataflow.train.nonfinite import NonFiniteStepError
 from dataflow.train.optim import OptimConfig
-from dataflow.train.sample_checks import BadSampleError, sample_problem
+from dataflow.train.sample_checks import BadSampleError, sample_problem, values_surely_fine
 from dataflow.train.trainer import Trainer
 
 
@@ -41,6 +41,41 @@ def _bad(kind: str) -> dict[str, torch.Tensor]:
 def test_each_bad_value_class_is_named(kind, needle):
     assert needle in sample_problem(_bad(kind), max_length=32)
     assert sample_problem(sample_tensors(7, 6), max_length=32) is None
+
+
+@pytest.mark.parametrize("kind", ["nan", "inf", "mask"])
+def test_the_one_pass_batch_check_never_passes_a_bad_value(kind):
+    assert values_surely_fine(sample_tensors(7, 6))
+    assert not values_surely_fine(_bad(kind))
+    for dtype in (torch.float16, torch.bfloat16, torch.float64):
+        bad = _bad(kind)
+        bad["hidden_state"] = bad["hidden_state"].to(dtype)
+        assert not values_surely_fine(bad)
+
+
+def test_a_batch_whose_sum_overflows_is_a_false_alarm_that_trains():
+    # float32 values near its max overflow their sum: the batch check cannot vouch for them,
+    # the exact per-sample check finds nothing wrong, and the samples train.
+    store = open_store("memory://bad-overflow", retain_on_release=True)
+    big = sample_tensors(7, 6)
+    big["hidden_state"] = torch.full_like(big["hidden_state"], 3e38, dtype=torch.float32)
+    assert not values_surely_fine(big) and sample_problem(big, None) is None
+    refs = [store.put(f"big{i}", big) for i in range(2)]
+    batches = list(FeatureDataLoader(store, refs=refs, batch_size=2, shuffle=False))
+    assert [b.sample_ids for b in batches] == [("big0", "big1")]
+
+
+def test_a_bad_sample_inside_a_batch_is_cut_out_and_the_rest_trains():
+    store = open_store("memory://bad-inside", retain_on_release=True)
+    refs = put_samples(store, 3)
+    refs.insert(2, store.put("poison", _bad("inf")))
+    loader = FeatureDataLoader(store, refs=refs, batch_size=4, shuffle=False, max_bad_samples=1)
+    (batch,) = list(loader)
+    assert "poison" not in batch.sample_ids and batch.size == 3
+    assert loader.bad_samples == {
+        "poison": "bad_features: feature 'aux_hidden_state' has NaN or inf values"
+    }
+    assert store.health().active_leases == 0
 
 
 def test_an_empty_sequence_is_refused():

@@ -30,6 +30,20 @@ def test_pads_to_a_multiple_of_the_sequence_parallel_degree():
     assert padded_length(8, 4) == 8 and padded_length(9, 4) == 12
 
 
+def test_equal_lengths_are_copied_into_fresh_batch_tensors():
+    samples = [_sample(4), _sample(4)]
+    batch = collate(["a", "b"], samples, strategy="eagle3")
+    assert batch.tensors["input_ids"].tolist() == [[1, 2, 3, 4]] * 2
+    assert batch.tensors["attention_mask"].tolist() == [[1, 1, 1, 1]] * 2
+    assert batch.tensors["attention_mask"].dtype == torch.int64
+    single = collate(["a"], samples[:1], strategy="eagle3")
+    for out in (batch, single):  # a copy: the store's buffers may be freed right after
+        for name, tensor in samples[0].items():
+            assert out.tensors[name].untyped_storage().data_ptr() != (
+                tensor.untyped_storage().data_ptr()
+            )
+
+
 @pytest.mark.parametrize(
     ("second", "message"),
     [

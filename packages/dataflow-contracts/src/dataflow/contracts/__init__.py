@@ -4,7 +4,7 @@ Standard library only: importing this package never imports torch or numpy.
 """
 
 from dataflow.contracts._checks import is_int, is_number
-from dataflow.contracts._json import FrozenDict
+from dataflow.contracts._json import FrozenDict, freeze_map
 from dataflow.contracts.batch import TensorLike, TrainBatch
 from dataflow.contracts.codec import SCHEMA_VERSIONS, decode, dumps, encode, loads
 from dataflow.contracts.errors import (
@@ -83,6 +83,7 @@ __all__ = [
     "DeploymentMode",
     "FeatureHandle",
     "FrozenDict",
+    "freeze_map",
     "FeatureSpec",
     "FeatureStore",
     "GcReport",

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from types import MappingProxyType
-from typing import Any
+from typing import Any, TypeVar
 
 from dataflow.contracts._checks import check_non_negative, check_text, check_type, is_int
-from dataflow.contracts._json import JsonMap, freeze_map, frozen_dict
+from dataflow.contracts._json import FrozenDict, JsonMap, freeze_map, frozen_dict
 from dataflow.contracts.errors import InvalidInputError
 from dataflow.contracts.ids import validate_id, validate_sample_id, validate_task_id
 
@@ -36,6 +36,27 @@ STRATEGIES = ("eagle3",)
 """Draft-training strategies whose features this runtime knows."""
 
 
+_R = TypeVar("_R")
+
+
+def _assemble(
+    cls: type[_R], required: frozenset[str], defaults: dict[str, Any], values: dict[str, Any]
+) -> _R:
+    """A ``cls`` record holding ``defaults`` updated with ``values``, without ``__post_init__``.
+
+    Unknown or missing required field names raise ``TypeError`` (as the constructor would);
+    no value is validated.
+    """
+    if not required.issubset(values) or not defaults.keys() >= values.keys() - required:
+        unknown = sorted(values.keys() - required - defaults.keys())
+        missing = sorted(required - values.keys())
+        raise TypeError(f"{cls.__name__}: unknown field(s) {unknown}, missing field(s) {missing}")
+    record = object.__new__(cls)
+    record.__dict__.update(defaults)
+    record.__dict__.update(values)
+    return record
+
+
 @dataclass(frozen=True)
 class FeatureSpec:
     """Name, shape and dtype of one feature tensor; never the tensor itself."""
@@ -59,6 +80,20 @@ class FeatureSpec:
                 f"FeatureSpec.dtype {self.dtype!r} of {self.name!r} is not supported; "
                 f"expected one of {', '.join(DTYPE_ITEMSIZE)}"
             )
+
+    @classmethod
+    def from_validated(cls, name: str, shape: tuple[int, ...], dtype: str) -> FeatureSpec:
+        """A spec built from values the caller has already checked, skipping the checks.
+
+        For a trusted producer on its hot path only (a store describing a tensor it validated:
+        ``name`` passed :func:`~dataflow.contracts.validate_id`, ``shape`` is a tuple of ints
+        >= 0 such as a ``torch.Size``'s, ``dtype`` is a key of :data:`DTYPE_ITEMSIZE`). The
+        result equals ``FeatureSpec(name, shape, dtype)``; anything unchecked breaks the
+        record's guarantees, so untrusted values go through the constructor.
+        """
+        record = object.__new__(cls)
+        record.__dict__.update(name=name, shape=shape, dtype=dtype)
+        return record
 
     @property
     def numel(self) -> int:
@@ -148,10 +183,33 @@ class SampleRef:
             check_text("SampleRef", "draft_weight_version", self.draft_weight_version)
         object.__setattr__(self, "metadata", freeze_map(self.metadata, "SampleRef.metadata"))
 
+    @classmethod
+    def from_validated(cls, **values: Any) -> SampleRef:
+        """A ref built from fields the caller has already checked, skipping ``__post_init__``.
+
+        For a trusted producer of refs on its hot path only (a store's ``put``, which validated
+        the sample id, the feature names and dtypes and the metadata where they entered, and
+        made every other field itself). The caller guarantees what ``__post_init__`` would:
+        ``feature_keys``, ``feature_specs`` and ``metadata`` are already
+        :class:`~dataflow.contracts.FrozenDict` s of valid entries (``metadata`` deep-frozen by
+        :func:`~dataflow.contracts.freeze_map`), every other field valid. The result equals
+        ``SampleRef(**values)``. Refs from anywhere else (decoded JSON, user code) go through
+        the constructor.
+        """
+        return _assemble(cls, _REF_REQUIRED, _REF_DEFAULTS, values)
+
     @property
     def spec_bytes(self) -> int:
         """Total raw bytes of the described features (0 when specs are not known yet)."""
         return sum(spec.nbytes for spec in self.feature_specs.values())
+
+
+_REF_REQUIRED = frozenset(("sample_id", "store_uri", "feature_keys", "feature_specs"))
+_REF_DEFAULTS: dict[str, Any] = {  # private: never mutated
+    f.name: (FrozenDict() if f.name == "metadata" else f.default)
+    for f in fields(SampleRef)
+    if f.name not in _REF_REQUIRED
+}
 
 
 @dataclass(frozen=True)
@@ -170,3 +228,13 @@ class FeatureHandle:
         validate_sample_id(self.sample_id)
         check_non_negative("FeatureHandle", "generation", self.generation)
         check_text("FeatureHandle", "token", self.token, allow_empty=False)
+
+    @classmethod
+    def from_validated(cls, sample_id: str, generation: int, token: str) -> FeatureHandle:
+        """A handle from values the caller has already checked (a store's ``get``: the id and
+        generation of a validated ref, a token it made), skipping the checks; equals
+        ``FeatureHandle(sample_id, generation, token)``.
+        """
+        record = object.__new__(cls)
+        record.__dict__.update(sample_id=sample_id, generation=generation, token=token)
+        return record

@@ -51,8 +51,7 @@ consumers already freed (checked before a budgeted put, in ``gc()`` and in ``hea
 from __future__ import annotations
 
 import abc
-import copy
-import dataclasses
+import functools
 import itertools
 import logging
 import secrets
@@ -70,6 +69,7 @@ from dataflow.contracts import (
     ClosedError,
     FeatureHandle,
     FeatureSpec,
+    FrozenDict,
     GcReport,
     InvalidInputError,
     NotFoundError,
@@ -77,6 +77,7 @@ from dataflow.contracts import (
     SampleRef,
     StaleGenerationError,
     StoreHealth,
+    freeze_map,
     is_int,
     parse_store_uri,
     validate_sample_id,
@@ -90,19 +91,24 @@ _log = logging.getLogger(__name__)
 Clock = Callable[[], float]
 
 
-def _at_generation(draft: SampleRef, generation: int) -> SampleRef:
-    """``draft`` (built and validated by ``_make_ref`` at generation 0) moved to ``generation``.
+def _ref_metadata(metadata: object) -> tuple[FrozenDict, int]:
+    """A put's metadata, deep-frozen and checked (JSON values only), and its ``num_tokens``."""
+    frozen = freeze_map(jsonable_metadata(metadata), "SampleRef.metadata")
+    num_tokens = frozen.get("num_tokens", 0)
+    if not is_int(num_tokens):
+        raise InvalidInputError(f"metadata['num_tokens'] must be an int, got {num_tokens!r}")
+    if num_tokens < 0:
+        raise InvalidInputError(f"SampleRef.num_tokens must be >= 0, got {num_tokens}")
+    return frozen, num_tokens  # type: ignore[return-value]  # freeze_map returns a FrozenDict
 
-    Only the generation and the keys that embed it differ, both made here from values the draft
-    already validated (``generation`` comes from the store's own counter), so a put does not
-    build and validate its ref twice. The draft's read-only mapping type is kept.
+
+@functools.lru_cache(maxsize=256)
+def _store_of(uri: str) -> tuple[str, str]:
+    """``(scheme, location)`` of a store URI, parsed once per distinct URI (a bad one raises
+    every time: errors are not cached).
     """
-    ref = copy.copy(draft)
-    keys = {n: f"{draft.sample_id}/g{generation}/{n}" for n in draft.feature_keys}
-    object.__setattr__(ref, "generation", generation)
-    frozen: Any = type(draft.feature_keys)  # the contracts' read-only dict type
-    object.__setattr__(ref, "feature_keys", frozen(keys))
-    return ref
+    parsed = parse_store_uri(uri)
+    return parsed.scheme, parsed.location
 
 
 @dataclass(frozen=True)
@@ -254,10 +260,12 @@ class BookkeepingStore(abc.ABC):
     ) -> SampleRef:
         """Store a new generation of ``sample_id``; see the module docstring for guarantees."""
         self._enter()
+        # Every untrusted value is checked here, before anything changes; the ref is then
+        # assembled from checked values only (SampleRef.from_validated), so nothing is checked
+        # twice.
         validate_sample_id(sample_id)
         sample = prepare_tensors(tensors)
-        meta = jsonable_metadata(metadata)
-        draft = self._make_ref(sample_id, 0, sample, meta)  # validates it all before mutation
+        meta, num_tokens = _ref_metadata(metadata)
         with self._lock:
             self._check_budget(sample_id, sample.nbytes)
             generation = self._next_generation(sample_id)
@@ -268,7 +276,7 @@ class BookkeepingStore(abc.ABC):
             with self._lock:
                 self._reserved -= sample.nbytes
         self._publish(Generation(sample_id, generation, sample.nbytes, tuple(sample.specs)))
-        return _at_generation(draft, generation)
+        return self._make_ref(sample_id, generation, sample, meta, num_tokens)
 
     def get(
         self, ref: SampleRef, names: Sequence[str] | None = None
@@ -278,7 +286,8 @@ class BookkeepingStore(abc.ABC):
         wanted = self._wanted(ref, names)
         sid, generation = ref.sample_id, ref.generation
         token = f"{sid}:{generation}:{self._nonce}:{next(self._tokens)}"
-        handle = FeatureHandle(sample_id=sid, generation=generation, token=token)
+        # The ref's id and generation were checked when the ref was made; the token is ours.
+        handle = FeatureHandle.from_validated(sid, generation, token)
         with self._lock:
             self._check_live(sid, generation)
             self._add_lease(handle)
@@ -450,34 +459,41 @@ class BookkeepingStore(abc.ABC):
         self._check_access()
 
     def _make_ref(
-        self, sample_id: str, generation: int, sample: PreparedSample, meta: dict[str, Any]
+        self,
+        sample_id: str,
+        generation: int,
+        sample: PreparedSample,
+        meta: FrozenDict,
+        num_tokens: int,
     ) -> SampleRef:
-        num_tokens = meta.get("num_tokens", 0)
-        if not is_int(num_tokens):
-            raise InvalidInputError(f"metadata['num_tokens'] must be an int, got {num_tokens!r}")
-        return SampleRef(
+        """The ref of a put, from values ``put`` already checked (see ``SampleRef.from_validated``)."""
+        return SampleRef.from_validated(
             sample_id=sample_id,
             store_uri=self._uri,
-            feature_keys={n: f"{sample_id}/g{generation}/{n}" for n in sample.specs},
-            feature_specs=dict(sample.specs),
+            feature_keys=FrozenDict({n: f"{sample_id}/g{generation}/{n}" for n in sample.specs}),
+            feature_specs=FrozenDict(sample.specs),
             generation=generation,
             estimated_bytes=sample.nbytes,
             num_tokens=num_tokens,
             metadata=meta,
         )
 
-    def _wanted(self, ref: SampleRef, names: Sequence[str] | None) -> dict[str, FeatureSpec]:
+    def _wanted(self, ref: SampleRef, names: Sequence[str] | None) -> Mapping[str, FeatureSpec]:
         if not isinstance(ref, SampleRef):
             raise InvalidInputError(f"get needs a SampleRef, got {type(ref).__name__}")
-        if ref.store_uri != self._uri:  # the form this store writes needs no parsing
-            theirs = parse_store_uri(ref.store_uri)
-            if (theirs.scheme, theirs.location) != (self._parsed.scheme, self._parsed.location):
-                raise InvalidInputError(
-                    f"ref {ref.sample_id!r} belongs to store {ref.store_uri!r}, not {self._uri!r}"
-                )
+        # The form this store writes needs no parsing; any other is parsed once (cached).
+        if ref.store_uri != self._uri and _store_of(ref.store_uri) != (
+            self._parsed.scheme,
+            self._parsed.location,
+        ):
+            raise InvalidInputError(
+                f"ref {ref.sample_id!r} belongs to store {ref.store_uri!r}, not {self._uri!r}"
+            )
         if names is None:
-            names = list(ref.feature_specs)
-        elif isinstance(names, str) or not isinstance(names, Sequence):
+            if not ref.feature_specs:
+                raise InvalidInputError("names must not be empty (pass None for every feature)")
+            return ref.feature_specs  # read-only, already checked when the ref was made
+        if isinstance(names, str) or not isinstance(names, Sequence):
             raise InvalidInputError(f"names must be a sequence of feature names, got {names!r}")
         missing = [n for n in names if n not in ref.feature_specs]
         if missing:
@@ -526,7 +542,9 @@ class BookkeepingStore(abc.ABC):
             if old is not None and old.generation > new.generation:
                 victims = {new.generation: new}  # a concurrent newer put of the same id won
             else:
-                self._resident[sid] = dataclasses.replace(new, born=self._clock())
+                self._resident[sid] = Generation(
+                    sid, new.generation, new.nbytes, new.names, self._clock()
+                )
                 victims = {old.generation: old} if old is not None else {}
                 # Older generations another process put (shared backends) go too, so a ref to
                 # one is stale everywhere, not only here.

@@ -48,7 +48,7 @@ class MemoryFeatureStore(BookkeepingStore):
                     f"{self.uri}: the ref names feature {name!r} but sample {sample_id!r} "
                     f"has only {sorted(sample.specs)}"
                 )
-            if stored != spec:
+            if stored is not spec and stored != spec:  # a ref made here holds the same spec
                 raise SchemaMismatchError(
                     f"{self.uri}: feature {name!r} of {sample_id!r} is {describe(stored)} but the "
                     f"ref says {describe(spec)}; refusing to reinterpret it"

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from dataflow.contracts import FeatureSpec, InvalidInputError
+from dataflow.contracts import FeatureSpec, InvalidInputError, validate_id
 
 TORCH_DTYPES: Mapping[str, torch.dtype] = {
     "bool": torch.bool,
@@ -41,15 +41,30 @@ class PreparedSample:
     nbytes: int
 
 
+_CHECKED_NAMES: set[str] = set()
+"""Feature names that passed :func:`validate_id` (a run uses a handful; bounded below)."""
+_MAX_CHECKED_NAMES = 4096
+
+
+def _check_feature_name(name: object) -> None:
+    if name in _CHECKED_NAMES:
+        return
+    validate_id(name, "feature name")
+    if len(_CHECKED_NAMES) < _MAX_CHECKED_NAMES:
+        _CHECKED_NAMES.add(name)  # type: ignore[arg-type]  # validate_id proved it a str
+
+
 def spec_of(name: str, tensor: torch.Tensor) -> FeatureSpec:
-    """The FeatureSpec describing ``tensor`` under ``name`` (dtype must be supported)."""
+    """The FeatureSpec describing ``tensor`` under ``name`` (name and dtype are checked here)."""
+    _check_feature_name(name)
     dtype = DTYPE_NAMES.get(tensor.dtype)
     if dtype is None:
         raise InvalidInputError(
             f"feature {name!r} has dtype {tensor.dtype}, which is not supported; "
             f"expected one of {', '.join(TORCH_DTYPES)}"
         )
-    return FeatureSpec(name=name, shape=tuple(int(d) for d in tensor.shape), dtype=dtype)
+    # A torch.Size is a tuple of ints >= 0: the one remaining FeatureSpec rule, met already.
+    return FeatureSpec.from_validated(name, tuple(tensor.shape), dtype)
 
 
 def prepare_tensors(tensors: object) -> PreparedSample:
@@ -73,9 +88,10 @@ def prepare_tensors(tensors: object) -> PreparedSample:
             raise InvalidInputError(
                 f"feature {name!r} must be a torch.Tensor, got {type(value).__name__}"
             )
-        spec = spec_of(name, value)  # validates name and dtype
-        staged[name] = value.detach().to("cpu").contiguous()
-        specs[name] = spec
+        specs[name] = spec_of(name, value)  # validates name and dtype
+        if value.requires_grad or not value.is_cpu or not value.is_contiguous():
+            value = value.detach().to("cpu").contiguous()
+        staged[name] = value  # a CPU, contiguous tensor that needs no grad is staged as it is
     return PreparedSample(staged, specs, sum(s.nbytes for s in specs.values()))
 
 

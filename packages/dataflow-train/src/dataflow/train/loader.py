@@ -11,7 +11,7 @@ import queue as queue_mod
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -30,7 +30,12 @@ from dataflow.contracts import (
 )
 from dataflow.train.collate import check_refs_agree, collate
 from dataflow.train.ref_sources import AbortSettler, FixedRefPlan, QueueRefSource, RefSettler
-from dataflow.train.sample_checks import BadSampleError, sample_problem
+from dataflow.train.sample_checks import (
+    BadSampleError,
+    length_problem,
+    sample_problem,
+    values_surely_fine,
+)
 
 
 @dataclass(frozen=True)
@@ -312,26 +317,47 @@ class FeatureDataLoader:
                 tensors, handle = self._store.get(ref)
                 handles.append(handle)
                 checked = _checked_tensors(ref, tensors)
-                problem = sample_problem(checked, self._max_length)
+                problem = length_problem(checked, self._max_length)
                 if problem is not None:
                     bad[ref.sample_id] = problem
                     continue
                 samples.append(checked)
                 kept.append(ref.sample_id)
             if kept:
-                batch = collate(
-                    kept,
-                    samples,
-                    strategy=self._strategy,
-                    pad_multiple=self._pad_multiple,
-                    metadata={"schema_version": refs[0].schema_version},
-                )
+                batch = self._collate(refs, kept, samples)
+                # The value checks read the batch once (one reduction per feature); only when
+                # it is not surely clean is each sample asked, to name the bad ones exactly.
+                if not values_surely_fine(cast("Mapping[str, torch.Tensor]", batch.tensors)):
+                    clean = []
+                    for sample_id, sample in zip(kept, samples, strict=True):
+                        problem = sample_problem(sample, self._max_length)
+                        if problem is None:
+                            clean.append((sample_id, sample))
+                        else:
+                            bad[sample_id] = problem
+                    if len(clean) < len(kept):
+                        batch = (
+                            self._collate(refs, [c[0] for c in clean], [c[1] for c in clean])
+                            if clean
+                            else None
+                        )
         finally:
             self._release_all(handles)
         if bad:
             self._refuse_bad(refs, bad, batch is None)
         assert batch is not None
         return batch
+
+    def _collate(
+        self, refs: list[SampleRef], kept: list[str], samples: list[dict[str, torch.Tensor]]
+    ) -> TrainBatch:
+        return collate(
+            kept,
+            samples,
+            strategy=self._strategy,
+            pad_multiple=self._pad_multiple,
+            metadata={"schema_version": refs[0].schema_version},
+        )
 
     def _refuse_bad(self, refs: list[SampleRef], bad: dict[str, str], empty: bool) -> None:
         """Settle the bad samples (their leases already returned); raise past the threshold."""
