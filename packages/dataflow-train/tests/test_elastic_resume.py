@@ -1,0 +1,124 @@
+"""Elastic resume: a checkpoint of dp = N resumes at dp = M with the same global batch.
+
+Real gloo ranks (separate processes started like torchrun does) on FSDP2 against one process
+on ``LocalBackend``; 16 samples, batch 1, a global batch of 4 (dp 2 x accumulation 2 = dp 1 x
+accumulation 4), 4 steps, clipping active at every step, fp32.
+
+Tolerance: per-step losses and final weights within 1e-5 (absolute) of an uninterrupted run
+on one rank. The steps train the same samples from the same weights; only the reduction order
+differs: FSDP2 averages each rank's accumulated gradient over the ranks (reduce-scatter of
+``(g0 + g2) / 2`` and ``(g1 + g3) / 2``), one rank sums ``g0/4 + g1/4 + g2/4 + g3/4`` in
+micro-step order, and the clip norm is a sum of squared shard norms; fp32 rounding of these
+orders differs by about 1e-7 relative, which four AdamW steps keep well below 1e-5 (the same
+bound as tests/test_distributed.py).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from dataflow_testing.ports import free_port
+from elastic_run import TOTAL_STEPS, run_local
+
+from dataflow.contracts import InvalidInputError
+from dataflow.train.elastic import valid_data_parallel_sizes
+
+SCRIPT = Path(__file__).parent / "elastic_run.py"
+TOL = 1e-5
+
+
+def launch(world: int, out: Path, *args: str, timeout_s: float = 120) -> list[dict | None]:
+    """``world`` real ranks of ``elastic_run.py``; their reports (None: a rank wrote none)."""
+    port = free_port()
+    procs = []
+    for rank in range(world):
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank)}
+        env.update(WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, str(SCRIPT), str(out), *args],
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        )
+    try:
+        for proc in procs:
+            proc.wait(timeout=timeout_s)
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    reports = []
+    for rank in range(world):
+        path = out / f"report-{rank}.json"
+        reports.append(json.loads(path.read_text()) if path.exists() else None)
+        path.unlink(missing_ok=True)
+    return reports
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The uninterrupted run: one rank, 4 steps."""
+    return run_local(tmp_path_factory.mktemp("straight"), max_steps=TOTAL_STEPS)
+
+
+def assert_matches(straight: dict, losses: dict[str, float], weights: dict) -> None:
+    for step, loss in losses.items():
+        assert abs(loss - straight["losses"][step]) <= TOL, (step, loss, straight["losses"])
+    for name, values in straight["weights"].items():
+        torch.testing.assert_close(
+            torch.tensor(weights[name]), torch.tensor(values), rtol=0, atol=TOL
+        )
+
+
+def test_two_ranks_checkpoint_resumes_on_one_rank_with_the_same_curve(tmp_path, straight):
+    first, second = launch(2, tmp_path, "--max-steps", "2")
+    assert first is not None and "error" not in first, first
+    assert first["losses"] == second["losses"] and sorted(first["losses"]) == ["1", "2"]
+
+    # One rank with accumulation 2 would make a global batch of 2: refused, naming the fit.
+    with pytest.raises(InvalidInputError, match="set accumulation_steps to 4 to keep it"):
+        run_local(tmp_path, max_steps=TOTAL_STEPS, resume=True, accumulation=2)
+    resumed = run_local(tmp_path, max_steps=TOTAL_STEPS, resume=True)
+
+    assert resumed["resumed_from"] == 2 and sorted(resumed["losses"]) == ["3", "4"]
+    assert_matches(straight, {**first["losses"], **resumed["losses"]}, resumed["weights"])
+
+
+def test_one_rank_checkpoint_resumes_on_two_ranks_with_the_same_curve(tmp_path, straight):
+    first = run_local(tmp_path, max_steps=2)
+    assert sorted(first["losses"]) == ["1", "2"]
+
+    r0, r1 = launch(2, tmp_path, "--max-steps", str(TOTAL_STEPS), "--resume")
+
+    assert r0 is not None and "error" not in r0, r0
+    assert r0["resumed_from"] == 2 and sorted(r0["losses"]) == ["3", "4"]
+    assert r1 is not None and r1["losses"] == r0["losses"]
+    assert_matches(straight, {**first["losses"], **r0["losses"]}, r0["weights"])
+
+
+def test_a_data_parallel_size_that_does_not_divide_the_global_batch_is_refused(tmp_path):
+    run_local(tmp_path, max_steps=1, accumulation=3)  # one rank, a global batch of 3
+
+    r0, r1 = launch(2, tmp_path, "--max-steps", "2", "--resume", "--accumulation", "1")
+
+    for report in (r0, r1):
+        assert report is not None and report["error_type"] == "InvalidInputError", report
+        assert "written by 1 data-parallel rank(s) with a global batch of 3" in report["error"]
+        assert "data-parallel size 2 does not divide it" in report["error"]
+        assert "(with batch_size 1: 1, 3)" in report["error"]
+    assert sorted(p.name for p in (tmp_path / "ckpt").glob("step-*")) == ["step-00000001"]
+
+
+def test_valid_data_parallel_sizes_are_the_divisors_in_whole_batches():
+    assert valid_data_parallel_sizes(8, 1) == [1, 2, 4, 8]
+    assert valid_data_parallel_sizes(8, 2) == [1, 2, 4]
+    assert valid_data_parallel_sizes(6, 4) == []
