@@ -18,12 +18,14 @@ import argparse
 import json
 import os
 import signal
+import subprocess
 import sys
 import traceback
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
+from dataflow_testing.ports import free_port
 from train_support import put_samples, tiny_objective
 
 from dataflow.store import open_store
@@ -113,6 +115,42 @@ def run_local(
         "weights": trainable_weights(trainer),
         "resumed_from": result.resumed_from.step if result.resumed_from else None,
     }
+
+
+def launch(
+    world: int, out: Path, *args: str, timeout_s: float = 120
+) -> tuple[list[int], list[dict[str, Any] | None]]:
+    """``world`` real ranks of this script (torchrun-style env); their exit codes and reports
+    (None: the rank wrote none, e.g. it was SIGKILLed).
+    """
+    port = free_port()
+    procs = []
+    for rank in range(world):
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank)}
+        env.update(WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, str(Path(__file__).resolve()), str(out), *args],
+                env=env,
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+        )
+    codes = []
+    try:
+        for proc in procs:
+            codes.append(proc.wait(timeout=timeout_s))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    reports = []
+    for rank in range(world):
+        path = out / f"report-{rank}.json"
+        reports.append(json.loads(path.read_text()) if path.exists() else None)
+        path.unlink(missing_ok=True)
+    return codes, reports
 
 
 def main() -> None:

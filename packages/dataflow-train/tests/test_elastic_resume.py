@@ -15,53 +15,14 @@ bound as tests/test_distributed.py).
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
-from dataflow_testing.ports import free_port
-from elastic_run import TOTAL_STEPS, run_local
+from elastic_run import TOTAL_STEPS, launch, run_local
 
 from dataflow.contracts import InvalidInputError
 from dataflow.train.elastic import valid_data_parallel_sizes
 
-SCRIPT = Path(__file__).parent / "elastic_run.py"
 TOL = 1e-5
-
-
-def launch(world: int, out: Path, *args: str, timeout_s: float = 120) -> list[dict | None]:
-    """``world`` real ranks of ``elastic_run.py``; their reports (None: a rank wrote none)."""
-    port = free_port()
-    procs = []
-    for rank in range(world):
-        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank)}
-        env.update(WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, str(SCRIPT), str(out), *args],
-                env=env,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
-        )
-    try:
-        for proc in procs:
-            proc.wait(timeout=timeout_s)
-    finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait()
-    reports = []
-    for rank in range(world):
-        path = out / f"report-{rank}.json"
-        reports.append(json.loads(path.read_text()) if path.exists() else None)
-        path.unlink(missing_ok=True)
-    return reports
 
 
 @pytest.fixture(scope="module")
@@ -80,7 +41,7 @@ def assert_matches(straight: dict, losses: dict[str, float], weights: dict) -> N
 
 
 def test_two_ranks_checkpoint_resumes_on_one_rank_with_the_same_curve(tmp_path, straight):
-    first, second = launch(2, tmp_path, "--max-steps", "2")
+    _, (first, second) = launch(2, tmp_path, "--max-steps", "2")
     assert first is not None and "error" not in first, first
     assert first["losses"] == second["losses"] and sorted(first["losses"]) == ["1", "2"]
 
@@ -97,7 +58,7 @@ def test_one_rank_checkpoint_resumes_on_two_ranks_with_the_same_curve(tmp_path, 
     first = run_local(tmp_path, max_steps=2)
     assert sorted(first["losses"]) == ["1", "2"]
 
-    r0, r1 = launch(2, tmp_path, "--max-steps", str(TOTAL_STEPS), "--resume")
+    _, (r0, r1) = launch(2, tmp_path, "--max-steps", str(TOTAL_STEPS), "--resume")
 
     assert r0 is not None and "error" not in r0, r0
     assert r0["resumed_from"] == 2 and sorted(r0["losses"]) == ["3", "4"]
@@ -108,7 +69,7 @@ def test_one_rank_checkpoint_resumes_on_two_ranks_with_the_same_curve(tmp_path, 
 def test_a_data_parallel_size_that_does_not_divide_the_global_batch_is_refused(tmp_path):
     run_local(tmp_path, max_steps=1, accumulation=3)  # one rank, a global batch of 3
 
-    r0, r1 = launch(2, tmp_path, "--max-steps", "2", "--resume", "--accumulation", "1")
+    _, (r0, r1) = launch(2, tmp_path, "--max-steps", "2", "--resume", "--accumulation", "1")
 
     for report in (r0, r1):
         assert report is not None and report["error_type"] == "InvalidInputError", report
