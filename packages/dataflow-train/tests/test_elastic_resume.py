@@ -18,9 +18,13 @@ from __future__ import annotations
 import pytest
 import torch
 from elastic_run import TOTAL_STEPS, launch, run_local
+from train_support import put_samples
 
 from dataflow.contracts import InvalidInputError
+from dataflow.store import open_store
+from dataflow.train.checkpoint_state import PerRank, RNGState
 from dataflow.train.elastic import valid_data_parallel_sizes
+from dataflow.train.loader import FeatureDataLoader
 
 TOL = 1e-5
 
@@ -83,3 +87,27 @@ def test_valid_data_parallel_sizes_are_the_divisors_in_whole_batches():
     assert valid_data_parallel_sizes(8, 1) == [1, 2, 4, 8]
     assert valid_data_parallel_sizes(8, 2) == [1, 2, 4]
     assert valid_data_parallel_sizes(6, 4) == []
+
+
+def test_seek_positions_a_refs_loader_by_batch_count_and_refuses_past_the_end():
+    store = open_store("memory://elastic-seek", retain_on_release=True)
+    refs = put_samples(store, 8)
+    loader = FeatureDataLoader(store, refs=refs, batch_size=1, world_size=2, num_epochs=2)
+    loader.seek(5)  # 4 batches per epoch on this rank: epoch 1, batch 1
+    assert (loader.state_dict()["epoch"], loader.state_dict()["batch"]) == (1, 1)
+    expected = FeatureDataLoader(store, refs=refs, batch_size=1, world_size=2, num_epochs=2)
+    skipped = iter(expected)
+    for _ in range(5):
+        next(skipped)
+    assert next(iter(loader)).sample_ids == next(skipped).sample_ids
+    fresh = FeatureDataLoader(store, refs=refs, batch_size=1, world_size=2)
+    for bad in (-1, 5, 1.5):
+        with pytest.raises(InvalidInputError):
+            fresh.seek(bad)
+    assert fresh.state_dict()["batch"] == 0  # unchanged
+
+
+def test_a_rank_without_saved_state_is_refused_by_name():
+    piece = PerRank(RNGState(), 3)
+    with pytest.raises(InvalidInputError, match="no state for rank-3"):
+        piece.load_state_dict({"rank-0": {}})
