@@ -9,6 +9,7 @@ starts next to a producer, about a minute or two on 2 shared cores).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -30,6 +31,23 @@ from run_helpers import (
 )
 
 PROMPTS = 32  # 8 optimizer steps of 4 samples
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (torchrun starts its workers in their own sessions, so a
+    process-group kill of torchrun would leave them running)."""
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True)
+    children = [int(p) for p in out.stdout.split()]
+    return [d for c in children for d in (c, *_descendants(c))]
+
+
+def _kill_tree(proc: subprocess.Popen[bytes]) -> None:
+    """SIGKILL ``proc`` and every process below it, as a host failure would."""
+    below = _descendants(proc.pid)
+    for pid in (proc.pid, *below):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    proc.wait()
 
 
 def _start(args: list[str], log: Path) -> subprocess.Popen[bytes]:
@@ -84,8 +102,7 @@ def _run(tmp_path: Path, shm_name: str) -> None:
             assert consumer.poll() is None, consumer_log.read_text()[-3000:]
             assert time.monotonic() < deadline, "the 2-rank consumer made no checkpoint"
             time.sleep(0.02)
-        os.killpg(consumer.pid, signal.SIGKILL)
-        consumer.wait()
+        _kill_tree(consumer)
         killed_at = len(trained_ids(out))
         assert killed_at < PROMPTS, "the consumer finished before it was killed"
 
@@ -95,11 +112,15 @@ def _run(tmp_path: Path, shm_name: str) -> None:
     finally:
         for proc in (producer, consumer):
             if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+                _kill_tree(proc)
 
     report = json.loads((out / "trainer.json").read_text())
-    assert report["resumed_from_step"] is not None and report["resumed_from_step"] >= 2, report
+    # The one-rank consumer resumed from a 2-rank checkpoint and trained the rest itself.
+    resumed_from = report["resumed_from_step"]
+    assert resumed_from is not None and 2 <= resumed_from < PROMPTS // 4, report
+    assert report["steps"] == PROMPTS // 4 and report["samples"] > 0, report
+    last = out / "checkpoints" / f"step-{PROMPTS // 4:08d}" / "meta.json"
+    assert json.loads(last.read_text())["ranks"]["data_parallel_size"] == 1
     ids = trained_ids(out)
     assert len(ids) == len(set(ids)) == PROMPTS  # each committed sample exactly once
     status = cli("status", f"sqlite:///{out}/ledger.sqlite", "--json", timeout=60)
