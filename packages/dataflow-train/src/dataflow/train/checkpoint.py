@@ -1,11 +1,15 @@
 """Atomic, rotating checkpoints written with ``torch.distributed.checkpoint``.
 
+The checkpoint is a dict of resumable pieces (:mod:`dataflow.train.checkpoint_state`: model,
+optimizer, schedule, hooks, metrics, each rank's loader position and RNG), each a DCP
+``Stateful``, handed whole to ``torch.distributed.checkpoint`` (``dcp.save`` / ``dcp.load``).
+
 Layout under ``root``::
 
     step-00000003/            a complete checkpoint (exists only once fully written)
-        .metadata, __*.distcp  model + optimizer tensors (DCP, sharded by rank)
-        rank-0.json ...        per-rank state: RNG, loader position, hook states
-        meta.json              shared state: step, config and its fingerprint, world size
+        .metadata, __*.distcp  every piece (DCP: tensors sharded by rank, reshardable)
+        rank-0.json ...        each rank's receipt (JSON, for people: rank, loader position)
+        meta.json              shared: step, config and its fingerprint, ranks, ledger step
         COMPLETE               marker
         MANIFEST.json          signed sizes + SHA-256 of every file above, written last
     .run-key                  the run's secret that signs the manifests (mode 0600)
@@ -16,6 +20,14 @@ crash at any instant therefore leaves either the new checkpoint complete or only
 ones: a directory without ``COMPLETE`` is never read. A complete directory is loaded only
 after it is verified against its manifest (:mod:`dataflow.train.checkpoint_manifest`), before
 DCP unpickles anything; a refused one is reported with the file and the reason.
+
+Trust: torch 2.13's DCP reads ``.metadata`` with ``pickle.load`` and every non-tensor value
+(schedule counters, loader positions, RNG states, param groups) with
+``torch.load(weights_only=False)`` — both run code an attacker put in the file; tensors are
+read with ``weights_only=True``. None of it happens before :meth:`CheckpointManager.verify`
+has checked every file's size and SHA-256 against the manifest signed with the run's key
+(``load`` calls it first, on every rank): only bytes this run's own saves wrote are unpickled.
+``meta.json`` and ``rank-<r>.json`` are plain JSON, also read only after verification.
 """
 
 from __future__ import annotations
@@ -200,11 +212,13 @@ class CheckpointManager:
     def save(
         self,
         step: int,
-        tensors: dict[str, Any],
+        state: dict[str, Any],
         rank_state: Mapping[str, Any],
         shared_state: Mapping[str, Any],
     ) -> CheckpointInfo:
-        """Write ``tensors`` (DCP), this rank's ``rank_state`` and rank 0's ``shared_state``."""
+        """Write ``state`` (DCP: tensors, nested dicts and ``Stateful`` pieces), this rank's
+        JSON ``rank_state`` (``rank-<r>.json``) and rank 0's JSON ``shared_state``.
+        """
         final = self.root / f"step-{step:08d}"
         tmp = self.root / f".tmp-step-{step:08d}"
         self._verified.discard(final)
@@ -215,7 +229,7 @@ class CheckpointManager:
             tmp.mkdir()
         self._collective.barrier()
         with _single_process_quiet():
-            dcp.save(tensors, checkpoint_id=str(tmp), no_dist=not dist.is_initialized())
+            dcp.save(state, checkpoint_id=str(tmp), no_dist=not dist.is_initialized())
         error: str | None = None
         try:
             _write_json(tmp / f"rank-{rank}.json", dict(rank_state))
@@ -307,21 +321,20 @@ class CheckpointManager:
         meta: dict[str, Any] = _read_json(info.path / "meta.json")
         return meta
 
-    def load(self, info: CheckpointInfo, tensors: dict[str, Any]) -> dict[str, Any]:
-        """Load tensors into ``tensors`` in place (DCP), once the checkpoint is verified;
-        return this rank's state.
+    def load(self, info: CheckpointInfo, state: dict[str, Any]) -> dict[str, Any]:
+        """Load ``state`` in place (DCP: tensors resharded to this job's layout, ``Stateful``
+        pieces given their ``load_state_dict``), once the checkpoint is verified; return this
+        rank's ``rank_state`` (``{}`` for a rank the saving job did not have). Every rank calls
+        this together, with the same top-level keys.
         """
         self._ensure_verified(info)
         rank_file = info.path / f"rank-{self._collective.rank}.json"
-        if not rank_file.is_file():
-            raise NotFoundError(
-                f"{info.path} has no state for rank {self._collective.rank}; it was written by "
-                "a different number of ranks"
-            )
         with _single_process_quiet():
-            dcp.load(tensors, checkpoint_id=str(info.path), no_dist=not dist.is_initialized())
-        state: dict[str, Any] = _read_json(rank_file)
-        return state
+            dcp.load(state, checkpoint_id=str(info.path), no_dist=not dist.is_initialized())
+        if not rank_file.is_file():
+            return {}
+        loaded: dict[str, Any] = _read_json(rank_file)
+        return loaded
 
 
 def report_refused(

@@ -167,14 +167,50 @@ class FeatureDataLoader:
             "rank": self._plan.rank,
         }
 
+    @property
+    def batch_size(self) -> int:
+        """Samples per batch (per rank)."""
+        return self._batch_size
+
     def contract(self) -> dict[str, Any]:
-        """The plan facts a checkpoint's position is only valid for (same on every rank)."""
+        """The plan facts a checkpoint's position is only valid for, whatever the number of
+        ranks (same on every rank): the data, its order, the batch size and the samples one
+        epoch deals out over all ranks, so a resume on another number of ranks trains the same
+        samples in the same global order.
+        """
         state = self.state_dict()
-        for key in ("epoch", "batch", "yielded_batches", "rank"):
+        for key in ("epoch", "batch", "yielded_batches", "rank", "world_size"):
             state.pop(key, None)
         state["num_epochs"] = self._num_epochs
         state["pad_multiple"] = self._pad_multiple
+        if self._plan is not None:
+            plan = self._plan
+            state["epoch_samples"] = plan.batches_per_epoch * plan.world_size * plan.batch_size
         return state
+
+    def seek(self, yielded_batches: int) -> None:
+        """Position the loader as if it had yielded ``yielded_batches`` batches from the start.
+
+        The position a resume on another number of ranks derives from the step (``step x
+        accumulation_steps`` batches per rank): refs mode computes the epoch and batch of this
+        rank's plan, queue mode only sets the count (the controller re-delivers the rest).
+        Raises :class:`InvalidInputError` past the plan's end, changing nothing.
+        """
+        if self._active is not None:
+            raise InvalidInputError("cannot seek a loader while it is being iterated")
+        if not is_int(yielded_batches) or yielded_batches < 0:
+            raise InvalidInputError(f"yielded_batches must be an int >= 0, got {yielded_batches!r}")
+        if self._plan is None:
+            self._yielded_batches = yielded_batches
+            return
+        per_epoch = self._plan.batches_per_epoch
+        epoch, batch = divmod(yielded_batches, per_epoch) if per_epoch else (0, 0)
+        if epoch > self._num_epochs or (epoch == self._num_epochs and batch):
+            raise InvalidInputError(
+                f"a position of {yielded_batches} batches is past the plan's end "
+                f"({self._num_epochs} epochs of {per_epoch} batches)"
+            )
+        self._epoch, self._batch, self._yielded_batches = epoch, batch, yielded_batches
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Seek to a saved position; refuses a position saved under a different plan.

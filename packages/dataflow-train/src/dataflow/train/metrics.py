@@ -107,3 +107,28 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
     """The rows a :class:`JsonlMetrics` wrote, in order."""
     with Path(path).open(encoding="utf-8") as fh:
         return [json.loads(line) for line in fh if line.strip()]
+
+
+class MetricsProgress:
+    """The metrics stream's resumable state: the last step logged and how many rows were.
+
+    Kept on every rank (rank 0 writes the rows; the counts are the same everywhere), saved in
+    each checkpoint as a DCP ``Stateful`` piece. A resumed run continues the counts, and
+    ``logged_through`` says where its sinks' history ends (rows past it were trained again).
+    """
+
+    def __init__(self) -> None:
+        self.logged_through = 0
+        self.rows = 0
+
+    def record(self, step: int) -> None:
+        """Note that ``step``'s row was logged."""
+        self.logged_through = step
+        self.rows += 1
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"logged_through": self.logged_through, "rows": self.rows}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.logged_through = int(state["logged_through"])
+        self.rows = int(state["rows"])

@@ -46,3 +46,13 @@ def restore_rng(state: dict[str, Any]) -> None:
     np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(_decode(state["cuda"]))
+
+
+def seed_rng(seed: int, step: int, rank: int) -> None:
+    """Seed every generator from ``(seed, step, rank)``: the state a rank takes when its saved
+    generators do not exist (a resume on another number of ranks). Same inputs, same draws.
+    """
+    derived = (seed * 1_000_003 + step * 10_007 + rank) % (2**32)
+    torch.manual_seed(derived)
+    random.seed(derived)
+    np.random.seed(derived)

@@ -15,7 +15,6 @@ from typing import Any, Protocol
 
 import torch
 from torch import nn
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from tqdm import tqdm
 
 from dataflow.contracts import InvalidInputError, RunFailedError, SampleRef, TrainBatch
@@ -23,18 +22,25 @@ from dataflow.train.checkpoint import (
     CheckpointInfo,
     CheckpointManager,
     RefusedCheckpoint,
-    config_differences,
     fingerprint,
     report_refused,
 )
+from dataflow.train.checkpoint_state import (
+    HookStates,
+    ModelState,
+    OptimizerState,
+    PerRank,
+    RNGState,
+)
 from dataflow.train.config import TrainerConfig
+from dataflow.train.elastic import Resharding, resume_plan
 from dataflow.train.hooks import AckHook, HookContext, StepEvent, TrainerHook
 from dataflow.train.loader import FeatureDataLoader
-from dataflow.train.metrics import MetricsSink
+from dataflow.train.metrics import MetricsProgress, MetricsSink
 from dataflow.train.nonfinite import guard_step
 from dataflow.train.optim import WarmupCosineSchedule, build_adamw
 from dataflow.train.parallel.backend import LocalBackend, TrainBackend
-from dataflow.train.rng import capture_rng, restore_rng
+from dataflow.train.rng import seed_rng
 
 _log = logging.getLogger(__name__)
 
@@ -135,10 +141,11 @@ class Trainer:
         )
         self.contract = {
             "trainer": {**config.resume_contract(), "total_steps": self.total_steps},
-            "world_size": self.backend.world_size,
+            "global_batch": self.global_batch,
             "loader": loader.contract(),
             "extra": dict(contract_extra or {}),
         }
+        self.metrics_progress = MetricsProgress()
         self.step = 0
         self._saved_step = -1
         # Refs the loader fetched but never yielded, set when fit ends (either way); the caller
@@ -165,38 +172,76 @@ class Trainer:
             )
         return horizon
 
+    @property
+    def global_batch(self) -> int:
+        """Samples per optimizer step over all ranks: data-parallel ranks x batch size x
+        accumulation steps (the run's quantum; fixed for a run, whatever its number of ranks).
+        """
+        return (
+            self.backend.data_parallel_size
+            * self.loader.batch_size
+            * self.config.accumulation_steps
+        )
+
+    def _ranks(self) -> dict[str, int]:
+        return {
+            "world_size": self.backend.world_size,
+            "data_parallel_size": self.backend.data_parallel_size,
+        }
+
     # ------------------------------------------------------------------- resume
+    def state(self, *, per_rank: bool = True) -> dict[str, Any]:
+        """The checkpoint: every resumable piece by name, as handed to DCP.
+
+        ``model``, ``optim`` (resharded by DCP when the number of ranks changes), ``schedule``,
+        ``hooks``, ``metrics`` (the same on every rank) and, with ``per_rank``, this rank's
+        ``loader`` position and ``rng`` (filed under ``rank-<r>``).
+        """
+        pieces: dict[str, Any] = {
+            "model": ModelState(self.model),
+            "optim": OptimizerState(self.model, self.optimizer),
+            "schedule": self.schedule,
+            "hooks": HookStates(self._keyed_hooks()),
+            "metrics": self.metrics_progress,
+        }
+        if per_rank:
+            rank = self.backend.rank
+            pieces["loader"] = PerRank(self.loader, rank)
+            pieces["rng"] = PerRank(RNGState(), rank)
+        return pieces
+
     def restore(self, checkpoint: CheckpointInfo) -> None:
         """Load ``checkpoint`` into this trainer; refuse it if its config differs.
 
-        Raises :class:`InvalidInputError` naming every differing field and changes nothing then.
+        The same number of ranks restores every piece as saved. Another number of
+        data-parallel ranks (elastic resume) needs the same global batch
+        (:func:`dataflow.train.elastic.resume_plan`): DCP reshards the model and optimizer,
+        and each rank's loader position and RNG are derived from the step (the ledger's
+        resume point) instead of loaded. Raises :class:`InvalidInputError` naming every
+        differing field and changes nothing then.
         """
         if self.checkpoints is None:
             raise InvalidInputError("restore needs a trainer built with checkpoint_dir")
         shared = self.checkpoints.read_shared(checkpoint)
-        diffs = config_differences(shared.get("config", {}), self.contract)
-        if diffs:
-            raise InvalidInputError(
-                f"checkpoint {checkpoint.path} was written under a different config; "
-                "differing fields: " + "; ".join(diffs)
-            )
-        tensors = self._tensor_state()
-        rank_state = self.checkpoints.load(checkpoint, tensors)
-        set_state_dict(
-            self.model,
-            self.optimizer,
-            model_state_dict=tensors["model"],
-            optim_state_dict=tensors["optim"],
+        plan = resume_plan(
+            checkpoint.path,
+            shared,
+            self.contract,
+            self._ranks(),
+            batch_size=self.loader.batch_size,
         )
-        self.schedule.load_state_dict(shared["schedule"])
-        self.loader.load_state_dict(rank_state["loader"])
-        saved_hooks = rank_state["hooks"]
-        for key, hook in self._keyed_hooks().items():
-            if key in saved_hooks:
-                hook.load_state_dict(saved_hooks[key])
-        restore_rng(rank_state["rng"])
-        self.step = self._saved_step = int(shared["step"])
+        step = int(shared["step"])
+        self.checkpoints.load(checkpoint, self.state(per_rank=plan is None))
+        if plan is not None:
+            self._reshard_positions(step, plan)
+        self.step = self._saved_step = step
         _log.info("resumed from checkpoint %s (step %d)", checkpoint.path, self.step)
+
+    def _reshard_positions(self, step: int, plan: Resharding) -> None:
+        """Each rank's position in the data and its RNG after an elastic resume at ``step``."""
+        self.loader.seek(step * self.config.accumulation_steps)
+        seed_rng(self.config.seed, step, self.backend.rank)
+        _log.info("%s", plan.describe(step))
 
     def _keyed_hooks(self) -> dict[str, TrainerHook]:
         keyed: dict[str, TrainerHook] = {}
@@ -209,10 +254,6 @@ class Trainer:
             keyed[key] = hook
         return keyed
 
-    def _tensor_state(self) -> dict[str, Any]:
-        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
-        return {"model": model_sd, "optim": optim_sd}
-
     def save_checkpoint(self) -> CheckpointInfo:
         """Save the current step (every rank calls this together)."""
         if self.checkpoints is None:
@@ -221,20 +262,13 @@ class Trainer:
         shared = {
             "config": self.contract,
             "fingerprint": fingerprint(self.contract),
-            "schedule": self.schedule.state_dict(),
+            "ranks": self._ranks(),
             "run_id": self.config.run_id,
             "ledger_step": max(acked) if acked else None,
         }
-        rank_state = {
-            "rng": capture_rng(),
-            "loader": self.loader.state_dict(),
-            "hooks": {
-                key: state
-                for key, hook in self._keyed_hooks().items()
-                if (state := hook.state_dict())
-            },
-        }
-        info = self.checkpoints.save(self.step, self._tensor_state(), rank_state, shared)
+        # This rank's receipt (JSON, for people): the loaded copy of its state is DCP's.
+        receipt = {"rank": self.backend.rank, "loader": self.loader.state_dict()}
+        info = self.checkpoints.save(self.step, self.state(), receipt, shared)
         self._saved_step = self.step
         _log.info("checkpoint of step %d written to %s", self.step, info.path)
         error: BaseException | None = None
@@ -435,6 +469,8 @@ class Trainer:
                 **{f"train/{k}": v for k, v in metrics.items()},
             }
             self._metrics.write(self.step, row)
+        if self.step % cfg.log_interval == 0:
+            self.metrics_progress.record(self.step)
         if (
             self.checkpoints is not None
             and cfg.checkpoint_interval
