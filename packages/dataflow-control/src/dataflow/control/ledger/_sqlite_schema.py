@@ -125,7 +125,8 @@ _UPGRADE_FROM_1 = (
 
 def upgrade(conn: sqlite3.Connection, version: int) -> None:
     """Bring a ledger of an older schema ``version`` to ``SCHEMA_VERSION`` (inside the caller's
-    write transaction, so a failed upgrade leaves the file as it was)."""
+    write transaction, so a failed upgrade leaves the file as it was).
+    """
     if version == 1:
         for statement in _UPGRADE_FROM_1:
             conn.execute(statement)
@@ -136,7 +137,8 @@ def upgrade(conn: sqlite3.Connection, version: int) -> None:
 
 def read_older(conn: sqlite3.Connection, version: int) -> None:
     """Let a read-only connection read a ledger of an older schema ``version`` as the current one
-    (a temporary view on this connection only; the file is never written)."""
+    (a temporary view on this connection only; the file is never written).
+    """
     if version == 1:
         conn.execute("CREATE TEMP VIEW sample_refs AS SELECT seq, ref FROM main.samples")
 
