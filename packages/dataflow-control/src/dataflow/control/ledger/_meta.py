@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 from typing import Any
 
 from dataflow.contracts.errors import CorruptRecordError
@@ -59,8 +59,13 @@ class RunMeta:
 
     def changes(self, **updates: Any) -> tuple[RunMeta, dict[str, str]]:
         """The updated view and the strings to store for the changed fields."""
-        new = replace(self, **updates)
-        return new, {name: str(getattr(new, name)) for name in updates}
+        unknown = updates.keys() - _FIELD_NAMES
+        if unknown:
+            raise TypeError(f"RunMeta has no field(s) {sorted(unknown)}")
+        # A copy of the fields (dataclasses.replace re-runs __init__: slow in every commit).
+        new = object.__new__(RunMeta)
+        new.__dict__.update(self.__dict__, **updates)
+        return new, {name: str(value) for name, value in updates.items()}
 
     def markers(self) -> RunMarkers:
         """The public record of these markers."""
@@ -87,6 +92,7 @@ def _parser(name: str, default: Any) -> Callable[[str], Any]:
     return int if isinstance(default, int) else str
 
 
+_FIELD_NAMES = frozenset(f.name for f in fields(RunMeta))
 # Field name and parser of every marker, computed once (``load`` runs in every transaction).
 _PARSERS: tuple[tuple[str, Callable[[str], Any]], ...] = tuple(
     (f.name, _parser(f.name, f.default)) for f in fields(RunMeta)
