@@ -115,6 +115,15 @@ def _control_targets(control: dict[str, Any] | None) -> list[Target]:
         else:
             unit = name.rsplit(" ", 1)[-1]  # e.g. refs/s
             value, target = f"{v['value']:,.0f} {unit}", f"{v['target']:,.0f}"
+            if v.get("baselines"):  # same-run raw figures, e.g. raw sqlite3 on the same disk
+                value += (
+                    " (same run: "
+                    + ", ".join(
+                        f"{k} {b:,.0f} {unit}, {v['value'] / b:.2f}x"
+                        for k, b in v["baselines"].items()
+                    )
+                    + ")"
+                )
         out.append(Target(4, f"{name} {relation} {target}", value, bool(v["met"])))
     return out
 

@@ -337,10 +337,16 @@ def summarize(
         "target": TARGETS["window_us_per_ref"],
         "met": sqlite["window_us_per_ref"] <= TARGETS["window_us_per_ref"],
     }
-    verdicts["sqlite total refs/s (commit+dispatch+ack)"] = {
+    # issue 15: the ref pipeline >= 10x the 3,915 refs/s it recorded, beside the same run's raw
+    # sqlite3 doing the same transactions (the database floor, and with the same ref texts).
+    verdicts["sqlite ref pipeline (commit+dispatch+ack) total refs/s"] = {
         "value": sqlite["total_refs_s"],
         "target": TARGETS["total_refs_s"],
         "met": sqlite["total_refs_s"] >= TARGETS["total_refs_s"],
+        "baselines": {
+            "raw-sql-only": floor["total_refs_s"],
+            "raw-same-rows": same["total_refs_s"],
+        },
     }
     verdicts["sqlite status() 100k/10k"] = {
         "value": growth["sqlite"],
@@ -352,7 +358,6 @@ def summarize(
         for base in ("raw-same-rows", "raw-sql-only")
         for phase in ("commit_refs_s", "dispatch_refs_s", "ack_ids_s", "total_refs_s")
     }
-    del floor
     return {
         "refs": args.refs,
         "window": args.window,
@@ -397,8 +402,10 @@ def print_table(report: dict[str, Any]) -> None:
         print(f"  {name:<8}{cells}  (growth {report['status_growth'][name]:.2f}x)")
     print("targets:")
     for name, v in report["targets"].items():
+        raw = "".join(f"; {k} {b:,.0f}" for k, b in v.get("baselines", {}).items())
         print(
-            f"  {name:<40}{v['value']:>12,.2f}  target {v['target']:,}  {'MET' if v['met'] else 'NOT MET'}"
+            f"  {name:<40}{v['value']:>12,.2f}  target {v['target']:,}  "
+            f"{'MET' if v['met'] else 'NOT MET'}{raw}"
         )
 
 

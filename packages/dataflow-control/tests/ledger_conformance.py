@@ -259,9 +259,14 @@ class LedgerConformance:
 
     def test_ref_of_another_run_is_refused(self, run: Ledger) -> None:
         before = run.status()
-        with pytest.raises(InvalidInputError, match="belongs to run 'other'"):
-            run.commit([make_ref(0, run="run-1"), make_ref(1, run="other")])
-        assert run.status() == before
+        batch = [make_ref(0, run="run-1"), make_ref(1, run="other"), make_ref(2, run="run-1")]
+        with pytest.raises(
+            InvalidInputError, match=r"refs\[1\] \('s00001'\) belongs to run 'other'"
+        ):
+            run.commit(batch)
+        assert run.status() == before  # nothing of the batch, not even the refs before it
+        with pytest.raises(NotFoundError):
+            run.refs(["s00000"])
 
     def test_commit_after_producer_closed_is_refused(self, run: Ledger) -> None:
         run.set_producer_state(ProducerState.CLOSED)

@@ -6,9 +6,15 @@ import sqlite3
 from pathlib import Path
 
 import pytest
-from ledger_conformance import LedgerConformance, make_refs
+from ledger_conformance import LedgerConformance, make_ref, make_refs
 
-from dataflow.contracts import BackendUnavailableError, CorruptRecordError, InvalidInputError
+from dataflow.contracts import (
+    BackendUnavailableError,
+    CorruptRecordError,
+    InvalidInputError,
+    LedgerConflictError,
+    ProducerState,
+)
 from dataflow.control.ledger import open_ledger
 
 
@@ -25,9 +31,106 @@ def test_pragmas_wal_and_full_sync(tmp_path: Path) -> None:
     conn = sqlite3.connect(tmp_path / "l.db")
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert conn.execute("SELECT name, version FROM ledger_schema").fetchall() == [
-        ("dataflow-ledger", 1)
+        ("dataflow-ledger", 2)
     ]
     conn.close()
+
+
+# The schema-1 layout, as a file written by an older dataflow holds it: ref text inline.
+_SCHEMA_1 = (
+    "CREATE TABLE ledger_schema (name TEXT PRIMARY KEY, version INTEGER NOT NULL)",
+    "CREATE TABLE meta (k TEXT PRIMARY KEY, v TEXT NOT NULL) WITHOUT ROWID",
+    "CREATE TABLE counters (k TEXT PRIMARY KEY, v INTEGER NOT NULL) WITHOUT ROWID",
+    """CREATE TABLE samples (
+        seq INTEGER PRIMARY KEY, id TEXT NOT NULL UNIQUE, state INTEGER NOT NULL,
+        rank INTEGER NOT NULL, win INTEGER NOT NULL, step INTEGER NOT NULL,
+        reason TEXT NOT NULL, nbytes INTEGER NOT NULL, ref TEXT NOT NULL)""",
+    "CREATE INDEX samples_by_state ON samples (state, seq)",
+    "CREATE INDEX samples_assigned ON samples (rank, win) WHERE state = 1",
+    """CREATE TABLE prompts (
+        id TEXT PRIMARY KEY, seq INTEGER NOT NULL, state INTEGER NOT NULL,
+        attempt INTEGER NOT NULL, worker TEXT NOT NULL, deadline REAL NOT NULL,
+        reason TEXT NOT NULL, task TEXT NOT NULL) WITHOUT ROWID""",
+    "CREATE INDEX prompts_by_state ON prompts (state, seq)",
+    "CREATE TABLE weights (ord INTEGER PRIMARY KEY, id TEXT NOT NULL UNIQUE, record TEXT NOT NULL)",
+)
+
+
+def _schema_1_file(path: Path) -> list:
+    """A schema-1 ledger holding two committed refs, one of them assigned to rank 1."""
+    from dataflow.control.ledger._serial import encode_ref
+
+    refs = [make_ref(i, run="old") for i in range(2)]
+    conn = sqlite3.connect(path, isolation_level=None)
+    conn.execute("PRAGMA journal_mode = WAL")
+    for statement in _SCHEMA_1:
+        conn.execute(statement)
+    conn.execute("INSERT INTO ledger_schema VALUES ('dataflow-ledger', 1)")
+    meta = {"run_id": "old", "quantum": "1", "next_seq": "2", "next_window": "1"}
+    conn.executemany("INSERT INTO meta VALUES (?, ?)", meta.items())
+    counters = {"s.committed": 1, "s.assigned": 1, "bytes.in_flight": 2 * refs[0].estimated_bytes}
+    conn.executemany("INSERT INTO counters VALUES (?, ?)", counters.items())
+    conn.executemany(
+        "INSERT INTO samples VALUES (?, ?, ?, ?, ?, -1, '', ?, ?)",
+        [
+            (0, refs[0].sample_id, 1, 1, 0, refs[0].estimated_bytes, encode_ref(refs[0])),
+            (1, refs[1].sample_id, 0, -1, -1, refs[1].estimated_bytes, encode_ref(refs[1])),
+        ],
+    )
+    conn.close()
+    return refs
+
+
+def test_a_schema_1_file_is_read_read_only_and_upgraded_when_opened_to_write(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "old.db"
+    refs = _schema_1_file(path)
+    reader = open_ledger(f"sqlite://{path}", read_only=True)
+    assert reader.refs([r.sample_id for r in refs]) == refs
+    assert reader.assigned(1) == [refs[0]]
+    reader.close()
+    conn = sqlite3.connect(path)
+    assert conn.execute("SELECT version FROM ledger_schema").fetchone() == (1,)  # not written
+    conn.close()
+
+    ledger = open_ledger(f"sqlite://{path}")
+    assert ledger.refs([r.sample_id for r in refs]) == refs
+    assert ledger.assigned(1) == [refs[0]]
+    window = ledger.assign_window(1, 1)
+    assert window is not None and window.assignments == ((refs[1].sample_id,),)
+    assert ledger.commit([make_ref(7, run="old")]).committed == (make_ref(7).sample_id,)
+    assert ledger.status().samples["assigned"] == 2 and ledger.status().in_flight == 3
+    ledger.close()
+    conn = sqlite3.connect(path)
+    assert conn.execute("SELECT version FROM ledger_schema").fetchone() == (2,)
+    columns = [row[1] for row in conn.execute("PRAGMA table_info(samples)")]
+    assert "ref" not in columns
+    indexes = {row[1] for row in conn.execute("PRAGMA index_list(samples)")}
+    assert {"samples_by_state", "samples_assigned"} <= indexes
+    assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+    conn.close()
+
+
+def test_markers_written_by_another_connection_are_seen_by_the_next_transaction(
+    tmp_path: Path,
+) -> None:
+    uri = f"sqlite://{tmp_path}/shared.db"
+    one, two = open_ledger(uri), open_ledger(uri)
+    one.open_run("run-1", 2, resume=False)
+    assert two.markers().run_id == "run-1" and two.markers().quantum == 2
+    # Commits alternate between the connections: each sees the other's next commit order.
+    for i in range(6):
+        (one if i % 2 else two).commit([make_ref(i, run="run-1")])
+    assert one.assign_window(1, 2) is not None and two.assign_window(1, 2) is not None
+    assert one.markers() == two.markers()
+    two.set_producer_state(ProducerState.RUNNING)
+    two.set_producer_state(ProducerState.CLOSED)
+    with pytest.raises(LedgerConflictError, match="the producer closed the run"):
+        one.commit([make_ref(9, run="run-1")])
+    assert one.status() == two.status() and one.status().samples["assigned"] == 4
+    one.close()
+    two.close()
 
 
 def test_a_file_that_is_not_sqlite_is_refused_and_left_alone(tmp_path: Path) -> None:

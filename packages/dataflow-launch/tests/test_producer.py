@@ -8,6 +8,7 @@ import torch
 from launch_helpers import ObservedEngine, make_tasks
 
 from dataflow.contracts import (
+    NotFoundError,
     PromptTask,
     RunFailedError,
     WeightVersion,
@@ -371,3 +372,41 @@ def test_a_group_is_committed_early_when_the_byte_cap_has_no_room(
     assert outcome and outcome[0].outcome == "closed", "the producer waited on its own group"
     assert outcome[0].committed == 8 and outcome[0].workers[0].rejected == 0
     assert max(sizes) <= 2 and sum(sizes) == 8
+
+
+def test_a_failure_mid_batch_in_the_ledger_commits_nothing_of_the_batch(
+    tmp_path, store, tiny_engine
+):
+    """A real SQLite ledger fails the group's transaction after it inserted part of the batch
+    (a trigger refuses the third row): nothing of the batch is committed, its prompts are not
+    finished, and every put of the batch is aborted with its bytes freed.
+    """
+    import sqlite3
+
+    path = tmp_path / "ledger.db"
+    ledger = open_ledger(f"sqlite://{path}")
+    tasks = make_tasks(tiny_engine, 4, prefix=RUN)
+    limits = FlowLimits(high_refs=8)
+    producer = producer_for(ledger, store, tiny_engine, lease=4, flow_limits=limits)
+    producer.ingest(tasks)
+    conn = sqlite3.connect(path)
+    conn.execute(
+        "CREATE TRIGGER fail_mid_batch BEFORE INSERT ON samples "
+        f"WHEN NEW.id = '{tasks[2].task_id}' "
+        "BEGIN SELECT RAISE(ABORT, 'injected failure mid-batch'); END"
+    )
+    conn.commit()
+    conn.close()
+    try:
+        with pytest.raises(RunFailedError, match="injected failure mid-batch"):
+            producer.run()
+        samples, prompts = counts(ledger)
+        assert samples["committed"] == 0 and prompts["done"] == 0
+        assert prompts["pending"] == 4 and prompts["leased"] == 0  # handed back, not consumed
+        for task in tasks:
+            with pytest.raises(NotFoundError):
+                ledger.refs([task.task_id])
+        assert store.health().resident_samples == 0  # all four puts aborted
+        assert producer.side.flow is not None and producer.side.flow.snapshot().reserved_bytes == 0
+    finally:
+        ledger.close()

@@ -98,7 +98,10 @@ def test_garbled_ledger_row_is_corrupt_record_not_data(tmp_path):
     ledger.commit([_ref("a-1"), _ref("a-2")])
     ledger.close()
     with sqlite3.connect(path) as db:
-        db.execute("UPDATE samples SET ref = '{\"sample_id\": 7, \"garbage' WHERE id = 'a-2'")
+        db.execute(
+            'UPDATE sample_refs SET ref = \'{"sample_id": 7, "garbage\' '
+            "WHERE seq = (SELECT seq FROM samples WHERE id = 'a-2')"
+        )
     ledger = open_ledger(f"sqlite://{path}")
     try:
         with pytest.raises(CorruptRecordError) as info:

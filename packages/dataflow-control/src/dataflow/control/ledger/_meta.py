@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, replace
+from collections.abc import Callable
+from dataclasses import dataclass, fields
 from typing import Any
 
 from dataflow.contracts.errors import CorruptRecordError
@@ -44,29 +45,27 @@ class RunMeta:
     def load(cls, values: dict[str, str]) -> RunMeta:
         """Parse stored strings; a value that does not parse is a corrupt ledger."""
         kwargs: dict[str, Any] = {}
-        for f in fields(cls):
-            if f.name not in values:
+        for name, parse in _PARSERS:
+            raw = values.get(name)
+            if raw is None:
                 continue
-            raw = values[f.name]
             try:
-                if f.name == "producer":
-                    kwargs[f.name] = ProducerState(raw)
-                elif f.name == "consumer":
-                    kwargs[f.name] = ConsumerState(raw)
-                elif isinstance(f.default, int):
-                    kwargs[f.name] = int(raw)
-                else:
-                    kwargs[f.name] = raw
+                kwargs[name] = parse(raw)
             except ValueError:
                 raise CorruptRecordError(
-                    f"ledger run marker {f.name!r} holds {raw!r}, which does not parse"
+                    f"ledger run marker {name!r} holds {raw!r}, which does not parse"
                 ) from None
         return cls(**kwargs)
 
     def changes(self, **updates: Any) -> tuple[RunMeta, dict[str, str]]:
         """The updated view and the strings to store for the changed fields."""
-        new = replace(self, **updates)
-        return new, {name: str(getattr(new, name)) for name in updates}
+        unknown = updates.keys() - _FIELD_NAMES
+        if unknown:
+            raise TypeError(f"RunMeta has no field(s) {sorted(unknown)}")
+        # A copy of the fields (dataclasses.replace re-runs __init__: slow in every commit).
+        new = object.__new__(RunMeta)
+        new.__dict__.update(self.__dict__, **updates)
+        return new, {name: str(value) for name, value in updates.items()}
 
     def markers(self) -> RunMarkers:
         """The public record of these markers."""
@@ -83,6 +82,21 @@ class RunMeta:
             dp_size=self.dp_size,
             target_version=self.target_version,
         )
+
+
+def _parser(name: str, default: Any) -> Callable[[str], Any]:
+    if name == "producer":
+        return ProducerState
+    if name == "consumer":
+        return ConsumerState
+    return int if isinstance(default, int) else str
+
+
+_FIELD_NAMES = frozenset(f.name for f in fields(RunMeta))
+# Field name and parser of every marker, computed once (``load`` runs in every transaction).
+_PARSERS: tuple[tuple[str, Callable[[str], Any]], ...] = tuple(
+    (f.name, _parser(f.name, f.default)) for f in fields(RunMeta)
+)
 
 
 IN_FLIGHT_BYTES = "bytes.in_flight"

@@ -69,7 +69,7 @@ class _Changes:
 
 def add_prompts(tx: LedgerTx, tasks: Sequence[PromptTask]) -> CommitResult:
     """New task ids become PENDING in input order; known or repeated ids are duplicates."""
-    meta = RunMeta.load(tx.meta())
+    meta = tx.run_meta()
     known = tx.prompts([task.task_id for task in tasks])
     fresh: dict[str, PromptTask] = {}
     duplicates: list[str] = []
@@ -93,7 +93,7 @@ def lease_prompts(
     tx: LedgerTx, worker: str, limit: int, lease_s: float, now: float, max_attempts: int
 ) -> list[PromptTask]:
     """Expire overdue leases, then lease up to ``limit`` PENDING tasks FIFO to ``worker``."""
-    changes = _Changes(RunMeta.load(tx.meta()))
+    changes = _Changes(tx.run_meta())
     requeued = []
     for row in tx.prompts_in(LEASED):
         if row.deadline <= now:
@@ -135,7 +135,7 @@ def complete_prompt(tx: LedgerTx, task_id: str, worker: str) -> PromptState:
     """LEASED by ``worker`` → DONE; a task already DONE stays DONE."""
     row = _leased_row(tx, "complete_prompt", task_id, worker)
     if row is not None:
-        changes = _Changes(RunMeta.load(tx.meta()))
+        changes = _Changes(tx.run_meta())
         changes.set(row, row._replace(state=DONE))
         changes.write(tx)
     return DONE
@@ -148,7 +148,7 @@ def fail_prompt(
     row = _leased_row(tx, "fail_prompt", task_id, worker)
     if row is None:
         raise conflict("fail_prompt", [f"task {task_id!r} is already done"])
-    changes = _Changes(RunMeta.load(tx.meta()))
+    changes = _Changes(tx.run_meta())
     if retryable:
         new = changes.retry(row, reason, max_attempts)
     else:
@@ -159,7 +159,7 @@ def fail_prompt(
 
 def reclaim_leases(tx: LedgerTx, worker: str, max_attempts: int) -> list[str]:
     """Every lease of ``worker`` goes back as if it expired now; returns those task ids."""
-    changes = _Changes(RunMeta.load(tx.meta()))
+    changes = _Changes(tx.run_meta())
     reclaimed = []
     for row in tx.prompts_in(LEASED):
         if row.worker == worker:

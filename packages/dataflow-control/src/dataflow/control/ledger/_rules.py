@@ -44,7 +44,15 @@ def _plain(value: Any) -> bool:
                 return False
         return True
     if kind is FeatureSpec:
-        return type(value.name) is str and type(value.dtype) is str and _plain(value.shape)
+        if type(value.name) is not str or type(value.dtype) is not str:
+            return False
+        shape = value.shape
+        if type(shape) is not tuple:
+            return False
+        for dim in shape:  # noqa: SIM110 - see above
+            if type(dim) is not int:
+                return False
+        return True
     return False
 
 

@@ -18,7 +18,6 @@ from dataflow.contracts.weights import WeightVersion
 from dataflow.control.ledger._meta import (
     IN_FLIGHT_BYTES,
     WEIGHTS,
-    RunMeta,
     dropped_reasons,
     prompt_counter,
     sample_counter,
@@ -29,7 +28,7 @@ from dataflow.control.ledger._tx import LedgerTx
 
 def open_run(tx: LedgerTx, run_id: str, quantum: int, resume: bool) -> RunMarkers:
     """Start a run on an empty ledger, or (``resume``) continue the ledger's run."""
-    meta = RunMeta.load(tx.meta())
+    meta = tx.run_meta()
     counters = tx.counters()
     samples = sum(counters.get(sample_counter(s), 0) for s in SampleState)
     prompts = sum(counters.get(prompt_counter(s), 0) for s in PromptState)
@@ -64,7 +63,7 @@ def open_run(tx: LedgerTx, run_id: str, quantum: int, resume: bool) -> RunMarker
 
 def markers(tx: LedgerTx) -> RunMarkers:
     """The run markers as stored."""
-    return RunMeta.load(tx.meta()).markers()
+    return tx.run_meta().markers()
 
 
 def _side_state(current: Any, target: Any, reason: str, done: Any, side: str) -> tuple[Any, str]:
@@ -85,21 +84,21 @@ def _side_state(current: Any, target: Any, reason: str, done: Any, side: str) ->
 
 def set_producer_state(tx: LedgerTx, state: ProducerState, reason: str) -> None:
     """RUNNING from any state, CLOSED only from RUNNING, FAILED(reason) from any state."""
-    meta = RunMeta.load(tx.meta())
+    meta = tx.run_meta()
     new, why = _side_state(meta.producer, state, reason, ProducerState.CLOSED, "producer")
     tx.set_meta(meta.changes(producer=new, producer_reason=why)[1])
 
 
 def set_consumer_state(tx: LedgerTx, state: ConsumerState, reason: str) -> None:
     """RUNNING from any state, DONE only from RUNNING, FAILED(reason) from any state."""
-    meta = RunMeta.load(tx.meta())
+    meta = tx.run_meta()
     new, why = _side_state(meta.consumer, state, reason, ConsumerState.DONE, "consumer")
     tx.set_meta(meta.changes(consumer=new, consumer_reason=why)[1])
 
 
 def set_durable_step(tx: LedgerTx, step: int) -> None:
     """Record the newest durable checkpoint step; it never goes backwards."""
-    meta = RunMeta.load(tx.meta())
+    meta = tx.run_meta()
     if step < meta.durable_step:
         raise conflict(
             "set_durable_step",
@@ -111,14 +110,14 @@ def set_durable_step(tx: LedgerTx, step: int) -> None:
 
 def declare_target(tx: LedgerTx, version: str) -> None:
     """Record the target model the producer now runs (the newest declaration wins)."""
-    meta = RunMeta.load(tx.meta())
+    meta = tx.run_meta()
     if version != meta.target_version:
         tx.set_meta(meta.changes(target_version=version)[1])
 
 
 def record_drift(tx: LedgerTx, mean_lag: float, max_lag: int) -> None:
     """Keep the staleness gate's latest rolling draft-lag figures."""
-    meta = RunMeta.load(tx.meta())
+    meta = tx.run_meta()
     mean = repr(float(mean_lag))
     if (mean, max_lag) != (meta.drift_mean, meta.drift_max):
         tx.set_meta(meta.changes(drift_mean=mean, drift_max=max_lag)[1])
@@ -143,7 +142,7 @@ def publish_weight(tx: LedgerTx, version: WeightVersion) -> WeightVersion:
 
 def status(tx: LedgerTx, backend: str, durable: bool) -> LedgerStatus:
     """Counts per state, in-flight refs and bytes, drop reasons, markers: O(1) in history."""
-    meta = RunMeta.load(tx.meta())
+    meta = tx.run_meta()
     counters = tx.counters()
     samples = {s.value: counters.get(sample_counter(s), 0) for s in SampleState}
     return LedgerStatus(

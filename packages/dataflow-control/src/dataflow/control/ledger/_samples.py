@@ -21,7 +21,6 @@ from dataflow.contracts.states import (
 )
 from dataflow.control.ledger._meta import (
     IN_FLIGHT_BYTES,
-    RunMeta,
     drop_counter,
     prompt_counter,
     sample_counter,
@@ -115,7 +114,7 @@ def commit(tx: LedgerTx, refs: Sequence[SampleRef]) -> CommitResult:
 
     A fresh ref's PENDING or LEASED source task becomes DONE in the same transaction.
     """
-    meta = RunMeta.load(tx.meta())
+    meta = tx.run_meta()
     if meta.producer is ProducerState.CLOSED:
         raise conflict("commit", ["the producer closed the run; no sample may follow the close"])
     for i, ref in enumerate(refs):
@@ -160,7 +159,7 @@ def commit(tx: LedgerTx, refs: Sequence[SampleRef]) -> CommitResult:
 
 def assign_window(tx: LedgerTx, dp_size: int, per_rank: int) -> Window | None:
     """Assign the oldest quantum of COMMITTED samples as one window, or return None."""
-    meta = RunMeta.load(tx.meta())
+    meta = tx.run_meta()
     check_window_shape(dp_size, per_rank, meta.quantum)
     rows = tx.samples_in(COMMITTED, limit=meta.quantum)
     if len(rows) < meta.quantum:
@@ -208,7 +207,7 @@ def refs(tx: LedgerTx, sample_ids: Sequence[str]) -> list[SampleRef]:
 
 def ack(tx: LedgerTx, step: int, sample_ids: Sequence[str]) -> None:
     """ASSIGNED → TRAINED(step) for every id, and record ``step``; step never goes back."""
-    meta = RunMeta.load(tx.meta())
+    meta = tx.run_meta()
     if step < meta.trained_step:
         raise conflict("ack", [f"step {step} is behind the last acked step {meta.trained_step}"])
     rows = _rows_in(tx, "ack", sample_ids, (ASSIGNED,))
@@ -233,7 +232,7 @@ def drop(tx: LedgerTx, sample_ids: Sequence[str], reason: str) -> list[SampleRef
 
 def drop_partial_tail(tx: LedgerTx) -> list[SampleRef]:
     """At end of stream, drop the COMMITTED remainder (< one quantum) as ``partial_window``."""
-    meta = RunMeta.load(tx.meta())
+    meta = tx.run_meta()
     if meta.producer is not ProducerState.CLOSED:
         raise conflict(
             "drop_partial_tail",
@@ -254,7 +253,7 @@ def drop_partial_tail(tx: LedgerTx) -> list[SampleRef]:
 
 def release_through(tx: LedgerTx, step: int) -> list[SampleRef]:
     """TRAINED(s ≤ step) → RELEASED; returns the released refs in commit order."""
-    meta = RunMeta.load(tx.meta())
+    meta = tx.run_meta()
     rows = [row for row in tx.samples_in(TRAINED) if row.step <= step]
     if not rows:
         return []
@@ -268,7 +267,7 @@ def release_through(tx: LedgerTx, step: int) -> list[SampleRef]:
 
 def reconcile(tx: LedgerTx, checkpoint_step: int, dp_size: int) -> ReconcileResult:
     """Bring the ledger back to a restored checkpoint (see the Ledger protocol)."""
-    meta = RunMeta.load(tx.meta())
+    meta = tx.run_meta()
     check_dp_size(dp_size, meta.quantum)
     if checkpoint_step > meta.trained_step:
         raise conflict(

@@ -12,6 +12,7 @@ import json
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
+from dataflow.contracts import FrozenDict
 from dataflow.contracts.codec import SCHEMA_VERSIONS, dumps, loads
 from dataflow.contracts.errors import CorruptRecordError, DataflowError
 from dataflow.contracts.features import FeatureSpec, SampleRef
@@ -65,9 +66,10 @@ def encode_ref(ref: SampleRef) -> str:
             "v": _REF_VERSION,
             "sample_id": ref.sample_id,
             "store_uri": ref.store_uri,
-            "feature_keys": dict(ref.feature_keys),
+            # SampleRef froze these to FrozenDicts, tuples and scalars: json takes them as they are.
+            "feature_keys": keys if type(keys := ref.feature_keys) is FrozenDict else dict(keys),
             "feature_specs": {
-                name: {"name": s.name, "shape": list(s.shape), "dtype": s.dtype}
+                name: {"name": s.name, "shape": s.shape, "dtype": s.dtype}  # tuple: a JSON array
                 for name, s in ref.feature_specs.items()
             },
             "generation": ref.generation,
@@ -79,7 +81,7 @@ def encode_ref(ref: SampleRef) -> str:
             "num_tokens": ref.num_tokens,
             "target_version": ref.target_version,
             "draft_weight_version": ref.draft_weight_version,
-            "metadata": _thaw(ref.metadata),
+            "metadata": meta if type(meta := ref.metadata) is FrozenDict else _thaw(meta),
         }
     )
 

@@ -10,7 +10,9 @@ from dataflow.contracts.errors import CorruptRecordError, InvalidInputError, Sch
 from dataflow.contracts.states import PromptState, SampleState
 
 SCHEMA_NAME = "dataflow-ledger"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+"""2: a ref's text lives in ``sample_refs`` beside its row, so the state changes of dispatch and
+ack rewrite a few small columns instead of the whole ~0.7 KB record (1: the text inline)."""
 _SQLITE_MAGIC = b"SQLite format 3\x00"
 
 # Sample and prompt states are stored as small integers.
@@ -19,7 +21,8 @@ PROMPT_CODES = {state: code for code, state in enumerate(PromptState)}
 _ASSIGNED = SAMPLE_CODES[SampleState.ASSIGNED]
 # samples.seq is the commit order and the rowid; the (state, seq) indexes serve every scan of a
 # live state in commit/FIFO order without touching history; the partial index over ASSIGNED
-# rows serves a rank's newest windows and holds only what is in flight.
+# rows serves a rank's newest windows and holds only what is in flight. A ref's text is written
+# once, at commit, into ``sample_refs`` under the sample's seq, and only read after that.
 SCHEMA = (
     "CREATE TABLE IF NOT EXISTS ledger_schema (name TEXT PRIMARY KEY, version INTEGER NOT NULL)",
     "CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL) WITHOUT ROWID",
@@ -27,7 +30,8 @@ SCHEMA = (
     """CREATE TABLE IF NOT EXISTS samples (
         seq INTEGER PRIMARY KEY, id TEXT NOT NULL UNIQUE, state INTEGER NOT NULL,
         rank INTEGER NOT NULL, win INTEGER NOT NULL, step INTEGER NOT NULL,
-        reason TEXT NOT NULL, nbytes INTEGER NOT NULL, ref TEXT NOT NULL)""",
+        reason TEXT NOT NULL, nbytes INTEGER NOT NULL)""",
+    "CREATE TABLE IF NOT EXISTS sample_refs (seq INTEGER PRIMARY KEY, ref TEXT NOT NULL)",
     "CREATE INDEX IF NOT EXISTS samples_by_state ON samples (state, seq)",
     f"CREATE INDEX IF NOT EXISTS samples_assigned ON samples (rank, win) WHERE state = {_ASSIGNED}",
     """CREATE TABLE IF NOT EXISTS prompts (
@@ -103,15 +107,56 @@ def check_file(path: Path) -> None:
             )
 
 
+# Schema 1 -> 2: the texts move to sample_refs and samples is rebuilt without them (a copy, not
+# ALTER TABLE DROP COLUMN, which SQLite before 3.35 lacks); the old table's indexes go with it
+# and are made again for the new one.
+_SAMPLES_TABLE = next(s for s in SCHEMA if "TABLE IF NOT EXISTS samples (" in s)
+_UPGRADE_FROM_1 = (
+    "CREATE TABLE sample_refs (seq INTEGER PRIMARY KEY, ref TEXT NOT NULL)",
+    "INSERT INTO sample_refs (seq, ref) SELECT seq, ref FROM samples",
+    _SAMPLES_TABLE.replace("TABLE IF NOT EXISTS samples (", "TABLE samples_v2 ("),
+    "INSERT INTO samples_v2 (seq, id, state, rank, win, step, reason, nbytes) "
+    "SELECT seq, id, state, rank, win, step, reason, nbytes FROM samples",
+    "DROP TABLE samples",
+    "ALTER TABLE samples_v2 RENAME TO samples",
+    *(s for s in SCHEMA if " ON samples " in s),
+)
+
+
+def upgrade(conn: sqlite3.Connection, version: int) -> None:
+    """Bring a ledger of an older schema ``version`` to ``SCHEMA_VERSION`` (inside the caller's
+    write transaction, so a failed upgrade leaves the file as it was).
+    """
+    if version == 1:
+        for statement in _UPGRADE_FROM_1:
+            conn.execute(statement)
+    conn.execute(
+        "UPDATE ledger_schema SET version = ? WHERE name = ?", (SCHEMA_VERSION, SCHEMA_NAME)
+    )
+
+
+def read_older(conn: sqlite3.Connection, version: int) -> None:
+    """Let a read-only connection read a ledger of an older schema ``version`` as the current one
+    (a temporary view on this connection only; the file is never written).
+    """
+    if version == 1:
+        conn.execute("CREATE TEMP VIEW sample_refs AS SELECT seq, ref FROM main.samples")
+
+
 def check_schema(conn: sqlite3.Connection, path: Path) -> bool:
-    """True if the file already holds a ledger of this schema version; False if it is empty.
+    """True if the file already holds a ledger (see ``schema_version``); False if it is empty."""
+    return schema_version(conn, path) > 0
+
+
+def schema_version(conn: sqlite3.Connection, path: Path) -> int:
+    """The schema version of the ledger the file holds, or 0 if the file is empty.
 
     A database with other tables, a newer schema or failing its quick integrity check is
     refused, so a wrong path never gets ledger tables mixed into it.
     """
     tables = {row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
     if not tables:
-        return False
+        return 0
     if "ledger_schema" not in tables:
         raise CorruptRecordError(
             f"{path} is an SQLite database but not a dataflow ledger (tables: {sorted(tables)})"
@@ -129,4 +174,4 @@ def check_schema(conn: sqlite3.Connection, path: Path) -> bool:
     verdict = conn.execute("PRAGMA quick_check").fetchone()
     if verdict is None or verdict[0] != "ok":
         raise CorruptRecordError(f"{path} fails SQLite's integrity check: {verdict}")
-    return True
+    return int(row[0])

@@ -17,6 +17,7 @@ from dataflow.contracts.features import SampleRef
 from dataflow.contracts.prompt import PromptTask
 from dataflow.contracts.states import PromptState, SampleState
 from dataflow.contracts.weights import WeightVersion
+from dataflow.control.ledger._meta import RunMeta
 from dataflow.control.ledger._rows import PromptChange, PromptRow, SampleChange, SampleRow
 
 R = TypeVar("R")
@@ -29,6 +30,12 @@ class LedgerTx(abc.ABC):
     @abc.abstractmethod
     def meta(self) -> dict[str, str]:
         """The run-level key/value markers (small, fixed set of keys)."""
+
+    def run_meta(self) -> RunMeta:
+        """The markers of ``meta()`` parsed; a backend may keep them between transactions
+        as long as it returns exactly what ``meta()`` holds now.
+        """
+        return RunMeta.load(self.meta())
 
     @abc.abstractmethod
     def counters(self) -> dict[str, int]:

@@ -32,6 +32,7 @@ from dataflow.contracts.features import SampleRef
 from dataflow.contracts.prompt import PromptTask
 from dataflow.contracts.states import PromptState, SampleState
 from dataflow.contracts.weights import WeightVersion
+from dataflow.control.ledger._meta import RunMeta
 from dataflow.control.ledger._rows import PromptChange, PromptRow, SampleChange, SampleRow
 from dataflow.control.ledger._serial import decode_record, decode_ref, encode_record, encode_ref
 from dataflow.control.ledger._sqlite_schema import (
@@ -41,7 +42,9 @@ from dataflow.control.ledger._sqlite_schema import (
     SCHEMA_NAME,
     SCHEMA_VERSION,
     check_file,
-    check_schema,
+    read_older,
+    schema_version,
+    upgrade,
 )
 from dataflow.control.ledger._tx import LedgerStorage, LedgerTx
 
@@ -51,6 +54,7 @@ SAMPLE_STATES = {code: state for state, code in SAMPLE_CODES.items()}
 PROMPT_STATES = {code: state for state, code in PROMPT_CODES.items()}
 _CHUNK = 500  # ids per IN (...) list, well under SQLite's variable limit
 _SAMPLE_COLUMNS = "id, seq, state, rank, win, step, reason, nbytes"
+_SAMPLE_COLUMNS_S = ", ".join(f"s.{name}" for name in _SAMPLE_COLUMNS.split(", "))
 _PROMPT_COLUMNS = "id, seq, state, attempt, worker, deadline, reason"
 
 
@@ -67,10 +71,31 @@ def _prompt(row: tuple[Any, ...]) -> PromptRow:
     return PromptRow(row[0], row[1], PROMPT_STATES[row[2]], *row[3:])
 
 
+class _MetaCache:
+    """The meta table as this connection last saw it committed, tagged with the file's
+    ``PRAGMA data_version`` at that read. The version changes only when another connection
+    commits, so an unchanged version means the table still holds exactly these values plus
+    what this connection itself committed since (merged in after each successful COMMIT).
+    """
+
+    __slots__ = ("parsed", "values", "version")
+
+    def __init__(self) -> None:
+        self.version: int | None = None
+        self.values: dict[str, str] | None = None  # never mutated in place once cached
+        self.parsed: RunMeta | None = None
+
+    def clear(self) -> None:
+        self.version = self.values = self.parsed = None
+
+
 class _SQLiteTx(LedgerTx):
-    def __init__(self, conn: sqlite3.Connection, path: Path) -> None:
+    def __init__(self, conn: sqlite3.Connection, path: Path, cache: _MetaCache) -> None:
         self._c = conn
         self._path = path
+        self._cache = cache
+        self._values: dict[str, str] | None = None
+        self.meta_written: dict[str, str] = {}
         # Ref texts already read in this transaction (assigned_rows reads them with the rows),
         # so the refs() that follows needs no second query.
         self._texts: dict[str, str] = {}
@@ -84,8 +109,29 @@ class _SQLiteTx(LedgerTx):
             rows.extend(self._c.execute(sql.format(marks), chunk).fetchall())
         return rows
 
+    def _meta_values(self) -> dict[str, str]:
+        # One cheap pragma instead of reading and parsing the markers in every transaction.
+        if self._values is None:
+            cache = self._cache
+            version = self._c.execute("PRAGMA data_version").fetchone()[0]
+            if cache.values is None or cache.version != version:
+                cache.values = dict(self._c.execute("SELECT k, v FROM meta"))
+                cache.version, cache.parsed = version, None
+            self._values = cache.values
+        return self._values
+
     def meta(self) -> dict[str, str]:
-        return dict(self._c.execute("SELECT k, v FROM meta"))
+        return dict(self._meta_values())
+
+    def run_meta(self) -> RunMeta:
+        values = self._meta_values()
+        cache = self._cache
+        if cache.values is values and cache.parsed is not None:
+            return cache.parsed
+        parsed = RunMeta.load(values)
+        if cache.values is values:
+            cache.parsed = parsed
+        return parsed
 
     def counters(self) -> dict[str, int]:
         return dict(self._c.execute("SELECT k, v FROM counters"))
@@ -101,9 +147,10 @@ class _SQLiteTx(LedgerTx):
 
     def assigned_rows(self, rank: int, after_window: int) -> list[SampleRow]:
         sql = (
-            f"SELECT {_SAMPLE_COLUMNS}, ref FROM samples INDEXED BY samples_assigned "
-            f"WHERE state = {SAMPLE_CODES[SampleState.ASSIGNED]} AND rank = ? AND win > ? "
-            "ORDER BY win, seq"
+            f"SELECT {_SAMPLE_COLUMNS_S}, r.ref FROM samples AS s INDEXED BY samples_assigned "
+            "JOIN sample_refs AS r ON r.seq = s.seq "
+            f"WHERE s.state = {SAMPLE_CODES[SampleState.ASSIGNED]} AND s.rank = ? AND s.win > ? "
+            "ORDER BY s.win, s.seq"
         )
         rows = []
         for row in self._c.execute(sql, (rank, after_window)):
@@ -115,7 +162,13 @@ class _SQLiteTx(LedgerTx):
         texts = {sid: self._texts[sid] for sid in sample_ids if sid in self._texts}
         missing = [sid for sid in sample_ids if sid not in texts]
         if missing:
-            texts.update(self._in("SELECT id, ref FROM samples WHERE id IN ({})", missing))
+            texts.update(
+                self._in(
+                    "SELECT s.id, r.ref FROM samples AS s JOIN sample_refs AS r ON r.seq = s.seq "
+                    "WHERE s.id IN ({})",
+                    missing,
+                )
+            )
         return {
             sid: decode_ref(text, f"{self._path} sample {sid!r}") for sid, text in texts.items()
         }
@@ -143,6 +196,13 @@ class _SQLiteTx(LedgerTx):
 
     def set_meta(self, values: Mapping[str, str]) -> None:
         self._c.executemany("INSERT OR REPLACE INTO meta (k, v) VALUES (?, ?)", values.items())
+        self.meta_written.update(values)
+
+    def committed(self) -> None:
+        """The transaction committed: what it wrote to meta is now what the table holds."""
+        cache = self._cache
+        if self.meta_written and cache.values is not None:
+            cache.values, cache.parsed = {**cache.values, **self.meta_written}, None
 
     def add_counters(self, deltas: Mapping[str, int]) -> None:
         self._c.executemany(
@@ -152,23 +212,45 @@ class _SQLiteTx(LedgerTx):
 
     def insert_samples(self, rows: Sequence[SampleRow], refs: Sequence[SampleRef]) -> None:
         self._c.executemany(
-            "INSERT INTO samples (seq, id, state, rank, win, step, reason, nbytes, ref) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO samples (seq, id, state, rank, win, step, reason, nbytes) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
             [
                 (r.seq, r.sample_id, SAMPLE_CODES[r.state], r.rank, r.window, r.step, r.reason,
-                 r.nbytes, encode_ref(ref))
-                for r, ref in zip(rows, refs, strict=True)
+                 r.nbytes)
+                for r in rows
             ],
         )  # fmt: skip
+        self._c.executemany(
+            "INSERT INTO sample_refs (seq, ref) VALUES (?, ?)",
+            [(r.seq, encode_ref(ref)) for r, ref in zip(rows, refs, strict=True)],
+        )
 
     def update_samples(self, changes: Sequence[SampleChange]) -> None:
-        self._c.executemany(
-            "UPDATE samples SET state = ?, rank = ?, win = ?, step = ?, reason = ? WHERE seq = ?",
-            [
-                (SAMPLE_CODES[r.state], r.rank, r.window, r.step, r.reason, r.seq)
-                for _, r in changes
-            ],
-        )
+        # Rows that get the same values (a window's rank, an ack's step) change in one
+        # statement over their seqs instead of one statement per row.
+        groups: dict[tuple[int, int, int, int, str], list[int]] = {}
+        for _, r in changes:
+            key = (SAMPLE_CODES[r.state], r.rank, r.window, r.step, r.reason)
+            seqs = groups.get(key)
+            if seqs is None:
+                groups[key] = [r.seq]
+            else:
+                seqs.append(r.seq)
+        if len(groups) * 4 > len(changes):  # mostly distinct rows: one statement per row
+            self._c.executemany(
+                "UPDATE samples SET state = ?, rank = ?, win = ?, step = ?, reason = ? "
+                "WHERE seq = ?",
+                [(*key, seq) for key, seqs in groups.items() for seq in seqs],
+            )
+            return
+        for key, seqs in groups.items():
+            for start in range(0, len(seqs), _CHUNK):
+                chunk = seqs[start : start + _CHUNK]
+                self._c.execute(
+                    "UPDATE samples SET state = ?, rank = ?, win = ?, step = ?, reason = ? "
+                    f"WHERE seq IN ({','.join('?' * len(chunk))})",
+                    (*key, *chunk),
+                )
 
     def insert_prompts(self, rows: Sequence[PromptRow], tasks: Sequence[PromptTask]) -> None:
         self._c.executemany(
@@ -238,6 +320,7 @@ class SQLiteStorage(LedgerStorage):
         self._lock = threading.Lock()
         self._pid = os.getpid()
         self._conn: sqlite3.Connection | None = None
+        self._meta = _MetaCache()
         try:
             if not read_only:
                 self._path.parent.mkdir(parents=True, exist_ok=True)
@@ -272,10 +355,12 @@ class SQLiteStorage(LedgerStorage):
             with self._errors("open"):
                 if read_only:
                     conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
-                    if not check_schema(conn, self._path):
+                    version = schema_version(conn, self._path)
+                    if not version:
                         raise CorruptRecordError(
                             f"{self._path} is an empty SQLite database, not a dataflow ledger"
                         )
+                    read_older(conn, version)
                 else:
                     self._configure(conn, busy_timeout_s)
                     self._create_schema(conn)
@@ -294,13 +379,16 @@ class SQLiteStorage(LedgerStorage):
     def _create_schema(self, conn: sqlite3.Connection) -> None:
         conn.execute("BEGIN IMMEDIATE")
         try:
-            if not check_schema(conn, self._path):
+            version = schema_version(conn, self._path)
+            if not version:
                 for statement in SCHEMA:
                     conn.execute(statement)
                 conn.execute(
                     "INSERT INTO ledger_schema (name, version) VALUES (?, ?)",
                     (SCHEMA_NAME, SCHEMA_VERSION),
                 )
+            elif version < SCHEMA_VERSION:
+                upgrade(conn, version)
             conn.execute("COMMIT")
         except BaseException:
             conn.execute("ROLLBACK")
@@ -338,10 +426,13 @@ class SQLiteStorage(LedgerStorage):
                 )
             with self._errors("transaction"):
                 conn.execute(begin)
+                tx = _SQLiteTx(conn, self._path, self._meta)
                 try:
-                    result = operation(_SQLiteTx(conn, self._path))
+                    result = operation(tx)
                     conn.execute("COMMIT")
+                    tx.committed()
                 except BaseException:
+                    self._meta.clear()
                     # A failed COMMIT (disk full) may or may not have ended the transaction;
                     # never leave one open, or every later call fails "within a transaction".
                     if conn.in_transaction:
