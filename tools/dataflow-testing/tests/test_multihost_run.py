@@ -44,6 +44,7 @@ TINY = [
     "producer.workers=1",
 ]
 
+
 def overrides(run_id: str, out_dir: Path, ledger: str, store: str) -> list[str]:
     args: list[str] = []
     for item in (*TINY, f"run.id={run_id}", f"run.out_dir={out_dir}", f"ledger.uri={ledger}",

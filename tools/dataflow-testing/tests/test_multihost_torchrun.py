@@ -15,6 +15,7 @@ released exactly once and none dropped, and ``trained.jsonl`` lists each sample 
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -89,6 +90,14 @@ def torchrun(
         )
 
 
+def ledger_status(host: VirtualHost, ledger: str) -> dict[str, Any]:
+    """``dataflow-launch status LEDGER --json`` run on ``host``."""
+    proc = host.run([LAUNCH, "status", ledger, "--json"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    status: dict[str, Any] = json.loads(proc.stdout)
+    return status
+
+
 def worker_ranks(host: VirtualHost) -> set[int]:
     """Global ranks of the torchrun workers running on ``host`` (read from their environment)."""
     ranks: set[int] = set()
@@ -148,10 +157,15 @@ def test_a_two_host_torchrun_job_survives_losing_a_host(
     except subprocess.TimeoutExpired:
         pytest.fail(f"rank 0 on {kept.name} did not end after its peer host was lost")
     assert code != 0, (tmp_path / f"{kept.name}.log").read_text()[-3000:]
+    state = ledger_status(hosts["a"], ledger)
+    assert state["consumer"] == "failed" and state["consumer_reason"], state  # named, not silent
     killed_at = len(trained_rows(consumer_dir))
     assert killed_at < PROMPTS // 2, "the job finished before the host was lost"
     at_kill = ledger_samples(hosts["a"], ledger)
-    print(f"lost host {lost.name} after {killed_at} steps; ledger then: {at_kill}")
+    print(
+        f"lost host {lost.name} after {killed_at} steps; ledger then: {at_kill}; consumer "
+        f"marked failed: {state['consumer_reason']}"
+    )
     assert at_kill["released"] < PROMPTS, at_kill  # work was left for the restarted job
 
     # Restart on the surviving host alone (same world size until the elastic resume: above).
@@ -169,5 +183,6 @@ def test_a_two_host_torchrun_job_survives_losing_a_host(
     assert sorted(ids) == sorted(f"{RUN_ID}-p0-{i}" for i in range(PROMPTS))
     final = ledger_samples(kept, ledger)
     print(f"after the restart: {len(rows)} steps; ledger: {final}")
+    assert ledger_status(kept, ledger)["consumer"] == "done"
     assert final["released"] == PROMPTS and final["dropped"] == 0, final
     assert final["committed"] == final["assigned"] == final["trained"] == 0, final
