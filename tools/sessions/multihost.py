@@ -10,8 +10,9 @@ MULTIHOST_TESTS = ROOT / "tools" / "dataflow-testing" / "tests"
 
 @nox.session
 def multihost(session: nox.Session) -> None:
-    """Three virtual hosts on this machine: Redis + Mooncake master on one, clients on the others,
-    and a real disaggregated run (producer on b, consumer on c, a consumer SIGKILL + resume).
+    """Virtual hosts on this machine: Redis + Mooncake master on one, clients on the others,
+    and a real disaggregated run (producer on b, consumer on c, a consumer SIGKILL + resume);
+    a consumer torchrun job over hosts c and d, the host of rank 1 SIGKILLed and the job resumed.
 
     Needs root (network namespaces). Where they cannot be used it prints `NOT RUN: <reason>` and
     ends as skipped, never as passed.

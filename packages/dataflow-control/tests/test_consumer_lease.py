@@ -154,3 +154,31 @@ def test_the_heartbeat_ends_when_its_ledger_is_closed(uri):
         time.sleep(0.05)
     assert not any(t.name == "consumer-lease" and t.is_alive() for t in threading.enumerate())
     keeper.release()  # idempotent, and quiet on a closed ledger
+
+
+def test_a_sequence_parallel_peer_holds_no_lease_and_its_failure_marks_the_run(tmp_path):
+    # dp 1 x sp 2 on a durable ledger: both processes build the side of data-parallel rank 0;
+    # the lease is the job's first process's, and the peer failing alone still fails the run.
+    from dataflow_testing.thread_collective import ThreadCollective, run_ranks
+
+    from dataflow.contracts.states import ConsumerState
+
+    uri = f"sqlite://{tmp_path}/ledger.sqlite"
+
+    def rank_fn(collective: ThreadCollective) -> str:
+        controller = Controller.open(uri)
+        side = controller.consumer(WindowShape(1, 2), rank=0, collective=collective)
+        side.open("r", resume=True)
+        if collective.rank == 1:
+            side.fail("peer crashed")
+        collective.barrier()
+        state = controller.status().markers.consumer.value
+        collective.barrier()
+        side.release_lease()
+        controller.close()
+        return state
+
+    assert run_ranks(2, rank_fn) == [ConsumerState.FAILED.value] * 2
+    ledger = open_ledger(uri)
+    assert ledger.markers().consumer_reason == "peer crashed"
+    ledger.close()

@@ -545,3 +545,43 @@ def test_waiting_for_the_quantum_fails_when_the_consumer_failed(controller):
     controller.ledger.set_consumer_state("failed", "bad config")
     with pytest.raises(RunFailedError, match=r"consumer failed before setting the quantum \(bad"):
         controller.wait_for_quantum(5, poll_s=0.01)
+
+
+def test_sequence_parallel_peers_share_their_rank_queue_and_each_sample_is_acked_once(
+    controller, features
+):
+    # dp 2 x sp 2: four processes, two per data-parallel rank; only the first of each group
+    # reports its ids (as the trainer's sequence-parallel backend does).
+    shape = WindowShape(dp_size=2, batch_size=2, accumulation_steps=1)
+    controller.consumer(shape).open("run-1")
+    produce(controller, features, 11)  # 2 windows of 4, tail of 3
+    seen: dict[int, list[tuple[int, tuple[str, ...]]]] = {}
+    acked: list[tuple[int, tuple[str, ...]]] = []
+
+    def rank_fn(collective: ThreadCollective) -> int:
+        dp_rank, peer = divmod(collective.rank, 2)
+        side = controller.consumer(shape, rank=dp_rank, collective=collective)
+        queue, step = side.queue(), 0
+        while (ids := take_window(queue, shape.per_rank)) is not None:
+            seen.setdefault(collective.rank, []).append((step, tuple(ids)))
+            result = side.ack(step, ids if peer == 0 else [])
+            if collective.rank == 0:
+                acked.append((step, result.all_ids))
+            side.checkpoint_durable(step)
+            step += 1
+        side.finish()
+        return step
+
+    assert run_ranks(4, rank_fn) == [2, 2, 2, 2]
+    assert seen[0] == seen[1] and seen[2] == seen[3]  # peers: same refs, same order
+    assert seen[0] != seen[2]
+    assert acked == [
+        (0, ("s00000", "s00001", "s00002", "s00003")),
+        (1, ("s00004", "s00005", "s00006", "s00007")),
+    ]
+    status = controller.status()
+    assert status.samples["released"] == 8 and status.samples["dropped"] == 3
+    assert status.in_flight == 0
+    trained = [sid for sid, reason in features.aborted if reason == "trained"]
+    assert sorted(trained) == [f"s{i:05d}" for i in range(8)]  # each freed once, not twice
+    assert [sid for sid, _ in features.aborted].count("s00008") == 1  # one tail drop

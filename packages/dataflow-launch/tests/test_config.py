@@ -238,11 +238,24 @@ def test_every_example_file_is_tested():
     )
 
 
-@pytest.mark.parametrize("topology", ["colocated_online", "disaggregated_online"])
-def test_sequence_parallelism_is_refused_for_online_topologies(topology):
-    message = refused("sp_size", sets=(f"run.topology={topology}", "trainer.sp_size=2"))
-    assert "trainer.sp_size: sequence parallelism (2) needs an offline topology" in message
-    assert f"{topology} consumers are data-parallel only" in message
+def test_sequence_parallelism_is_refused_for_colocated_online():
+    message = refused("sp_size", sets=("run.topology=colocated_online", "trainer.sp_size=2"))
+    assert "trainer.sp_size: sequence parallelism (2) needs a consumer of its own" in message
+    assert "colocated_online trains in the producer's process and is data-parallel only" in message
+
+
+def test_sequence_parallelism_is_accepted_for_disaggregated_online():
+    config = load_config(
+        None,
+        (
+            "run.topology=disaggregated_online",
+            "trainer.dp_size=2",
+            "trainer.sp_size=2",
+            "trainer.batch_size=1",
+        ),
+    )
+    assert config.trainer.world_size == 4
+    assert config.trainer.quantum == 2  # windows are cut over the two data-parallel groups
 
 
 def test_sequence_parallelism_counts_in_the_trainer_world_size_not_the_window():

@@ -99,6 +99,18 @@ def prompt_index(sample_id: str) -> int:
     return int(sample_id.rsplit("-", 1)[1])
 
 
+def reordered_prompts(reference: Path, dest: Path) -> Path:
+    """The reference's prompts, one line each, in the order the reference trained them (an
+    online run trains in arrival order: line i is then the reference's i-th sample).
+    """
+    from dataflow.launch.data.prompts import demo_prompts_path
+
+    lines = demo_prompts_path().read_text(encoding="utf-8").splitlines()
+    order = [prompt_index(sid) for step in trained_steps(reference) for sid in step]
+    dest.write_text("".join(lines[i] + "\n" for i in order), encoding="utf-8")
+    return dest
+
+
 def sets(*items: str) -> list[str]:
     out: list[str] = []
     for item in items:

@@ -11,16 +11,36 @@ Tolerances (fp32; only the order of floating-point sums differs between layouts)
 - dp2 x sp2 vs 1 on the full sequence: |Δloss| ≤ 1e-5, |Δgrad_norm| ≤ 1e-4 relative (the
   sequence is split at a shard boundary and padded to a multiple of 2; attention and the
   all-to-all change summation order as in ``dataflow-train``'s SP=2 test).
+
+The online dp2 x sp2 run is a real disaggregated one: ``dataflow-launch produce`` in one
+process, ``dataflow-launch consume`` under torchrun on four ranks, a SQLite ledger and a
+``shm://`` store; the two sequence-parallel peers of each data-parallel group read that group's
+queue from the ledger (the same refs in the same order) and only the first acks its samples.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
-from equivalence_support import STEPS, curve, max_delta, read_jsonl, trained_steps
+from equivalence_support import (
+    EXAMPLES,
+    PROMPTS,
+    STEPS,
+    TINY,
+    curve,
+    launch_cli,
+    max_delta,
+    prompt_index,
+    read_jsonl,
+    reordered_prompts,
+    sets,
+    trained_steps,
+)
 
 WORKER = Path(__file__).with_name("rank_worker.py")
 
@@ -100,6 +120,62 @@ def test_dp2_sp2_matches_one_rank_on_the_full_sequence(offline_reference, tmp_pa
     assert [sorted(s) for s in trained_steps(out)] == [
         sorted(s) for s in trained_steps(offline_reference)
     ]
+    _same_draft(out / "draft", offline_reference / "draft")
+
+
+def test_dp2_sp2_online_matches_one_rank_offline(offline_reference, tmp_path, record):
+    data = reordered_prompts(offline_reference, tmp_path / "prompts.jsonl")
+    ledger = f"sqlite://{tmp_path}/ledger.sqlite"
+    shared = [
+        *TINY,
+        f"data.path={data}",
+        f"store.uri=shm://equiv-sp-{uuid.uuid4().hex[:8]}",
+        f"ledger.uri={ledger}",
+        "trainer.dp_size=2",
+        "trainer.sp_size=2",
+        "trainer.accumulation_steps=1",
+    ]
+    config = str(EXAMPLES / "disaggregated_online.yaml")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = tmp_path / "consumer"
+    producer_log = (tmp_path / "producer.log").open("wb")
+    producer = subprocess.Popen(
+        [str(launch_cli()), "produce", config, "--no-progress",
+         *sets(*shared, f"run.out_dir={tmp_path / 'producer'}")],
+        stdout=producer_log, stderr=subprocess.STDOUT, env=env,
+    )  # fmt: skip
+    try:
+        consumer = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=4",
+             "-m", "dataflow.launch.cli", "consume", config, "--no-progress",
+             *sets(*shared, f"run.out_dir={out}")],
+            capture_output=True, text=True, timeout=300, env=env, check=False,
+        )  # fmt: skip
+        assert consumer.returncode == 0, f"consume x4 failed:\n{consumer.stderr[-5000:]}"
+        assert producer.wait(timeout=60) == 0, (tmp_path / "producer.log").read_text()[-3000:]
+    finally:
+        if producer.poll() is None:
+            producer.kill()
+            producer.wait(timeout=10)
+        producer_log.close()
+    _compare(record, "1 rank offline vs dp2 x sp2 online (gloo)", out, offline_reference,
+             1e-5, 1e-4)  # fmt: skip
+    # Online sample i is line i of the reordered file: the reference's i-th sample, trained at
+    # the same step; each step lists its two samples once (SP peers report none).
+    got = trained_steps(out)
+    expected = [[2 * k, 2 * k + 1] for k in range(STEPS)]
+    assert [sorted(prompt_index(s) for s in step) for step in got] == expected
+    ids = [sid for step in got for sid in step]
+    assert len(ids) == len(set(ids)) == PROMPTS
+    # The ledger: every committed sample trained once and released, none dropped or left over.
+    status = subprocess.run(
+        [str(launch_cli()), "status", ledger, "--json"],
+        capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    samples = json.loads(status.stdout)["samples"]
+    assert samples["released"] == PROMPTS, samples
+    assert samples["committed"] == samples["assigned"] == samples["trained"] == 0, samples
+    assert samples["dropped"] == 0, samples
     _same_draft(out / "draft", offline_reference / "draft")
 
 

@@ -28,6 +28,7 @@ from equivalence_support import (
     curve,
     max_delta,
     prompt_index,
+    reordered_prompts,
     run_topology,
     trained_steps,
 )
@@ -39,14 +40,6 @@ from dataflow.store.mooncake_settings import settings_from_uri
 
 def _prompt_order(run_dir: Path) -> list[int]:
     return [prompt_index(sid) for step in trained_steps(run_dir) for sid in step]
-
-
-def _reordered_prompts(reference: Path, dest: Path) -> Path:
-    """The reference's prompts, one line each, in the order the reference trained them."""
-    lines = demo_prompts_path().read_text(encoding="utf-8").splitlines()
-    order = _prompt_order(reference)
-    dest.write_text("".join(lines[i] + "\n" for i in order), encoding="utf-8")
-    return dest
 
 
 def _assert_same_curve(record, name: str, run_dir: Path, reference: Path, order: list[int]):
@@ -96,7 +89,7 @@ def test_disaggregated_offline_matches(offline_reference, store, tmp_path, recor
 
 @pytest.mark.parametrize("topology", ["colocated_online", "disaggregated_online"])
 def test_online_matches(offline_reference, topology, tmp_path, record):
-    data = _reordered_prompts(offline_reference, tmp_path / "prompts.jsonl")
+    data = reordered_prompts(offline_reference, tmp_path / "prompts.jsonl")
     extra = [f"data.path={data}"]
     if topology == "disaggregated_online":
         extra += [

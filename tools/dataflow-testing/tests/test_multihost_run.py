@@ -8,23 +8,21 @@ Where the features live: Mooncake keeps an object in the segment of the process 
 it, and that memory dies with the process. The producer exits as soon as its stream is closed
 (possibly before its last samples are read) and the consumer is SIGKILLed on purpose, so
 neither may hold the data: both mount nothing (``segment=0``) and every put lands in the
-segment of the storage node on host a, which lives for the whole run.
+segment of the storage node on host a (the ``storage`` fixture), which lives for the whole run.
 """
 
 from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from dataflow_testing.launch import TINY_JOB, console_script
 from dataflow_testing.netns import ClusterServices, VirtualHost, VirtualHosts
-from netns_support import needs_services, read_line
+from netns_support import needs_services
 
 pytestmark = [needs_services, pytest.mark.redis, pytest.mark.mooncake]
 
@@ -45,49 +43,6 @@ TINY = [
     "flow.low_watermark=8",
     "producer.workers=1",
 ]
-
-STORAGE_NODE = """
-import sys
-from dataflow.store.factory import open_store
-store = open_store(sys.argv[1])
-print("mounted", flush=True)
-sys.stdin.readline()  # holds the segment until the test ends
-store.close()
-"""
-
-
-@pytest.fixture(scope="module")
-def storage(
-    hosts: VirtualHosts, cluster: ClusterServices, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[None]:
-    """A Mooncake client on host a mounting 256 MiB: the only segment puts can land in."""
-    a = hosts["a"]
-    uri = cluster.mooncake_store_uri(a.address, segment="256MiB")
-    log = tmp_path_factory.mktemp("storage") / "storage.log"
-    with log.open("wb") as err:  # a file, not a pipe: Mooncake's logging could fill a pipe
-        node = a.popen(
-            [sys.executable, "-c", STORAGE_NODE, uri],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=err,
-            text=True,
-        )
-    try:
-        line = read_line(node.stdout, timeout=60)
-        if line.strip() != "mounted":
-            node.kill()
-            node.wait(timeout=10)
-            tail = log.read_text(errors="replace")[-3000:]
-            pytest.fail(f"the storage node on a did not mount its segment: {line!r}\n{tail}")
-        yield
-    finally:
-        assert node.stdin is not None
-        node.stdin.close()
-        try:
-            node.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            node.kill()
-            node.wait(timeout=10)
 
 
 def overrides(run_id: str, out_dir: Path, ledger: str, store: str) -> list[str]:

@@ -21,6 +21,7 @@ import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -85,19 +86,36 @@ class MooncakeMaster:
             self.metrics_port = free_port(HOST)
             self.http_metadata_port = free_port(HOST) if http_metadata else None
             args = self._args(lease_ttl_ms, extra_args)
+            self._argv = args
             with open(self.log_path, "wb") as log:
-                self._proc = subprocess.Popen(
-                    args,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                    preexec_fn=_die_with_parent,
-                )
+                self._proc = self._spawn(log)
             if wait_for_port(HOST, self.rpc_port, ready_timeout_s) and self._proc.poll() is None:
                 return
             last_error = self.log_tail()
             self.kill()  # a port taken meanwhile, or a slow start: retry on fresh ports
         raise RuntimeError(f"mooncake_master did not start on {HOST}:\n{last_error}")
+
+    def _spawn(self, log: Any) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            self._argv,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+            preexec_fn=_die_with_parent,
+        )
+
+    def restart(self, ready_timeout_s: float = 20.0) -> None:
+        """SIGKILL the master and start a new one on the same ports and flags, as a crashed
+        master brought back: whatever the old one kept in memory is gone. Raises
+        ``RuntimeError`` (with the log's tail) when it does not accept connections in time.
+        """
+        self.kill()
+        with open(self.log_path, "ab") as log:
+            self._proc = self._spawn(log)
+        if not (wait_for_port(HOST, self.rpc_port, ready_timeout_s) and self.alive):
+            raise RuntimeError(
+                f"mooncake_master did not restart on {self.address}:\n{self.log_tail()}"
+            )
 
     def _args(self, lease_ttl_ms: int | None, extra_args: tuple[str, ...]) -> list[str]:
         args = [

@@ -48,6 +48,13 @@ class ReleasePolicy(enum.StrEnum):
 class ConsumerSide:
     """One data-parallel rank's consumer over a ledger.
 
+    ``rank`` is the data-parallel rank (the queue it reads); with sequence parallelism every
+    process of a rank's group builds a side for the same ``rank`` over the job-wide
+    ``collective``: all read the same queue (the same refs in the same window order, read from
+    the ledger), only the job's first process (``collective.rank == 0``) dispatches and holds
+    the lease, and a peer acking no ids of its own frees nothing, so each sample is acked and
+    freed once.
+
     Guarantees: ``ack`` writes each optimizer step once (rank 0, one transaction over every
     rank's ids) before any rank frees anything; each rank frees only its own samples' features;
     ``on_checkpoint`` frees features before the ledger marks them RELEASED (a crash in between
@@ -91,7 +98,7 @@ class ConsumerSide:
         self._gate = gate
         self._dispatcher = (
             Dispatcher(ledger, shape, rank=rank, gate=gate, aborter=aborter, lookahead=lookahead)
-            if (rank == 0 if dispatch is None else dispatch)
+            if ((rank == 0 and self._collective.rank == 0) if dispatch is None else dispatch)
             else None
         )
         self._idle_timeout_s = idle_timeout_s
@@ -100,7 +107,9 @@ class ConsumerSide:
         self._unreleased: list[tuple[int, list[str]]] = []  # (step, own ids) acked, not freed
         # Rank 0 holds the run's fenced consumer lease from open to finish/fail, on a durable
         # ledger (another process can open it); an in-memory one lives in this process only.
-        self._lease = LeaseKeeper(ledger, lease_s) if rank == 0 and ledger.durable else None
+        # (Held by the process that runs ``open``: the collective's rank 0.)
+        leads = rank == 0 and self._collective.rank == 0
+        self._lease = LeaseKeeper(ledger, lease_s) if leads and ledger.durable else None
 
     @property
     def gate(self) -> StalenessGate | None:

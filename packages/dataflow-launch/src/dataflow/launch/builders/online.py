@@ -151,10 +151,12 @@ def _consumer_side(
     config: LaunchConfig, ledger: Ledger, store: FeatureStore, layout: RankLayout, plan: ControlPlan
 ) -> ConsumerSide:
     t = config.trainer
-    shape = WindowShape(layout.world_size, t.batch_size, t.accumulation_steps)
+    # Windows are cut over the data-parallel groups: the sequence-parallel peers of a group read
+    # that group's queue together (same refs, same order) and only the first reports its ids.
+    shape = WindowShape(layout.data_world, t.batch_size, t.accumulation_steps)
     return Controller(ledger, aborter=store).consumer(
         shape,
-        rank=layout.rank,
+        rank=layout.data_rank,
         collective=layout.collective,
         release=plan.release,
         gate=consumer_gate(config, ledger, store),

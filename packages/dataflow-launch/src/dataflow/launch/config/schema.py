@@ -158,11 +158,12 @@ class LaunchConfig(Section):
     @model_validator(mode="after")
     def _trainer_and_producer_rules(self) -> LaunchConfig:
         topology = self.run.topology
-        if self.trainer.sp_size > 1 and self.topology.online:
+        if self.trainer.sp_size > 1 and self.topology.online and not self.topology.separate_roles:
             raise ValueError(
-                f"trainer.sp_size: sequence parallelism ({self.trainer.sp_size}) needs an offline "
-                f"topology, where every rank of a sequence-parallel group reads the same fixed "
-                f"refs; {topology} consumers are data-parallel only (use trainer.dp_size)"
+                f"trainer.sp_size: sequence parallelism ({self.trainer.sp_size}) needs a "
+                f"consumer of its own (disaggregated_online or an offline topology), whose "
+                f"sequence-parallel peers read one shared ledger; {topology} trains in "
+                f"the producer's process and is data-parallel only (use trainer.dp_size)"
             )
         producer = self.producer
         if producer.regenerate and self.target.engine == "sglang":
