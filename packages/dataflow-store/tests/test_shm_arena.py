@@ -6,21 +6,44 @@ import json
 import os
 import signal
 import subprocess
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 from conformance import StoreConformance, eagle_sample, same_bits
-from procs import expected_digest, run_child, start_child
-from test_shm import SHM, leftovers, name, nothing_left_in_dev_shm, stored  # noqa: F401
+from procs import expected_digest, start_child
+from test_shm import SHM, leftovers, stored
 
-from dataflow.contracts import FeatureStore, InvalidInputError, SampleRef, dumps, loads
+from dataflow.contracts import FeatureStore, InvalidInputError, dumps
 from dataflow.store import open_store
 from dataflow.store.arena import geometry
 from dataflow.store.shm import ARENA, PREFIX
 
 ARENA_BYTES = 8 << 20
+_NAMES_USED: list[str] = []
+
+
+@pytest.fixture
+def name() -> Iterator[str]:
+    """A fresh store name; asserts the test left nothing of it (arena included) in /dev/shm."""
+    store_name = f"arenatest{uuid.uuid4().hex[:12]}"
+    _NAMES_USED.append(store_name)
+    yield store_name
+    left = leftovers(store_name)
+    for entry in left:  # clean up before failing, so one failure does not leak into others
+        os.unlink(os.path.join(SHM, entry))
+    assert left == [], f"left in /dev/shm: {left}"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def nothing_left_in_dev_shm() -> Iterator[None]:
+    """After the whole module, /dev/shm holds nothing of any store this module used."""
+    yield
+    left = [entry for used in _NAMES_USED for entry in leftovers(used)]
+    assert left == [], f"left in /dev/shm: {left}"
 
 
 def arena_file(name: str) -> str:
@@ -41,21 +64,23 @@ class TestShmArenaConformance(StoreConformance):
     """The whole suite with every sample in the arena (the budget, when set, still refuses)."""
 
     @pytest.fixture(autouse=True)
-    def _name(self, name: str) -> None:  # noqa: F811
+    def _name(self, name: str) -> None:
         self.name = name
 
     def open(self, tmp_path: Path, **options: Any) -> FeatureStore:
         return open_store(f"shm://{self.name}?arena_bytes={ARENA_BYTES}", **options)
 
 
-def test_put_and_get_go_through_one_reused_arena_mapping(name: str) -> None:  # noqa: F811
+def test_put_and_get_go_through_one_reused_arena_mapping(name: str) -> None:
     store = open_store(f"shm://{name}", arena_bytes=ARENA_BYTES)
     tensors = eagle_sample(0, tokens=2048, hidden=64)
     ref = store.put("zc", tensors)
     assert leftovers(name) == [f"{PREFIX}{name}~{ARENA}"]  # no segment: the sample is in it
     got, handle = store.get(ref)
     first = got["hidden_state"].data_ptr()
-    assert backing(first) == [os.stat(arena_file(name)).st_ino]  # the tensor's memory IS the arena, mapped
+    assert backing(first) == [
+        os.stat(arena_file(name)).st_ino
+    ]  # the tensor's memory IS the arena, mapped
     got["hidden_state"].zero_()  # copy-on-write: the arena keeps the producer's bytes
     again, h2 = store.get(ref)  # already viewed here: a mapping of its own, never aliased
     assert again["hidden_state"].data_ptr() != first
@@ -75,7 +100,7 @@ def test_put_and_get_go_through_one_reused_arena_mapping(name: str) -> None:  # 
 
 
 def test_a_tensor_still_referenced_after_release_is_never_overwritten(
-    name: str,  # noqa: F811
+    name: str,
 ) -> None:
     slab, nslabs = geometry(ARENA_BYTES)
     store = open_store(f"shm://{name}", arena_bytes=ARENA_BYTES)
@@ -99,7 +124,7 @@ def test_a_tensor_still_referenced_after_release_is_never_overwritten(
 
 
 def test_a_sample_larger_than_the_arena_falls_back_to_its_own_segment(
-    name: str,  # noqa: F811
+    name: str,
 ) -> None:
     store = open_store(f"shm://{name}?arena_bytes=65536")
     tensors = eagle_sample(2, tokens=4096, hidden=64)  # ~2.1 MiB > 64 KiB
@@ -116,7 +141,7 @@ def test_a_sample_larger_than_the_arena_falls_back_to_its_own_segment(
 
 
 def test_producer_process_puts_into_the_arena_consumer_process_reads_it(
-    name: str,  # noqa: F811
+    name: str,
 ) -> None:
     producer = start_child(
         """
@@ -164,7 +189,7 @@ def test_producer_process_puts_into_the_arena_consumer_process_reads_it(
 
 
 def test_gc_reclaims_the_arena_runs_of_a_producer_killed_with_sigkill(
-    name: str,  # noqa: F811
+    name: str,
 ) -> None:
     producer = start_child(
         """
@@ -193,7 +218,7 @@ def test_gc_reclaims_the_arena_runs_of_a_producer_killed_with_sigkill(
     assert survivor.gc().freed_samples == 0
 
 
-def test_a_sigkilled_consumer_leaves_no_pin(name: str) -> None:  # noqa: F811
+def test_a_sigkilled_consumer_leaves_no_pin(name: str) -> None:
     store = open_store(f"shm://{name}", arena_bytes=ARENA_BYTES, retain_on_release=True)
     big = {"x": torch.full((ARENA_BYTES * 3 // 4,), 5, dtype=torch.uint8)}
     ref = store.put("pinned", big)
@@ -239,7 +264,7 @@ def test_a_sigkilled_consumer_leaves_no_pin(name: str) -> None:  # noqa: F811
     ],
 )
 def test_bad_arena_options_are_refused_and_create_nothing(
-    name: str,  # noqa: F811
+    name: str,
     uri_tail: str,
     options: dict[str, Any],
     message: str,
@@ -249,7 +274,7 @@ def test_bad_arena_options_are_refused_and_create_nothing(
     assert leftovers(name) == []
 
 
-def test_budget_still_refuses_and_arena_off_means_segments(name: str) -> None:  # noqa: F811
+def test_budget_still_refuses_and_arena_off_means_segments(name: str) -> None:
     one = sum(t.numel() * t.element_size() for t in eagle_sample(0).values())
     store = open_store(f"shm://{name}", budget_bytes=one, arena_bytes=ARENA_BYTES)
     store.put("a", eagle_sample(0))

@@ -43,6 +43,7 @@ import threading
 import weakref
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
+
 import numpy as np
 import torch
 
@@ -167,7 +168,8 @@ class Arena:
     @classmethod
     def create(cls, path: str, arena_bytes: int, owner: str) -> Arena:
         """Create the arena at ``path`` (sparse: pages are allocated as slabs are first used),
-        or attach to the one another process created first."""
+        or attach to the one another process created first.
+        """
         slab, nslabs = geometry(arena_bytes)
         table_at = PAGE
         data_at = table_at + -(-(RECORD.itemsize * nslabs) // PAGE) * PAGE
@@ -207,7 +209,7 @@ class Arena:
 
     @contextlib.contextmanager
     def local(self) -> Iterator[None]:
-        """This instance's own state (pins, mapped slabs): its threads, no other process."""
+        """Guard the instance's own state (pins, mapped slabs) against its other threads."""
         with self._thread_lock:
             self._depth += 1
             try:
@@ -270,7 +272,9 @@ class Arena:
         out = []
         for i in np.flatnonzero((t["state"] == LIVE) | (t["state"] == WRITING)):
             r = t[i]
-            out.append((int(i), int(r["state"]), r["owner"].decode(), int(r["tag"]), int(r["idhash"])))
+            out.append(
+                (int(i), int(r["state"]), r["owner"].decode(), int(r["tag"]), int(r["idhash"]))
+            )
         return out
 
     def empty(self) -> bool:
@@ -320,8 +324,12 @@ class Arena:
                 (last - first) * self.slab,
             )  # raises OSError (ENOMEM/EFAULT) if /dev/shm is full, instead of SIGBUS
             self._written[first:last] = True
-        target = torch.frombuffer(self._shared, dtype=torch.uint8, count=run.length, offset=run.offset)
-        target[: len(layout.header)].copy_(torch.frombuffer(bytearray(layout.header), dtype=torch.uint8))
+        target = torch.frombuffer(
+            self._shared, dtype=torch.uint8, count=run.length, offset=run.offset
+        )
+        target[: len(layout.header)].copy_(
+            torch.frombuffer(bytearray(layout.header), dtype=torch.uint8)
+        )
         for name, entry in layout.entries.items():
             tensor = sample.tensors[name]
             if tensor.numel():
@@ -513,4 +521,3 @@ class Arena:
 def space_error(exc: OSError) -> bool:
     """Whether populating slabs failed for lack of memory (then the put uses a segment)."""
     return exc.errno in (errno.ENOMEM, errno.EFAULT, errno.ENOSPC, errno.EFBIG)
-

@@ -213,7 +213,9 @@ class ShmFeatureStore(BookkeepingStore):
                 return False
             arena.hold_keeper()
             try:
-                run = arena.allocate(layout.total_bytes, generation, id_hash(sample_id), self._owner)
+                run = arena.allocate(
+                    layout.total_bytes, generation, id_hash(sample_id), self._owner
+                )
             except ArenaFull:
                 return False
         try:
