@@ -123,6 +123,26 @@ def test_a_tensor_still_referenced_after_release_is_never_overwritten(
     assert nslabs * slab >= ARENA_BYTES and leftovers(name) == []
 
 
+def test_without_pagemap_a_readers_writes_are_still_dropped_before_reuse(
+    name: str,
+) -> None:
+    """Where /proc/self/pagemap cannot be read, the whole run is dropped from the reader's view."""
+    store = open_store(f"shm://{name}", arena_bytes=ARENA_BYTES)
+    ref = store.put("w", {"x": torch.full((1 << 20,), 1, dtype=torch.uint8)})
+    got, handle = store.get(ref)
+    arena = store._arena  # type: ignore[attr-defined]
+    arena._pagemap = None  # as on a kernel that hides it
+    got["x"][::4096] = 0  # copy-on-write pages in this process's view
+    store.release(handle)
+    del got
+    ref2 = store.put("w2", {"x": torch.full((1 << 20,), 2, dtype=torch.uint8)})
+    got, handle = store.get(ref2)  # same run, same view: must show the new bytes everywhere
+    assert stored(name) == ["arena@0"] and bool((got["x"] == 2).all())
+    store.release(handle)
+    del got
+    store.close()
+
+
 def test_a_sample_larger_than_the_arena_falls_back_to_its_own_segment(
     name: str,
 ) -> None:
@@ -160,9 +180,10 @@ def test_producer_process_puts_into_the_arena_consumer_process_reads_it(
         store = open_store(sys.argv[1])
         for line in sys.stdin:
             tensors, handle = store.get(loads(line, SampleRef))
-            print(json.dumps(digest(tensors)), flush=True)
+            seen = digest(tensors)
             store.release(handle)
             del tensors
+            print(json.dumps(seen), flush=True)  # after the release: the producer may look
         store.close()
         """,
         f"shm://{name}",

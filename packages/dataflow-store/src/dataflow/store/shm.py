@@ -41,6 +41,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import threading
 import time
 import weakref
 from collections.abc import Iterator, Mapping
@@ -122,6 +123,7 @@ class ShmFeatureStore(BookkeepingStore):
         self._arena_bytes = size if size is not None else (budget or 0)
         self._arena_path = os.path.join(root, f"{PREFIX}{name}~{ARENA}")
         self._arena: Arena | None = None
+        self._attach_lock = threading.Lock()  # one attachment per instance, whatever the threads
         self._in_arena: set[tuple[str, int]] = set()
 
     # ------------------------------------------------------------------ names
@@ -169,24 +171,18 @@ class ShmFeatureStore(BookkeepingStore):
     def _arena_locked(self, create: bool) -> Iterator[Arena | None]:
         """The current arena with its table locked (None: there is none and ``create`` is off)."""
         for _ in range(8):
-            arena = self._arena
-            if arena is None or arena.closed:
-                try:
-                    arena = Arena.open(self._arena_path)
-                    if arena is None and create:
-                        arena = Arena.create(self._arena_path, self._arena_bytes, self._owner)
-                except FileNotFoundError:
-                    continue  # unlinked while attaching: try again
-                except OSError as exc:
-                    if not create:
-                        raise
-                    _log.warning("%s: no arena (%s); puts use one segment each", self.uri, exc)
-                    yield None
-                    return
-                if arena is None:
-                    yield None
-                    return
-                self._arena = arena
+            try:
+                arena = self._attach(create)
+            except FileNotFoundError:
+                continue  # unlinked while attaching: try again
+            except OSError as exc:
+                if not create:
+                    raise
+                _log.warning("%s: no arena (%s); puts use one segment each", self.uri, exc)
+                arena = None
+            if arena is None:
+                yield None
+                return
             with arena.locked() as current:
                 if current:
                     yield arena
@@ -194,9 +190,20 @@ class ShmFeatureStore(BookkeepingStore):
             self._drop_arena(arena)  # unlinked by its last user: attach to the next one
         raise DataflowError(f"{self.uri}: the arena kept being replaced while attaching")
 
+    def _attach(self, create: bool) -> Arena | None:
+        with self._attach_lock:
+            arena = self._arena
+            if arena is None or arena.closed:
+                arena = Arena.open(self._arena_path)
+                if arena is None and create:
+                    arena = Arena.create(self._arena_path, self._arena_bytes, self._owner)
+                self._arena = arena
+            return arena
+
     def _drop_arena(self, arena: Arena) -> None:
-        if self._arena is arena:
-            self._arena = None
+        with self._attach_lock:
+            if self._arena is arena:
+                self._arena = None
         arena.close()
 
     def _unlink_arena_if_unused(self, arena: Arena) -> None:
