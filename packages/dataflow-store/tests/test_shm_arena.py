@@ -14,12 +14,13 @@ from typing import Any
 import pytest
 import torch
 from conformance import StoreConformance, eagle_sample, same_bits
-from procs import expected_digest, start_child
+from procs import DEAD, expected_digest, start_child
 from test_shm import SHM, leftovers, stored
 
 from dataflow.contracts import FeatureStore, InvalidInputError, dumps
 from dataflow.store import open_store
 from dataflow.store.arena import geometry
+from dataflow.store.owner import current_owner
 from dataflow.store.shm import ARENA, PREFIX
 
 ARENA_BYTES = 8 << 20
@@ -270,6 +271,20 @@ def test_a_sigkilled_consumer_leaves_no_pin(name: str) -> None:
     store.abort("after", "done")
     store.close()
     assert leftovers(name) == []
+
+
+def test_gc_reclaims_an_arena_a_dead_process_was_creating(name: str) -> None:
+    temp = f"{arena_file(name)}~{DEAD}.tmp"
+    with open(temp, "wb") as f:
+        f.write(b"\0" * 8192)
+    alive = f"{arena_file(name)}~{current_owner()}.tmp"  # being created by a live process
+    open(alive, "wb").close()
+    try:
+        report = open_store(f"shm://{name}").gc()
+        assert (report.freed_samples, report.freed_bytes) == (0, 8192)
+        assert leftovers(name) == [os.path.basename(alive)]
+    finally:
+        os.unlink(alive)
 
 
 @pytest.mark.parametrize(

@@ -273,13 +273,13 @@ class ShmFeatureStore(BookkeepingStore):
             return [] if arena is None else arena.generations(id_hash(sample_id))
 
     def _reclaim_arena(self) -> tuple[int, int]:
-        freed_bytes = 0
+        freed_bytes = self._reclaim_arena_temporaries()
         reclaimed: list[tuple[str, int]] = []
         with self._lock:  # taken before, never inside, the arena lock (lock order)
             leased = {(id_hash(s), g) for s, g in self._lease_counts}
         with self._arena_locked(create=False) as arena:
             if arena is None:
-                return 0, 0
+                return 0, freed_bytes
             for start, state, owner, tag, idhash in arena.heads():
                 if owner_alive(owner) or (idhash, tag) in leased:
                     continue
@@ -296,6 +296,21 @@ class ShmFeatureStore(BookkeepingStore):
                 else:
                     self._tombstone(sid, tag)
         return len(reclaimed), freed_bytes
+
+    def _reclaim_arena_temporaries(self) -> int:
+        """Unlink arena files a dead process was creating (``…~arena~<owner>.tmp``)."""
+        stem = f"{os.path.basename(self._arena_path)}~"
+        freed = 0
+        for entry in os.listdir(self._root):
+            if not (entry.startswith(stem) and entry.endswith(".tmp")):
+                continue
+            if owner_alive(entry[len(stem) : -len(".tmp")]):
+                continue
+            path = os.path.join(self._root, entry)
+            with contextlib.suppress(FileNotFoundError):
+                freed += os.stat(path, follow_symlinks=False).st_blocks * 512
+                os.unlink(path)
+        return freed
 
     # ------------------------------------------------------------------ segments
 
