@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 import torch
 from conformance import StoreConformance, eagle_sample, same_bits
-from procs import DEAD, expected_digest, start_child
+from procs import DEAD, expected_digest, run_child, start_child
 from test_shm import SHM, leftovers, stored
 
 from dataflow.contracts import FeatureStore, InvalidInputError, dumps
@@ -270,6 +270,20 @@ def test_a_sigkilled_consumer_leaves_no_pin(name: str) -> None:
     assert stored(name) == ["arena@0"]
     store.abort("after", "done")
     store.close()
+    assert leftovers(name) == []
+
+
+def test_a_producer_exiting_without_close_leaves_no_empty_arena(name: str) -> None:
+    out = run_child(
+        """
+        store = open_store(sys.argv[1])
+        tensors, handle = store.get(store.put("e", sample(1)))
+        store.release(handle)
+        print(store.health().resident_samples)
+        """,  # no close(): the interpreter exits normally
+        f"shm://{name}?arena_bytes={ARENA_BYTES}",
+    )
+    assert out.strip() == "0"
     assert leftovers(name) == []
 
 

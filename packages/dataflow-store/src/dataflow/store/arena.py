@@ -149,6 +149,8 @@ class Arena:
         self._pagemap: int | None = None
         with contextlib.suppress(OSError):
             self._pagemap = os.open("/proc/self/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+        # An instance dropped without close() still gives its fds (and so its locks) back.
+        self._closer = weakref.finalize(self, _close_fds, fd, self._pagemap)
 
     # ------------------------------------------------------------------ opening
 
@@ -349,12 +351,14 @@ class Arena:
     def set_owner(self, start: int, owner: str) -> None:
         self.table["owner"][start : start + int(self.table["span"][start])] = owner.encode()
 
-    def may_unlink(self) -> bool:
-        """No run in use, no pin here, no other holder of any lock. Call under :meth:`locked`."""
+    def may_unlink(self, exiting: bool = False) -> bool:
+        """No run in use, no pin here (unless ``exiting``: this process reads nothing more), no
+        other holder of any lock. Call under :meth:`locked`.
+        """
         return (
             not self.keeper
             and self.empty()
-            and not self._pins
+            and (exiting or not self._pins)
             and not self._others_hold(0, self.data_at + self.nslabs * self.slab)
         )
 
@@ -510,12 +514,15 @@ class Arena:
         self.table = None  # type: ignore[assignment]
         self._shared = None  # type: ignore[assignment]
         self._private = None
-        with contextlib.suppress(OSError):
-            os.close(self._fd)
-        if self._pagemap is not None:
-            with contextlib.suppress(OSError):
-                os.close(self._pagemap)
         self._pagemap = None
+        self._closer()
+
+
+def _close_fds(*fds: int | None) -> None:
+    for fd in fds:
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
 
 def space_error(exc: OSError) -> bool:

@@ -38,6 +38,7 @@ shared-memory directory, default ``/dev/shm``) and ``arena_bytes``. Segments are
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import logging
 import os
@@ -75,6 +76,15 @@ MAX_STORE_NAME = 40
 _OWNER_KEY = "owner"
 ARENA = "arena"
 _log = logging.getLogger(__name__)
+_OPEN: weakref.WeakSet[ShmFeatureStore] = weakref.WeakSet()
+
+
+@atexit.register
+def _leave_arenas_at_exit() -> None:
+    """A process exiting without close() stops keeping its arenas (unlinked if unused)."""
+    for store in list(_OPEN):
+        with contextlib.suppress(Exception):
+            store._leave_arena(exiting=True)
 
 
 class ShmFeatureStore(BookkeepingStore):
@@ -125,6 +135,7 @@ class ShmFeatureStore(BookkeepingStore):
         self._arena: Arena | None = None
         self._attach_lock = threading.Lock()  # one attachment per instance, whatever the threads
         self._in_arena: set[tuple[str, int]] = set()
+        _OPEN.add(self)
 
     # ------------------------------------------------------------------ names
 
@@ -200,15 +211,26 @@ class ShmFeatureStore(BookkeepingStore):
                 self._arena = arena
             return arena
 
+    def _leave_arena(self, exiting: bool = False) -> None:
+        """Stop keeping the arena and unlink it if unused (its runs stay, as orphans)."""
+        arena = self._arena
+        if arena is None:
+            return
+        with self._arena_locked(create=False) as current:
+            if current is arena:
+                arena.close_keeper()
+                self._unlink_arena_if_unused(arena, exiting)
+        self._drop_arena(arena)
+
     def _drop_arena(self, arena: Arena) -> None:
         with self._attach_lock:
             if self._arena is arena:
                 self._arena = None
         arena.close()
 
-    def _unlink_arena_if_unused(self, arena: Arena) -> None:
+    def _unlink_arena_if_unused(self, arena: Arena, exiting: bool = False) -> None:
         """Under the arena lock: remove the arena file once nothing uses it (module docs)."""
-        if arena.may_unlink():
+        if arena.may_unlink(exiting):
             _unlink(self._arena_path)
 
     def _write_arena(self, sample_id: str, generation: int, sample: PreparedSample) -> bool:
