@@ -175,7 +175,7 @@ def test_abort_from_another_process_frees_and_producer_health_follows(name: str)
     assert store.health().resident_samples == 0
     with pytest.raises(NotFoundError, match="released or aborted"):
         store.get(ref)
-    store.close()  # the arena (budget_bytes set) goes with its last keeper
+    store.close()
     assert leftovers(name) == []
 
 

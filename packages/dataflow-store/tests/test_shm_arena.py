@@ -324,7 +324,7 @@ def test_bad_arena_options_are_refused_and_create_nothing(
     assert leftovers(name) == []
 
 
-def test_budget_still_refuses_and_arena_off_means_segments(name: str) -> None:
+def test_budget_still_refuses_and_without_arena_bytes_puts_make_segments(name: str) -> None:
     one = sum(t.numel() * t.element_size() for t in eagle_sample(0).values())
     store = open_store(f"shm://{name}", budget_bytes=one, arena_bytes=ARENA_BYTES)
     store.put("a", eagle_sample(0))
@@ -333,7 +333,7 @@ def test_budget_still_refuses_and_arena_off_means_segments(name: str) -> None:
     assert stored(name) == ["arena@0"]
     store.abort("a", "done")
     store.close()
-    off = open_store(f"shm://{name}", budget_bytes=1 << 20, arena_bytes=0)
+    off = open_store(f"shm://{name}", budget_bytes=1 << 20)  # the arena is opt-in
     ref = off.put("c", eagle_sample(2))
     assert leftovers(name) == [f"{PREFIX}{name}~c~{ref.generation}"]
     off.abort("c", "done")

@@ -22,7 +22,8 @@ Guarantees:
 - Generations come from the system-wide monotonic clock, so they increase across processes.
 
 Arena (:mod:`dataflow.store.arena`): with ``arena_bytes`` > 0 (keyword option or
-``shm://name?arena_bytes=N``; default: ``budget_bytes`` when set, else 0 = off) puts go into one
+``shm://name?arena_bytes=N``; default 0 = off, so ``/dev/shm`` holds one segment per sample as
+before unless a run asks for the arena) puts go into one
 preallocated arena file per store, ``dfs~<store>~arena``, reused across samples: a put is one
 copy into already-mapped memory and a get maps nothing (see that module for the view rule: a
 get's tensors are never overwritten while any of them is alive). Any process reads arena samples,
@@ -129,8 +130,7 @@ class ShmFeatureStore(BookkeepingStore):
         self._root = root
         self._owner = current_owner()
         self._mine: set[tuple[str, int]] = set()
-        budget = self.options.budget_bytes
-        self._arena_bytes = size if size is not None else (budget or 0)
+        self._arena_bytes = size or 0  # opt-in (see the module docstring)
         self._arena_path = os.path.join(root, f"{PREFIX}{name}~{ARENA}")
         self._arena: Arena | None = None
         self._attach_lock = threading.Lock()  # one attachment per instance, whatever the threads
