@@ -38,6 +38,12 @@ def _store_targets(store: dict[str, Any] | None) -> list[Target]:
     for row in store["rows"]:
         if row.get("target") is None:
             continue
+        relation = row.get("relation", ">=")
+        if relation == "<=":  # a cost: store time / baseline time (issue 15)
+            what = f"{row['name']} <= {row['target']:g}x {row['baseline']}"
+            met = row["ratio"] <= row["target"]
+            out.append(Target(15, what, f"{row['ratio']:.2f}x", met))
+            continue
         what = f"{row['name']} on {row['where']} >= {row['target']}x {row['baseline']}"
         out.append(Target(3, what, f"{row['ratio']:.2f}x", row["ratio"] >= row["target"]))
     return out
@@ -171,8 +177,9 @@ def _ratios(outcomes: Sequence[Any]) -> list[str]:
     store = _result(outcomes, "store")
     for row in (store or {}).get("rows", []):
         if row.get("ratio") is not None:
+            kind = "time" if row.get("relation") == "<=" else "speed"
             lines.append(
-                f"| store | {row['name']} ({row['where']}) / {row['baseline']} speed "
+                f"| store | {row['name']} ({row['where']}) / {row['baseline']} {kind} "
                 f"| {row['ratio']:.2f}x |"
             )
     mooncake = _result(outcomes, "mooncake")

@@ -24,13 +24,29 @@ from dataflow.contracts import (
     loads,
 )
 from dataflow.store import open_store
-from dataflow.store.shm import PREFIX
+from dataflow.store.arena import Arena
+from dataflow.store.shm import ARENA, PREFIX
 
 SHM = "/dev/shm"
 
 
 def leftovers(name: str) -> list[str]:
     return sorted(e for e in os.listdir(SHM) if e.startswith(f"{PREFIX}{name}~"))
+
+
+def stored(name: str) -> list[str]:
+    """What holds samples now: segments, plus the arena's runs in use (``arena@<slab>``).
+
+    The arena file itself may exist while a store that puts into it is open.
+    """
+    out = [e for e in leftovers(name) if e != f"{PREFIX}{name}~{ARENA}"]
+    arena = Arena.open(os.path.join(SHM, f"{PREFIX}{name}~{ARENA}"))
+    if arena is not None:
+        try:
+            out += [f"arena@{start}" for start, *_ in arena.heads()]
+        finally:
+            arena.close()
+    return sorted(out)
 
 
 _NAMES_USED: list[str] = []
@@ -155,10 +171,12 @@ def test_abort_from_another_process_frees_and_producer_health_follows(name: str)
     ref = store.put("ab", eagle_sample(3))
     assert store.health().resident_samples == 1
     run_child("open_store(sys.argv[1]).abort('ab', 'dropped')", f"shm://{name}")
-    assert leftovers(name) == []
+    assert stored(name) == []
     assert store.health().resident_samples == 0
     with pytest.raises(NotFoundError, match="released or aborted"):
         store.get(ref)
+    store.close()
+    assert leftovers(name) == []
 
 
 def test_gc_reclaims_segments_of_a_producer_killed_with_sigkill(name: str) -> None:

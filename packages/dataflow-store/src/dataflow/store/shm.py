@@ -21,17 +21,32 @@ Guarantees:
   release, abort or age.
 - Generations come from the system-wide monotonic clock, so they increase across processes.
 
-Options: the common ones (:class:`~dataflow.store.base.BookkeepingStore`) and ``root`` (the
-shared-memory directory, default ``/dev/shm``). Segments are created mode 0600: producer and
-consumers must run as the same user.
+Arena (:mod:`dataflow.store.arena`): with ``arena_bytes`` > 0 (keyword option or
+``shm://name?arena_bytes=N``; default 0 = off, so ``/dev/shm`` holds one segment per sample as
+before unless a run asks for the arena) puts go into one
+preallocated arena file per store, ``dfs~<store>~arena``, reused across samples: a put is one
+copy into already-mapped memory and a get maps nothing (see that module for the view rule: a
+get's tensors are never overwritten while any of them is alive). Any process reads arena samples,
+whatever its own options. A sample that does not fit a free run of the arena (larger than the
+arena, or the arena full of live or still-viewed samples) falls back to its own segment, as
+without an arena; the budget refuses puts exactly as before. The first process to create the
+arena fixes its size.
+
+Options: the common ones (:class:`~dataflow.store.base.BookkeepingStore`), ``root`` (the
+shared-memory directory, default ``/dev/shm``) and ``arena_bytes``. Segments are created mode
+0600: producer and consumers must run as the same user.
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
+import logging
 import os
+import threading
 import time
-from collections.abc import Mapping
+import weakref
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import torch
@@ -43,7 +58,16 @@ from dataflow.contracts import (
     InvalidInputError,
     ParsedURI,
 )
+from dataflow.store.arena import (
+    LIVE,
+    Arena,
+    ArenaFull,
+    id_hash,
+    parse_arena_bytes,
+    space_error,
+)
 from dataflow.store.base import BookkeepingStore, Generation
+from dataflow.store.layout import plan
 from dataflow.store.owner import DETACHED, current_owner, owner_alive
 from dataflow.store.segments import map_sample, read_layout, write_sample
 from dataflow.store.tensors import PreparedSample
@@ -51,6 +75,17 @@ from dataflow.store.tensors import PreparedSample
 PREFIX = "dfs~"
 MAX_STORE_NAME = 40
 _OWNER_KEY = "owner"
+ARENA = "arena"
+_log = logging.getLogger(__name__)
+_OPEN: weakref.WeakSet[ShmFeatureStore] = weakref.WeakSet()
+
+
+@atexit.register
+def _leave_arenas_at_exit() -> None:
+    """A process exiting without close() stops keeping its arenas (unlinked if unused)."""
+    for store in list(_OPEN):
+        with contextlib.suppress(Exception):
+            store._leave_arena(exiting=True)
 
 
 class ShmFeatureStore(BookkeepingStore):
@@ -59,8 +94,30 @@ class ShmFeatureStore(BookkeepingStore):
     backend = "shm"
     shared = True
 
-    def __init__(self, parsed: ParsedURI, *, root: str = "/dev/shm", **options: Any) -> None:
+    def __init__(
+        self,
+        parsed: ParsedURI,
+        *,
+        root: str = "/dev/shm",
+        arena_bytes: int | None = None,
+        **options: Any,
+    ) -> None:
         name = parsed.location or "default"
+        where = f"shm://{name}"
+        unknown = sorted(set(parsed.options) - {"arena_bytes"})
+        if unknown:
+            raise InvalidInputError(
+                f"{where}: unknown URI option(s) {unknown}; shm:// knows only arena_bytes"
+            )
+        in_uri = parsed.options.get("arena_bytes")
+        size = None if arena_bytes is None else parse_arena_bytes(arena_bytes, where)
+        if in_uri is not None:
+            from_uri = parse_arena_bytes(in_uri, where)
+            if size is not None and size != from_uri:
+                raise InvalidInputError(
+                    f"{where}: arena_bytes is {from_uri} in the URI but {size} as an option"
+                )
+            size = from_uri
         if len(name) > MAX_STORE_NAME:
             raise InvalidInputError(
                 f"shm store name {name!r} is {len(name)} characters; the limit is "
@@ -73,6 +130,12 @@ class ShmFeatureStore(BookkeepingStore):
         self._root = root
         self._owner = current_owner()
         self._mine: set[tuple[str, int]] = set()
+        self._arena_bytes = size or 0  # opt-in (see the module docstring)
+        self._arena_path = os.path.join(root, f"{PREFIX}{name}~{ARENA}")
+        self._arena: Arena | None = None
+        self._attach_lock = threading.Lock()  # one attachment per instance, whatever the threads
+        self._in_arena: set[tuple[str, int]] = set()
+        _OPEN.add(self)
 
     # ------------------------------------------------------------------ names
 
@@ -113,7 +176,169 @@ class ShmFeatureStore(BookkeepingStore):
         )
         return self._last_generation
 
+    # ------------------------------------------------------------------ arena
+
+    @contextlib.contextmanager
+    def _arena_locked(self, create: bool) -> Iterator[Arena | None]:
+        """The current arena with its table locked (None: there is none and ``create`` is off)."""
+        for _ in range(8):
+            try:
+                arena = self._attach(create)
+            except FileNotFoundError:
+                continue  # unlinked while attaching: try again
+            except OSError as exc:
+                if not create:
+                    raise
+                _log.warning("%s: no arena (%s); puts use one segment each", self.uri, exc)
+                arena = None
+            if arena is None:
+                yield None
+                return
+            with arena.locked() as current:
+                if current:
+                    yield arena
+                    return
+            self._drop_arena(arena)  # unlinked by its last user: attach to the next one
+        raise DataflowError(f"{self.uri}: the arena kept being replaced while attaching")
+
+    def _attach(self, create: bool) -> Arena | None:
+        with self._attach_lock:
+            arena = self._arena
+            if arena is None or arena.closed:
+                arena = Arena.open(self._arena_path)
+                if arena is None and create:
+                    arena = Arena.create(self._arena_path, self._arena_bytes, self._owner)
+                self._arena = arena
+            return arena
+
+    def _leave_arena(self, exiting: bool = False) -> None:
+        """Stop keeping the arena and unlink it if unused (its runs stay, as orphans)."""
+        arena = self._arena
+        if arena is None:
+            return
+        with self._arena_locked(create=False) as current:
+            if current is arena:
+                arena.close_keeper()
+                self._unlink_arena_if_unused(arena, exiting)
+        self._drop_arena(arena)
+
+    def _drop_arena(self, arena: Arena) -> None:
+        with self._attach_lock:
+            if self._arena is arena:
+                self._arena = None
+        arena.close()
+
+    def _unlink_arena_if_unused(self, arena: Arena, exiting: bool = False) -> None:
+        """Under the arena lock: remove the arena file once nothing uses it (module docs)."""
+        if arena.may_unlink(exiting):
+            _unlink(self._arena_path)
+
+    def _write_arena(self, sample_id: str, generation: int, sample: PreparedSample) -> bool:
+        layout = plan(sample.specs.values(), {_OWNER_KEY: self._owner, "sample_id": sample_id})
+        if layout.total_bytes > self._arena_bytes:
+            return False  # can never fit: its own segment, as without an arena
+        with self._arena_locked(create=True) as arena:
+            if arena is None:
+                return False
+            arena.hold_keeper()
+            try:
+                run = arena.allocate(
+                    layout.total_bytes, generation, id_hash(sample_id), self._owner
+                )
+            except ArenaFull:
+                return False
+        try:
+            arena.write(run, layout, sample)
+        except BaseException as exc:
+            with arena.locked():
+                arena.free(run.start)
+            if isinstance(exc, OSError) and space_error(exc):
+                return False  # /dev/shm is full: the segment path reports it as today
+            raise
+        with arena.locked():
+            arena.publish(run)
+        with self._lock:
+            self._in_arena.add((sample_id, generation))
+        return True
+
+    def _read_arena(
+        self, sample_id: str, generation: int, wanted: Mapping[str, FeatureSpec]
+    ) -> dict[str, torch.Tensor] | None:
+        with self._arena_locked(create=False) as arena:
+            if arena is None:
+                return None
+            run = arena.find(id_hash(sample_id), generation)
+            if run is None:
+                return None
+            aliased = arena.pin(run)
+            blob, unpin = arena.view_run(run, aliased)
+        done = weakref.finalize(blob, unpin)
+        try:
+            return arena.read(blob, wanted, sample_id, self._where(sample_id, generation))
+        except BaseException:
+            done()  # nothing views the run: unpin now, not when the traceback goes
+            raise
+
+    def _free_arena(self, sample_id: str, generation: int) -> None:
+        with self._arena_locked(create=False) as arena:
+            if arena is None:
+                return
+            run = arena.find(id_hash(sample_id), generation)
+            if run is not None:
+                arena.free(run.start)
+            self._unlink_arena_if_unused(arena)
+        with self._lock:
+            self._in_arena.discard((sample_id, generation))
+
+    def _arena_generations(self, sample_id: str) -> list[int]:
+        with self._arena_locked(create=False) as arena:
+            return [] if arena is None else arena.generations(id_hash(sample_id))
+
+    def _reclaim_arena(self) -> tuple[int, int]:
+        freed_bytes = self._reclaim_arena_temporaries()
+        reclaimed: list[tuple[str, int]] = []
+        with self._lock:  # taken before, never inside, the arena lock (lock order)
+            leased = {(id_hash(s), g) for s, g in self._lease_counts}
+        with self._arena_locked(create=False) as arena:
+            if arena is None:
+                return 0, freed_bytes
+            for start, state, owner, tag, idhash in arena.heads():
+                if owner_alive(owner) or (idhash, tag) in leased:
+                    continue
+                sid = arena.sample_id_at(start) if state == LIVE else None
+                freed_bytes += arena.free(start)
+                if sid is not None:  # None: a half-written run, bytes only (a temporary)
+                    reclaimed.append((sid, tag))
+            self._unlink_arena_if_unused(arena)
+        with self._lock:
+            for sid, tag in reclaimed:
+                stale = self._resident.get(sid)
+                if stale is not None and stale.generation == tag:
+                    self._forget(stale)
+                else:
+                    self._tombstone(sid, tag)
+        return len(reclaimed), freed_bytes
+
+    def _reclaim_arena_temporaries(self) -> int:
+        """Unlink arena files a dead process was creating (``…~arena~<owner>.tmp``)."""
+        stem = f"{os.path.basename(self._arena_path)}~"
+        freed = 0
+        for entry in os.listdir(self._root):
+            if not (entry.startswith(stem) and entry.endswith(".tmp")):
+                continue
+            if owner_alive(entry[len(stem) : -len(".tmp")]):
+                continue
+            path = os.path.join(self._root, entry)
+            with contextlib.suppress(FileNotFoundError):
+                freed += os.stat(path, follow_symlinks=False).st_blocks * 512
+                os.unlink(path)
+        return freed
+
+    # ------------------------------------------------------------------ segments
+
     def _write(self, sample_id: str, generation: int, sample: PreparedSample) -> None:
+        if self._arena_bytes and self._write_arena(sample_id, generation, sample):
+            return
         final = self._path(sample_id, generation)
         temp = f"{final}~{self._owner}.tmp"
         fd = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
@@ -138,6 +363,9 @@ class ShmFeatureStore(BookkeepingStore):
     def _read(
         self, sample_id: str, generation: int, wanted: Mapping[str, FeatureSpec]
     ) -> dict[str, torch.Tensor]:
+        got = self._read_arena(sample_id, generation, wanted)
+        if got is not None:
+            return got
         tensors, _ = map_sample(
             self._path(sample_id, generation), wanted, self._where(sample_id, generation)
         )
@@ -147,15 +375,20 @@ class ShmFeatureStore(BookkeepingStore):
         _unlink(self._path(stored.sample_id, stored.generation))
         with self._lock:
             self._mine.discard((stored.sample_id, stored.generation))
+        self._free_arena(stored.sample_id, stored.generation)
 
     def _exists(self, sample_id: str, generation: int) -> bool:
-        return os.path.exists(self._path(sample_id, generation))
+        if os.path.exists(self._path(sample_id, generation)):
+            return True
+        with self._arena_locked(create=False) as arena:
+            return arena is not None and arena.find(id_hash(sample_id), generation) is not None
 
     def _generations(self, sample_id: str) -> list[int]:
-        return sorted(g for _, sid, g, tmp in self._listing() if sid == sample_id and tmp is None)
+        listed = [g for _, sid, g, tmp in self._listing() if sid == sample_id and tmp is None]
+        return sorted(listed + self._arena_generations(sample_id))
 
     def _reclaim_orphans(self) -> tuple[int, int]:
-        freed = freed_bytes = 0
+        freed, freed_bytes = self._reclaim_arena()
         for entry, sid, generation, temp_owner in self._listing():
             with self._lock:
                 if self._lease_counts[(sid, generation)]:
@@ -192,8 +425,22 @@ class ShmFeatureStore(BookkeepingStore):
         with self._lock:
             mine = sorted(self._mine)
             self._mine.clear()
+            in_arena = sorted(self._in_arena)
+            self._in_arena.clear()
         for sample_id, generation in mine:
             _detach(self._path(sample_id, generation), self._owner)
+        arena = self._arena
+        if arena is None:
+            return
+        with contextlib.suppress(OSError), self._arena_locked(create=False) as current:
+            if current is arena:
+                for sample_id, generation in in_arena:
+                    run = arena.find(id_hash(sample_id), generation)
+                    if run is not None:
+                        arena.set_owner(run.start, DETACHED)
+                arena.close_keeper()
+                self._unlink_arena_if_unused(arena)
+        self._drop_arena(arena)
 
 
 def _unlink(path: str) -> None:
