@@ -24,6 +24,7 @@ from dataflow.contracts import BackendUnavailableError, InvalidInputError
 from dataflow.launch.config import TargetSection
 from dataflow.launch.engines.layers import resolve_aux_layer_ids
 from dataflow.launch.engines.target_files import read_model_config
+from dataflow.launch.engines.vllm_keeper import RECORD_ENV, sweep_recorded
 from dataflow.launch.engines.vllm_wire import server_args, vllm_layer_ids
 from dataflow.launch.precision import choose_dtype
 
@@ -87,6 +88,9 @@ def server_env(private_dir: str, kv_cache_gib: float) -> dict[str, str]:
     import dataflow.contracts
 
     paths += [str(Path(p).resolve().parent) for p in dataflow.contracts.__path__]
+    import dataflow.store  # store mode: the connector writes into the run's feature store
+
+    paths += [str(Path(p).resolve().parent) for p in dataflow.store.__path__]
     extra = env.get("PYTHONPATH", "")
     env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys([*paths, *extra.split(os.pathsep)]))
     env["PYTHONPATH"] = env["PYTHONPATH"].strip(os.pathsep)
@@ -110,6 +114,7 @@ class ManagedVLLMServer:
         self.command = server_command(target, port=self.port, capture_dir=self.capture_dir)
         self.url = f"http://{target.vllm.host}:{self.port}"
         self.log_path = f"{self._private}/server.log"
+        self.shm_record = f"{self._private}/shm-segments"
         self._process: subprocess.Popen[bytes] | None = None
         self.starts = 0
 
@@ -133,7 +138,10 @@ class ManagedVLLMServer:
         with open(self.log_path, "ab") as log:
             self._process = subprocess.Popen(
                 [*keeper, "--", *self.command],
-                env=server_env(self._private, self._target.vllm.kv_cache_gib),
+                env={
+                    **server_env(self._private, self._target.vllm.kv_cache_gib),
+                    RECORD_ENV: self.shm_record,
+                },
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
@@ -182,6 +190,12 @@ class ManagedVLLMServer:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(process.pid, signal.SIGKILL)
         process.wait()
+        _wait_group_gone(process.pid)
+        # The keeper sweeps the tree's /dev/shm segments itself; when it was SIGKILLed with its
+        # group, its record of them is swept here.
+        sweep_recorded(self.shm_record)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.shm_record)
 
     def stop(self) -> None:
         """Stop the server and remove its private directory (idempotent)."""
@@ -189,6 +203,16 @@ class ManagedVLLMServer:
         import shutil
 
         shutil.rmtree(self._private, ignore_errors=True)
+
+
+def _wait_group_gone(group: int, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(group, 0)
+        except (ProcessLookupError, PermissionError):
+            return
+        time.sleep(0.05)
 
 
 def printed_command(target: TargetSection) -> str:
