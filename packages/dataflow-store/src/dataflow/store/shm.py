@@ -20,6 +20,10 @@ Guarantees:
   detaches its segments instead: they outlive a producer that exits cleanly and are freed by
   release, abort or age.
 - Generations come from the system-wide monotonic clock, so they increase across processes.
+- **Foreign writers** (:mod:`dataflow.store.staging`): a staged generation is the segment
+  ``<final name>~<steward owner>.staged`` (written through a temporary named after the writer,
+  linked when complete), carrying the steward as its owner; ``adopt`` links it to its final
+  name. ``gc`` reclaims it like a temporary once the steward is dead; ``abort`` removes it.
 
 Options: the common ones (:class:`~dataflow.store.base.BookkeepingStore`) and ``root`` (the
 shared-memory directory, default ``/dev/shm``). Segments are created mode 0600: producer and
@@ -41,11 +45,13 @@ from dataflow.contracts import (
     DataflowError,
     FeatureSpec,
     InvalidInputError,
+    NotFoundError,
     ParsedURI,
 )
 from dataflow.store.base import BookkeepingStore, Generation
 from dataflow.store.owner import DETACHED, current_owner, owner_alive
-from dataflow.store.segments import map_sample, read_layout, write_sample
+from dataflow.store.segments import map_sample, read_layout, read_sample, write_sample
+from dataflow.store.staging import parse_steward, same_specs
 from dataflow.store.tensors import PreparedSample
 
 PREFIX = "dfs~"
@@ -58,6 +64,7 @@ class ShmFeatureStore(BookkeepingStore):
 
     backend = "shm"
     shared = True
+    staging = True
 
     def __init__(self, parsed: ParsedURI, *, root: str = "/dev/shm", **options: Any) -> None:
         name = parsed.location or "default"
@@ -96,8 +103,9 @@ class ShmFeatureStore(BookkeepingStore):
             try:
                 if len(parts) == 2:
                     out.append((entry, parts[0], int(parts[1]), None))
-                elif len(parts) == 3 and parts[2].endswith(".tmp"):
-                    out.append((entry, parts[0], int(parts[1]), parts[2].removesuffix(".tmp")))
+                elif len(parts) == 3 and parts[2].endswith((".tmp", ".staged")):
+                    owner = parts[2].removesuffix(".tmp").removesuffix(".staged")
+                    out.append((entry, parts[0], int(parts[1]), owner))
             except ValueError:
                 continue  # not ours
         return out
@@ -134,6 +142,81 @@ class ShmFeatureStore(BookkeepingStore):
         _unlink(temp)
         with self._lock:
             self._mine.add((sample_id, generation))
+
+    # ------------------------------------------------------------------ staging
+
+    def _staged_path(self, sample_id: str, generation: int, owner: str | None = None) -> str:
+        return f"{self._path(sample_id, generation)}~{owner or self._owner}.staged"
+
+    def _write_staged(
+        self, sample_id: str, generation: int, sample: PreparedSample, steward: str
+    ) -> None:
+        _, owner = parse_steward(steward)
+        staged = self._staged_path(sample_id, generation, owner)
+        temp = f"{self._path(sample_id, generation)}~{self._owner}.tmp"
+        fd = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            try:
+                write_sample(
+                    fd,
+                    sample,
+                    {_OWNER_KEY: owner, "sample_id": sample_id},
+                    self._where(sample_id, generation),
+                )
+            finally:
+                os.close(fd)
+            try:
+                os.link(temp, staged)
+            except FileExistsError:
+                raise CorruptRecordError(
+                    f"{self._where(sample_id, generation)} is already staged; refusing to "
+                    "overwrite it (reserve a new generation)"
+                ) from None
+        finally:
+            _unlink(temp)
+
+    def _check_staged(
+        self, sample_id: str, generation: int, specs: Mapping[str, FeatureSpec]
+    ) -> None:
+        where = f"{self._where(sample_id, generation)} (staged)"
+        try:
+            layout = read_layout(self._staged_path(sample_id, generation), where)
+        except NotFoundError:
+            raise NotFoundError(
+                f"{where}: nothing is staged there (wrong generation or sample, never written, "
+                "already adopted or aborted)"
+            ) from None
+        same_specs(layout.entries, specs, where)
+
+    def _read_staged(
+        self, sample_id: str, generation: int, wanted: Mapping[str, FeatureSpec]
+    ) -> dict[str, torch.Tensor]:
+        where = f"{self._where(sample_id, generation)} (staged)"
+        tensors, _ = read_sample(self._staged_path(sample_id, generation), wanted, where)
+        return tensors
+
+    def _promote(self, sample_id: str, generation: int, specs: Mapping[str, FeatureSpec]) -> None:
+        staged = self._staged_path(sample_id, generation)
+        try:
+            os.link(staged, self._path(sample_id, generation))
+        except FileExistsError:
+            raise CorruptRecordError(
+                f"{self._where(sample_id, generation)} is already stored; not adopting twice"
+            ) from None
+        except FileNotFoundError:
+            raise NotFoundError(
+                f"{self._where(sample_id, generation)}: the staged sample vanished (aborted?)"
+            ) from None
+        _unlink(staged)
+        with self._lock:
+            self._mine.add((sample_id, generation))
+
+    def _drop_staged(self, sample_id: str) -> None:
+        for entry, sid, _, owner in self._listing():
+            if sid == sample_id and owner is not None and entry.endswith(".staged"):
+                _unlink(os.path.join(self._root, entry))
+
+    # ------------------------------------------------------------------ bytes
 
     def _read(
         self, sample_id: str, generation: int, wanted: Mapping[str, FeatureSpec]
