@@ -220,3 +220,22 @@ def test_a_store_other_processes_cannot_write_refuses_staging() -> None:
     with pytest.raises(InvalidInputError, match="memory:// store cannot take features"):
         store.adopt("s", 1, {"x": FeatureSpec("x", (1,), "float32")})
     store.close()
+
+
+def test_unstage_removes_only_that_staged_generation(backend) -> None:
+    _, open_, left = backend
+    producer, writer = open_(), open_()
+    tensors = eagle_sample(7, tokens=4, hidden=8)
+    stored = producer.put("s8", tensors)
+    refused = producer.reserve("s8")
+    specs = writer.stage("s8", refused, tensors, steward=steward())
+    producer.unstage("s8", refused)  # e.g. the producer refused its token ids
+    producer.unstage("s8", refused)  # idempotent
+    with pytest.raises(NotFoundError):
+        producer.adopt("s8", refused, specs)
+    got, handle = producer.get(stored)  # the stored generation is untouched
+    assert same_bits(got["input_ids"], tensors["input_ids"])
+    producer.release(handle)
+    del got
+    producer.gc()
+    assert left() == []

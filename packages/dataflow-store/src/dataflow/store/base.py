@@ -291,8 +291,12 @@ class BookkeepingStore(abc.ABC):
         """Make a checked staged generation the stored one (atomically, never overwriting)."""
         raise InvalidInputError(self._no_staging())
 
-    def _drop_staged(self, sample_id: str) -> None:  # noqa: B027 (nothing staged without staging)
-        """Remove every staged (unadopted) generation of ``sample_id``; already gone = fine."""
+    def _drop_staged(  # noqa: B027 (nothing is staged without staging)
+        self, sample_id: str, generation: int | None = None
+    ) -> None:
+        """Remove the staged (unadopted) ``generation`` of ``sample_id`` (None: every one);
+        already gone = fine.
+        """
 
     def _no_staging(self) -> str:
         return (
@@ -386,6 +390,17 @@ class BookkeepingStore(abc.ABC):
         if not self.staging:
             raise InvalidInputError(self._no_staging())
         return self._read_staged(sample_id, generation, wanted)
+
+    def unstage(self, sample_id: str, generation: int) -> None:
+        """Remove the staged, unadopted ``generation`` of ``sample_id`` (a capture its producer
+        refused); idempotent; stored generations are never touched.
+        """
+        self._enter()
+        validate_sample_id(sample_id)
+        generation = check_generation(sample_id, generation, "unstage")
+        if not self.staging:
+            raise InvalidInputError(self._no_staging())
+        self._drop_staged(sample_id, generation)
 
     def adopt(
         self,

@@ -291,8 +291,13 @@ class MooncakeFeatureStore(BookkeepingStore):
         blob = _buffer(wire.manifest_bytes(sample_id, generation, list(specs)))
         self.client.put([ObjectIO(wire.manifest_key(sample_id, generation), (_region(blob),))])
 
-    def _drop_staged(self, sample_id: str) -> None:
-        self.client.remove_matching(wire.sample_pattern(sample_id), force=True)
+    def _drop_staged(self, sample_id: str, generation: int | None = None) -> None:
+        if generation is None:
+            self.client.remove_matching(wire.sample_pattern(sample_id), force=True)
+            return
+        if self.client.exists([wire.manifest_key(sample_id, generation)])[0]:
+            return  # adopted: stored generations go through release / abort
+        self.client.remove_matching(wire.generation_pattern(sample_id, generation), force=True)
 
     # ----------------------------------------------------------------- bytes
 

@@ -204,10 +204,12 @@ class SharedDirFeatureStore(BookkeepingStore):
             _fsync_dir(os.path.dirname(final))
             _fsync_dir(self._root)
 
-    def _drop_staged(self, sample_id: str) -> None:
+    def _drop_staged(self, sample_id: str, generation: int | None = None) -> None:
         for entry in os.listdir(self._root):
             parts = entry.split("~")
             if len(parts) == 5 and parts[0] == ".staged" and parts[3] == sample_id:
+                if generation is not None and parts[4] != str(generation):
+                    continue
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(os.path.join(self._root, entry))
 

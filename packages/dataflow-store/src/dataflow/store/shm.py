@@ -211,9 +211,10 @@ class ShmFeatureStore(BookkeepingStore):
         with self._lock:
             self._mine.add((sample_id, generation))
 
-    def _drop_staged(self, sample_id: str) -> None:
-        for entry, sid, _, owner in self._listing():
-            if sid == sample_id and owner is not None and entry.endswith(".staged"):
+    def _drop_staged(self, sample_id: str, generation: int | None = None) -> None:
+        for entry, sid, gen, owner in self._listing():
+            staged = sid == sample_id and owner is not None and entry.endswith(".staged")
+            if staged and (generation is None or gen == generation):
                 _unlink(os.path.join(self._root, entry))
 
     # ------------------------------------------------------------------ bytes

@@ -90,12 +90,14 @@ def _shm_in_use(pid: int, root: str = SHM_ROOT) -> set[str]:
     """Names of the ``root`` entries process ``pid`` maps or holds open (empty if it is gone)."""
     prefix = root.rstrip("/") + "/"
     found: set[str] = set()
-    with contextlib.suppress(OSError):
-        with open(f"/proc/{pid}/maps", encoding="utf-8", errors="replace") as handle:
-            for line in handle:
-                at = line.find(prefix)
-                if at >= 0:
-                    found.add(line[at + len(prefix) :].strip().removesuffix(" (deleted)"))
+    with (
+        contextlib.suppress(OSError),
+        open(f"/proc/{pid}/maps", encoding="utf-8", errors="replace") as handle,
+    ):
+        for line in handle:
+            at = line.find(prefix)
+            if at >= 0:
+                found.add(line[at + len(prefix) :].strip().removesuffix(" (deleted)"))
     with contextlib.suppress(OSError):
         for fd in os.listdir(f"/proc/{pid}/fd"):
             with contextlib.suppress(OSError):
@@ -144,9 +146,8 @@ def sweep_recorded(record: str, root: str = SHM_ROOT) -> list[str]:
     the keeper's group is gone. A missing record sweeps nothing.
     """
     ledger = ShmLedger(root)
-    with contextlib.suppress(FileNotFoundError):
-        with open(record, encoding="utf-8") as handle:
-            ledger.seen = {line.strip() for line in handle if line.strip()}
+    with contextlib.suppress(FileNotFoundError), open(record, encoding="utf-8") as handle:
+        ledger.seen = {line.strip() for line in handle if line.strip()}
     return [n for n in ledger.sweep() if "/" not in n]
 
 

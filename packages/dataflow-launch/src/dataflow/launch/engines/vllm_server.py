@@ -38,8 +38,15 @@ def free_port(host: str) -> int:
         return int(sock.getsockname()[1])
 
 
-def server_command(target: TargetSection, *, port: int, capture_dir: str) -> list[str]:
-    """``python -m vllm.entrypoints.openai.api_server ...`` for ``target`` (engine ``vllm``)."""
+def server_command(
+    target: TargetSection, *, port: int, capture_dir: str, store_capture: bool | None = None
+) -> list[str]:
+    """``python -m vllm.entrypoints.openai.api_server ...`` for ``target`` (engine ``vllm``);
+    ``store_capture`` (default: ``target.vllm.capture_mode == "store"``) lets the connector
+    take store-mode requests.
+    """
+    if store_capture is None:
+        store_capture = target.vllm.capture_mode == "store"
     if target.model_dir is None:
         raise InvalidInputError("target.model_dir: required by the vllm engine")
     config = read_model_config(target.model_dir)
@@ -61,6 +68,7 @@ def server_command(target: TargetSection, *, port: int, capture_dir: str) -> lis
             eager=section.enforce_eager,
             max_model_len=section.max_model_len,
             extra_args=section.extra_args,
+            store_capture=store_capture,
         ),
     ]
 
@@ -111,7 +119,11 @@ class ManagedVLLMServer:
         self._private = tempfile.mkdtemp(prefix="dfv-", dir="/tmp")
         self.capture_dir = target.vllm.capture_dir or f"{self._private}/captures"
         self.port = target.vllm.port or free_port(target.vllm.host)
-        self.command = server_command(target, port=self.port, capture_dir=self.capture_dir)
+        # A managed server is private to its producer (loopback, a port of its own): it takes
+        # both capture modes, so one server serves file and store requests alike.
+        self.command = server_command(
+            target, port=self.port, capture_dir=self.capture_dir, store_capture=True
+        )
         self.url = f"http://{target.vllm.host}:{self.port}"
         self.log_path = f"{self._private}/server.log"
         self.shm_record = f"{self._private}/shm-segments"
@@ -220,4 +232,8 @@ def printed_command(target: TargetSection) -> str:
     capture = target.vllm.capture_dir or f"{tempfile.gettempdir()}/dataflow-vllm-captures"
     port = target.vllm.port or 8000
     env = f"VLLM_CPU_KVCACHE_SPACE={max(1, round(target.vllm.kv_cache_gib))}"
+    if target.vllm.capture_mode == "store":
+        # The connector imports dataflow.store in the server; a dir:// store's token comes
+        # from the server's environment (never the command line).
+        env += " DATAFLOW_STORE_TOKEN=${DATAFLOW_STORE_TOKEN:-}"
     return f"{env} {shlex.join(server_command(target, port=port, capture_dir=capture))}"

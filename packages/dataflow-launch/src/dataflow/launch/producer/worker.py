@@ -297,6 +297,11 @@ class RolloutWorker:
 
     def _adopt(self, sample_id: str, sample: CapturedSample, metadata: dict[str, Any]) -> SampleRef:
         """Commit-ready ref for features a capture server already wrote (no put, no copy)."""
+        if sample.written is not None and sample.written.layout == "staged":
+            staged: SampleRef = self._store.adopt(  # type: ignore[attr-defined]
+                sample_id, sample.written.generation, sample.written.specs, metadata
+            )
+            return staged
         adopt = getattr(self._store, "adopt_external", None)
         if adopt is None or sample.written is None:
             raise InvalidInputError(  # short: it ends up in the ledger's 200-character reason
