@@ -41,6 +41,7 @@ import torch
 
 from dataflow.contracts import (
     BackendUnavailableError,
+    FeatureSpec,
     InvalidInputError,
     NotFoundError,
     PromptTask,
@@ -340,15 +341,17 @@ class VLLMTargetEngine(ServedModelDirEngine):
             store.uri, sid, generation, steward(), mask, keep
         )
         where = f"task {sid!r} from vLLM server {self._url}"
+        accepted = False
         try:
             reply = self._post(sid, body)
             params = reply.get("kv_transfer_params") or {}
             params = params if isinstance(params, dict) else {}
-            self._check_facts(sid, params.get("dataflow"))
             answer = params.get("dataflow_store")
             if not isinstance(answer, dict) or answer.get("refused"):
                 why = answer.get("refused") if isinstance(answer, dict) else "no dataflow_store"
                 raise SchemaMismatchError(f"{where}: store-mode capture refused: {why}")
+            accepted = True  # the connector stages it: a refusal below waits to remove it
+            self._check_facts(sid, params.get("dataflow"))
             if (answer.get("sample_id"), answer.get("generation")) != (sid, generation):
                 raise SchemaMismatchError(
                     f"{where}: the server staged {answer.get('sample_id')!r} generation "
@@ -356,11 +359,31 @@ class VLLMTargetEngine(ServedModelDirEngine):
                 )
             specs = answered_specs(answer.get("features"), where)
             self._check_staged(sid, ids, generation, specs, where)
-        except BaseException:
-            with contextlib.suppress(Exception):  # a refused or lost capture leaves nothing
+        except BaseException as exc:
+            # A refused capture leaves nothing: the connector may still be staging it.
+            if accepted and isinstance(exc, SchemaMismatchError):
+                self._staged_exists(sid, generation, wait_s=self._timeout)
+            with contextlib.suppress(Exception):
                 store.unstage(sid, generation)
             raise
         return CapturedSample(sid, {}, written=ServerWritten(generation, specs, layout="staged"))
+
+    def _staged_exists(self, sid: str, generation: int, *, wait_s: float) -> bool:
+        """Whether a staged sample is there (whatever its specs), waiting up to ``wait_s``."""
+        store = self._store
+        assert store is not None
+        probe = {"input_ids": FeatureSpec("input_ids", (1, 0), "int64")}
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                store.staged_tensors(sid, generation, probe)
+                return True
+            except SchemaMismatchError:
+                return True  # there, with other specs than the probe's
+            except NotFoundError:
+                if time.monotonic() >= deadline:
+                    return False
+                time.sleep(STAGED_POLL_S)
 
     def _check_staged(
         self,
