@@ -293,7 +293,8 @@ class MooncakeFeatureStore(BookkeepingStore):
 
     def _drop_staged(self, sample_id: str, generation: int | None = None) -> None:
         if generation is None:
-            self.client.remove_matching(wire.sample_pattern(sample_id), force=True)
+            # abort: a sample this instance does not know is removed by key pattern there
+            # (staged generations included); a known one's frees keep their lease rules.
             return
         if self.client.exists([wire.manifest_key(sample_id, generation)])[0]:
             return  # adopted: stored generations go through release / abort
