@@ -61,7 +61,7 @@ def _tasks(prompts: int, tokens: int, tag: str) -> list[Any]:
     return [
         PromptTask(
             f"{tag}-{i}",
-            {"input_ids": [(i * 37 + j * 11) % 900 + 10 for j in range(tokens)]},
+            {"input_ids": [(i * 37 + j * 11) % 800 + 10 for j in range(tokens)]},
             tokens + 8,
         )
         for i in range(prompts)
