@@ -9,8 +9,9 @@ build) that takes both modes, ``--prompts`` prompts of ``--tokens`` tokens captu
 Per sample, each mode's time is everything the producer waits for until the sample is in the
 store: the ``/v1/completions`` request, then file mode's wait-for-lock + read + remove + put,
 or store mode's wait for the staged sample + token check + adopt. Reported: the median seconds
-per sample of each mode over the rounds and their ratio (file / store; target >= 1.5), with
-the load average.
+per sample of each mode over the rounds and their ratio (file / store; target >= 1.5), the
+same for the producer process's CPU time per sample (what the producer itself spends: the
+server's forward is outside it), with the load average.
 
     python tools/bench/bench_vllm_capture_modes.py [--rounds 5] [--prompts 8] [--tokens 256]
 
@@ -130,6 +131,7 @@ def measure_capture_modes(
             ),
         }
         per_sample: dict[str, list[float]] = {"file": [], "store": []}
+        cpu: dict[str, list[float]] = {"file": [], "store": []}
         try:
             _file_round(engines["file"], store, _tasks(2, tokens, "warm-f"))  # warm-up
             _store_round(engines["store"], store, _tasks(2, tokens, "warm-s"))
@@ -137,9 +139,9 @@ def measure_capture_modes(
                 order = ("file", "store") if r % 2 == 0 else ("store", "file")
                 for mode in order:
                     run = _file_round if mode == "file" else _store_round
-                    per_sample[mode].append(
-                        run(engines[mode], store, _tasks(prompts, tokens, f"{mode}-{r}"))
-                    )
+                    wall, spent = run(engines[mode], store, _tasks(prompts, tokens, f"{mode}-{r}"))
+                    per_sample[mode].append(wall)
+                    cpu[mode].append(spent)
         finally:
             for engine in engines.values():
                 engine.close()
@@ -148,12 +150,18 @@ def measure_capture_modes(
             server.stop()
     file_s = statistics.median(per_sample["file"])
     store_s = statistics.median(per_sample["store"])
+    file_cpu = statistics.median(cpu["file"])
+    store_cpu = statistics.median(cpu["store"])
     return {
         "file_s_per_sample": file_s,
         "store_s_per_sample": store_s,
         "ratio": file_s / store_s,
+        "file_cpu_s_per_sample": file_cpu,
+        "store_cpu_s_per_sample": store_cpu,
+        "cpu_ratio": file_cpu / store_cpu,
         "target_ratio": TARGET_RATIO,
         "rounds": per_sample,
+        "cpu_rounds": cpu,
         "prompts": prompts,
         "tokens": tokens,
         "hidden": hidden,
@@ -179,6 +187,8 @@ def main(argv: list[str] | None = None) -> int:
         f"vllm capture per sample ({args.tokens} tokens, H={args.hidden}): file "
         f"{result['file_s_per_sample'] * 1e3:.1f} ms, store {result['store_s_per_sample'] * 1e3:.1f} "
         f"ms; file/store = {result['ratio']:.2f}x ({verdict} the >= {TARGET_RATIO}x target); "
+        f"producer CPU per sample: file {result['file_cpu_s_per_sample'] * 1e3:.1f} ms, store "
+        f"{result['store_cpu_s_per_sample'] * 1e3:.1f} ms = {result['cpu_ratio']:.2f}x; "
         f"load average {load}"
     )
     return 0
