@@ -245,7 +245,16 @@ class VLLMTargetEngine(ServedModelDirEngine):
             self._pool.submit(self._capture_one, task, ids, mask)
             for task, (ids, mask) in zip(tasks, encoded, strict=True)
         ]
-        samples = [f.result() for f in futures]
+        samples: list[CapturedSample] = []
+        error: BaseException | None = None
+        for future in futures:  # every request settles before capture returns or raises
+            try:
+                samples.append(future.result())
+            except BaseException as exc:
+                error = error or exc
+        if error is not None:
+            self._unstage(samples)  # store mode: the batch's other samples are never adopted
+            raise error
         if self._orphans:
             self.sweep_orphans()
         return samples
@@ -367,6 +376,13 @@ class VLLMTargetEngine(ServedModelDirEngine):
                 store.unstage(sid, generation)
             raise
         return CapturedSample(sid, {}, written=ServerWritten(generation, specs, layout="staged"))
+
+    def _unstage(self, samples: Sequence[CapturedSample]) -> None:
+        store = self._store
+        for sample in samples:
+            if store is not None and sample.written is not None:
+                with contextlib.suppress(Exception):
+                    store.unstage(sample.task_id, sample.written.generation)
 
     def _staged_exists(self, sid: str, generation: int, *, wait_s: float) -> bool:
         """Whether a staged sample is there (whatever its specs), waiting up to ``wait_s``."""
