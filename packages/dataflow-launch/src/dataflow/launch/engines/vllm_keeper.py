@@ -104,7 +104,9 @@ def _shm_in_use(pid: int, root: str = SHM_ROOT) -> set[str]:
                 target = os.readlink(f"/proc/{pid}/fd/{fd}")
                 if target.startswith(prefix):
                     found.add(target[len(prefix) :].removesuffix(" (deleted)"))
-    return {name for name in found if name and "/" not in name}
+    # dfs~ names are the feature store's own (a store-mode server writes them): its owner rules
+    # reclaim them, never this sweep.
+    return {name for name in found if name and "/" not in name and not name.startswith("dfs~")}
 
 
 class ShmLedger:
