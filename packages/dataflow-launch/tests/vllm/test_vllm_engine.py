@@ -230,3 +230,130 @@ def test_vllm_command_prints_the_server_command(model_dir, tmp_path):
         "dataflow.launch.engines.vllm_connector",
     ):
         assert needle in line, (needle, line)
+
+
+# ---------------------------------------------------------------- store capture mode
+# The module's server takes both modes (a managed server accepts store-mode requests), so the
+# store-mode checks below add no server start.
+
+
+def store_engine(server, model_dir, shm: str, **kw) -> VLLMTargetEngine:
+    return engine(server, model_dir, capture_mode="store", store_uri=f"shm://{shm}", **kw)
+
+
+def adopted(store, sample):
+    """What the producer does with a store-mode sample: adopt it, then read it as a trainer."""
+    assert sample.tensors == {} and sample.written is not None
+    assert sample.written.layout == "staged"
+    ref = store.adopt(
+        sample.task_id, sample.written.generation, sample.written.specs, {"num_tokens": 1}
+    )
+    tensors, handle = store.get(ref)
+    out = {name: t.clone() for name, t in tensors.items()}
+    store.release(handle)  # consume-once: frees the segment the server wrote
+    return out
+
+
+def test_store_mode_features_equal_file_mode_and_hf(server, model_dir, hf_engine):
+    from run_helpers import fresh_shm_name, shm_segments
+
+    from dataflow.store import open_store
+
+    with fresh_shm_name() as shm:
+        store = open_store(f"shm://{shm}")
+        staged = store_engine(server, model_dir, shm)
+        got = staged.capture(tasks())
+        want_file = engine(server, model_dir).capture(tasks())
+        want_hf = hf_engine.capture(tasks())
+        for s, f, h in zip(got, want_file, want_hf, strict=True):
+            assert s.task_id == f.task_id == h.task_id
+            assert s.num_tokens == f.num_tokens and s.nbytes == f.nbytes
+            features = adopted(store, s)
+            assert set(features) == set(FEATURE_NAMES)
+            for name in ("input_ids", "loss_mask"):
+                assert torch.equal(features[name], f.tensors[name]), name
+            for name in ("hidden_state", "aux_hidden_state"):
+                assert features[name].dtype == f.tensors[name].dtype == torch.float32
+                assert (features[name] - f.tensors[name]).abs().max().item() <= 1e-5, name
+                assert (features[name] - h.tensors[name]).abs().max().item() <= 1e-4, name
+        # Regeneration in store mode: prompt + the target's own greedy response.
+        prompt = [11, 57, 300, 42, 9, 120, 77]
+        task = PromptTask("r", {"input_ids": prompt, "loss_mask": [0] * 7}, max_length=256)
+        regen = store_engine(server, model_dir, shm, regeneration=Regeneration(max_new_tokens=5))
+        features = adopted(store, regen.capture([task])[0])
+        assert features["input_ids"][0].tolist() == prompt + regen.generate(prompt, 5)
+        assert features["loss_mask"][0].tolist() == [0] * 7 + [1] * 5
+        staged.close()
+        regen.close()
+        store.gc()
+        assert shm_segments(shm) == []  # nothing staged, stored or temporary is left
+        store.close()
+    assert leftovers(server) == []  # and no capture file: store mode writes none
+
+
+def test_store_mode_refuses_another_dtype_and_leaves_nothing(server, model_dir):
+    from run_helpers import fresh_shm_name, shm_segments
+
+    with fresh_shm_name() as shm:
+        other = store_engine(server, model_dir, shm, dtype="bfloat16")
+        with pytest.raises(SchemaMismatchError, match="dtype='float32'.*dtype='bfloat16'"):
+            other.capture(tasks(1))
+        assert shm_segments(shm) == []  # the sample the connector staged was removed
+        other.close()
+    assert leftovers(server) == []
+
+
+def test_a_store_mode_disaggregated_run_trains_every_sample_once(server, model_dir, tmp_path):
+    import json
+
+    import yaml
+    from run_helpers import cli, fresh_shm_name, shm_segments, trained_ids
+
+    prompts = 6
+    with fresh_shm_name() as shm:
+        data = {
+            "run": {
+                "id": "vllm-store",
+                "out_dir": str(tmp_path / "out"),
+                "topology": "disaggregated_online",
+            },
+            "target": {
+                "engine": "vllm",
+                "model_dir": str(model_dir),
+                "server_url": server.url,
+                "dtype": "float32",
+                "aux_layer_ids": list(AUX),
+                "batch_size": 2,
+                "request_timeout_s": 30.0,
+                "vllm": {"capture_mode": "store"},
+            },
+            "data": {"max_prompts": prompts, "max_length": 48},
+            "store": {"uri": f"shm://{shm}"},
+            "ledger": {"uri": f"sqlite://{tmp_path}/ledger.sqlite"},
+            "flow": {"high_watermark": 4, "low_watermark": 2},
+            "producer": {"workers": 1, "max_attempts": 5, "worker_max_failures": 2, "lease_s": 30},
+            "trainer": {
+                "batch_size": 2,
+                "ttt_length": 2,
+                "draft_vocab_size": 128,
+                "warmup_steps": 1,
+                "total_steps": 3,
+                "checkpoint_every": 0,
+                "bf16": False,
+            },
+        }
+        config = tmp_path / "config.yaml"
+        config.write_text(yaml.safe_dump(data), encoding="utf-8")
+        result = cli("run", config, timeout=900)
+        assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-4000:])
+        ids = trained_ids(tmp_path / "out")
+        assert len(ids) == len(set(ids)) == prompts  # every committed sample trained once
+        status = cli("status", f"sqlite:///{tmp_path}/ledger.sqlite", "--json", timeout=60)
+        assert status.returncode == 0, status.stderr
+        record = json.loads(status.stdout)
+        samples = record["samples"]
+        assert samples["committed"] == samples["assigned"] == 0
+        assert samples["trained"] + samples["released"] + samples["dropped"] == prompts
+        assert record["prompts"]["done"] == prompts and record["prompts"]["failed"] == 0
+        assert shm_segments(shm) == []  # nothing left in /dev/shm by the store
+    assert leftovers(server) == []

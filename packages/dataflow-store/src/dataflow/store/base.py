@@ -42,6 +42,11 @@ Backend hooks (all called without the store lock held, except ``_next_generation
 ``_close_backend()``                           release connections, maps, file handles
 =============================================  ===============================================
 
+Foreign writers (:mod:`dataflow.store.staging`): ``reserve`` / ``stage`` / ``staged_tensors`` /
+``adopt`` let another process write a generation the producer reserved and the producer commit
+it without a put. Backends that support it (``staging = True``) implement ``_write_staged``,
+``_check_staged``, ``_read_staged``, ``_promote`` and ``_drop_staged``.
+
 Backends whose bytes other processes can see (``shared = True``: ``shm://``, ``dir://``) also
 implement ``_exists`` and ``_generations`` so that a consumer process can get and free a sample
 it never put, a stale ref is detected across processes, and a producer notices samples its
@@ -84,6 +89,7 @@ from dataflow.contracts import (
 )
 from dataflow.contracts.errors import CapacityExceededError
 from dataflow.store.faults import FaultInjector
+from dataflow.store.staging import check_generation, parse_steward
 from dataflow.store.tensors import PreparedSample, jsonable_metadata, prepare_tensors
 
 _log = logging.getLogger(__name__)
@@ -100,6 +106,25 @@ def _ref_metadata(metadata: object) -> tuple[FrozenDict, int]:
     if num_tokens < 0:
         raise InvalidInputError(f"SampleRef.num_tokens must be >= 0, got {num_tokens}")
     return frozen, num_tokens  # type: ignore[return-value]  # freeze_map returns a FrozenDict
+
+
+def _checked_specs(
+    sample_id: str, specs: Mapping[str, FeatureSpec], what: str
+) -> dict[str, FeatureSpec]:
+    """``specs`` as a plain dict after checking it is a non-empty name → FeatureSpec mapping."""
+    if not isinstance(specs, Mapping) or not specs:
+        raise InvalidInputError(
+            f"{what} of {sample_id!r}: specs must be a non-empty mapping of FeatureSpec"
+        )
+    out: dict[str, FeatureSpec] = {}
+    for name, spec in specs.items():
+        if not isinstance(spec, FeatureSpec) or spec.name != name:
+            raise InvalidInputError(
+                f"{what} of {sample_id!r}: specs[{name!r}] must be a FeatureSpec named "
+                f"{name!r}, got {spec!r}"
+            )
+        out[name] = spec
+    return out
 
 
 @functools.lru_cache(maxsize=256)
@@ -172,6 +197,9 @@ class BookkeepingStore(abc.ABC):
 
     backend: str = "abstract"
     shared: bool = False
+    staging: bool = False
+    """Whether another process can write a reserved generation for ``adopt`` (see
+    :mod:`dataflow.store.staging`)."""
     tombstone_capacity: int = 1 << 16
     """Most recently freed sample ids remembered, bounding bookkeeping over a long run."""
 
@@ -239,6 +267,43 @@ class BookkeepingStore(abc.ABC):
         """Free bytes whose owner is gone (e.g. a dead producer); return (samples, bytes)."""
         return 0, 0
 
+    def _write_staged(
+        self, sample_id: str, generation: int, sample: PreparedSample, steward: str
+    ) -> None:
+        """Write one staged generation (invisible to ``get``) atomically; leave nothing on error."""
+        raise InvalidInputError(self._no_staging())
+
+    def _check_staged(
+        self, sample_id: str, generation: int, specs: Mapping[str, FeatureSpec]
+    ) -> None:
+        """Raise ``NotFoundError`` if nothing is staged there, ``SchemaMismatchError`` if the
+        staged features are not exactly ``specs``.
+        """
+        raise InvalidInputError(self._no_staging())
+
+    def _read_staged(
+        self, sample_id: str, generation: int, wanted: Mapping[str, FeatureSpec]
+    ) -> dict[str, torch.Tensor]:
+        """Private copies of staged features (``NotFoundError`` / ``SchemaMismatchError``)."""
+        raise InvalidInputError(self._no_staging())
+
+    def _promote(self, sample_id: str, generation: int, specs: Mapping[str, FeatureSpec]) -> None:
+        """Make a checked staged generation the stored one (atomically, never overwriting)."""
+        raise InvalidInputError(self._no_staging())
+
+    def _drop_staged(  # noqa: B027 (nothing is staged without staging)
+        self, sample_id: str, generation: int | None = None
+    ) -> None:
+        """Remove the staged (unadopted) ``generation`` of ``sample_id`` (None: every one);
+        already gone = fine.
+        """
+
+    def _no_staging(self) -> str:
+        return (
+            f"{self._uri}: a {self.backend}:// store cannot take features written by another "
+            "process (use shm://, dir:// or mooncake://)"
+        )
+
     def _check_access(self) -> None:  # noqa: B027 (optional hook; the default allows all)
         """Raise if the caller may not use the backend now (auth); called by every operation."""
 
@@ -277,6 +342,112 @@ class BookkeepingStore(abc.ABC):
                 self._reserved -= sample.nbytes
         self._publish(Generation(sample_id, generation, sample.nbytes, tuple(sample.specs)))
         return self._make_ref(sample_id, generation, sample, meta, num_tokens)
+
+    # ----------------------------------------------------------------- foreign writers
+
+    def reserve(self, sample_id: str) -> int:
+        """A generation of ``sample_id`` for another process to ``stage`` into: by the rule of
+        ``put``, greater than any this store (or, shared, any process) handed out.
+        """
+        self._enter()
+        validate_sample_id(sample_id)
+        if not self.staging:
+            raise InvalidInputError(self._no_staging())
+        with self._lock:
+            return self._next_generation(sample_id)
+
+    def stage(
+        self, sample_id: str, generation: int, tensors: Mapping[str, Any], *, steward: str
+    ) -> dict[str, FeatureSpec]:
+        """Write ``tensors`` as the staged (not yet stored) ``generation`` of ``sample_id`` for
+        ``steward`` (the producer that reserved it) to adopt; return their specs.
+
+        Called in the writing process; this instance's bookkeeping does not change (the
+        steward's adoption makes the sample stored). Refuses (``InvalidInputError``, nothing
+        written) a malformed steward or generation, bad tensors, or a store without staging.
+        """
+        self._enter()
+        validate_sample_id(sample_id)
+        generation = check_generation(sample_id, generation, "stage")
+        parse_steward(steward)
+        if not self.staging:
+            raise InvalidInputError(self._no_staging())
+        sample = prepare_tensors(tensors)
+        self._write_staged(sample_id, generation, sample, steward)
+        return dict(sample.specs)
+
+    def staged_tensors(
+        self, sample_id: str, generation: int, specs: Mapping[str, FeatureSpec]
+    ) -> dict[str, torch.Tensor]:
+        """Private copies of staged features (e.g. token ids to compare before adopting);
+        ``NotFoundError`` if nothing is staged there, ``SchemaMismatchError`` if the staged
+        features differ from ``specs``. Changes nothing.
+        """
+        self._enter()
+        validate_sample_id(sample_id)
+        generation = check_generation(sample_id, generation, "staged_tensors")
+        wanted = _checked_specs(sample_id, specs, "staged_tensors")
+        if not self.staging:
+            raise InvalidInputError(self._no_staging())
+        return self._read_staged(sample_id, generation, wanted)
+
+    def unstage(self, sample_id: str, generation: int) -> None:
+        """Remove the staged, unadopted ``generation`` of ``sample_id`` (a capture its producer
+        refused); idempotent; stored generations are never touched.
+        """
+        self._enter()
+        validate_sample_id(sample_id)
+        generation = check_generation(sample_id, generation, "unstage")
+        if not self.staging:
+            raise InvalidInputError(self._no_staging())
+        self._drop_staged(sample_id, generation)
+
+    def adopt(
+        self,
+        sample_id: str,
+        generation: int,
+        specs: Mapping[str, FeatureSpec],
+        metadata: Mapping[str, Any] | None = None,
+    ) -> SampleRef:
+        """Commit the staged ``generation`` of ``sample_id`` as stored, without a put; return
+        its ref (as ``put`` would).
+
+        Checks, before anything changes: something is staged there (``NotFoundError``), its
+        features are exactly ``specs`` (``SchemaMismatchError``), the generation is not stale or
+        freed (as ``get``: a newer generation exists → ``StaleGenerationError``) and fits the
+        budget (``CapacityExceededError``). A refused adoption leaves the staged bytes where they
+        are (``abort(sample_id)`` removes them; so does ``gc`` once their steward is dead).
+        """
+        self._enter()
+        validate_sample_id(sample_id)
+        generation = check_generation(sample_id, generation, "adopt")
+        wanted = _checked_specs(sample_id, specs, "adopt")
+        if not self.staging:
+            raise InvalidInputError(self._no_staging())
+        meta, num_tokens = _ref_metadata(metadata)
+        nbytes = sum(spec.nbytes for spec in wanted.values())
+        with self._lock:
+            self._check_live(sample_id, generation, staged=True)
+            newer = [g for g in self._generations(sample_id) if g > generation]
+            if newer:
+                raise StaleGenerationError(
+                    f"{self._uri}: staged generation {generation} of {sample_id!r} is stale; "
+                    f"generation {max(newer)} is stored"
+                )
+        self._check_staged(sample_id, generation, wanted)
+        with self._lock:
+            self._check_budget(sample_id, nbytes)
+            self._reserved += nbytes
+            self._last_generation = max(self._last_generation, generation)
+        try:
+            self._promote(sample_id, generation, wanted)
+        finally:
+            with self._lock:
+                self._reserved -= nbytes
+        self._publish(Generation(sample_id, generation, nbytes, tuple(wanted)))
+        return self._make_ref(
+            sample_id, generation, PreparedSample({}, wanted, nbytes), meta, num_tokens
+        )
 
     def get(
         self, ref: SampleRef, names: Sequence[str] | None = None
@@ -355,6 +526,8 @@ class BookkeepingStore(abc.ABC):
                 self._tombstone(sample_id, max(victims))
         for _, victim in sorted(victims.items()):
             self._free(victim)
+        if self.staging:
+            self._drop_staged(sample_id)
 
     def gc(self) -> GcReport:
         """Free unleased samples past ``max_age_s``, retry failed frees, reclaim orphans."""
@@ -504,7 +677,7 @@ class BookkeepingStore(abc.ABC):
             raise InvalidInputError("names must not be empty (pass None for every feature)")
         return {n: ref.feature_specs[n] for n in names}
 
-    def _check_live(self, sid: str, generation: int) -> None:
+    def _check_live(self, sid: str, generation: int, *, staged: bool = False) -> None:
         entry = self._resident.get(sid)
         if entry is not None and entry.generation > generation:
             raise StaleGenerationError(
@@ -518,7 +691,7 @@ class BookkeepingStore(abc.ABC):
             raise NotFoundError(
                 f"{self._uri}: sample {sid!r} generation {generation} was released or aborted"
             )
-        if entry is None and not self.shared:
+        if entry is None and not self.shared and not staged:
             raise NotFoundError(
                 f"{self._uri}: sample {sid!r} generation {generation} is not stored here"
             )

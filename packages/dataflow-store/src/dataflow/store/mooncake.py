@@ -30,6 +30,10 @@ are :class:`~dataflow.store.base.BookkeepingStore`'s; this backend adds the Moon
   commits them as a generation without a put (sizes checked, manifest written, ref marked
   headerless); ``get`` of such a ref reads each object straight into a tensor of the ref's spec
   and refuses one whose size differs. The same lifetimes apply as to a put.
+- **Foreign writers** (:mod:`dataflow.store.staging`): a staged generation is its feature
+  objects (this store's own self-describing format) without the manifest, so ``get`` never
+  finds it; ``adopt`` checks each object's size and writes the manifest. The objects live in
+  the writer's segment; an unadopted one is removed by ``abort``.
 - **Setup timeout.** Connecting checks the master's port and probes the handshake in a child
   process first (:mod:`dataflow.store.mooncake_connect`): a missing master is a
   ``BackendUnavailableError`` in seconds, never a minute-long hang.
@@ -94,6 +98,7 @@ class MooncakeFeatureStore(BookkeepingStore):
 
     backend = "mooncake"
     shared = True
+    staging = True
 
     def __init__(
         self,
@@ -247,17 +252,67 @@ class MooncakeFeatureStore(BookkeepingStore):
                 ) from None
         return tensors
 
-    # ----------------------------------------------------------------- bytes
+    # ----------------------------------------------------------------- staging
 
-    def _write(self, sample_id: str, generation: int, sample: PreparedSample) -> None:
+    def _write_staged(
+        self, sample_id: str, generation: int, sample: PreparedSample, steward: str
+    ) -> None:
+        self._write(sample_id, generation, sample, manifest=False)
+
+    def _check_staged(
+        self, sample_id: str, generation: int, specs: Mapping[str, FeatureSpec]
+    ) -> None:
         manifest = wire.manifest_key(sample_id, generation)
         if self.client.exists([manifest])[0]:
             raise CorruptRecordError(
-                f"{self.uri}: key {manifest!r} already exists; refusing to write generation "
+                f"{self.uri}: generation {generation} of {sample_id!r} is already stored (its "
+                f"manifest {manifest!r} exists); not adopting twice"
+            )
+        keys = [wire.feature_key(sample_id, generation, n) for n in specs]
+        for key, spec, size in zip(keys, specs.values(), self.client.sizes(keys), strict=True):
+            header = len(wire.feature_header(sample_id, generation, spec))
+            if size < 0:
+                raise NotFoundError(
+                    f"{self.uri}/{key}: nothing is staged there (wrong generation or sample, "
+                    "never written, or aborted)"
+                )
+            if size != header + spec.nbytes:
+                raise SchemaMismatchError(
+                    f"{self.uri}/{key}: the staged object holds {size} bytes, but feature "
+                    f"{spec.name!r} as {describe(spec)} takes {header} + {spec.nbytes}"
+                )
+
+    def _read_staged(
+        self, sample_id: str, generation: int, wanted: Mapping[str, FeatureSpec]
+    ) -> dict[str, torch.Tensor]:
+        return self._read(sample_id, generation, wanted)
+
+    def _promote(self, sample_id: str, generation: int, specs: Mapping[str, FeatureSpec]) -> None:
+        blob = _buffer(wire.manifest_bytes(sample_id, generation, list(specs)))
+        self.client.put([ObjectIO(wire.manifest_key(sample_id, generation), (_region(blob),))])
+
+    def _drop_staged(self, sample_id: str, generation: int | None = None) -> None:
+        if generation is None:
+            # abort: a sample this instance does not know is removed by key pattern there
+            # (staged generations included); a known one's frees keep their lease rules.
+            return
+        if self.client.exists([wire.manifest_key(sample_id, generation)])[0]:
+            return  # adopted: stored generations go through release / abort
+        self.client.remove_matching(wire.generation_pattern(sample_id, generation), force=True)
+
+    # ----------------------------------------------------------------- bytes
+
+    def _write(
+        self, sample_id: str, generation: int, sample: PreparedSample, *, manifest: bool = True
+    ) -> None:
+        manifest_key = wire.manifest_key(sample_id, generation)
+        if self.client.exists([manifest_key])[0]:
+            raise CorruptRecordError(
+                f"{self.uri}: key {manifest_key!r} already exists; refusing to write generation "
                 f"{generation} of {sample_id!r} over it (Mooncake would keep the old bytes)"
             )
         keep_alive = [_buffer(wire.manifest_bytes(sample_id, generation, list(sample.specs)))]
-        objects = [ObjectIO(manifest, (_region(keep_alive[0]),))]
+        objects = [ObjectIO(manifest_key, (_region(keep_alive[0]),))] if manifest else []
         for name, spec in sample.specs.items():
             header = _buffer(wire.feature_header(sample_id, generation, spec))
             keep_alive.append(header)

@@ -48,6 +48,12 @@ def sample_pattern(sample_id: str) -> str:
     return f"^{PREFIX}/{escaped}/g[0-9]+(/.*)?$"
 
 
+def generation_pattern(sample_id: str, generation: int) -> str:
+    """An ECMAScript regex matching every feature key of one generation of ``sample_id``."""
+    escaped = "".join(c if c.isalnum() or c == "_" else f"[{c}]" for c in sample_id)
+    return f"^{PREFIX}/{escaped}/g{int(generation)}/.*$"
+
+
 def _identity(sample_id: str, generation: int) -> dict[str, str]:
     return {"sample_id": sample_id, "generation": str(generation)}
 

@@ -6,6 +6,8 @@ Layout of the root::
     .generation                  the store-wide generation counter (flock-protected)
     <sample id>/<gen>.safetensors   one file per generation (safetensors layout)
     .tmp~<host>~<owner>~<sample id>~<gen>   a write in progress
+    .staged~<host>~<owner>~<sample id>~<gen>   a foreign writer's sample, awaiting adoption by
+                                           its steward (host, owner); see dataflow.store.staging
 
 One directory per sample keeps every per-sample operation (finding a sample's generations on
 put, get and abort) independent of how many samples the store holds.
@@ -23,8 +25,8 @@ Guarantees:
   sit in the root, a sample directory that is a symlink is refused, and files are opened with
   ``O_NOFOLLOW``.
 - **Reads copy once** into private memory (the file may be deleted by another host right after).
-- ``gc()`` also removes temporaries of writers on this host that died mid-write, and empty
-  sample directories.
+- ``gc()`` also removes temporaries of writers on this host that died mid-write, staged samples
+  whose steward on this host died before adopting them, and empty sample directories.
 
 Options: the common ones, plus ``token`` (str or None), ``fsync`` (default True; False trades
 crash durability for speed, e.g. on tmpfs) and ``create`` (default True: create a missing root).
@@ -53,7 +55,8 @@ from dataflow.contracts import (
 from dataflow.store.auth import TokenPolicy, check_token, check_token_shape, policy_for
 from dataflow.store.base import BookkeepingStore, Generation
 from dataflow.store.owner import current_owner, owner_alive
-from dataflow.store.segments import read_sample, write_sample
+from dataflow.store.segments import read_layout, read_sample, write_sample
+from dataflow.store.staging import parse_steward, same_specs
 from dataflow.store.tensors import PreparedSample
 
 MARKER = ".dataflow-store.json"
@@ -67,6 +70,7 @@ class SharedDirFeatureStore(BookkeepingStore):
 
     backend = "dir"
     shared = True
+    staging = True
 
     def __init__(
         self,
@@ -148,8 +152,75 @@ class SharedDirFeatureStore(BookkeepingStore):
         self._last_generation = generation
         return generation
 
-    def _write(self, sample_id: str, generation: int, sample: PreparedSample) -> None:
+    # ------------------------------------------------------------------ staging
+
+    def _staged_path(self, sample_id: str, generation: int, host: str, owner: str) -> str:
+        self._sample_dir(sample_id)  # the id is checked to stay in the root
+        return os.path.join(self._root, f".staged~{host}~{owner}~{sample_id}~{generation}")
+
+    def _own_staged(self, sample_id: str, generation: int) -> str:
+        return self._staged_path(sample_id, generation, self._host, self._owner)
+
+    def _write_staged(
+        self, sample_id: str, generation: int, sample: PreparedSample, steward: str
+    ) -> None:
+        host, owner = parse_steward(steward)
+        staged = self._staged_path(sample_id, generation, host, owner)
+        self._write_file(sample_id, generation, sample, staged)
+
+    def _check_staged(
+        self, sample_id: str, generation: int, specs: Mapping[str, FeatureSpec]
+    ) -> None:
+        where = f"{self._where(sample_id, generation)} (staged)"
+        try:
+            layout = read_layout(self._own_staged(sample_id, generation), where)
+        except NotFoundError:
+            raise NotFoundError(
+                f"{where}: nothing is staged there (wrong generation or sample, never written, "
+                "already adopted or aborted)"
+            ) from None
+        same_specs(layout.entries, specs, where)
+
+    def _read_staged(
+        self, sample_id: str, generation: int, wanted: Mapping[str, FeatureSpec]
+    ) -> dict[str, torch.Tensor]:
+        where = f"{self._where(sample_id, generation)} (staged)"
+        tensors, _ = read_sample(self._own_staged(sample_id, generation), wanted, where)
+        return tensors
+
+    def _promote(self, sample_id: str, generation: int, specs: Mapping[str, FeatureSpec]) -> None:
         final = self._path(sample_id, generation)
+        if os.path.exists(final):
+            raise CorruptRecordError(
+                f"{self._where(sample_id, generation)} is already stored; not adopting twice"
+            )
+        try:
+            self._move_into_place(self._own_staged(sample_id, generation), sample_id, final)
+        except FileNotFoundError:
+            raise NotFoundError(
+                f"{self._where(sample_id, generation)}: the staged sample vanished (aborted?)"
+            ) from None
+        if self._fsync:
+            _fsync_dir(os.path.dirname(final))
+            _fsync_dir(self._root)
+
+    def _drop_staged(self, sample_id: str, generation: int | None = None) -> None:
+        for entry in os.listdir(self._root):
+            parts = entry.split("~")
+            if len(parts) == 5 and parts[0] == ".staged" and parts[3] == sample_id:
+                if generation is not None and parts[4] != str(generation):
+                    continue
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(self._root, entry))
+
+    # ------------------------------------------------------------------ bytes
+
+    def _write(self, sample_id: str, generation: int, sample: PreparedSample) -> None:
+        self._write_file(sample_id, generation, sample, self._path(sample_id, generation))
+
+    def _write_file(
+        self, sample_id: str, generation: int, sample: PreparedSample, final: str
+    ) -> None:
         temp = os.path.join(self._root, f".tmp~{self._host}~{self._owner}~{sample_id}~{generation}")
         fd = os.open(
             temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
@@ -228,7 +299,7 @@ class SharedDirFeatureStore(BookkeepingStore):
                     os.rmdir(os.path.join(self._root, entry))
                 continue
             parts = entry.split("~")
-            if len(parts) != 5 or parts[0] != ".tmp" or parts[1] != self._host:
+            if len(parts) != 5 or parts[0] not in (".tmp", ".staged") or parts[1] != self._host:
                 continue  # not a temporary, or another host's: its owner cannot be checked here
             if owner_alive(parts[2]):
                 continue

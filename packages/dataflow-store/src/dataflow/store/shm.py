@@ -20,6 +20,10 @@ Guarantees:
   detaches its segments instead: they outlive a producer that exits cleanly and are freed by
   release, abort or age.
 - Generations come from the system-wide monotonic clock, so they increase across processes.
+- **Foreign writers** (:mod:`dataflow.store.staging`): a staged generation is the segment
+  ``<final name>~<steward owner>.staged`` (written through a temporary named after the writer,
+  linked when complete), carrying the steward as its owner; ``adopt`` links it to its final
+  name. ``gc`` reclaims it like a temporary once the steward is dead; ``abort`` removes it.
 
 Arena (:mod:`dataflow.store.arena`): with ``arena_bytes`` > 0 (keyword option or
 ``shm://name?arena_bytes=N``; default 0 = off, so ``/dev/shm`` holds one segment per sample as
@@ -56,6 +60,7 @@ from dataflow.contracts import (
     DataflowError,
     FeatureSpec,
     InvalidInputError,
+    NotFoundError,
     ParsedURI,
 )
 from dataflow.store.arena import (
@@ -69,7 +74,8 @@ from dataflow.store.arena import (
 from dataflow.store.base import BookkeepingStore, Generation
 from dataflow.store.layout import plan
 from dataflow.store.owner import DETACHED, current_owner, owner_alive
-from dataflow.store.segments import map_sample, read_layout, write_sample
+from dataflow.store.segments import map_sample, read_layout, read_sample, write_sample
+from dataflow.store.staging import parse_steward, same_specs
 from dataflow.store.tensors import PreparedSample
 
 PREFIX = "dfs~"
@@ -93,6 +99,7 @@ class ShmFeatureStore(BookkeepingStore):
 
     backend = "shm"
     shared = True
+    staging = True
 
     def __init__(
         self,
@@ -159,8 +166,9 @@ class ShmFeatureStore(BookkeepingStore):
             try:
                 if len(parts) == 2:
                     out.append((entry, parts[0], int(parts[1]), None))
-                elif len(parts) == 3 and parts[2].endswith(".tmp"):
-                    out.append((entry, parts[0], int(parts[1]), parts[2].removesuffix(".tmp")))
+                elif len(parts) == 3 and parts[2].endswith((".tmp", ".staged")):
+                    owner = parts[2].removesuffix(".tmp").removesuffix(".staged")
+                    out.append((entry, parts[0], int(parts[1]), owner))
             except ValueError:
                 continue  # not ours
         return out
@@ -359,6 +367,82 @@ class ShmFeatureStore(BookkeepingStore):
         _unlink(temp)
         with self._lock:
             self._mine.add((sample_id, generation))
+
+    # ------------------------------------------------------------------ staging
+
+    def _staged_path(self, sample_id: str, generation: int, owner: str | None = None) -> str:
+        return f"{self._path(sample_id, generation)}~{owner or self._owner}.staged"
+
+    def _write_staged(
+        self, sample_id: str, generation: int, sample: PreparedSample, steward: str
+    ) -> None:
+        _, owner = parse_steward(steward)
+        staged = self._staged_path(sample_id, generation, owner)
+        temp = f"{self._path(sample_id, generation)}~{self._owner}.tmp"
+        fd = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            try:
+                write_sample(
+                    fd,
+                    sample,
+                    {_OWNER_KEY: owner, "sample_id": sample_id},
+                    self._where(sample_id, generation),
+                )
+            finally:
+                os.close(fd)
+            try:
+                os.link(temp, staged)
+            except FileExistsError:
+                raise CorruptRecordError(
+                    f"{self._where(sample_id, generation)} is already staged; refusing to "
+                    "overwrite it (reserve a new generation)"
+                ) from None
+        finally:
+            _unlink(temp)
+
+    def _check_staged(
+        self, sample_id: str, generation: int, specs: Mapping[str, FeatureSpec]
+    ) -> None:
+        where = f"{self._where(sample_id, generation)} (staged)"
+        try:
+            layout = read_layout(self._staged_path(sample_id, generation), where)
+        except NotFoundError:
+            raise NotFoundError(
+                f"{where}: nothing is staged there (wrong generation or sample, never written, "
+                "already adopted or aborted)"
+            ) from None
+        same_specs(layout.entries, specs, where)
+
+    def _read_staged(
+        self, sample_id: str, generation: int, wanted: Mapping[str, FeatureSpec]
+    ) -> dict[str, torch.Tensor]:
+        where = f"{self._where(sample_id, generation)} (staged)"
+        tensors, _ = read_sample(self._staged_path(sample_id, generation), wanted, where)
+        return tensors
+
+    def _promote(self, sample_id: str, generation: int, specs: Mapping[str, FeatureSpec]) -> None:
+        staged = self._staged_path(sample_id, generation)
+        try:
+            os.link(staged, self._path(sample_id, generation))
+        except FileExistsError:
+            raise CorruptRecordError(
+                f"{self._where(sample_id, generation)} is already stored; not adopting twice"
+            ) from None
+        except FileNotFoundError:
+            raise NotFoundError(
+                f"{self._where(sample_id, generation)}: the staged sample vanished (aborted?)"
+            ) from None
+        _unlink(staged)
+        with self._lock:
+            self._mine.add((sample_id, generation))
+
+    def _drop_staged(self, sample_id: str, generation: int | None = None) -> None:
+        for entry, sid, gen, owner in self._listing():
+            staged = sid == sample_id and owner is not None and entry.endswith(".staged")
+            if staged and (generation is None or gen == generation):
+                _unlink(os.path.join(self._root, entry))
+
+    # ------------------------------------------------------------------ bytes
 
     def _read(
         self, sample_id: str, generation: int, wanted: Mapping[str, FeatureSpec]

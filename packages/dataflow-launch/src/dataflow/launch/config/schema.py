@@ -114,6 +114,15 @@ class LaunchConfig(Section):
                 "target.capture: mooncake has the server write features into Mooncake; it needs "
                 f"an online run with a mooncake:// store, got {topology} with {self.store.uri!r}"
             )
+        if self.target.vllm.capture_mode == "store" and (
+            self.target.engine != "vllm" or store_scheme not in ("shm", "dir", "mooncake")
+        ):
+            raise ValueError(
+                "target.vllm.capture_mode: store has the vLLM server's connector write features "
+                "into the run's store from another process; it needs target.engine vllm and a "
+                f"shm://, dir:// or mooncake:// store, got engine {self.target.engine!r} with "
+                f"{self.store.uri!r} (use capture_mode: file)"
+            )
         if spec.separate_roles and spec.online and ledger_scheme not in _DURABLE_LEDGERS:
             raise ValueError(
                 f"ledger.uri: {topology} shares its ledger between processes; use "

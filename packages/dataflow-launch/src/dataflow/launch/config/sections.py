@@ -120,6 +120,13 @@ class VLLMServerSection(Section):
     host: str = "127.0.0.1"
     port: int = Field(default=0, ge=0, le=65535)
     """0 → a free port chosen at start."""
+    capture_mode: Literal["file", "store"] = "file"
+    """How captures reach the producer. ``file`` (default: works with every store, including
+    the in-process ``memory://`` of colocated runs): the stock connector file under
+    ``capture_dir``, read and removed by the producer, which then puts the features.
+    ``store``: the connector stages each sample's features straight into the run's feature
+    store from the server process (``shm://``, ``dir://`` or ``mooncake://``; no intermediate
+    file) and the producer adopts them; the server and the producer must both reach the store."""
     capture_dir: str | None = None
     """The connector's ``shared_storage_path``; None → a fresh temporary directory (managed
     server) or ``<tmp>/dataflow-vllm-captures`` (printed command)."""

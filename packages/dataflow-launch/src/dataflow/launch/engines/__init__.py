@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from dataflow.contracts import InvalidInputError
 from dataflow.launch.config import TargetSection
@@ -18,7 +19,13 @@ from dataflow.launch.engines.features import check_features, eagle3_feature_spec
 from dataflow.launch.engines.layers import default_aux_layer_ids, resolve_aux_layer_ids
 
 
-def open_engine(target: TargetSection, *, regeneration: Regeneration | None = None) -> TargetEngine:
+def open_engine(
+    target: TargetSection,
+    *,
+    regeneration: Regeneration | None = None,
+    store_uri: str | None = None,
+    store_options: dict[str, Any] | None = None,
+) -> TargetEngine:
     """The engine ``target.engine`` names, built from ``target``.
 
     ``regeneration`` (``producer.regenerate``): the target writes each response itself and the
@@ -28,7 +35,9 @@ def open_engine(target: TargetSection, *, regeneration: Regeneration | None = No
     if target.engine == "vllm":
         from dataflow.launch.engines.vllm import open_vllm_engine
 
-        return open_vllm_engine(target, regeneration=regeneration)
+        return open_vllm_engine(
+            target, regeneration=regeneration, store_uri=store_uri, store_options=store_options
+        )
     if target.engine == "sglang":
         if regeneration is not None:
             raise InvalidInputError(

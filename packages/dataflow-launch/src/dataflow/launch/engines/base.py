@@ -58,6 +58,9 @@ class ServerWritten:
 
     generation: int
     specs: Mapping[str, FeatureSpec] = field(hash=False)
+    layout: str = "raw"
+    """``raw``: SpecForge's headerless Mooncake objects (``adopt_external``); ``staged``: a
+    sample staged by the vLLM connector's store mode (``store.adopt``, any staging store)."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "specs", MappingProxyType(dict(self.specs)))

@@ -5,7 +5,12 @@ hidden-states connector (:mod:`dataflow.launch.engines.vllm_connector`, loaded o
 ``kv_connector_module_path``); see :mod:`dataflow.launch.engines.vllm_wire` for the vLLM files
 each fact is read from. Per prompt the engine sends one ``/v1/completions`` request over the
 prompt's token ids (``max_tokens=1``, or with :class:`Regeneration` the target's own response
-with ``include_output_tokens``), waits for the capture file under its lock, then removes it.
+with ``include_output_tokens``), waits for the capture file under its lock, then removes it
+(``target.vllm.capture_mode: file``). With ``capture_mode: store`` it reserves a generation of
+the sample in the run's feature store and names it in the request; the connector stages the
+four features there from the server process and answers their specs; the engine checks them
+(and the staged token ids) as strictly as a file, and the producer adopts the staged sample
+(``store.adopt``): no file, no copy through the producer.
 
 Features equal the ``hf`` engine's on the same weights: the server captures vLLM ids
 ``aux + 1`` (output of decoder layer k) and ``L`` (pre-final-norm); ``hidden_state`` is the
@@ -26,49 +31,43 @@ import fcntl
 import glob
 import os
 import threading
+import time
 import uuid
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from dataflow.contracts import (
     BackendUnavailableError,
+    FeatureSpec,
     InvalidInputError,
+    NotFoundError,
     PromptTask,
     SchemaMismatchError,
 )
 from dataflow.launch.config import TargetSection
-from dataflow.launch.engines.base import CapturedSample, Regeneration
+from dataflow.launch.engines.base import CapturedSample, Regeneration, ServerWritten
 from dataflow.launch.engines.features import checked_sample
 from dataflow.launch.engines.payload import encode_payload
 from dataflow.launch.engines.served import ServedModelDirEngine, served_target_info
 from dataflow.launch.engines.vllm_wire import (
+    STORE_SCHEMES,
+    answered_specs,
     completion_body,
     final_norm,
     read_capture,
+    read_norm_weight,
+    store_target,
     vllm_layer_ids,
 )
 from dataflow.launch.extras import require
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
-NORM_KEY = "model.norm.weight"
+STAGED_POLL_S = 0.002
 MAX_RESTARTS = 3
 """A managed server that dies is restarted at most this many times in one run."""
-
-
-def _read_norm_weight(model_dir: str) -> torch.Tensor:
-    from safetensors import safe_open
-
-    from dataflow.launch.engines.target_files import _weight_files
-
-    files = _weight_files(Path(model_dir))
-    if NORM_KEY not in files:
-        raise InvalidInputError(f"target.model_dir {model_dir!r} has no {NORM_KEY!r} tensor")
-    with safe_open(str(files[NORM_KEY]), framework="pt") as handle:
-        return handle.get_tensor(NORM_KEY)
 
 
 def _writer_done(path: str) -> bool:
@@ -111,6 +110,9 @@ class VLLMTargetEngine(ServedModelDirEngine):
         tokenizer: Any | None = None,
         server: Any | None = None,
         capture_dir: str | None = None,
+        capture_mode: str = "file",
+        store_uri: str | None = None,
+        store_options: dict[str, Any] | None = None,
     ) -> None:
         self._requests: Any = require("requests")
         self._url = server_url.rstrip("/")
@@ -125,10 +127,40 @@ class VLLMTargetEngine(ServedModelDirEngine):
         self._info, config = served_target_info(model_dir, aux_layer_ids, dtype, version)
         self._layer_ids = vllm_layer_ids(self._info.aux_layer_ids, self._info.num_layers)
         self._eps = float(config.get("rms_norm_eps", 1e-6))
-        self._norm = _read_norm_weight(model_dir).to(_DTYPES[dtype])
+        self._norm = read_norm_weight(model_dir).to(_DTYPES[dtype])
         self._tokenizer = tokenizer
-        self._served_model = self._probe()
+        self._store = self._open_store(capture_mode, store_uri, store_options)
+        try:
+            self._served_model = self._probe()
+        except BaseException:
+            if self._store is not None:
+                self._store.close()
+            raise
         self._pool = ThreadPoolExecutor(max_workers=batch_size, thread_name_prefix="vllm-capture")
+
+    @staticmethod
+    def _open_store(mode: str, uri: str | None, options: dict[str, Any] | None) -> Any | None:
+        """Store mode: this engine's own instance of the run's store (reserves, checks)."""
+        if mode == "file":
+            return None
+        if mode != "store":
+            raise InvalidInputError(
+                f"target.vllm.capture_mode must be 'file' or 'store', got {mode!r}"
+            )
+        from dataflow.contracts import parse_store_uri
+        from dataflow.store import open_store
+
+        if uri is None or parse_store_uri(uri).scheme not in STORE_SCHEMES:
+            raise InvalidInputError(
+                "target.vllm.capture_mode: store needs the run's store to be one the vLLM "
+                f"server can write into (shm://, dir:// or mooncake://), got {uri!r}"
+            )
+        return open_store(uri, **(options or {}))
+
+    @property
+    def capture_mode(self) -> str:
+        """``file`` or ``store`` (``target.vllm.capture_mode``)."""
+        return "file" if self._store is None else "store"
 
     # ----------------------------------------------------------------- server checks
 
@@ -213,7 +245,16 @@ class VLLMTargetEngine(ServedModelDirEngine):
             self._pool.submit(self._capture_one, task, ids, mask)
             for task, (ids, mask) in zip(tasks, encoded, strict=True)
         ]
-        samples = [f.result() for f in futures]
+        samples: list[CapturedSample] = []
+        error: BaseException | None = None
+        for future in futures:  # every request settles before capture returns or raises
+            try:
+                samples.append(future.result())
+            except BaseException as exc:
+                error = error or exc
+        if error is not None:
+            self._unstage(samples)  # store mode: the batch's other samples are never adopted
+            raise error
         if self._orphans:
             self.sweep_orphans()
         return samples
@@ -271,6 +312,8 @@ class VLLMTargetEngine(ServedModelDirEngine):
                 include_output_tokens=True,
             )
         body["request_id"] = f"df-{uuid.uuid4().hex}"
+        if self._store is not None:
+            return self._capture_staged(task, ids, mask, body)
         reply = self._post(task.task_id, body)
         params = reply.get("kv_transfer_params") or {}
         path = params.get("hidden_states_path") if isinstance(params, dict) else None
@@ -288,6 +331,124 @@ class VLLMTargetEngine(ServedModelDirEngine):
             raise
         data = read_capture(path, timeout_s=self._timeout, where=where)
         return self._sample(task, ids, mask, data, where)
+
+    def _capture_staged(
+        self, task: PromptTask, ids: list[int], mask: list[int], body: dict[str, Any]
+    ) -> CapturedSample:
+        """Store mode: the connector stages the sample at a generation reserved here; the
+        answer's specs and the staged token ids are checked; the producer adopts it.
+        """
+        from dataflow.store.staging import steward
+
+        store = self._store
+        assert store is not None
+        sid = task.task_id
+        generation = store.reserve(sid)
+        regen = self._regeneration
+        keep = None if regen is None else len(ids) + regen.max_new_tokens
+        body["kv_transfer_params"]["dataflow_store"] = store_target(
+            store.uri, sid, generation, steward(), mask, keep
+        )
+        where = f"task {sid!r} from vLLM server {self._url}"
+        accepted = False
+        try:
+            reply = self._post(sid, body)
+            params = reply.get("kv_transfer_params") or {}
+            params = params if isinstance(params, dict) else {}
+            answer = params.get("dataflow_store")
+            if not isinstance(answer, dict) or answer.get("refused"):
+                why = answer.get("refused") if isinstance(answer, dict) else "no dataflow_store"
+                raise SchemaMismatchError(f"{where}: store-mode capture refused: {why}")
+            accepted = True  # the connector stages it: a refusal below waits to remove it
+            self._check_facts(sid, params.get("dataflow"))
+            if (answer.get("sample_id"), answer.get("generation")) != (sid, generation):
+                raise SchemaMismatchError(
+                    f"{where}: the server staged {answer.get('sample_id')!r} generation "
+                    f"{answer.get('generation')!r}, not {sid!r} generation {generation}"
+                )
+            specs = answered_specs(answer.get("features"), where)
+            self._check_staged(sid, ids, generation, specs, where)
+        except BaseException as exc:
+            # A refused capture leaves nothing: the connector may still be staging it.
+            if accepted and isinstance(exc, SchemaMismatchError):
+                self._staged_exists(sid, generation, wait_s=self._timeout)
+            with contextlib.suppress(Exception):
+                store.unstage(sid, generation)
+            raise
+        return CapturedSample(sid, {}, written=ServerWritten(generation, specs, layout="staged"))
+
+    def _unstage(self, samples: Sequence[CapturedSample]) -> None:
+        store = self._store
+        for sample in samples:
+            if store is not None and sample.written is not None:
+                with contextlib.suppress(Exception):
+                    store.unstage(sample.task_id, sample.written.generation)
+
+    def _staged_exists(self, sid: str, generation: int, *, wait_s: float) -> bool:
+        """Whether a staged sample is there (whatever its specs), waiting up to ``wait_s``."""
+        store = self._store
+        assert store is not None
+        probe = {"input_ids": FeatureSpec("input_ids", (1, 0), "int64")}
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                store.staged_tensors(sid, generation, probe)
+                return True
+            except SchemaMismatchError:
+                return True  # there, with other specs than the probe's
+            except NotFoundError:
+                if time.monotonic() >= deadline:
+                    return False
+                time.sleep(STAGED_POLL_S)
+
+    def _check_staged(
+        self,
+        sid: str,
+        ids: list[int],
+        generation: int,
+        specs: dict[str, Any],
+        where: str,
+    ) -> None:
+        """The same checks as a capture file's: length, shapes, dtype, then the token ids."""
+        shape: tuple[int, ...] = tuple(specs["input_ids"].shape) if "input_ids" in specs else ()
+        count = int(shape[-1]) if len(shape) == 2 else -1
+        if self._regeneration is None and count != len(ids):
+            raise SchemaMismatchError(
+                f"{where}: {count} captured tokens for a {len(ids)}-token prompt"
+            )
+        if self._regeneration is not None and count < len(ids):
+            raise SchemaMismatchError(
+                f"{where}: {count} captured tokens, fewer than the {len(ids)}-token prompt"
+            )
+        expected = self.feature_specs(count)
+        if specs != expected:
+            shown = {n: f"{s.dtype}{list(s.shape)}" for n, s in specs.items()}
+            wanted = {n: f"{s.dtype}{list(s.shape)}" for n, s in expected.items()}
+            raise SchemaMismatchError(
+                f"{where}: the server staged {shown}, this target needs {wanted} (vLLM layer ids "
+                f"{self._layer_ids}, target.dtype {self._info.dtype})"
+            )
+        store = self._store
+        assert store is not None
+        wanted_ids = {"input_ids": expected["input_ids"]}
+        deadline = time.monotonic() + self._timeout
+        while True:
+            try:
+                staged = store.staged_tensors(sid, generation, wanted_ids)["input_ids"]
+                break
+            except NotFoundError:
+                if time.monotonic() >= deadline:
+                    raise BackendUnavailableError(
+                        f"{where}: the staged sample (generation {generation}) never appeared "
+                        f"in {store.uri} within {self._timeout} s (did the server's worker "
+                        "die, or can it not reach the store?)"
+                    ) from None
+                time.sleep(STAGED_POLL_S)
+        if [int(t) for t in staged[0, : len(ids)].tolist()] != ids:
+            raise SchemaMismatchError(
+                f"{where}: the server captured other tokens than the prompt's (a cached "
+                "prefix? start the server with --no-enable-prefix-caching)"
+            )
 
     def _sample(
         self,
@@ -367,16 +528,28 @@ class VLLMTargetEngine(ServedModelDirEngine):
         """Stop capturing; a managed server is stopped (no vLLM process is left)."""
         self.sweep_orphans()
         self._pool.shutdown(wait=False, cancel_futures=True)
+        if self._store is not None:
+            self._store.close()
         if self._server is not None:
             self._server.stop()
 
 
 def open_vllm_engine(
-    target: TargetSection, *, regeneration: Regeneration | None = None
+    target: TargetSection,
+    *,
+    regeneration: Regeneration | None = None,
+    store_uri: str | None = None,
+    store_options: dict[str, Any] | None = None,
 ) -> VLLMTargetEngine:
     """The ``vllm`` engine for ``target``: against ``target.server_url``, or — when it is unset —
-    a managed server started here (stopped by the engine's ``close``).
+    a managed server started here (stopped by the engine's ``close``). ``store_uri`` (and its
+    ``open_store`` options) name the run's store, needed by ``target.vllm.capture_mode: store``.
     """
+    if target.vllm.capture_mode == "store" and store_uri is None:
+        raise InvalidInputError(
+            "target.vllm.capture_mode: store needs the run's store URI (open the engine "
+            "through the producer, or pass store_uri)"
+        )
     if target.model_dir is None:
         raise InvalidInputError("the vllm engine needs target.model_dir")
     server = None
@@ -388,7 +561,7 @@ def open_vllm_engine(
         server.start()
         url = server.url
     try:
-        return _engine(target, url, regeneration, server)
+        return _engine(target, url, regeneration, server, store_uri, store_options)
     except BaseException:
         if server is not None:
             server.stop()
@@ -396,7 +569,12 @@ def open_vllm_engine(
 
 
 def _engine(
-    target: TargetSection, url: str, regeneration: Regeneration | None, server: Any
+    target: TargetSection,
+    url: str,
+    regeneration: Regeneration | None,
+    server: Any,
+    store_uri: str | None,
+    store_options: dict[str, Any] | None,
 ) -> VLLMTargetEngine:
     from dataflow.launch.precision import choose_dtype
 
@@ -412,4 +590,7 @@ def _engine(
         regeneration=regeneration,
         server=server,
         capture_dir=server.capture_dir if server is not None else target.vllm.capture_dir,
+        capture_mode=target.vllm.capture_mode,
+        store_uri=store_uri,
+        store_options=store_options,
     )

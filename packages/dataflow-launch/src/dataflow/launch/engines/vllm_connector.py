@@ -22,6 +22,19 @@ What differs from the stock class:
   (the write and the pre-creation can fall in one engine step) does not keep a second lock
   held for ever: such a lock is released, and removed once its capture has been read.
 
+Store mode (``target.vllm.capture_mode: store``; the server started with
+``kv_connector_extra_config.dataflow_store_capture: true``): a request whose
+``kv_transfer_params`` carry ``dataflow_store`` (:func:`~dataflow.launch.engines.vllm_wire.store_target`:
+store URI, sample id, reserved generation, steward, loss mask, tokens kept) gets no file and no
+lock: the worker builds the sample's four EAGLE3 features itself (the three aux layers
+concatenated, the target's final norm applied to the last id, the token ids, the loss mask)
+and stages them into the run's feature store (``store.stage``, see
+:mod:`dataflow.store.staging`) under the sample's key; ``request_finished`` answers their
+names, shapes and dtypes (``dataflow_store.features``) for the client to check and the producer
+to adopt. A ``dir://`` store's token comes from ``DATAFLOW_STORE_TOKEN`` in the server's
+environment. A server started without ``dataflow_store_capture`` answers
+``dataflow_store.refused`` and writes nothing.
+
 Only this module imports vLLM; the client engine (:mod:`dataflow.launch.engines.vllm`) never
 does.
 """
@@ -30,7 +43,9 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import logging
 import os
+import threading
 from typing import Any
 
 import torch
@@ -41,6 +56,10 @@ from vllm.distributed.kv_transfer.kv_connector.v1.example_hidden_states_connecto
 )
 
 _SAVED_KEPT = 4096
+STORE_MARK = "dataflow-store:"
+"""Prefix of a PendingSave ``filename`` that names a store target instead of a file."""
+TOKEN_ENV = "DATAFLOW_STORE_TOKEN"
+_log = logging.getLogger(__name__)
 
 
 class _Done:
@@ -65,6 +84,18 @@ def server_facts(vllm_config: Any) -> dict[str, Any]:
     }
 
 
+def feature_answer(num_tokens: int, facts: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Names, shapes and dtypes of the four features a store-mode capture stages."""
+    t, h, dtype = num_tokens, int(facts["hidden_size"]), str(facts["dtype"])
+    aux = max(len(facts["layer_ids"]) - 1, 0)
+    return {
+        "input_ids": {"shape": [1, t], "dtype": "int64"},
+        "loss_mask": {"shape": [1, t], "dtype": "int64"},
+        "hidden_state": {"shape": [1, t, h], "dtype": dtype},
+        "aux_hidden_state": {"shape": [1, t, aux * h], "dtype": dtype},
+    }
+
+
 class DataflowHiddenStatesConnector(ExampleHiddenStatesConnector):
     """The stock hidden-states connector with a device-neutral copy and self-describing answers.
 
@@ -79,6 +110,54 @@ class DataflowHiddenStatesConnector(ExampleHiddenStatesConnector):
         self._facts = server_facts(vllm_config)
         # req_id -> capture filename of each submitted save (the newest _SAVED_KEPT of them).
         self._saved: collections.OrderedDict[str, str] = collections.OrderedDict()
+        self._store_capture = bool(
+            self._kv_transfer_config.get_from_extra_config("dataflow_store_capture", False)
+        )
+        self._targets: dict[str, dict[str, Any]] = {}  # scheduler: req_id -> store target
+        self._refused: dict[str, str] = {}  # scheduler: req_id -> why store mode was refused
+        self._stores: dict[str, Any] = {}  # worker: uri -> open store
+        self._stores_lock = threading.Lock()
+        self._norm: Any = None
+        self._eps = float(getattr(vllm_config.model_config.hf_config, "rms_norm_eps", 1e-6))
+        self._model_dir = str(vllm_config.model_config.model)
+
+    # ------------------------------------------------------------------ store mode (worker)
+
+    def _store(self, uri: str) -> Any:
+        with self._stores_lock:
+            store = self._stores.get(uri)
+            if store is None:
+                from dataflow.store import open_store
+
+                options: dict[str, Any] = {}
+                if uri.startswith("dir://"):
+                    options = {"create": False, "token": os.environ.get(TOKEN_ENV) or None}
+                store = self._stores[uri] = open_store(uri, **options)
+            return store
+
+    def _features(
+        self, target: dict[str, Any], hidden: torch.Tensor, tokens: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        from dataflow.launch.engines.vllm_wire import eagle3_from_capture, read_norm_weight
+
+        if self._norm is None:
+            self._norm = read_norm_weight(self._model_dir).to(hidden.dtype)
+        keep = int(target.get("keep_tokens") or tokens.shape[0])
+        return eagle3_from_capture(
+            hidden[:keep], tokens[:keep], list(target["loss_mask"]), self._norm, self._eps
+        )
+
+    def _stage(self, target: dict[str, Any], hidden: torch.Tensor, tokens: torch.Tensor) -> None:
+        try:
+            tensors = self._features(target, hidden, tokens)
+            self._store(str(target["uri"])).stage(
+                str(target["sample_id"]),
+                int(target["generation"]),
+                tensors,
+                steward=str(target["steward"]),
+            )
+        except Exception:  # the client's wait for the staged sample times out and says so
+            _log.exception("dataflow store capture of %s failed", target.get("sample_id"))
 
     def _submit_async_write(self, pending: PendingSave) -> None:
         if not self._is_tp_rank_zero:
@@ -91,8 +170,18 @@ class DataflowHiddenStatesConnector(ExampleHiddenStatesConnector):
         hidden = extract_from_kv_cache(
             self._kv_cache, slots.to(self._kv_cache.device), num_tokens
         ).to("cpu", copy=True)
-        tensors = {"hidden_states": hidden.contiguous(), "token_ids": pending.token_ids.clone()}
         assert pending.req_id not in self._req_futures, "two saves for one request id"
+        if pending.filename.startswith(STORE_MARK):
+            import json
+
+            target = json.loads(pending.filename[len(STORE_MARK) :])
+            done = _Done()
+            future = self._executor.submit(self._stage, target, hidden, pending.token_ids.clone())
+            self._req_copy_events[pending.req_id] = done
+            self._req_futures[pending.req_id] = future
+            future.add_done_callback(lambda f, rid=pending.req_id: self._on_write_done(rid, f))
+            return
+        tensors = {"hidden_states": hidden.contiguous(), "token_ids": pending.token_ids.clone()}
         import fcntl
         import os
 
@@ -132,15 +221,51 @@ class DataflowHiddenStatesConnector(ExampleHiddenStatesConnector):
         meta = super().build_connector_meta(scheduler_output)
         for new_req in scheduler_output.scheduled_new_reqs:
             extra = new_req.sampling_params.extra_args if new_req.sampling_params else None
-            if not (extra or {}).get("kv_transfer_params"):
+            params = (extra or {}).get("kv_transfer_params")
+            if not params:
                 meta.new_req_filenames.pop(new_req.req_id, None)
                 self._request_filenames.pop(new_req.req_id, None)
+                continue
+            target = params.get("dataflow_store") if isinstance(params, dict) else None
+            if target is None:
+                continue
+            meta.new_req_filenames.pop(new_req.req_id, None)  # store mode: no file, no lock
+            if not self._store_capture or not isinstance(target, dict):
+                self._request_filenames.pop(new_req.req_id, None)
+                self._refused[new_req.req_id] = (
+                    "this server was started without kv_connector_extra_config."
+                    "dataflow_store_capture (dataflow-launch target vllm-command CONFIG prints "
+                    "the command for target.vllm.capture_mode: store)"
+                    if not self._store_capture
+                    else "kv_transfer_params.dataflow_store must be an object"
+                )
+                continue
+            import json
+
+            self._targets[new_req.req_id] = target
+            self._request_filenames[new_req.req_id] = STORE_MARK + json.dumps(target)
         return meta
 
     def request_finished(
         self, request: Any, block_ids: list[int]
     ) -> tuple[bool, dict[str, Any] | None]:
+        refused = self._refused.pop(request.request_id, None)
+        if refused is not None:
+            return False, {"dataflow_store": {"refused": refused}, "dataflow": dict(self._facts)}
+        target = self._targets.pop(request.request_id, None)
         delay, params = super().request_finished(request, block_ids)
-        if params is not None:
+        if params is not None and target is not None:
+            pending = self._pending_saves.get(request.request_id)
+            count = 0 if pending is None else int(pending.token_ids.shape[0])
+            keep = min(count, int(target.get("keep_tokens") or count))
+            params = {
+                "dataflow_store": {
+                    "sample_id": target.get("sample_id"),
+                    "generation": target.get("generation"),
+                    "features": feature_answer(keep, self._facts),
+                },
+                "dataflow": dict(self._facts),
+            }
+        elif params is not None:
             params = {**params, "dataflow": dict(self._facts)}
         return delay, params

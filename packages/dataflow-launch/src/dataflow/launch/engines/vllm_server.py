@@ -24,6 +24,7 @@ from dataflow.contracts import BackendUnavailableError, InvalidInputError
 from dataflow.launch.config import TargetSection
 from dataflow.launch.engines.layers import resolve_aux_layer_ids
 from dataflow.launch.engines.target_files import read_model_config
+from dataflow.launch.engines.vllm_keeper import RECORD_ENV, sweep_recorded
 from dataflow.launch.engines.vllm_wire import server_args, vllm_layer_ids
 from dataflow.launch.precision import choose_dtype
 
@@ -37,8 +38,15 @@ def free_port(host: str) -> int:
         return int(sock.getsockname()[1])
 
 
-def server_command(target: TargetSection, *, port: int, capture_dir: str) -> list[str]:
-    """``python -m vllm.entrypoints.openai.api_server ...`` for ``target`` (engine ``vllm``)."""
+def server_command(
+    target: TargetSection, *, port: int, capture_dir: str, store_capture: bool | None = None
+) -> list[str]:
+    """``python -m vllm.entrypoints.openai.api_server ...`` for ``target`` (engine ``vllm``);
+    ``store_capture`` (default: ``target.vllm.capture_mode == "store"``) lets the connector
+    take store-mode requests.
+    """
+    if store_capture is None:
+        store_capture = target.vllm.capture_mode == "store"
     if target.model_dir is None:
         raise InvalidInputError("target.model_dir: required by the vllm engine")
     config = read_model_config(target.model_dir)
@@ -60,6 +68,7 @@ def server_command(target: TargetSection, *, port: int, capture_dir: str) -> lis
             eager=section.enforce_eager,
             max_model_len=section.max_model_len,
             extra_args=section.extra_args,
+            store_capture=store_capture,
         ),
     ]
 
@@ -87,6 +96,9 @@ def server_env(private_dir: str, kv_cache_gib: float) -> dict[str, str]:
     import dataflow.contracts
 
     paths += [str(Path(p).resolve().parent) for p in dataflow.contracts.__path__]
+    import dataflow.store  # store mode: the connector writes into the run's feature store
+
+    paths += [str(Path(p).resolve().parent) for p in dataflow.store.__path__]
     extra = env.get("PYTHONPATH", "")
     env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys([*paths, *extra.split(os.pathsep)]))
     env["PYTHONPATH"] = env["PYTHONPATH"].strip(os.pathsep)
@@ -107,9 +119,14 @@ class ManagedVLLMServer:
         self._private = tempfile.mkdtemp(prefix="dfv-", dir="/tmp")
         self.capture_dir = target.vllm.capture_dir or f"{self._private}/captures"
         self.port = target.vllm.port or free_port(target.vllm.host)
-        self.command = server_command(target, port=self.port, capture_dir=self.capture_dir)
+        # A managed server is private to its producer (loopback, a port of its own): it takes
+        # both capture modes, so one server serves file and store requests alike.
+        self.command = server_command(
+            target, port=self.port, capture_dir=self.capture_dir, store_capture=True
+        )
         self.url = f"http://{target.vllm.host}:{self.port}"
         self.log_path = f"{self._private}/server.log"
+        self.shm_record = f"{self._private}/shm-segments"
         self._process: subprocess.Popen[bytes] | None = None
         self.starts = 0
 
@@ -133,7 +150,10 @@ class ManagedVLLMServer:
         with open(self.log_path, "ab") as log:
             self._process = subprocess.Popen(
                 [*keeper, "--", *self.command],
-                env=server_env(self._private, self._target.vllm.kv_cache_gib),
+                env={
+                    **server_env(self._private, self._target.vllm.kv_cache_gib),
+                    RECORD_ENV: self.shm_record,
+                },
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
@@ -182,6 +202,12 @@ class ManagedVLLMServer:
         with contextlib.suppress(ProcessLookupError, PermissionError):
             os.killpg(process.pid, signal.SIGKILL)
         process.wait()
+        _wait_group_gone(process.pid)
+        # The keeper sweeps the tree's /dev/shm segments itself; when it was SIGKILLed with its
+        # group, its record of them is swept here.
+        sweep_recorded(self.shm_record)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.shm_record)
 
     def stop(self) -> None:
         """Stop the server and remove its private directory (idempotent)."""
@@ -191,9 +217,23 @@ class ManagedVLLMServer:
         shutil.rmtree(self._private, ignore_errors=True)
 
 
+def _wait_group_gone(group: int, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(group, 0)
+        except (ProcessLookupError, PermissionError):
+            return
+        time.sleep(0.05)
+
+
 def printed_command(target: TargetSection) -> str:
     """The shell line (environment included) that starts a server for ``target`` by hand."""
     capture = target.vllm.capture_dir or f"{tempfile.gettempdir()}/dataflow-vllm-captures"
     port = target.vllm.port or 8000
     env = f"VLLM_CPU_KVCACHE_SPACE={max(1, round(target.vllm.kv_cache_gib))}"
+    if target.vllm.capture_mode == "store":
+        # The connector imports dataflow.store in the server; a dir:// store's token comes
+        # from the server's environment (never the command line).
+        env += " DATAFLOW_STORE_TOKEN=${DATAFLOW_STORE_TOKEN:-}"
     return f"{env} {shlex.join(server_command(target, port=port, capture_dir=capture))}"

@@ -29,10 +29,18 @@ from typing import Any
 
 import torch
 
-from dataflow.contracts import BackendUnavailableError, SchemaMismatchError
+from dataflow.contracts import (
+    BackendUnavailableError,
+    FeatureSpec,
+    InvalidInputError,
+    SchemaMismatchError,
+)
 
 CONNECTOR_CLASS = "DataflowHiddenStatesConnector"
 CONNECTOR_MODULE = "dataflow.launch.engines.vllm_connector"
+NORM_KEY = "model.norm.weight"
+STORE_SCHEMES = ("shm", "dir", "mooncake")
+"""Stores the connector can write into from the server process (store mode)."""
 
 
 def vllm_layer_ids(aux_layer_ids: Sequence[int], num_layers: int) -> list[int]:
@@ -49,13 +57,18 @@ def speculative_config(layer_ids: Sequence[int]) -> dict[str, Any]:
     }
 
 
-def kv_transfer_config(capture_dir: str) -> dict[str, Any]:
-    """The ``--kv-transfer-config`` value loading this project's connector (file mode)."""
+def kv_transfer_config(capture_dir: str, *, store_capture: bool = False) -> dict[str, Any]:
+    """The ``--kv-transfer-config`` value loading this project's connector (file mode; with
+    ``store_capture`` it also accepts store-mode requests).
+    """
+    extra: dict[str, Any] = {"shared_storage_path": capture_dir}
+    if store_capture:
+        extra["dataflow_store_capture"] = True
     return {
         "kv_connector": CONNECTOR_CLASS,
         "kv_connector_module_path": CONNECTOR_MODULE,
         "kv_role": "kv_producer",
-        "kv_connector_extra_config": {"shared_storage_path": capture_dir},
+        "kv_connector_extra_config": extra,
     }
 
 
@@ -70,6 +83,7 @@ def server_args(
     eager: bool,
     max_model_len: int | None = None,
     extra_args: Sequence[str] = (),
+    store_capture: bool = False,
 ) -> list[str]:
     """The arguments after ``python -m vllm.entrypoints.openai.api_server``."""
     args = [
@@ -85,7 +99,9 @@ def server_args(
         "--speculative-config",
         json.dumps(speculative_config(layer_ids), separators=(",", ":")),
         "--kv-transfer-config",
-        json.dumps(kv_transfer_config(capture_dir), separators=(",", ":")),
+        json.dumps(
+            kv_transfer_config(capture_dir, store_capture=store_capture), separators=(",", ":")
+        ),
     ]
     if eager:
         args.append("--enforce-eager")
@@ -177,3 +193,78 @@ def final_norm(hidden: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.
     x = hidden.to(torch.float32)
     x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
     return weight.to(dtype) * x.to(dtype)
+
+
+def read_norm_weight(model_dir: str) -> torch.Tensor:
+    """The target's final RMSNorm weight (``model.norm.weight``) from its model directory."""
+    from safetensors import safe_open
+
+    from dataflow.launch.engines.target_files import _weight_files
+
+    files = _weight_files(Path(model_dir))
+    if NORM_KEY not in files:
+        raise InvalidInputError(f"target.model_dir {model_dir!r} has no {NORM_KEY!r} tensor")
+    with safe_open(str(files[NORM_KEY]), framework="pt") as handle:
+        return handle.get_tensor(NORM_KEY)
+
+
+def eagle3_from_capture(
+    hidden: torch.Tensor,
+    tokens: torch.Tensor,
+    prompt_mask: Sequence[int],
+    norm: torch.Tensor,
+    eps: float,
+) -> dict[str, torch.Tensor]:
+    """The four EAGLE3 features of one capture (``hidden`` ``[T, 4, H]``: three aux ids then
+    ``L``; ``tokens`` ``[T]``): aux layers concatenated, the final norm applied to id ``L``,
+    the loss mask = ``prompt_mask`` then 1 for every token past it (generated ones).
+    """
+    t, h = int(hidden.shape[0]), int(hidden.shape[2])
+    mask = list(prompt_mask)[:t] + [1] * max(t - len(prompt_mask), 0)
+    return {
+        "input_ids": tokens.to(torch.int64).reshape(1, t).contiguous(),
+        "loss_mask": torch.tensor([mask], dtype=torch.int64),
+        "hidden_state": final_norm(hidden[:, 3, :], norm, eps).unsqueeze(0).contiguous(),
+        "aux_hidden_state": hidden[:, :3, :].reshape(1, t, 3 * h).contiguous(),
+    }
+
+
+def store_target(
+    uri: str,
+    sample_id: str,
+    generation: int,
+    steward: str,
+    loss_mask: Sequence[int],
+    keep_tokens: int | None,
+) -> dict[str, Any]:
+    """``kv_transfer_params.dataflow_store`` of one store-mode request: where the connector
+    stages the sample (store URI, sample id, the producer's reserved generation and its
+    steward identity), the prompt's loss mask and how many tokens to keep (None: all).
+    """
+    return {
+        "uri": uri,
+        "sample_id": sample_id,
+        "generation": int(generation),
+        "steward": steward,
+        "loss_mask": [int(m) for m in loss_mask],
+        "keep_tokens": keep_tokens,
+    }
+
+
+def answered_specs(answer: Any, where: str) -> dict[str, FeatureSpec]:
+    """The feature specs a store-mode answer (``dataflow_store.features``) names; a malformed
+    answer is a ``SchemaMismatchError``.
+    """
+    if not isinstance(answer, dict) or not answer:
+        raise SchemaMismatchError(f"{where}: the answer names no staged features ({answer!r})")
+    specs = {}
+    for name, meta in answer.items():
+        try:
+            specs[name] = FeatureSpec(
+                name, tuple(int(d) for d in meta["shape"]), str(meta["dtype"])
+            )
+        except (KeyError, TypeError, ValueError, InvalidInputError) as exc:
+            raise SchemaMismatchError(
+                f"{where}: staged feature {name!r} is described as {meta!r} ({exc})"
+            ) from None
+    return specs

@@ -78,7 +78,12 @@ def open_run_engine(config: LaunchConfig) -> TargetEngine:
     """The run's target engine: ``config.target``, regenerating per ``producer.regenerate``.
     Every place a run opens its engine goes through here, so the setting is never ignored.
     """
-    return open_engine(config.target, regeneration=engine_regeneration(config))
+    return open_engine(
+        config.target,
+        regeneration=engine_regeneration(config),
+        store_uri=config.store.uri,
+        store_options={k: v for k, v in store_options(config).items() if k == "token"},
+    )
 
 
 def flow_limits(config: LaunchConfig) -> FlowLimits:

@@ -180,11 +180,21 @@ class RolloutWorker:
             return
         group: list[_Put] = []
         try:
-            for task, sample in zip(tasks, samples, strict=True):
+            for index, (task, sample) in enumerate(zip(tasks, samples, strict=True)):
                 if self._stop.is_set():
+                    for rest_task, rest in zip(tasks[index:], samples[index:], strict=True):
+                        self._discard_staged(rest_task, rest)
                     break  # unfinished leases are handed back by run(); the put ones commit
                 problem = value_problem(sample.tensors, self._settings.max_length)
+                limit = self._settings.max_length
+                if sample.written is not None and limit is not None and sample.num_tokens > limit:
+                    # Server-written features: their length is known from the specs (their
+                    # values are checked by the trainer's loader, which reads them).
+                    problem = (
+                        f"bad_features: {sample.num_tokens} tokens, longer than max_length {limit}"
+                    )
                 if problem is not None:
+                    self._discard_staged(task, sample)
                     self._fail(task, f"task {task.task_id!r}: {problem}", retryable=False)
                     self._tally["rejected"] += 1
                     continue
@@ -254,14 +264,17 @@ class RolloutWorker:
             # A peer that took over our expired lease committed it first; putting now would
             # replace the generation its committed ref points at.
             self._tally["duplicates"] += 1
+            self._discard_staged(task, sample)
             return None
         try:
             admission = self._wait_for_capacity(sample.nbytes, group)
         except CapacityExceededError as exc:  # this sample can never fit under the byte cap
+            self._discard_staged(task, sample)
             self._fail(task, _describe(exc), retryable=False)
             self._tally["rejected"] += 1
             return None
         if admission is None:
+            self._discard_staged(task, sample)
             return None
         metadata = {
             "num_tokens": sample.num_tokens,
@@ -295,8 +308,21 @@ class RolloutWorker:
         )
         return _Put(ref, sample.num_tokens, admission)
 
+    def _discard_staged(self, task: PromptTask, sample: CapturedSample) -> None:
+        """Remove a sample the vLLM connector staged that will not be adopted (store mode)."""
+        if sample.written is not None and sample.written.layout == "staged":
+            with contextlib.suppress(Exception):  # gc reclaims it once this process is gone
+                self._store.unstage(  # type: ignore[attr-defined]
+                    task.task_id, sample.written.generation
+                )
+
     def _adopt(self, sample_id: str, sample: CapturedSample, metadata: dict[str, Any]) -> SampleRef:
         """Commit-ready ref for features a capture server already wrote (no put, no copy)."""
+        if sample.written is not None and sample.written.layout == "staged":
+            staged: SampleRef = self._store.adopt(  # type: ignore[attr-defined]
+                sample_id, sample.written.generation, sample.written.specs, metadata
+            )
+            return staged
         adopt = getattr(self._store, "adopt_external", None)
         if adopt is None or sample.written is None:
             raise InvalidInputError(  # short: it ends up in the ledger's 200-character reason
