@@ -3,7 +3,6 @@
 from hypothesis import strategies as st
 
 from dataflow.contracts import (
-    DTYPE_ITEMSIZE,
     CommitResult,
     ConsumerState,
     FeatureHandle,
@@ -20,6 +19,7 @@ from dataflow.contracts import (
     WeightVersion,
     Window,
 )
+from dataflow.contracts.features import DTYPE_ITEMSIZE
 
 ids = st.from_regex(r"[A-Za-z0-9_][A-Za-z0-9_:=+@-]{0,30}", fullmatch=True)
 text = st.text(max_size=20)

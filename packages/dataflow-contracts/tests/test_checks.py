@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from dataflow.contracts import is_int, is_number
+from dataflow.contracts.checks import is_int, is_number
 
 
 @pytest.mark.parametrize(

@@ -6,7 +6,6 @@ from hypothesis import strategies as st
 
 import dataflow.contracts as c
 from dataflow.contracts import (
-    SCHEMA_VERSIONS,
     FeatureSpec,
     InvalidInputError,
     InvalidRecordError,
@@ -14,11 +13,8 @@ from dataflow.contracts import (
     SampleRef,
     SchemaVersionError,
     WeightVersion,
-    decode,
-    dumps,
-    encode,
-    loads,
 )
+from dataflow.contracts.codec import SCHEMA_VERSIONS, decode, dumps, encode, loads
 
 from .strategies import ALL
 

@@ -1,12 +1,7 @@
 import pytest
 
-from dataflow.contracts import (
-    MAX_ID_LENGTH,
-    InvalidInputError,
-    validate_id,
-    validate_sample_id,
-    validate_task_id,
-)
+from dataflow.contracts import InvalidInputError
+from dataflow.contracts.ids import MAX_ID_LENGTH, validate_id, validate_sample_id, validate_task_id
 
 
 @pytest.mark.parametrize(

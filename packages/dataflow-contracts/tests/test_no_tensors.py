@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from dataflow.contracts import FeatureSpec, SampleRef, assert_no_tensors, looks_like_tensor
+from dataflow.contracts import FeatureSpec, SampleRef, assert_no_tensors
+from dataflow.contracts.no_tensors import looks_like_tensor
 
 
 @dataclass

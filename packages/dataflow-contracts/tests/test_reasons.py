@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from dataflow.contracts import MAX_REASON_LENGTH, clip_reason
+from dataflow.contracts.states import MAX_REASON_LENGTH, clip_reason
 
 
 def test_short_printable_reason_is_unchanged() -> None:

@@ -1,6 +1,7 @@
 import pytest
 
-from dataflow.contracts import InvalidInputError, parse_ledger_uri, parse_store_uri
+from dataflow.contracts import InvalidInputError
+from dataflow.contracts.uris import parse_ledger_uri, parse_store_uri
 
 
 def test_path_schemes():

@@ -7,7 +7,8 @@ import json
 import pytest
 from ledger_conformance import make_ref
 
-from dataflow.contracts import CorruptRecordError, FeatureSpec, SampleRef, dumps, loads
+from dataflow.contracts import CorruptRecordError, FeatureSpec, SampleRef
+from dataflow.contracts.codec import dumps, loads
 from dataflow.control.ledger._serial import decode_ref, encode_ref
 
 

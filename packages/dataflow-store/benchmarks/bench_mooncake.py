@@ -37,7 +37,8 @@ from typing import Any
 
 import torch
 
-from dataflow.contracts import SampleRef, dumps, loads
+from dataflow.contracts import SampleRef
+from dataflow.contracts.codec import dumps, loads
 from dataflow.store import open_store
 from dataflow.store.mooncake_client import MooncakeClient
 from dataflow.store.mooncake_settings import settings_from_uri

@@ -39,7 +39,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from dataflow.contracts import SampleRef, dumps, loads
+from dataflow.contracts import SampleRef
+from dataflow.contracts.codec import dumps, loads
 from dataflow.store import open_store
 
 TOKENS, HIDDEN = 2048, 4096

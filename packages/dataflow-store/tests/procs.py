@@ -15,7 +15,8 @@ DEAD = current_owner().replace(f"{os.getpid():010d}.", f"{1:010d}.", 1)
 PRELUDE = textwrap.dedent(
     """
     import sys, torch
-    from dataflow.contracts import SampleRef, dumps, loads
+    from dataflow.contracts import SampleRef
+    from dataflow.contracts.codec import dumps, loads
     from dataflow.store import open_store
 
     def sample(seed, tokens=64, hidden=32):

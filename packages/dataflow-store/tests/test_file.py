@@ -21,9 +21,8 @@ from dataflow.contracts import (
     NotFoundError,
     SampleRef,
     SchemaMismatchError,
-    dumps,
-    loads,
 )
+from dataflow.contracts.codec import dumps, loads
 from dataflow.store import open_store
 from dataflow.store.file import FileFeatureStore, import_ckpt, list_feature_files
 

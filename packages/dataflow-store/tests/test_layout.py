@@ -11,7 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load
 
-from dataflow.contracts import DTYPE_ITEMSIZE, CorruptRecordError, FeatureSpec, SchemaMismatchError
+from dataflow.contracts import CorruptRecordError, FeatureSpec, SchemaMismatchError
+from dataflow.contracts.features import DTYPE_ITEMSIZE
 from dataflow.store.layout import ALIGN, check_against, plan, read_header, view
 from dataflow.store.tensors import TORCH_DTYPES
 

@@ -67,7 +67,8 @@ def test_handles_of_two_stores_never_collide():
 
 
 def test_a_put_racing_a_get_makes_the_get_stale_not_missing():
-    from dataflow.contracts import StaleGenerationError, parse_store_uri
+    from dataflow.contracts import StaleGenerationError
+    from dataflow.contracts.uris import parse_store_uri
     from dataflow.store.memory import MemoryFeatureStore
 
     class ReputDuringRead(MemoryFeatureStore):

@@ -35,8 +35,8 @@ from dataflow.contracts import (
     NotFoundError,
     SampleRef,
     SchemaMismatchError,
-    loads,
 )
+from dataflow.contracts.codec import loads
 from dataflow.store import FaultInjector, open_store
 from dataflow.store import mooncake_wire as wire
 from dataflow.store.mooncake import MooncakeFeatureStore

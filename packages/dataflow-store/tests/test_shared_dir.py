@@ -19,8 +19,8 @@ from dataflow.contracts import (
     SampleRef,
     StaleGenerationError,
     UnauthorizedError,
-    loads,
 )
+from dataflow.contracts.codec import loads
 from dataflow.store import open_store
 from dataflow.store.shared_dir import MARKER
 

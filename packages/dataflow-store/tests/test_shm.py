@@ -20,9 +20,8 @@ from dataflow.contracts import (
     NotFoundError,
     SampleRef,
     StaleGenerationError,
-    dumps,
-    loads,
 )
+from dataflow.contracts.codec import dumps, loads
 from dataflow.store import open_store
 from dataflow.store.arena import Arena
 from dataflow.store.shm import ARENA, PREFIX

@@ -17,7 +17,8 @@ from conformance import StoreConformance, eagle_sample, same_bits
 from procs import DEAD, expected_digest, run_child, start_child
 from test_shm import SHM, leftovers, stored
 
-from dataflow.contracts import FeatureStore, InvalidInputError, dumps
+from dataflow.contracts import FeatureStore, InvalidInputError
+from dataflow.contracts.codec import dumps
 from dataflow.store import open_store
 from dataflow.store.arena import geometry
 from dataflow.store.owner import current_owner

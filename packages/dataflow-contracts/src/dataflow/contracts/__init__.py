@@ -1,12 +1,14 @@
-"""dataflow.contracts: the tensor-free records, protocols, errors and codecs every plane shares.
+"""dataflow.contracts: the tensor-free records, protocols and errors every plane shares.
 
-Standard library only: importing this package never imports torch or numpy.
+Standard library only: importing this package never imports torch or numpy. The top level
+exports what the planes and their users call: the records, the protocols, the error taxonomy and
+the no-tensor guard. Codecs (:mod:`dataflow.contracts.codec`), id and URI validation
+(:mod:`~dataflow.contracts.ids`, :mod:`~dataflow.contracts.uris`), value checks
+(:mod:`~dataflow.contracts.checks`), read-only JSON values (:mod:`~dataflow.contracts.frozen`)
+and record constants live in their modules.
 """
 
-from dataflow.contracts._checks import is_int, is_number
-from dataflow.contracts._json import FrozenDict, freeze_map
-from dataflow.contracts.batch import TensorLike, TrainBatch
-from dataflow.contracts.codec import SCHEMA_VERSIONS, decode, dumps, encode, loads
+from dataflow.contracts.batch import TrainBatch
 from dataflow.contracts.errors import (
     BackendUnavailableError,
     CapacityExceededError,
@@ -23,17 +25,11 @@ from dataflow.contracts.errors import (
     StaleGenerationError,
     UnauthorizedError,
 )
-from dataflow.contracts.features import (
-    DTYPE_ITEMSIZE,
-    FEATURE_SCHEMA_VERSION,
-    FeatureHandle,
-    FeatureSpec,
-    SampleRef,
-)
-from dataflow.contracts.ids import MAX_ID_LENGTH, validate_id, validate_sample_id, validate_task_id
+from dataflow.contracts.features import FeatureHandle, FeatureSpec, SampleRef
+from dataflow.contracts.frozen import FrozenDict
 from dataflow.contracts.lease import ConsumerLease
 from dataflow.contracts.modes import DeploymentMode
-from dataflow.contracts.no_tensors import assert_no_tensors, looks_like_tensor
+from dataflow.contracts.no_tensors import assert_no_tensors
 from dataflow.contracts.prompt import PromptTask
 from dataflow.contracts.protocols import (
     Collective,
@@ -43,7 +39,6 @@ from dataflow.contracts.protocols import (
     SampleAborter,
 )
 from dataflow.contracts.states import (
-    MAX_REASON_LENGTH,
     CommitResult,
     ConsumerState,
     GcReport,
@@ -55,78 +50,55 @@ from dataflow.contracts.states import (
     SampleState,
     StoreHealth,
     Window,
-    clip_reason,
-)
-from dataflow.contracts.uris import (
-    ParsedURI,
-    parse_ledger_uri,
-    parse_store_uri,
 )
 from dataflow.contracts.version import __version__
 from dataflow.contracts.weights import WeightStatus, WeightVersion
 
 __all__ = [
-    "MAX_REASON_LENGTH",
-    "clip_reason",
-    "DTYPE_ITEMSIZE",
-    "FEATURE_SCHEMA_VERSION",
-    "MAX_ID_LENGTH",
-    "SCHEMA_VERSIONS",
-    "BackendUnavailableError",
-    "CapacityExceededError",
-    "ClosedError",
-    "Collective",
-    "CommitResult",
-    "ConsumerState",
-    "CorruptRecordError",
-    "DataflowError",
-    "DeploymentMode",
+    # records
+    "PromptTask",
+    "FeatureSpec",
+    "SampleRef",
     "FeatureHandle",
     "FrozenDict",
-    "freeze_map",
-    "FeatureSpec",
-    "FeatureStore",
+    "TrainBatch",
+    "WeightVersion",
+    "WeightStatus",
+    "ConsumerLease",
+    "DeploymentMode",
+    "RunMarkers",
+    "LedgerStatus",
+    "StoreHealth",
     "GcReport",
+    "CommitResult",
+    "Window",
+    "ReconcileResult",
+    "SampleState",
+    "PromptState",
+    "ProducerState",
+    "ConsumerState",
+    # protocols
+    "FeatureStore",
+    "Ledger",
+    "RefQueue",
+    "Collective",
+    "SampleAborter",
+    # errors
+    "DataflowError",
     "InvalidInputError",
     "InvalidRecordError",
-    "Ledger",
-    "LedgerConflictError",
-    "LedgerStatus",
-    "NotFoundError",
-    "ParsedURI",
-    "ProducerState",
-    "PromptState",
-    "PromptTask",
-    "ReconcileResult",
-    "RefQueue",
-    "RunFailedError",
-    "RunMarkers",
-    "ConsumerLease",
-    "SampleAborter",
-    "SampleRef",
-    "SampleState",
-    "SchemaMismatchError",
     "SchemaVersionError",
+    "SchemaMismatchError",
+    "NotFoundError",
     "StaleGenerationError",
-    "StoreHealth",
-    "TensorLike",
-    "TrainBatch",
+    "CapacityExceededError",
     "UnauthorizedError",
-    "WeightStatus",
-    "WeightVersion",
-    "Window",
-    "is_int",
-    "is_number",
-    "__version__",
+    "LedgerConflictError",
+    "RunFailedError",
+    "BackendUnavailableError",
+    "CorruptRecordError",
+    "ClosedError",
+    # the guard
     "assert_no_tensors",
-    "decode",
-    "dumps",
-    "encode",
-    "loads",
-    "looks_like_tensor",
-    "parse_ledger_uri",
-    "parse_store_uri",
-    "validate_id",
-    "validate_sample_id",
-    "validate_task_id",
+    "__version__",
 ]

@@ -16,10 +16,10 @@ import typing
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
-from dataflow.contracts._checks import is_int, is_number
-from dataflow.contracts._json import freeze_json, thaw_json
+from dataflow.contracts.checks import is_int, is_number
 from dataflow.contracts.errors import InvalidInputError, InvalidRecordError, SchemaVersionError
 from dataflow.contracts.features import FeatureHandle, FeatureSpec, SampleRef
+from dataflow.contracts.frozen import freeze_json, thaw_json
 from dataflow.contracts.prompt import PromptTask
 from dataflow.contracts.states import (
     CommitResult,

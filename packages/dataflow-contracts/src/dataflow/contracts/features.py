@@ -8,9 +8,9 @@ from dataclasses import dataclass, field, fields
 from types import MappingProxyType
 from typing import Any, TypeVar
 
-from dataflow.contracts._checks import check_non_negative, check_text, check_type, is_int
-from dataflow.contracts._json import FrozenDict, JsonMap, freeze_map, frozen_dict
+from dataflow.contracts.checks import check_non_negative, check_text, check_type, is_int
 from dataflow.contracts.errors import InvalidInputError
+from dataflow.contracts.frozen import FrozenDict, JsonMap, freeze_map, frozen_dict
 from dataflow.contracts.ids import validate_id, validate_sample_id, validate_task_id
 
 DTYPE_ITEMSIZE: Mapping[str, int] = MappingProxyType(
@@ -86,7 +86,7 @@ class FeatureSpec:
         """A spec built from values the caller has already checked, skipping the checks.
 
         For a trusted producer on its hot path only (a store describing a tensor it validated:
-        ``name`` passed :func:`~dataflow.contracts.validate_id`, ``shape`` is a tuple of ints
+        ``name`` passed :func:`~dataflow.contracts.ids.validate_id`, ``shape`` is a tuple of ints
         >= 0 such as a ``torch.Size``'s, ``dtype`` is a key of :data:`DTYPE_ITEMSIZE`). The
         result equals ``FeatureSpec(name, shape, dtype)``; anything unchecked breaks the
         record's guarantees, so untrusted values go through the constructor.

@@ -6,7 +6,7 @@ import enum
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from dataflow.contracts._json import frozen_dict
+from dataflow.contracts.frozen import frozen_dict
 
 MAX_REASON_LENGTH = 200
 """The longest reason (prompt failure, drop, run failure) a ledger stores."""

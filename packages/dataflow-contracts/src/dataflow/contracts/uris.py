@@ -10,8 +10,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from urllib.parse import SplitResult, parse_qsl, urlsplit
 
-from dataflow.contracts._json import frozen_dict
 from dataflow.contracts.errors import InvalidInputError
+from dataflow.contracts.frozen import frozen_dict
 from dataflow.contracts.ids import validate_id
 
 STORE_SCHEMES = ("memory", "file", "shm", "dir", "mooncake")

@@ -5,9 +5,9 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass, field
 
-from dataflow.contracts._checks import check_non_negative, check_text, check_type
-from dataflow.contracts._json import JsonMap, freeze_map
+from dataflow.contracts.checks import check_non_negative, check_text, check_type
 from dataflow.contracts.errors import InvalidInputError
+from dataflow.contracts.frozen import JsonMap, freeze_map
 from dataflow.contracts.ids import validate_id
 
 

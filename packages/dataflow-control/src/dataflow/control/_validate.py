@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from dataflow.contracts import is_int, is_number
+from dataflow.contracts.checks import is_int, is_number
 from dataflow.contracts.errors import InvalidInputError
 
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from dataflow.contracts import errors as taxonomy
-from dataflow.contracts import is_int
+from dataflow.contracts.checks import is_int
 from dataflow.contracts.errors import DataflowError, InvalidInputError
 from dataflow.contracts.protocols import Collective
 from dataflow.control._abort import FeatureCleanupError

@@ -6,7 +6,7 @@ import threading
 from collections import deque
 from dataclasses import dataclass
 
-from dataflow.contracts import is_int, is_number
+from dataflow.contracts.checks import is_int, is_number
 from dataflow.contracts.errors import InvalidInputError
 from dataflow.control._validate import positive_int
 

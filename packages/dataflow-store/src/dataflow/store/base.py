@@ -78,16 +78,15 @@ from dataflow.contracts import (
     GcReport,
     InvalidInputError,
     NotFoundError,
-    ParsedURI,
     SampleRef,
     StaleGenerationError,
     StoreHealth,
-    freeze_map,
-    is_int,
-    parse_store_uri,
-    validate_sample_id,
 )
+from dataflow.contracts.checks import is_int
 from dataflow.contracts.errors import CapacityExceededError
+from dataflow.contracts.frozen import freeze_map
+from dataflow.contracts.ids import validate_sample_id
+from dataflow.contracts.uris import ParsedURI, parse_store_uri
 from dataflow.store.faults import FaultInjector
 from dataflow.store.staging import check_generation, parse_steward
 from dataflow.store.tensors import PreparedSample, jsonable_metadata, prepare_tensors

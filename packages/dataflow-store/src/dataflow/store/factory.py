@@ -10,7 +10,7 @@ when that scheme is opened, so ``mooncake`` stays an optional extra::
     mooncake -> dataflow.store.mooncake.MooncakeFeatureStore
 
 The class is called as ``cls(parsed, **options)`` where ``parsed`` is the
-:class:`~dataflow.contracts.ParsedURI` from :func:`~dataflow.contracts.parse_store_uri` and
+:class:`~dataflow.contracts.uris.ParsedURI` from :func:`~dataflow.contracts.uris.parse_store_uri` and
 ``options`` are exactly the keyword arguments given to ``open_store``. Every backend accepts the
 common options of :class:`~dataflow.store.base.BookkeepingStore` (``budget_bytes``,
 ``max_age_s``, ``retain_on_release``, ``clock``, ``faults``) plus its own (documented on its
@@ -22,7 +22,8 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from dataflow.contracts import FeatureStore, InvalidInputError, parse_store_uri
+from dataflow.contracts import FeatureStore, InvalidInputError
+from dataflow.contracts.uris import parse_store_uri
 
 BACKENDS: dict[str, tuple[str, str]] = {
     "memory": ("dataflow.store.memory", "MemoryFeatureStore"),

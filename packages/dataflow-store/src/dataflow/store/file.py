@@ -37,11 +37,11 @@ from dataflow.contracts import (
     FeatureSpec,
     InvalidInputError,
     NotFoundError,
-    ParsedURI,
     SampleRef,
     SchemaMismatchError,
-    validate_sample_id,
 )
+from dataflow.contracts.ids import validate_sample_id
+from dataflow.contracts.uris import ParsedURI
 from dataflow.store.base import BookkeepingStore, Generation
 from dataflow.store.segments import map_sample, read_layout
 from dataflow.store.tensors import PreparedSample, describe, spec_of

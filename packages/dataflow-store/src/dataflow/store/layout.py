@@ -25,12 +25,8 @@ from typing import Any
 
 import torch
 
-from dataflow.contracts import (
-    DTYPE_ITEMSIZE,
-    CorruptRecordError,
-    FeatureSpec,
-    SchemaMismatchError,
-)
+from dataflow.contracts import CorruptRecordError, FeatureSpec, SchemaMismatchError
+from dataflow.contracts.features import DTYPE_ITEMSIZE
 from dataflow.store.tensors import TORCH_DTYPES, describe
 
 ALIGN = 64

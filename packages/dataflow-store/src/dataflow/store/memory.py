@@ -13,7 +13,8 @@ from typing import Any
 
 import torch
 
-from dataflow.contracts import FeatureSpec, NotFoundError, ParsedURI, SchemaMismatchError
+from dataflow.contracts import FeatureSpec, NotFoundError, SchemaMismatchError
+from dataflow.contracts.uris import ParsedURI
 from dataflow.store.base import BookkeepingStore, Generation
 from dataflow.store.tensors import PreparedSample, describe
 

@@ -68,12 +68,12 @@ from dataflow.contracts import (
     FeatureSpec,
     InvalidInputError,
     NotFoundError,
-    ParsedURI,
     SampleRef,
     SchemaMismatchError,
-    is_number,
-    validate_sample_id,
 )
+from dataflow.contracts.checks import is_number
+from dataflow.contracts.ids import validate_sample_id
+from dataflow.contracts.uris import ParsedURI
 from dataflow.store import mooncake_external as external
 from dataflow.store import mooncake_wire as wire
 from dataflow.store.base import BookkeepingStore, Generation

@@ -27,13 +27,13 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from dataflow.contracts import (
-    DTYPE_ITEMSIZE,
     FeatureSpec,
     InvalidInputError,
     NotFoundError,
     SampleRef,
     SchemaMismatchError,
 )
+from dataflow.contracts.features import DTYPE_ITEMSIZE
 from dataflow.store.tensors import describe
 
 LAYOUT_KEY = "mooncake_layout"

@@ -26,7 +26,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from dataflow.contracts import InvalidInputError, parse_store_uri
+from dataflow.contracts import InvalidInputError
+from dataflow.contracts.uris import parse_store_uri
 
 GiB = 1 << 30
 MiB = 1 << 20

@@ -45,13 +45,8 @@ from typing import Any
 
 import torch
 
-from dataflow.contracts import (
-    CorruptRecordError,
-    FeatureSpec,
-    InvalidInputError,
-    NotFoundError,
-    ParsedURI,
-)
+from dataflow.contracts import CorruptRecordError, FeatureSpec, InvalidInputError, NotFoundError
+from dataflow.contracts.uris import ParsedURI
 from dataflow.store.auth import TokenPolicy, check_token, check_token_shape, policy_for
 from dataflow.store.base import BookkeepingStore, Generation
 from dataflow.store.owner import current_owner, owner_alive

@@ -61,8 +61,8 @@ from dataflow.contracts import (
     FeatureSpec,
     InvalidInputError,
     NotFoundError,
-    ParsedURI,
 )
+from dataflow.contracts.uris import ParsedURI
 from dataflow.store.arena import (
     LIVE,
     Arena,

@@ -29,7 +29,8 @@ import socket
 from collections.abc import Mapping
 from typing import Any
 
-from dataflow.contracts import FeatureSpec, InvalidInputError, SchemaMismatchError, is_int
+from dataflow.contracts import FeatureSpec, InvalidInputError, SchemaMismatchError
+from dataflow.contracts.checks import is_int
 from dataflow.store.owner import current_owner
 from dataflow.store.tensors import describe
 

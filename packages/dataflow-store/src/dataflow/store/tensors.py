@@ -1,7 +1,7 @@
 """Validation of the tensors handed to ``put``, and the torch <-> FeatureSpec dtype mapping.
 
 Guarantees: a tensor accepted here is a CPU, contiguous, detached ``torch.Tensor`` of a dtype in
-:data:`dataflow.contracts.DTYPE_ITEMSIZE`, named by a safe feature name; anything else raises
+:data:`dataflow.contracts.features.DTYPE_ITEMSIZE`, named by a safe feature name; anything else raises
 :class:`~dataflow.contracts.InvalidInputError` naming the feature, before any store is touched.
 """
 
@@ -13,7 +13,8 @@ from typing import Any
 
 import torch
 
-from dataflow.contracts import FeatureSpec, InvalidInputError, validate_id
+from dataflow.contracts import FeatureSpec, InvalidInputError
+from dataflow.contracts.ids import validate_id
 
 TORCH_DTYPES: Mapping[str, torch.dtype] = {
     "bool": torch.bool,

@@ -6,7 +6,9 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from dataflow.contracts import InvalidInputError, is_int, validate_id
+from dataflow.contracts import InvalidInputError
+from dataflow.contracts.checks import is_int
+from dataflow.contracts.ids import validate_id
 from dataflow.train.optim import OptimConfig
 
 

@@ -18,14 +18,9 @@ import torch
 from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-from dataflow.contracts import (
-    Collective,
-    InvalidInputError,
-    Ledger,
-    WeightVersion,
-    is_int,
-    validate_id,
-)
+from dataflow.contracts import Collective, InvalidInputError, Ledger, WeightVersion
+from dataflow.contracts.checks import is_int
+from dataflow.contracts.ids import validate_id
 from dataflow.control.dist_ack import DistAckResult, distributed_ack
 from dataflow.train.parallel.backend import TrainBackend
 

@@ -16,7 +16,6 @@ from typing import Any, cast
 import torch
 
 from dataflow.contracts import (
-    FEATURE_SCHEMA_VERSION,
     BackendUnavailableError,
     ClosedError,
     FeatureHandle,
@@ -26,8 +25,9 @@ from dataflow.contracts import (
     SampleRef,
     SchemaMismatchError,
     TrainBatch,
-    is_int,
 )
+from dataflow.contracts.checks import is_int
+from dataflow.contracts.features import FEATURE_SCHEMA_VERSION
 from dataflow.train.collate import check_refs_agree, collate
 from dataflow.train.ref_sources import AbortSettler, FixedRefPlan, QueueRefSource, RefSettler
 from dataflow.train.sample_checks import (

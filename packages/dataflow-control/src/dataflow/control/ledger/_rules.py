@@ -12,7 +12,8 @@ from collections.abc import Sequence
 from types import MappingProxyType
 from typing import Any, TypeVar
 
-from dataflow.contracts import FrozenDict, is_int
+from dataflow.contracts import FrozenDict
+from dataflow.contracts.checks import is_int
 from dataflow.contracts.errors import InvalidInputError, LedgerConflictError
 from dataflow.contracts.features import FeatureSpec, SampleRef
 from dataflow.contracts.ids import validate_id

@@ -24,7 +24,7 @@ from collections.abc import Callable, Mapping, Sequence
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from dataflow.contracts import is_number
+from dataflow.contracts.checks import is_number
 from dataflow.contracts.errors import (
     BackendUnavailableError,
     ClosedError,

@@ -8,7 +8,8 @@ from __future__ import annotations
 import os
 from pathlib import PurePosixPath
 
-from dataflow.contracts import InvalidInputError, parse_store_uri
+from dataflow.contracts import InvalidInputError
+from dataflow.contracts.uris import parse_store_uri
 from dataflow.launch.config import LaunchConfig
 
 ROLES = ("run", "produce", "consume")

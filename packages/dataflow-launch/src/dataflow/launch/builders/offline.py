@@ -19,11 +19,10 @@ from dataflow.contracts import (
     ProducerState,
     RunFailedError,
     SampleRef,
-    decode,
-    encode,
-    parse_store_uri,
 )
+from dataflow.contracts.codec import decode, encode
 from dataflow.contracts.states import clip_reason
+from dataflow.contracts.uris import parse_store_uri
 from dataflow.control import run_on_rank0
 from dataflow.launch.builders.common import (
     load_run_prompts,

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from dataflow.contracts import InvalidInputError, parse_ledger_uri, parse_store_uri
+from dataflow.contracts import InvalidInputError
+from dataflow.contracts.uris import parse_ledger_uri, parse_store_uri
 from dataflow.launch.builders.config_checks import check_config, check_dataset_fits
 from dataflow.launch.config import LaunchConfig
 

@@ -13,7 +13,8 @@ from types import TracebackType
 
 from tqdm import tqdm
 
-from dataflow.contracts import LedgerStatus, parse_ledger_uri
+from dataflow.contracts import LedgerStatus
+from dataflow.contracts.uris import parse_ledger_uri
 from dataflow.control import open_ledger
 
 SHAREABLE = ("sqlite", "redis")

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from dataflow.contracts import DeploymentMode, InvalidInputError, parse_ledger_uri
+from dataflow.contracts import DeploymentMode, InvalidInputError
+from dataflow.contracts.uris import parse_ledger_uri
 from dataflow.control import ReleasePolicy
 from dataflow.launch.config import LaunchConfig
 

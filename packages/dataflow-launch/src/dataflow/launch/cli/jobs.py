@@ -12,7 +12,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from dataflow.contracts import InvalidInputError, parse_ledger_uri
+from dataflow.contracts import InvalidInputError
+from dataflow.contracts.uris import parse_ledger_uri
 from dataflow.launch.config import LaunchConfig, load_config
 from dataflow.launch.run_dir import RunDir
 

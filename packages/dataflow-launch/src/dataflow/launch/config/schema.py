@@ -10,7 +10,8 @@ from typing import Any
 
 from pydantic import model_validator
 
-from dataflow.contracts import DeploymentMode, parse_ledger_uri, parse_store_uri
+from dataflow.contracts import DeploymentMode
+from dataflow.contracts.uris import parse_ledger_uri, parse_store_uri
 from dataflow.launch.config.sections import (
     DataSection,
     FlowSection,

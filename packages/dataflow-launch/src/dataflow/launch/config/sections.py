@@ -7,7 +7,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
 
-from dataflow.contracts import parse_ledger_uri, parse_store_uri, validate_id
+from dataflow.contracts.ids import validate_id
+from dataflow.contracts.uris import parse_ledger_uri, parse_store_uri
 
 Topology = Literal[
     "colocated_offline", "colocated_online", "disaggregated_offline", "disaggregated_online"

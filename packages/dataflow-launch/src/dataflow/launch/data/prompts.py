@@ -8,7 +8,7 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
-from dataflow.contracts import is_int
+from dataflow.contracts.checks import is_int
 from dataflow.launch.config import DataSection
 from dataflow.launch.data.chat import encode_conversation, encode_prompt, normalise_conversation
 from dataflow.launch.data.jsonl import BadLine, MalformedRecord, read_records

@@ -5,7 +5,8 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 
-from dataflow.contracts import InvalidInputError, PromptTask, validate_task_id
+from dataflow.contracts import InvalidInputError, PromptTask
+from dataflow.contracts.ids import validate_task_id
 from dataflow.launch.data.prompts import Prompt
 
 

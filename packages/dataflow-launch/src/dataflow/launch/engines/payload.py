@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from dataflow.contracts import InvalidInputError, PromptTask, is_int
+from dataflow.contracts import InvalidInputError, PromptTask
+from dataflow.contracts.checks import is_int
 from dataflow.launch.data.chat import check_messages, encode_conversation, encode_prompt
 from dataflow.launch.data.jsonl import MalformedRecord
 

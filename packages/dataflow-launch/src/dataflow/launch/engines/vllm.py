@@ -147,7 +147,7 @@ class VLLMTargetEngine(ServedModelDirEngine):
             raise InvalidInputError(
                 f"target.vllm.capture_mode must be 'file' or 'store', got {mode!r}"
             )
-        from dataflow.contracts import parse_store_uri
+        from dataflow.contracts.uris import parse_store_uri
         from dataflow.store import open_store
 
         if uri is None or parse_store_uri(uri).scheme not in STORE_SCHEMES:

@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Generic, TypeVar, cast
 
-from dataflow.contracts import is_number
+from dataflow.contracts.checks import is_number
 from dataflow.contracts.errors import InvalidInputError
 from dataflow.contracts.protocols import RefQueue
 from dataflow.launch.interleave.guard import GuardedQueue

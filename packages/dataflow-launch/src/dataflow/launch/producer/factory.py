@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from dataflow.contracts import FeatureStore, InvalidInputError, Ledger, parse_ledger_uri
+from dataflow.contracts import FeatureStore, InvalidInputError, Ledger
+from dataflow.contracts.uris import parse_ledger_uri
 from dataflow.control import open_ledger
 from dataflow.control.flow import FlowLimits
 from dataflow.control.gate import StalenessAdmission

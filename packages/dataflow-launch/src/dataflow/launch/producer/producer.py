@@ -15,9 +15,9 @@ from dataflow.contracts import (
     PromptState,
     PromptTask,
     RunFailedError,
-    parse_ledger_uri,
 )
 from dataflow.contracts.states import clip_reason
+from dataflow.contracts.uris import parse_ledger_uri
 from dataflow.control.flow import FlowLimits
 from dataflow.control.gate import StalenessAdmission
 from dataflow.control.producer import ProducerSide

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from dataflow.contracts import InvalidInputError, is_int, is_number, validate_id
+from dataflow.contracts import InvalidInputError
+from dataflow.contracts.checks import is_int, is_number
+from dataflow.contracts.ids import validate_id
 from dataflow.launch.config import LaunchConfig
 
 

@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from dataflow.contracts import is_int
+from dataflow.contracts.checks import is_int
 from dataflow.contracts.errors import InvalidInputError
 
 

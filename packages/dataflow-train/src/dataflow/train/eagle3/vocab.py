@@ -12,7 +12,7 @@ from collections.abc import Iterable, Mapping
 
 import torch
 
-from dataflow.contracts import is_int
+from dataflow.contracts.checks import is_int
 from dataflow.contracts.errors import InvalidInputError
 
 TokenCounts = Mapping[int, int] | torch.Tensor | Iterable[int]

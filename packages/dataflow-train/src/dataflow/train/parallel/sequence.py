@@ -33,7 +33,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 
-from dataflow.contracts import Collective, InvalidInputError, is_int
+from dataflow.contracts import Collective, InvalidInputError
+from dataflow.contracts.checks import is_int
 from dataflow.train.distributed import FailTogether, TorchCollective
 from dataflow.train.eagle3.objective import Eagle3Objective, StepOutput
 from dataflow.train.eagle3.sequence import SequenceExchange
