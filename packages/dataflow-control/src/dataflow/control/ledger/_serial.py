@@ -4,11 +4,19 @@
 a direct encoder and decoder producing and accepting exactly what ``dataflow.contracts.codec``
 does; anything unusual (another schema version, unknown fields) goes through the strict codec.
 Stored text that does not decode is a ``CorruptRecordError``: the ledger wrote it validated.
+
+A backend that stores ``ref_crc(text)`` beside the text at commit reads it back with
+``decode_checked_ref``: text whose CRC-32 still matches is exactly what this ledger encoded from a
+ref it had validated, so the ref is rebuilt with ``SampleRef.from_validated`` (kind, version,
+fields and sample id still checked); a CRC mismatch is a ``CorruptRecordError``. The CRC guards
+against damage (a torn page, a garbled or hand-edited row), not against a writer who recomputes
+it: whoever can write the ledger file is trusted with it anyway.
 """
 
 from __future__ import annotations
 
 import json
+import zlib
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
@@ -140,3 +148,69 @@ def decode_record(text: str, kind: type[R], where: str) -> R:
         return loads(text, kind)
     except DataflowError as exc:
         raise CorruptRecordError(f"{where}: stored record does not decode ({exc})") from None
+
+
+def ref_crc(text: str) -> int:
+    """The CRC-32 stored beside a ref's text at commit (``decode_checked_ref`` verifies it)."""
+    return zlib.crc32(text.encode())
+
+
+def _frozen(value: Any) -> Any:
+    """A parsed JSON value deep-frozen as ``freeze_json`` would (objects to FrozenDicts, arrays
+    to tuples), for values parsed from verified text: nothing to validate.
+    """
+    kind = type(value)
+    if kind is dict:
+        return FrozenDict({key: _frozen(child) for key, child in value.items()})
+    if kind is list:
+        return tuple(_frozen(child) for child in value)
+    return value
+
+
+def _checked_spec(body: dict[str, Any]) -> FeatureSpec:
+    name, shape, dtype = body["name"], body["shape"], body["dtype"]
+    key = (name, dtype, *shape)
+    spec = _SPEC_MEMO.get(key)
+    if spec is None:
+        spec = FeatureSpec.from_validated(name, tuple(shape), dtype)
+        if len(_SPEC_MEMO) < _SPEC_MEMO_LIMIT:
+            _SPEC_MEMO[key] = spec
+    return spec
+
+
+def decode_checked_ref(text: str, crc: int | None, sample_id: str, where: str) -> SampleRef:
+    """Rebuild the ref of row ``sample_id`` from its text and the CRC stored at commit.
+
+    ``crc`` None (a row written before CRCs were kept) decodes with full validation. A CRC that
+    does not match, text that is not this ledger's current SampleRef encoding, or a ref of
+    another id is a ``CorruptRecordError`` naming ``where``.
+    """
+    if crc is None:
+        ref = decode_ref(text, where)
+    else:
+        if zlib.crc32(text.encode()) != crc:
+            raise CorruptRecordError(
+                f"{where}: stored ref fails its checksum (the text changed after commit)"
+            )
+        try:
+            data = json.loads(text)
+            if not (
+                type(data) is dict
+                and data.get("kind") == "SampleRef"
+                and data.get("v") == _REF_VERSION
+                and data.keys() == _REF_FIELDS
+            ):
+                raise ValueError("not this ledger's SampleRef encoding")
+            del data["kind"], data["v"]
+            data["feature_keys"] = FrozenDict(data["feature_keys"])
+            data["feature_specs"] = FrozenDict(
+                {name: _checked_spec(body) for name, body in data["feature_specs"].items()}
+            )
+            metadata = data["metadata"]
+            data["metadata"] = FrozenDict(metadata) if not metadata else _frozen(metadata)
+            ref = SampleRef.from_validated(**data)
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            raise CorruptRecordError(f"{where}: stored ref does not decode ({exc})") from None
+    if ref.sample_id != sample_id:
+        raise CorruptRecordError(f"{where}: stored ref is of sample {ref.sample_id!r}")
+    return ref

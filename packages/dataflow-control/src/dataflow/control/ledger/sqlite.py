@@ -34,7 +34,13 @@ from dataflow.contracts.states import PromptState, SampleState
 from dataflow.contracts.weights import WeightVersion
 from dataflow.control.ledger._meta import RunMeta
 from dataflow.control.ledger._rows import PromptChange, PromptRow, SampleChange, SampleRow
-from dataflow.control.ledger._serial import decode_record, decode_ref, encode_record, encode_ref
+from dataflow.control.ledger._serial import (
+    decode_checked_ref,
+    decode_record,
+    encode_record,
+    encode_ref,
+    ref_crc,
+)
 from dataflow.control.ledger._sqlite_schema import (
     PROMPT_CODES,
     SAMPLE_CODES,
@@ -96,9 +102,9 @@ class _SQLiteTx(LedgerTx):
         self._cache = cache
         self._values: dict[str, str] | None = None
         self.meta_written: dict[str, str] = {}
-        # Ref texts already read in this transaction (assigned_rows reads them with the rows),
-        # so the refs() that follows needs no second query.
-        self._texts: dict[str, str] = {}
+        # Ref texts and CRCs already read in this transaction (assigned_rows reads them with
+        # the rows), so the refs() that follows needs no second query.
+        self._texts: dict[str, tuple[str, int | None]] = {}
 
     def _in(self, sql: str, ids: Sequence[str]) -> list[tuple[Any, ...]]:
         # Fetched whole (never a lazy generator): a row that fails to decode must not leave a
@@ -147,30 +153,32 @@ class _SQLiteTx(LedgerTx):
 
     def assigned_rows(self, rank: int, after_window: int) -> list[SampleRow]:
         sql = (
-            f"SELECT {_SAMPLE_COLUMNS_S}, r.ref FROM samples AS s INDEXED BY samples_assigned "
+            f"SELECT {_SAMPLE_COLUMNS_S}, r.ref, r.crc FROM samples AS s "
+            "INDEXED BY samples_assigned "
             "JOIN sample_refs AS r ON r.seq = s.seq "
             f"WHERE s.state = {SAMPLE_CODES[SampleState.ASSIGNED]} AND s.rank = ? AND s.win > ? "
             "ORDER BY s.win, s.seq"
         )
         rows = []
+        texts = self._texts
         for row in self._c.execute(sql, (rank, after_window)):
-            rows.append(_sample(row[:-1]))
-            self._texts[row[0]] = row[-1]
+            rows.append(_sample(row[:-2]))
+            texts[row[0]] = (row[-2], row[-1])
         return rows
 
     def refs(self, sample_ids: Sequence[str]) -> dict[str, SampleRef]:
         texts = {sid: self._texts[sid] for sid in sample_ids if sid in self._texts}
         missing = [sid for sid in sample_ids if sid not in texts]
         if missing:
-            texts.update(
-                self._in(
-                    "SELECT s.id, r.ref FROM samples AS s JOIN sample_refs AS r ON r.seq = s.seq "
-                    "WHERE s.id IN ({})",
-                    missing,
-                )
+            sql = (
+                "SELECT s.id, r.ref, r.crc FROM samples AS s "
+                "JOIN sample_refs AS r ON r.seq = s.seq WHERE s.id IN ({})"
             )
+            texts.update((sid, (text, crc)) for sid, text, crc in self._in(sql, missing))
+        path = self._path
         return {
-            sid: decode_ref(text, f"{self._path} sample {sid!r}") for sid, text in texts.items()
+            sid: decode_checked_ref(text, crc, sid, f"{path} sample {sid!r}")
+            for sid, (text, crc) in texts.items()
         }
 
     def prompts(self, task_ids: Sequence[str]) -> dict[str, PromptRow]:
@@ -220,9 +228,10 @@ class _SQLiteTx(LedgerTx):
                 for r in rows
             ],
         )  # fmt: skip
+        texts = [(r.seq, encode_ref(ref)) for r, ref in zip(rows, refs, strict=True)]
         self._c.executemany(
-            "INSERT INTO sample_refs (seq, ref) VALUES (?, ?)",
-            [(r.seq, encode_ref(ref)) for r, ref in zip(rows, refs, strict=True)],
+            "INSERT INTO sample_refs (seq, ref, crc) VALUES (?, ?, ?)",
+            [(seq, text, ref_crc(text)) for seq, text in texts],
         )
 
     def update_samples(self, changes: Sequence[SampleChange]) -> None:
