@@ -146,6 +146,37 @@ class _SQLiteTx(LedgerTx):
         sql = f"SELECT {_SAMPLE_COLUMNS} FROM samples WHERE id IN ({{}})"
         return {row[0]: _sample(row) for row in self._in(sql, sample_ids)}
 
+    # The next commit order is max(seq) + 1 (rows are never deleted), read with the lookups.
+    stores_next_seq = False
+
+    def commit_reads(
+        self, sample_ids: Sequence[str], task_ids: Sequence[str], meta: RunMeta
+    ) -> tuple[dict[str, SampleRow], dict[str, PromptRow], int]:
+        if len(sample_ids) + len(task_ids) > _CHUNK:
+            top = self._c.execute("SELECT max(seq) FROM samples").fetchone()[0]
+            known, prompts = self.samples(sample_ids), self.prompts(task_ids) if task_ids else {}
+        else:
+            # One statement: the known samples, the known tasks and the newest seq.
+            sql = (
+                f"SELECT 0, {_SAMPLE_COLUMNS} FROM samples "
+                f"WHERE id IN ({','.join('?' * len(sample_ids))}) UNION ALL "
+            )
+            if task_ids:
+                sql += (
+                    f"SELECT 1, {_PROMPT_COLUMNS}, NULL FROM prompts "
+                    f"WHERE id IN ({','.join('?' * len(task_ids))}) UNION ALL "
+                )
+            sql += "SELECT 2, NULL, max(seq), NULL, NULL, NULL, NULL, NULL, NULL FROM samples"
+            known, prompts, top = {}, {}, None
+            for row in self._c.execute(sql, (*sample_ids, *task_ids)).fetchall():
+                if row[0] == 0:
+                    known[row[1]] = _sample(row[1:])
+                elif row[0] == 1:
+                    prompts[row[1]] = _prompt(row[1:8])
+                else:
+                    top = row[2]
+        return known, prompts, meta.next_seq if top is None else max(meta.next_seq, top + 1)
+
     def samples_in(self, state: SampleState, limit: int | None = None) -> list[SampleRow]:
         sql = f"SELECT {_SAMPLE_COLUMNS} FROM samples WHERE state = ? ORDER BY seq LIMIT ?"
         rows = self._c.execute(sql, (SAMPLE_CODES[state], -1 if limit is None else limit))
@@ -213,9 +244,12 @@ class _SQLiteTx(LedgerTx):
             cache.values, cache.parsed = {**cache.values, **self.meta_written}, None
 
     def add_counters(self, deltas: Mapping[str, int]) -> None:
-        self._c.executemany(
-            "INSERT INTO counters (k, v) VALUES (?, ?) ON CONFLICT (k) DO UPDATE SET v = v + excluded.v",
-            deltas.items(),
+        # One statement for every counter of the transaction (they are few).
+        values = ",".join(["(?, ?)"] * len(deltas))
+        self._c.execute(
+            f"INSERT INTO counters (k, v) VALUES {values} "
+            "ON CONFLICT (k) DO UPDATE SET v = v + excluded.v",
+            [item for pair in deltas.items() for item in pair],
         )
 
     def insert_samples(self, rows: Sequence[SampleRow], refs: Sequence[SampleRef]) -> None:
