@@ -150,6 +150,9 @@ def decode_record(text: str, kind: type[R], where: str) -> R:
         raise CorruptRecordError(f"{where}: stored record does not decode ({exc})") from None
 
 
+_DECODE = json.JSONDecoder().decode
+
+
 def ref_crc(text: str) -> int:
     """The CRC-32 stored beside a ref's text at commit (``decode_checked_ref`` verifies it)."""
     return zlib.crc32(text.encode())
@@ -193,7 +196,7 @@ def decode_checked_ref(text: str, crc: int | None, sample_id: str, where: str) -
                 f"{where}: stored ref fails its checksum (the text changed after commit)"
             )
         try:
-            data = json.loads(text)
+            data = _DECODE(text)
             if not (
                 type(data) is dict
                 and data.get("kind") == "SampleRef"
@@ -207,10 +210,31 @@ def decode_checked_ref(text: str, crc: int | None, sample_id: str, where: str) -
                 {name: _checked_spec(body) for name, body in data["feature_specs"].items()}
             )
             metadata = data["metadata"]
-            data["metadata"] = FrozenDict(metadata) if not metadata else _frozen(metadata)
+            flat = all(type(value) in _SCALARS for value in metadata.values())
+            data["metadata"] = FrozenDict(metadata) if flat else _frozen(metadata)
             ref = SampleRef.from_validated(**data)
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
             raise CorruptRecordError(f"{where}: stored ref does not decode ({exc})") from None
     if ref.sample_id != sample_id:
         raise CorruptRecordError(f"{where}: stored ref is of sample {ref.sample_id!r}")
     return ref
+
+
+def seal_ref(text: str) -> str:
+    """A ref's text prefixed with its CRC-32 in 8 hex digits, for a backend that stores one
+    string per ref (Redis); ``open_sealed_ref`` reads it back.
+    """
+    return f"{zlib.crc32(text.encode()):08x}{text}"
+
+
+def open_sealed_ref(value: str, sample_id: str, where: str) -> SampleRef:
+    """The ref of row ``sample_id`` from a ``seal_ref`` value, verified as by
+    ``decode_checked_ref``; a bare text (``{`` first, written before CRCs were kept) decodes
+    with full validation.
+    """
+    if value[:1] == "{":
+        return decode_checked_ref(value, None, sample_id, where)
+    head = value[:8]
+    if len(head) != 8 or not all(c in "0123456789abcdef" for c in head):
+        raise CorruptRecordError(f"{where}: stored ref has no checksum ({value!r:.40})")
+    return decode_checked_ref(value[8:], int(head, 16), sample_id, where)
