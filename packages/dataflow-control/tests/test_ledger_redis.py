@@ -193,7 +193,7 @@ def test_a_ref_altered_after_commit_fails_its_checksum(redis_server: RedisServer
     victim = refs[1].sample_id
     value = client.hget("dataflow:altered:refs", victim)
     assert value is not None and '"estimated_bytes":100' in value
-    client.hset("dataflow:altered:refs", victim, value.replace("es\":100", "es\":101"))
+    client.hset("dataflow:altered:refs", victim, value.replace('es":100', 'es":101'))
     with pytest.raises(CorruptRecordError, match="checksum") as info:
         ledger.refs([victim])
     assert victim in str(info.value)

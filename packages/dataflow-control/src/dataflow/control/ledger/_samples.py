@@ -143,7 +143,7 @@ def commit(tx: LedgerTx, refs: Sequence[SampleRef]) -> CommitResult:
     finished: list[PromptChange] = [
         (row.state, row._replace(state=PromptState.DONE))
         for tid in task_ids
-        if (row := prompts.get(tid)) is not None  # type: ignore[arg-type]
+        if (row := prompts.get(tid)) is not None
         and row.state in (PromptState.PENDING, PromptState.LEASED)
     ]
     tx.insert_samples(rows, list(fresh.values()))
