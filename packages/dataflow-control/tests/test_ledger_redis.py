@@ -181,3 +181,44 @@ def test_a_refusal_decided_on_a_torn_snapshot_is_rerun(redis_server: RedisServer
         storage.write(refuse)
     storage.close()
     other.close()
+
+
+def test_a_ref_altered_after_commit_fails_its_checksum(redis_server: RedisServer) -> None:
+    # Valid JSON, a valid-looking ref and an intact CRC prefix, but not the committed text.
+    ledger = open_ledger(redis_server.url(4, namespace="altered"))
+    ledger.open_run("run-1", 2, resume=False)
+    refs = make_refs(0, 2)
+    ledger.commit(refs)
+    client = redis.Redis(port=redis_server.port, db=4, decode_responses=True)
+    victim = refs[1].sample_id
+    value = client.hget("dataflow:altered:refs", victim)
+    assert value is not None and '"estimated_bytes":100' in value
+    client.hset("dataflow:altered:refs", victim, value.replace('es":100', 'es":101'))
+    with pytest.raises(CorruptRecordError, match="checksum") as info:
+        ledger.refs([victim])
+    assert victim in str(info.value)
+    client.hset("dataflow:altered:refs", victim, "zz" + value[2:])  # the CRC itself garbled
+    with pytest.raises(CorruptRecordError, match="checksum"):
+        ledger.refs([victim])
+    assert ledger.refs([refs[0].sample_id]) == [refs[0]]  # the good row still reads
+    ledger.close()
+
+
+def test_a_schema_1_namespace_is_upgraded_and_its_bare_texts_still_read(
+    redis_server: RedisServer,
+) -> None:
+    ledger = open_ledger(redis_server.url(4, namespace="old"))
+    ledger.open_run("run-1", 2, resume=False)
+    refs = make_refs(0, 2)
+    ledger.commit(refs)
+    ledger.close()
+    client = redis.Redis(port=redis_server.port, db=4, decode_responses=True)
+    for ref in refs:  # back to schema 1: the text without its CRC
+        value = client.hget("dataflow:old:refs", ref.sample_id)
+        assert value is not None
+        client.hset("dataflow:old:refs", ref.sample_id, value[8:])
+    client.set("dataflow:old:schema", 1)
+    ledger = open_ledger(redis_server.url(4, namespace="old"))
+    assert client.get("dataflow:old:schema") == "2"
+    assert ledger.refs([r.sample_id for r in refs]) == refs
+    ledger.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -31,7 +32,7 @@ def test_pragmas_wal_and_full_sync(tmp_path: Path) -> None:
     conn = sqlite3.connect(tmp_path / "l.db")
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert conn.execute("SELECT name, version FROM ledger_schema").fetchall() == [
-        ("dataflow-ledger", 2)
+        ("dataflow-ledger", 3)
     ]
     conn.close()
 
@@ -103,13 +104,125 @@ def test_a_schema_1_file_is_read_read_only_and_upgraded_when_opened_to_write(
     assert ledger.status().samples["assigned"] == 2 and ledger.status().in_flight == 3
     ledger.close()
     conn = sqlite3.connect(path)
-    assert conn.execute("SELECT version FROM ledger_schema").fetchone() == (2,)
+    assert conn.execute("SELECT version FROM ledger_schema").fetchone() == (3,)
     columns = [row[1] for row in conn.execute("PRAGMA table_info(samples)")]
     assert "ref" not in columns
+    # The upgraded rows have no CRC (validated in full when read); the new commit has one.
+    crcs = conn.execute("SELECT crc FROM sample_refs ORDER BY seq").fetchall()
+    assert crcs[:2] == [(None,), (None,)] and isinstance(crcs[2][0], int)
     indexes = {row[1] for row in conn.execute("PRAGMA index_list(samples)")}
     assert {"samples_by_state", "samples_assigned"} <= indexes
     assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
     conn.close()
+
+
+def test_a_schema_2_file_is_read_read_only_and_upgraded_when_opened_to_write(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "v2.db"
+    ledger = open_ledger(f"sqlite://{path}")
+    ledger.open_run("old", 1, resume=False)
+    refs = make_refs(0, 2, run="old")
+    ledger.commit(refs)
+    ledger.close()
+    conn = sqlite3.connect(path)  # back to the schema-2 layout: no CRC column
+    conn.execute("ALTER TABLE sample_refs DROP COLUMN crc")
+    conn.execute("UPDATE ledger_schema SET version = 2")
+    conn.commit()
+    conn.close()
+    reader = open_ledger(f"sqlite://{path}", read_only=True)
+    assert reader.refs([r.sample_id for r in refs]) == refs
+    reader.close()
+    ledger = open_ledger(f"sqlite://{path}")
+    assert ledger.refs([r.sample_id for r in refs]) == refs
+    ledger.commit([make_ref(5, run="old")])
+    assert ledger.refs([make_ref(5).sample_id]) == [make_ref(5, run="old")]
+    ledger.close()
+    conn = sqlite3.connect(path)
+    assert conn.execute("SELECT version FROM ledger_schema").fetchone() == (3,)
+    crcs = conn.execute("SELECT crc FROM sample_refs ORDER BY seq").fetchall()
+    assert crcs[:2] == [(None,), (None,)] and isinstance(crcs[2][0], int)
+    conn.close()
+
+
+def _alter_ref_text(path: Path, sample_id: str, edit: Callable[[str], str]) -> None:
+    conn = sqlite3.connect(path)
+    (text,) = conn.execute(
+        "SELECT ref FROM sample_refs WHERE seq = (SELECT seq FROM samples WHERE id = ?)",
+        (sample_id,),
+    ).fetchone()
+    new = edit(text)
+    assert new != text
+    conn.execute(
+        "UPDATE sample_refs SET ref = ? WHERE seq = (SELECT seq FROM samples WHERE id = ?)",
+        (new, sample_id),
+    )
+    conn.commit()
+    conn.close()
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda text: text.replace('"estimated_bytes":100', '"estimated_bytes":101'),
+        lambda text: text.replace('"target_version":"unknown"', '"target_version":"other"'),
+        lambda text: text.replace('"metadata":{"i":1}', '"metadata":{"i":2}'),
+    ],
+    ids=["estimated_bytes", "target_version", "metadata"],
+)
+def test_a_ref_text_altered_after_commit_fails_its_checksum(
+    tmp_path: Path, edit: Callable[[str], str]
+) -> None:
+    # Valid JSON and a valid-looking ref, but not what was committed: refused, naming the row,
+    # on every read path (by id, a rank's window, the committed list); other rows still read.
+    path = tmp_path / "l.db"
+    ledger = open_ledger(f"sqlite://{path}")
+    ledger.open_run("run-1", 2, resume=False)
+    refs = make_refs(0, 4, run="run-1")
+    ledger.commit(refs)
+    ledger.close()
+    victim = refs[1].sample_id
+    _alter_ref_text(path, victim, edit)
+    ledger = open_ledger(f"sqlite://{path}")
+    try:
+        for read in (
+            lambda: ledger.refs([victim]),
+            lambda: ledger.committed(4),
+        ):
+            with pytest.raises(CorruptRecordError, match="checksum") as info:
+                read()
+            assert victim in str(info.value)
+        assert ledger.refs([refs[0].sample_id, refs[2].sample_id]) == [refs[0], refs[2]]
+        assert ledger.assign_window(1, 2) is not None
+        with pytest.raises(CorruptRecordError, match="checksum"):
+            ledger.assigned(0)
+    finally:
+        ledger.close()
+
+
+def test_a_ref_text_moved_to_another_row_is_refused(tmp_path: Path) -> None:
+    # Both texts and their CRCs intact, but swapped between rows: the id check refuses it.
+    path = tmp_path / "l.db"
+    ledger = open_ledger(f"sqlite://{path}")
+    ledger.open_run("run-1", 2, resume=False)
+    refs = make_refs(0, 2, run="run-1")
+    ledger.commit(refs)
+    ledger.close()
+    conn = sqlite3.connect(path)
+    conn.execute(
+        "UPDATE sample_refs SET (ref, crc) = "
+        "(SELECT ref, crc FROM sample_refs WHERE seq = (SELECT min(seq) FROM sample_refs)) "
+        "WHERE seq = (SELECT max(seq) FROM sample_refs)"
+    )
+    conn.commit()
+    conn.close()
+    ledger = open_ledger(f"sqlite://{path}")
+    try:
+        with pytest.raises(CorruptRecordError) as info:
+            ledger.refs([refs[1].sample_id])
+        assert refs[1].sample_id in str(info.value) and refs[0].sample_id in str(info.value)
+    finally:
+        ledger.close()
 
 
 def test_markers_written_by_another_connection_are_seen_by_the_next_transaction(

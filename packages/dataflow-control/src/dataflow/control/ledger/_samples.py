@@ -123,7 +123,8 @@ def commit(tx: LedgerTx, refs: Sequence[SampleRef]) -> CommitResult:
                 f"refs[{i}] ({ref.sample_id!r}) belongs to run {ref.run_id!r}, "
                 f"not to this ledger's run {meta.run_id!r}"
             )
-    known = tx.samples([ref.sample_id for ref in refs])
+    all_tasks = list(dict.fromkeys(r.source_task_id for r in refs if r.source_task_id))
+    known, prompts, next_seq = tx.commit_reads([ref.sample_id for ref in refs], all_tasks, meta)
     fresh: dict[str, SampleRef] = {}
     duplicates: list[str] = []
     for ref in refs:
@@ -134,15 +135,17 @@ def commit(tx: LedgerTx, refs: Sequence[SampleRef]) -> CommitResult:
     if not fresh:
         return CommitResult(committed=(), duplicates=tuple(duplicates))
     rows = [
-        SampleRow(sid, meta.next_seq + i, COMMITTED, nbytes=ref_bytes(ref))
+        SampleRow(sid, next_seq + i, COMMITTED, nbytes=ref_bytes(ref))
         for i, (sid, ref) in enumerate(fresh.items())
     ]
-    task_ids = list(dict.fromkeys(r.source_task_id for r in fresh.values() if r.source_task_id))
-    finished: list[PromptChange] = []
-    if task_ids:
-        for row in tx.prompts(task_ids).values():
-            if row.state in (PromptState.PENDING, PromptState.LEASED):
-                finished.append((row.state, row._replace(state=PromptState.DONE)))
+    # The source tasks of the fresh refs only (a duplicate's task was finished by its commit).
+    task_ids = dict.fromkeys(r.source_task_id for r in fresh.values() if r.source_task_id)
+    finished: list[PromptChange] = [
+        (row.state, row._replace(state=PromptState.DONE))
+        for tid in task_ids
+        if (row := prompts.get(tid)) is not None
+        and row.state in (PromptState.PENDING, PromptState.LEASED)
+    ]
     tx.insert_samples(rows, list(fresh.values()))
     deltas: Counter[str] = Counter(
         {sample_counter(COMMITTED): len(rows), IN_FLIGHT_BYTES: sum(r.nbytes for r in rows)}
@@ -153,7 +156,8 @@ def commit(tx: LedgerTx, refs: Sequence[SampleRef]) -> CommitResult:
     if finished:
         tx.update_prompts(finished)
     tx.add_counters(deltas)
-    tx.set_meta(meta.changes(next_seq=meta.next_seq + len(rows))[1])
+    if tx.stores_next_seq:
+        tx.set_meta(meta.changes(next_seq=next_seq + len(rows))[1])
     return CommitResult(committed=tuple(fresh), duplicates=tuple(duplicates))
 
 

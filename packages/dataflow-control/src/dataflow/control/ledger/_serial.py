@@ -4,11 +4,19 @@
 a direct encoder and decoder producing and accepting exactly what ``dataflow.contracts.codec``
 does; anything unusual (another schema version, unknown fields) goes through the strict codec.
 Stored text that does not decode is a ``CorruptRecordError``: the ledger wrote it validated.
+
+A backend that stores ``ref_crc(text)`` beside the text at commit reads it back with
+``decode_checked_ref``: text whose CRC-32 still matches is exactly what this ledger encoded from a
+ref it had validated, so the ref is rebuilt with ``SampleRef.from_validated`` (kind, version,
+fields and sample id still checked); a CRC mismatch is a ``CorruptRecordError``. The CRC guards
+against damage (a torn page, a garbled or hand-edited row), not against a writer who recomputes
+it: whoever can write the ledger file is trusted with it anyway.
 """
 
 from __future__ import annotations
 
 import json
+import zlib
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
@@ -140,3 +148,93 @@ def decode_record(text: str, kind: type[R], where: str) -> R:
         return loads(text, kind)
     except DataflowError as exc:
         raise CorruptRecordError(f"{where}: stored record does not decode ({exc})") from None
+
+
+_DECODE = json.JSONDecoder().decode
+
+
+def ref_crc(text: str) -> int:
+    """The CRC-32 stored beside a ref's text at commit (``decode_checked_ref`` verifies it)."""
+    return zlib.crc32(text.encode())
+
+
+def _frozen(value: Any) -> Any:
+    """A parsed JSON value deep-frozen as ``freeze_json`` would (objects to FrozenDicts, arrays
+    to tuples), for values parsed from verified text: nothing to validate.
+    """
+    kind = type(value)
+    if kind is dict:
+        return FrozenDict({key: _frozen(child) for key, child in value.items()})
+    if kind is list:
+        return tuple(_frozen(child) for child in value)
+    return value
+
+
+def _checked_spec(body: dict[str, Any]) -> FeatureSpec:
+    name, shape, dtype = body["name"], body["shape"], body["dtype"]
+    key = (name, dtype, *shape)
+    spec = _SPEC_MEMO.get(key)
+    if spec is None:
+        spec = FeatureSpec.from_validated(name, tuple(shape), dtype)
+        if len(_SPEC_MEMO) < _SPEC_MEMO_LIMIT:
+            _SPEC_MEMO[key] = spec
+    return spec
+
+
+def decode_checked_ref(text: str, crc: int | None, sample_id: str, where: str) -> SampleRef:
+    """Rebuild the ref of row ``sample_id`` from its text and the CRC stored at commit.
+
+    ``crc`` None (a row written before CRCs were kept) decodes with full validation. A CRC that
+    does not match, text that is not this ledger's current SampleRef encoding, or a ref of
+    another id is a ``CorruptRecordError`` naming ``where``.
+    """
+    if crc is None:
+        ref = decode_ref(text, where)
+    else:
+        if zlib.crc32(text.encode()) != crc:
+            raise CorruptRecordError(
+                f"{where}: stored ref fails its checksum (the text changed after commit)"
+            )
+        try:
+            data = _DECODE(text)
+            if not (
+                type(data) is dict
+                and data.get("kind") == "SampleRef"
+                and data.get("v") == _REF_VERSION
+                and data.keys() == _REF_FIELDS
+            ):
+                raise ValueError("not this ledger's SampleRef encoding")
+            del data["kind"], data["v"]
+            data["feature_keys"] = FrozenDict(data["feature_keys"])
+            data["feature_specs"] = FrozenDict(
+                {name: _checked_spec(body) for name, body in data["feature_specs"].items()}
+            )
+            metadata = data["metadata"]
+            flat = all(type(value) in _SCALARS for value in metadata.values())
+            data["metadata"] = FrozenDict(metadata) if flat else _frozen(metadata)
+            ref = SampleRef.from_validated(**data)
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            raise CorruptRecordError(f"{where}: stored ref does not decode ({exc})") from None
+    if ref.sample_id != sample_id:
+        raise CorruptRecordError(f"{where}: stored ref is of sample {ref.sample_id!r}")
+    return ref
+
+
+def seal_ref(text: str) -> str:
+    """A ref's text prefixed with its CRC-32 in 8 hex digits, for a backend that stores one
+    string per ref (Redis); ``open_sealed_ref`` reads it back.
+    """
+    return f"{zlib.crc32(text.encode()):08x}{text}"
+
+
+def open_sealed_ref(value: str, sample_id: str, where: str) -> SampleRef:
+    """The ref of row ``sample_id`` from a ``seal_ref`` value, verified as by
+    ``decode_checked_ref``; a bare text (``{`` first, written before CRCs were kept) decodes
+    with full validation.
+    """
+    if value[:1] == "{":
+        return decode_checked_ref(value, None, sample_id, where)
+    head = value[:8]
+    if len(head) != 8 or not all(c in "0123456789abcdef" for c in head):
+        raise CorruptRecordError(f"{where}: stored ref has no checksum ({value!r:.40})")
+    return decode_checked_ref(value[8:], int(head, 16), sample_id, where)

@@ -10,9 +10,12 @@ from dataflow.contracts.errors import CorruptRecordError, InvalidInputError, Sch
 from dataflow.contracts.states import PromptState, SampleState
 
 SCHEMA_NAME = "dataflow-ledger"
-SCHEMA_VERSION = 2
-"""2: a ref's text lives in ``sample_refs`` beside its row, so the state changes of dispatch and
-ack rewrite a few small columns instead of the whole ~0.7 KB record (1: the text inline)."""
+SCHEMA_VERSION = 3
+"""3: ``sample_refs.crc`` holds the CRC-32 of the ref text written at commit (from a ref the
+ledger validated), so a read that finds it intact rebuilds the ref without re-validating it;
+2: a ref's text lives in ``sample_refs`` beside its row, so the state changes of dispatch and
+ack rewrite a few small columns instead of the whole ~0.7 KB record (1: the text inline).
+Rows upgraded from 1 or 2 have no CRC (NULL) and are validated in full when read."""
 _SQLITE_MAGIC = b"SQLite format 3\x00"
 
 # Sample and prompt states are stored as small integers.
@@ -22,7 +25,8 @@ _ASSIGNED = SAMPLE_CODES[SampleState.ASSIGNED]
 # samples.seq is the commit order and the rowid; the (state, seq) indexes serve every scan of a
 # live state in commit/FIFO order without touching history; the partial index over ASSIGNED
 # rows serves a rank's newest windows and holds only what is in flight. A ref's text is written
-# once, at commit, into ``sample_refs`` under the sample's seq, and only read after that.
+# once, at commit, into ``sample_refs`` under the sample's seq with its CRC-32, and only read
+# after that.
 SCHEMA = (
     "CREATE TABLE IF NOT EXISTS ledger_schema (name TEXT PRIMARY KEY, version INTEGER NOT NULL)",
     "CREATE TABLE IF NOT EXISTS meta (k TEXT PRIMARY KEY, v TEXT NOT NULL) WITHOUT ROWID",
@@ -31,7 +35,8 @@ SCHEMA = (
         seq INTEGER PRIMARY KEY, id TEXT NOT NULL UNIQUE, state INTEGER NOT NULL,
         rank INTEGER NOT NULL, win INTEGER NOT NULL, step INTEGER NOT NULL,
         reason TEXT NOT NULL, nbytes INTEGER NOT NULL)""",
-    "CREATE TABLE IF NOT EXISTS sample_refs (seq INTEGER PRIMARY KEY, ref TEXT NOT NULL)",
+    "CREATE TABLE IF NOT EXISTS sample_refs "
+    "(seq INTEGER PRIMARY KEY, ref TEXT NOT NULL, crc INTEGER)",
     "CREATE INDEX IF NOT EXISTS samples_by_state ON samples (state, seq)",
     f"CREATE INDEX IF NOT EXISTS samples_assigned ON samples (rank, win) WHERE state = {_ASSIGNED}",
     """CREATE TABLE IF NOT EXISTS prompts (
@@ -121,6 +126,8 @@ _UPGRADE_FROM_1 = (
     "ALTER TABLE samples_v2 RENAME TO samples",
     *(s for s in SCHEMA if " ON samples " in s),
 )
+# Schema 2 -> 3: the CRC column, NULL for the rows already there (read with full validation).
+_UPGRADE_FROM_2 = ("ALTER TABLE sample_refs ADD COLUMN crc INTEGER",)
 
 
 def upgrade(conn: sqlite3.Connection, version: int) -> None:
@@ -129,6 +136,9 @@ def upgrade(conn: sqlite3.Connection, version: int) -> None:
     """
     if version == 1:
         for statement in _UPGRADE_FROM_1:
+            conn.execute(statement)
+    if version <= 2:
+        for statement in _UPGRADE_FROM_2:
             conn.execute(statement)
     conn.execute(
         "UPDATE ledger_schema SET version = ? WHERE name = ?", (SCHEMA_VERSION, SCHEMA_NAME)
@@ -140,7 +150,14 @@ def read_older(conn: sqlite3.Connection, version: int) -> None:
     (a temporary view on this connection only; the file is never written).
     """
     if version == 1:
-        conn.execute("CREATE TEMP VIEW sample_refs AS SELECT seq, ref FROM main.samples")
+        conn.execute(
+            "CREATE TEMP VIEW sample_refs AS SELECT seq, ref, NULL AS crc FROM main.samples"
+        )
+    elif version == 2:
+        # A temp view shadows the main table of the same name for unqualified reads.
+        conn.execute(
+            "CREATE TEMP VIEW sample_refs AS SELECT seq, ref, NULL AS crc FROM main.sample_refs"
+        )
 
 
 def check_schema(conn: sqlite3.Connection, path: Path) -> bool:

@@ -37,6 +37,20 @@ class LedgerTx(abc.ABC):
         """
         return RunMeta.load(self.meta())
 
+    stores_next_seq: bool = True
+    """Whether ``commit`` must write the ``next_seq`` marker; False where ``commit_reads``
+    derives the next commit order from the stored rows instead (one write fewer per commit).
+    """
+
+    def commit_reads(
+        self, sample_ids: Sequence[str], task_ids: Sequence[str], meta: RunMeta
+    ) -> tuple[dict[str, SampleRow], dict[str, PromptRow], int]:
+        """What a commit reads: the rows of the known ids among ``sample_ids`` and among
+        ``task_ids``, and the commit order the next new sample gets (never below
+        ``meta.next_seq``, above every stored seq). A backend may answer in one round trip.
+        """
+        return self.samples(sample_ids), self.prompts(task_ids) if task_ids else {}, meta.next_seq
+
     @abc.abstractmethod
     def counters(self) -> dict[str, int]:
         """Every counter kept beside the transitions (per-state counts, bytes, drop reasons)."""

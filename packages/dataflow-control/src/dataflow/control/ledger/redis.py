@@ -40,7 +40,13 @@ from dataflow.contracts.states import PromptState, SampleState
 from dataflow.contracts.uris import ParsedURI
 from dataflow.contracts.weights import WeightVersion
 from dataflow.control.ledger._rows import PromptChange, PromptRow, SampleChange, SampleRow
-from dataflow.control.ledger._serial import decode_record, decode_ref, encode_record, encode_ref
+from dataflow.control.ledger._serial import (
+    decode_record,
+    encode_record,
+    encode_ref,
+    open_sealed_ref,
+    seal_ref,
+)
 from dataflow.control.ledger._tx import LedgerStorage, LedgerTx
 
 if TYPE_CHECKING:
@@ -48,7 +54,9 @@ if TYPE_CHECKING:
 
 R = TypeVar("R")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+"""2: a ref is stored as its CRC-32 (8 hex digits) then its text, so a read that finds it intact
+rebuilds the ref without re-validating it; 1: the text alone (still read, validated in full)."""
 _MAX_ATTEMPTS = 200  # optimistic retries before contention is reported as unavailability
 _SAMPLE_INDEXED = (SampleState.COMMITTED, SampleState.ASSIGNED, SampleState.TRAINED)
 _PROMPT_INDEXED = (PromptState.PENDING, PromptState.LEASED)
@@ -159,7 +167,7 @@ class _RedisTx(LedgerTx):
 
     def refs(self, sample_ids: Sequence[str]) -> dict[str, SampleRef]:
         found = self._hmget(self._k.refs, sample_ids)
-        return {i: decode_ref(t, f"redis ledger sample {i!r}") for i, t in found.items()}
+        return {i: open_sealed_ref(t, i, f"redis ledger sample {i!r}") for i, t in found.items()}
 
     def prompts(self, task_ids: Sequence[str]) -> dict[str, PromptRow]:
         return {i: _prompt_row(i, t) for i, t in self._hmget(self._k.prompts, task_ids).items()}
@@ -210,7 +218,7 @@ class _RedisTx(LedgerTx):
 
     def insert_samples(self, rows: Sequence[SampleRow], refs: Sequence[SampleRef]) -> None:
         texts = {r.sample_id: _sample_text(r) for r in rows}
-        refs_text = {ref.sample_id: encode_ref(ref) for ref in refs}
+        refs_text = {ref.sample_id: seal_ref(encode_ref(ref)) for ref in refs}
         self._queue("hset", self._k.samples, mapping=texts)
         self._queue("hset", self._k.refs, mapping=refs_text)
         self._move(self._k.sample_index, [(None, r.state, r.sample_id, r.seq) for r in rows])
@@ -317,6 +325,9 @@ class RedisStorage(LedgerStorage):
                 f"{self._where}: ledger schema {stored} is newer than the {SCHEMA_VERSION} this "
                 "code supports; upgrade dataflow-control"
             )
+        if int(stored) < SCHEMA_VERSION:
+            # 1 -> 2 changes nothing stored: bare ref texts stay readable beside sealed ones.
+            client.set(self._keys.schema, SCHEMA_VERSION)
 
     def _call(self, what: str, fn: Callable[[redis_py.Redis], R]) -> R:
         client = self._client

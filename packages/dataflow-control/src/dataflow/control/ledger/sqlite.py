@@ -34,7 +34,13 @@ from dataflow.contracts.states import PromptState, SampleState
 from dataflow.contracts.weights import WeightVersion
 from dataflow.control.ledger._meta import RunMeta
 from dataflow.control.ledger._rows import PromptChange, PromptRow, SampleChange, SampleRow
-from dataflow.control.ledger._serial import decode_record, decode_ref, encode_record, encode_ref
+from dataflow.control.ledger._serial import (
+    decode_checked_ref,
+    decode_record,
+    encode_record,
+    encode_ref,
+    ref_crc,
+)
 from dataflow.control.ledger._sqlite_schema import (
     PROMPT_CODES,
     SAMPLE_CODES,
@@ -96,9 +102,9 @@ class _SQLiteTx(LedgerTx):
         self._cache = cache
         self._values: dict[str, str] | None = None
         self.meta_written: dict[str, str] = {}
-        # Ref texts already read in this transaction (assigned_rows reads them with the rows),
-        # so the refs() that follows needs no second query.
-        self._texts: dict[str, str] = {}
+        # Ref texts and CRCs already read in this transaction (assigned_rows reads them with
+        # the rows), so the refs() that follows needs no second query.
+        self._texts: dict[str, tuple[str, int | None]] = {}
 
     def _in(self, sql: str, ids: Sequence[str]) -> list[tuple[Any, ...]]:
         # Fetched whole (never a lazy generator): a row that fails to decode must not leave a
@@ -140,6 +146,37 @@ class _SQLiteTx(LedgerTx):
         sql = f"SELECT {_SAMPLE_COLUMNS} FROM samples WHERE id IN ({{}})"
         return {row[0]: _sample(row) for row in self._in(sql, sample_ids)}
 
+    # The next commit order is max(seq) + 1 (rows are never deleted), read with the lookups.
+    stores_next_seq = False
+
+    def commit_reads(
+        self, sample_ids: Sequence[str], task_ids: Sequence[str], meta: RunMeta
+    ) -> tuple[dict[str, SampleRow], dict[str, PromptRow], int]:
+        if len(sample_ids) + len(task_ids) > _CHUNK:
+            top = self._c.execute("SELECT max(seq) FROM samples").fetchone()[0]
+            known, prompts = self.samples(sample_ids), self.prompts(task_ids) if task_ids else {}
+        else:
+            # One statement: the known samples, the known tasks and the newest seq.
+            sql = (
+                f"SELECT 0, {_SAMPLE_COLUMNS} FROM samples "
+                f"WHERE id IN ({','.join('?' * len(sample_ids))}) UNION ALL "
+            )
+            if task_ids:
+                sql += (
+                    f"SELECT 1, {_PROMPT_COLUMNS}, NULL FROM prompts "
+                    f"WHERE id IN ({','.join('?' * len(task_ids))}) UNION ALL "
+                )
+            sql += "SELECT 2, NULL, max(seq), NULL, NULL, NULL, NULL, NULL, NULL FROM samples"
+            known, prompts, top = {}, {}, None
+            for row in self._c.execute(sql, (*sample_ids, *task_ids)).fetchall():
+                if row[0] == 0:
+                    known[row[1]] = _sample(row[1:])
+                elif row[0] == 1:
+                    prompts[row[1]] = _prompt(row[1:8])
+                else:
+                    top = row[2]
+        return known, prompts, meta.next_seq if top is None else max(meta.next_seq, top + 1)
+
     def samples_in(self, state: SampleState, limit: int | None = None) -> list[SampleRow]:
         sql = f"SELECT {_SAMPLE_COLUMNS} FROM samples WHERE state = ? ORDER BY seq LIMIT ?"
         rows = self._c.execute(sql, (SAMPLE_CODES[state], -1 if limit is None else limit))
@@ -147,30 +184,32 @@ class _SQLiteTx(LedgerTx):
 
     def assigned_rows(self, rank: int, after_window: int) -> list[SampleRow]:
         sql = (
-            f"SELECT {_SAMPLE_COLUMNS_S}, r.ref FROM samples AS s INDEXED BY samples_assigned "
+            f"SELECT {_SAMPLE_COLUMNS_S}, r.ref, r.crc FROM samples AS s "
+            "INDEXED BY samples_assigned "
             "JOIN sample_refs AS r ON r.seq = s.seq "
             f"WHERE s.state = {SAMPLE_CODES[SampleState.ASSIGNED]} AND s.rank = ? AND s.win > ? "
             "ORDER BY s.win, s.seq"
         )
         rows = []
+        texts = self._texts
         for row in self._c.execute(sql, (rank, after_window)):
-            rows.append(_sample(row[:-1]))
-            self._texts[row[0]] = row[-1]
+            rows.append(_sample(row[:-2]))
+            texts[row[0]] = (row[-2], row[-1])
         return rows
 
     def refs(self, sample_ids: Sequence[str]) -> dict[str, SampleRef]:
         texts = {sid: self._texts[sid] for sid in sample_ids if sid in self._texts}
         missing = [sid for sid in sample_ids if sid not in texts]
         if missing:
-            texts.update(
-                self._in(
-                    "SELECT s.id, r.ref FROM samples AS s JOIN sample_refs AS r ON r.seq = s.seq "
-                    "WHERE s.id IN ({})",
-                    missing,
-                )
+            sql = (
+                "SELECT s.id, r.ref, r.crc FROM samples AS s "
+                "JOIN sample_refs AS r ON r.seq = s.seq WHERE s.id IN ({})"
             )
+            texts.update((sid, (text, crc)) for sid, text, crc in self._in(sql, missing))
+        path = self._path
         return {
-            sid: decode_ref(text, f"{self._path} sample {sid!r}") for sid, text in texts.items()
+            sid: decode_checked_ref(text, crc, sid, f"{path} sample {sid!r}")
+            for sid, (text, crc) in texts.items()
         }
 
     def prompts(self, task_ids: Sequence[str]) -> dict[str, PromptRow]:
@@ -205,9 +244,12 @@ class _SQLiteTx(LedgerTx):
             cache.values, cache.parsed = {**cache.values, **self.meta_written}, None
 
     def add_counters(self, deltas: Mapping[str, int]) -> None:
-        self._c.executemany(
-            "INSERT INTO counters (k, v) VALUES (?, ?) ON CONFLICT (k) DO UPDATE SET v = v + excluded.v",
-            deltas.items(),
+        # One statement for every counter of the transaction (they are few).
+        values = ",".join(["(?, ?)"] * len(deltas))
+        self._c.execute(
+            f"INSERT INTO counters (k, v) VALUES {values} "
+            "ON CONFLICT (k) DO UPDATE SET v = v + excluded.v",
+            [item for pair in deltas.items() for item in pair],
         )
 
     def insert_samples(self, rows: Sequence[SampleRow], refs: Sequence[SampleRef]) -> None:
@@ -220,9 +262,10 @@ class _SQLiteTx(LedgerTx):
                 for r in rows
             ],
         )  # fmt: skip
+        texts = [(r.seq, encode_ref(ref)) for r, ref in zip(rows, refs, strict=True)]
         self._c.executemany(
-            "INSERT INTO sample_refs (seq, ref) VALUES (?, ?)",
-            [(r.seq, encode_ref(ref)) for r, ref in zip(rows, refs, strict=True)],
+            "INSERT INTO sample_refs (seq, ref, crc) VALUES (?, ?, ?)",
+            [(seq, text, ref_crc(text)) for seq, text in texts],
         )
 
     def update_samples(self, changes: Sequence[SampleChange]) -> None:
