@@ -24,8 +24,9 @@ Paths timed per round:
 Figures (time ratios: higher is slower): capture overhead of vllm (capture / bare, target
 <= 1.25), producer / bare of each engine (target <= 1.25), and the vllm capture's tokens/s over
 the hf capture's (reported, no target). Store mode vs file mode per sample comes from
-``bench_vllm_capture_modes.py`` when that module exists (``store_vs_file_hook``), else it is
-reported as not measured.
+``bench_vllm_capture_modes.py`` (its ``measure_capture_modes``, with its own server, after this
+one stopped) when that module exists (``store_vs_file_hook``), else it is reported as "not
+measured: store mode not available".
 
     python bench_engines.py [--rounds 3] [--prompts 16] [--tokens 128] [--json [PATH]]
 """
@@ -52,7 +53,7 @@ OVERHEAD_TARGET = 1.25
 """Issue 11 item 6 and issue 15 item 7: capture / producer time <= 1.25x the bare forward."""
 BATCH_SIZE = 4
 STORE_MODES_MODULE = HERE / "bench_vllm_capture_modes.py"
-STORE_MODES_FUNCTION = "store_vs_file_per_sample"
+STORE_MODES_FUNCTION = "measure_capture_modes"
 NOT_MEASURED = "not measured: store mode not available"
 
 
@@ -76,10 +77,10 @@ def _timed(prepare: Callable[[list[Any]], Callable[[], Any]], tasks: list[Any]) 
     return time.perf_counter() - started
 
 
-def store_vs_file_hook(server_python: str, model_dir: Path) -> dict[str, Any]:
-    """Store mode vs file mode per sample: delegated to ``bench_vllm_capture_modes.py``'s
-    ``store_vs_file_per_sample(server_python=..., model_dir=...)`` (a JSON-compatible dict with
-    ``ratio``, file time / store time per sample, and ``target``) when that module exists; else
+def store_vs_file_hook(server_python: str, rounds: int) -> dict[str, Any]:
+    """Store mode vs file mode per sample, measured by ``bench_vllm_capture_modes.py``'s
+    ``measure_capture_modes`` (its own server; ``ratio`` = file time / store time per sample,
+    ``target_ratio``) when that module exists; else
     ``{"ratio": None, "note": "not measured: store mode not available"}``.
     """
     if not STORE_MODES_MODULE.is_file():
@@ -91,7 +92,11 @@ def store_vs_file_hook(server_python: str, model_dir: Path) -> dict[str, Any]:
     measure = getattr(module, STORE_MODES_FUNCTION, None)
     if measure is None:
         return {"ratio": None, "note": f"{NOT_MEASURED} ({STORE_MODES_FUNCTION} missing)"}
-    result: dict[str, Any] = measure(server_python=server_python, model_dir=model_dir)
+    os.environ["DATAFLOW_VLLM_PYTHON"] = server_python  # the interpreter it starts vLLM with
+    try:
+        result: dict[str, Any] = measure(rounds=rounds)
+    except Exception as exc:  # the other figures stand; this one says why it is missing
+        return {"ratio": None, "note": f"not measured: {type(exc).__name__}: {exc}"[:300]}
     return result
 
 
@@ -243,13 +248,13 @@ def measure(rounds: int, prompts: int, tokens: int, server_python: str) -> dict[
             load.append(os.getloadavg()[0])
         for producing in producers:
             producing.close()
-        store_vs_file = store_vs_file_hook(server_python, model_dir)
         pool.shutdown()
         vllm.close()
         hf.close()
     finally:
         server.stop()
         shutil.rmtree(work, ignore_errors=True)
+    store_vs_file = store_vs_file_hook(server_python, rounds)  # after: one server at a time
     total_tokens = prompts * tokens
 
     def ratio(num: str, den: str) -> float:
