@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import tempfile
 from pathlib import Path
 
 import pytest
 from run_helpers import cli
-from vllm_helpers import vllm_python
 
 from dataflow.launch.cli.app import main
 from dataflow.launch.cli.demo import DEFAULT_STEPS
@@ -37,7 +37,7 @@ def demo_export(tmp_path_factory) -> tuple[Path, Path]:
     """``(demo run dir, saved target dir)``: the demo's full run and the built-in target."""
     root = tmp_path_factory.mktemp("vllm-eval")
     demo = root / "demo"
-    ran = cli("demo", "--out", demo, "--no-eval", "--no-progress", timeout=900)
+    ran = cli("demo", "--out", demo, "--no-eval", "--no-progress", timeout=1800)
     assert ran.returncode == 0, ran.stderr[-3000:]
     assert json.loads((demo / "summary.json").read_text())["steps"] == DEFAULT_STEPS
     target = root / "target"
@@ -46,28 +46,34 @@ def demo_export(tmp_path_factory) -> tuple[Path, Path]:
     return demo, target
 
 
-def eval_in_vllm(config: Path, target: Path) -> dict:
-    """``dataflow-launch eval CONFIG --target DIR --engine vllm`` in the vLLM interpreter."""
+def eval_in_vllm(python: str, config: Path, target: Path) -> dict:
+    """``dataflow-launch eval CONFIG --target DIR --engine vllm`` in the vLLM interpreter
+    ``python``."""
     scratch = tempfile.mkdtemp(prefix="vl-", dir="/tmp")
     env = {**os.environ, "TMPDIR": scratch, "VLLM_RPC_BASE_PATH": scratch}
     code = "from dataflow.launch.cli.app import main; raise SystemExit(main(__import__('sys').argv[1:]))"
     args = ["eval", str(config), "--target", str(target), "--engine", "vllm", "-k", str(K)]
-    served = subprocess.run(
-        [vllm_python(), "-c", code, *args, "--json"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-        env=env,
-    )
+    try:
+        served = subprocess.run(
+            [python, "-c", code, *args, "--json"],
+            capture_output=True,
+            text=True,
+            timeout=1200,
+            check=False,
+            env=env,
+        )
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
     assert served.returncode == 0, served.stderr[-3000:]
     return json.loads(served.stdout.strip().splitlines()[-1])
 
 
-def test_vllm_serves_the_demos_export_lossless_and_agrees_with_hf(demo_export, capsys):
+def test_vllm_serves_the_demos_export_lossless_and_agrees_with_hf(
+    demo_export, server_python, capsys
+):
     demo, target = demo_export
     config = demo / "config.yaml"
-    vllm = eval_in_vllm(config, target)
+    vllm = eval_in_vllm(server_python, config, target)
     args = ["eval", str(config), "--target", str(target), "--engine", "hf", "-k", str(K)]
     assert main([*args, "--json"]) == 0
     hf = json.loads(capsys.readouterr().out)
