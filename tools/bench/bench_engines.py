@@ -5,8 +5,8 @@ Target: the shipped trained built-in LLaMA saved as a model directory (fp32), se
 vLLM CPU server started by the ``vllm`` engine's own managed-server code (eager, the
 ``extract_hidden_states`` method and this project's connector in file mode). Prompts:
 ``--prompts`` token-id prompts of ``--tokens`` tokens. Paired rounds: each round times every
-path below once, in the same order, so every ratio is of two timings taken under the same load;
-the reported ratio is the median over rounds of the per-round ratios.
+path below once (odd rounds in reverse order), so every ratio is of two timings taken under the
+same load; the reported ratio is the median over rounds of the per-round ratios.
 
 Paths timed per round:
 
@@ -28,7 +28,7 @@ the hf capture's (reported, no target). Store mode vs file mode per sample comes
 one stopped) when that module exists (``store_vs_file_hook``), else it is reported as "not
 measured: store mode not available".
 
-    python bench_engines.py [--rounds 3] [--prompts 16] [--tokens 128] [--json [PATH]]
+    python bench_engines.py [--rounds 7] [--prompts 16] [--tokens 128] [--json [PATH]]
 """
 
 from __future__ import annotations
@@ -243,7 +243,8 @@ def measure(rounds: int, prompts: int, tokens: int, server_python: str) -> dict[
             prepare(warm)()
         for round_no in range(rounds):
             tasks = _tasks(prompts, tokens, round_no)
-            for name, prepare in paths.items():
+            order = list(paths.items())  # odd rounds in reverse: a load drift hits both sides
+            for name, prepare in order if round_no % 2 == 0 else order[::-1]:
                 times.setdefault(name, []).append(_timed(prepare, tasks))
             load.append(os.getloadavg()[0])
         for producing in producers:
@@ -298,7 +299,7 @@ def measure(rounds: int, prompts: int, tokens: int, server_python: str) -> dict[
 def main() -> None:
     """Parse the arguments, measure, print (and optionally write) the JSON."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--prompts", type=int, default=16)
     parser.add_argument("--tokens", type=int, default=128)
     parser.add_argument(
