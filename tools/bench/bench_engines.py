@@ -21,6 +21,10 @@ Paths timed per round:
 - ``hf capture``: ``HFTargetEngine.capture`` over the same prompts;
 - ``hf producer``: the rollout producer on the hf engine, as above.
 
+Each path's time is measured as wall time and as CPU time (this process, plus for the vllm paths
+the server's whole process group: API server, engine core, worker); the verdicts read CPU time,
+which a shared machine's load disturbs far less than wall time (both are reported).
+
 Figures (time ratios: higher is slower): capture overhead of vllm (capture / bare, target
 <= 1.25), producer / bare of each engine (target <= 1.25), and the vllm capture's tokens/s over
 the hf capture's (reported, no target). Store mode vs file mode per sample comes from
@@ -70,11 +74,35 @@ def _tasks(count: int, tokens: int, round_no: int) -> list[Any]:
     ]
 
 
-def _timed(prepare: Callable[[list[Any]], Callable[[], Any]], tasks: list[Any]) -> float:
+def _group_cpu_s(pgid: int | None) -> float:
+    """CPU seconds (user + system) of the live processes of process group ``pgid``."""
+    if pgid is None:
+        return 0.0
+    total = 0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid:  # fields after the name: state ppid pgrp ... utime stime
+            total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def _timed(
+    prepare: Callable[[list[Any]], Callable[[], Any]], tasks: list[Any], server_pgid: int | None
+) -> tuple[float, float]:
+    """``(wall s, CPU s)`` of one path: CPU of this process plus, for a vllm path, of the
+    server's whole process group (API server, engine core, worker).
+    """
     run = prepare(tasks)  # untimed: what a path needs before its first token
+    cpu0, server0 = time.process_time(), _group_cpu_s(server_pgid)
     started = time.perf_counter()
     run()
-    return time.perf_counter() - started
+    wall = time.perf_counter() - started
+    return wall, time.process_time() - cpu0 + _group_cpu_s(server_pgid) - server0
 
 
 def store_vs_file_hook(server_python: str, rounds: int) -> dict[str, Any]:
@@ -217,6 +245,7 @@ def measure(rounds: int, prompts: int, tokens: int, server_python: str) -> dict[
     )
     server = ManagedVLLMServer(target)
     times: dict[str, list[float]] = {}
+    cpu: dict[str, list[float]] = {}
     load = [os.getloadavg()[0]]
     try:
         started = time.perf_counter()
@@ -245,7 +274,10 @@ def measure(rounds: int, prompts: int, tokens: int, server_python: str) -> dict[
             tasks = _tasks(prompts, tokens, round_no)
             order = list(paths.items())  # odd rounds in reverse: a load drift hits both sides
             for name, prepare in order if round_no % 2 == 0 else order[::-1]:
-                times.setdefault(name, []).append(_timed(prepare, tasks))
+                pgid = server.pid if name.startswith("vllm") else None
+                wall, cpu_s = _timed(prepare, tasks, pgid)
+                times.setdefault(name, []).append(wall)
+                cpu.setdefault(name, []).append(cpu_s)
             load.append(os.getloadavg()[0])
         for producing in producers:
             producing.close()
@@ -258,8 +290,8 @@ def measure(rounds: int, prompts: int, tokens: int, server_python: str) -> dict[
     store_vs_file = store_vs_file_hook(server_python, rounds)  # after: one server at a time
     total_tokens = prompts * tokens
 
-    def ratio(num: str, den: str) -> float:
-        return statistics.median(a / b for a, b in zip(times[num], times[den], strict=True))
+    def ratio(num: str, den: str, of: dict[str, list[float]] = cpu) -> float:
+        return statistics.median(a / b for a, b in zip(of[num], of[den], strict=True))
 
     rows = [
         ("vllm capture / vllm bare server call (max_tokens=1, no capture)", "vllm capture",
@@ -283,10 +315,12 @@ def measure(rounds: int, prompts: int, tokens: int, server_python: str) -> dict[
             name: round(total_tokens / statistics.median(ts), 1) for name, ts in times.items()
         },
         "seconds": {name: [round(t, 4) for t in ts] for name, ts in times.items()},
+        "cpu_seconds": {name: [round(t, 4) for t in ts] for name, ts in cpu.items()},
         "rows": [
             {
                 "name": what,
                 "ratio": round(ratio(num, den), 3),
+                "wall_ratio": round(ratio(num, den, times), 3),
                 "target": target_ratio,
                 "met": None if target_ratio is None else ratio(num, den) <= target_ratio,
             }
