@@ -220,9 +220,11 @@ def _engines_details(engines: dict[str, Any]) -> list[str]:
         "at a time. Ratios are medians of per-round ratios of CPU time (this process, plus the "
         "server's process group on the vllm paths; wall-time ratios beside them); 1-minute load "
         f"{load['start']:.1f} at the start, {load['end']:.1f} at the end, at most "
-        f"{load['max']:.1f}.",
+        f"{load['max']:.1f}. The bare hf forward is the whole causal LM with "
+        "`output_hidden_states` (LM head and every layer's output), so the hf capture, which "
+        "runs the decoder stack with hooks on its aux layers, can be cheaper than it.",
         "",
-        "| path | tokens/s (median round) |",
+        "| path | tokens/s (wall, median round) |",
         "|---|---:|",
     ]
     for name, value in engines["tokens_per_s"].items():
