@@ -172,6 +172,46 @@ def _e2e_targets(e2e: dict[str, Any] | None) -> list[Target]:
     ]
 
 
+def _engines_targets(engines: dict[str, Any] | None) -> list[Target]:
+    if engines is None:
+        return [
+            Target(11, "vllm capture <= 1.25x the same server without capture", "-", None),
+            Target(15, "producer <= 1.25x the same engine's bare forward (vllm, hf)", "-", None),
+            Target(11, "vllm store mode >= 1.5x faster per sample than file mode", "-", None),
+        ]
+    out = []
+    for row in engines["rows"]:
+        if row.get("target") is None:
+            continue
+        issue = 11 if row["name"].startswith("vllm capture") else 15
+        what = f"{row['name']} <= {row['target']}x (CPU time)"
+        out.append(Target(issue, what, f"{row['ratio']:.2f}x", bool(row["met"])))
+    modes = engines.get("store_vs_file") or {}
+    what = "vllm store mode >= {}x faster per sample than file mode".format(
+        modes.get("target_ratio", 1.5)
+    )
+    if modes.get("ratio") is None:
+        out.append(Target(11, what, modes.get("note", "not measured"), None))
+    else:
+        met = modes["ratio"] >= modes.get("target_ratio", 1.5)
+        out.append(Target(11, what, f"{modes['ratio']:.2f}x", met))
+    return out
+
+
+def _engines_ratios(engines: dict[str, Any] | None) -> list[str]:
+    lines = []
+    for row in (engines or {}).get("rows", []):
+        lines.append(f"| engines | {row['name']}, CPU s | {row['ratio']:.2f}x |")
+        if row.get("wall_ratio") is not None:
+            lines.append(f"| engines | {row['name']}, wall s | {row['wall_ratio']:.2f}x |")
+    modes = (engines or {}).get("store_vs_file") or {}
+    if modes.get("ratio") is not None:
+        lines.append(
+            f"| engines | vllm file mode / store mode, time per sample | {modes['ratio']:.2f}x |"
+        )
+    return lines
+
+
 def _ratios(outcomes: Sequence[Any]) -> list[str]:
     lines = ["| benchmark | ratio | value |", "|---|---|---:|"]
     store = _result(outcomes, "store")
@@ -233,6 +273,30 @@ def _ratios(outcomes: Sequence[Any]) -> list[str]:
                 f"| e2e | drain-then-fit wall / interleaved wall ({label}) "
                 f"| {figures['speedup_vs_drain_then_fit']:.2f}x |"
             )
+    lines += _engines_ratios(_result(outcomes, "engines"))
+    return lines
+
+
+def _engines_details(engines: dict[str, Any]) -> list[str]:
+    load = engines["load"]
+    lines = [
+        f"Workload: {engines['prompts']} prompts of {engines['tokens_per_prompt']} tokens, "
+        f"{engines['rounds']} paired rounds (every path once per round, same prompts), the "
+        "trained built-in target (fp32) on a real vLLM CPU server (eager, managed by the vllm "
+        f"engine; started in {engines['server_startup_s']:.0f} s) and in-process (hf, "
+        f"{engines['torch_threads']} torch threads), {engines['batch_size']} requests or rows "
+        "at a time. Ratios are medians of per-round ratios of CPU time (this process, plus the "
+        "server's process group on the vllm paths; wall-time ratios beside them); 1-minute load "
+        f"{load['start']:.1f} at the start, {load['end']:.1f} at the end, at most "
+        f"{load['max']:.1f}. The bare hf forward is the whole causal LM with "
+        "`output_hidden_states` (LM head and every layer's output), so the hf capture, which "
+        "runs the decoder stack with hooks on its aux layers, can be cheaper than it.",
+        "",
+        "| path | tokens/s (wall, median round) |",
+        "|---|---:|",
+    ]
+    for name, value in engines["tokens_per_s"].items():
+        lines.append(f"| {name} | {value:,.0f} |")
     return lines
 
 
@@ -292,6 +356,7 @@ def render(
         *_loader_targets(_result(outcomes, "loader")),
         *_plane_targets(_result(outcomes, "plane")),
         *_e2e_targets(_result(outcomes, "e2e")),
+        *_engines_targets(_result(outcomes, "engines")),
     ]
     met = sum(1 for t in targets if t.met)
     lines = [
@@ -312,7 +377,7 @@ def render(
         "and wall-clock ratios are noisy; every ratio compares against a baseline measured in "
         "the same run, under the same load.",
         "",
-        f"## Targets (issues 3-7, 14, 15): {met} of {len(targets)} met",
+        f"## Targets (issues 3-7, 11, 14, 15): {met} of {len(targets)} met",
         "",
         "| issue | target | measured | verdict |",
         "|---|---|---:|---|",
@@ -334,6 +399,9 @@ def render(
     e2e = _result(outcomes, "e2e")
     if e2e:
         lines += ["## End to end: interleaved vs drain-then-fit", "", *_e2e_details(e2e), ""]
+    engines = _result(outcomes, "engines")
+    if engines:
+        lines += ["## Engines: capture vs bare forward", "", *_engines_details(engines), ""]
     lines += ["## Details", "", "| benchmark | command | seconds | outcome |", "|---|---|---:|---|"]
     for o in outcomes:
         state = "ok" if o.result is not None else f"FAILED: {(o.error or '')[:200]}"

@@ -1,7 +1,9 @@
 """Run every benchmark with ``--json`` in one go and write ``docs/benchmarks.md`` from them.
 
 Benchmarks: ``packages/*/benchmarks/bench_*.py`` (store, Mooncake, store hot paths, control,
-train, loader, plane) and the end-to-end one here (``bench_e2e.py``). Each runs in its own process; its JSON is kept beside
+train, loader, plane) and the end-to-end and engines ones here (``bench_e2e.py``;
+``bench_engines.py`` starts a vLLM CPU server, run by ``$DATAFLOW_VLLM_PYTHON`` or this
+interpreter). Each runs in its own process; its JSON is kept beside
 the report's data (``--raw DIR``), its stderr shown on failure. A benchmark that crashes is
 reported as such in the document (and makes this script exit 1); one that runs but misses its
 target is reported as "not met" (exit 0: the numbers are the result).
@@ -170,6 +172,18 @@ def main() -> int:
                 str(raw / "e2e.result.json"),
             ],
             raw / "e2e.result.json",
+            raw,
+        ),
+        run(
+            "engines",
+            [
+                py,
+                str(HERE / "bench_engines.py"),
+                "--json",
+                str(raw / "engines.result.json"),
+                *(["--rounds", "2", "--prompts", "8"] if args.quick else []),
+            ],
+            raw / "engines.result.json",
             raw,
         ),
     ]

@@ -1,4 +1,5 @@
-"""Fixtures of the vLLM tests: the tiny LLaMA on disk and one real vLLM server per module."""
+"""Fixtures of the vLLM tests: the tiny LLaMA on disk and one real vLLM server for the session
+(a test that kills it starts it again)."""
 
 from __future__ import annotations
 
@@ -19,9 +20,9 @@ def server_python() -> str:
     return vllm_python()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def server(model_dir, server_python) -> Iterator:
-    """One managed vLLM server per test module."""
+    """One managed vLLM server for the session (each start costs about a minute on 2 cores)."""
     from dataflow.launch.engines.vllm_server import ManagedVLLMServer
 
     managed = ManagedVLLMServer(vllm_target(model_dir, server_python))

@@ -1,0 +1,354 @@
+"""Engines benchmark (issue 11 item 6, issue 15 item 7): what capturing EAGLE3 features costs on
+each target engine, against the same engine's bare forward on the same prompts, in one run.
+
+Target: the shipped trained built-in LLaMA saved as a model directory (fp32), served by a real
+vLLM CPU server started by the ``vllm`` engine's own managed-server code (eager, the
+``extract_hidden_states`` method and this project's connector in file mode). Prompts:
+``--prompts`` token-id prompts of ``--tokens`` tokens. Paired rounds: each round times every
+path below once (odd rounds in reverse order), so every ratio is of two timings taken under the
+same load; the reported ratio is the median over rounds of the per-round ratios.
+
+Paths timed per round:
+
+- ``vllm bare``: the same server answering each prompt with ``max_tokens=1`` and no capture (no
+  ``kv_transfer_params``), ``batch_size`` requests in flight, as the engine sends them;
+- ``vllm capture``: ``VLLMTargetEngine.capture`` over the prompts (the request with capture, the
+  file read under its lock and removed, the final norm applied, the checked sample);
+- ``vllm producer``: the rollout producer on the vllm engine (SQLite ledger, ``shm://`` store:
+  lease, capture, put, commit), a fresh ledger and store each round;
+- ``hf bare``: ``model(input_ids, attention_mask, output_hidden_states=True)`` in batches of
+  ``batch_size``, in this process;
+- ``hf capture``: ``HFTargetEngine.capture`` over the same prompts;
+- ``hf producer``: the rollout producer on the hf engine, as above.
+
+Each path's time is measured as wall time and as CPU time (this process, plus for the vllm paths
+the server's whole process group: API server, engine core, worker); the verdicts read CPU time,
+which a shared machine's load disturbs far less than wall time (both are reported).
+
+Figures (time ratios: higher is slower): capture overhead of vllm (capture / bare, target
+<= 1.25), producer / bare of each engine (target <= 1.25), and the vllm capture's tokens/s over
+the hf capture's (reported, no target). Store mode vs file mode per sample comes from
+``bench_vllm_capture_modes.py`` (its ``measure_capture_modes``, with its own server, after this
+one stopped) when that module exists (``store_vs_file_hook``), else it is reported as "not
+measured: store mode not available".
+
+    python bench_engines.py [--rounds 7] [--prompts 16] [--tokens 128] [--json [PATH]]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).resolve().parent
+OVERHEAD_TARGET = 1.25
+"""Issue 11 item 6 and issue 15 item 7: capture / producer time <= 1.25x the bare forward."""
+BATCH_SIZE = 4
+STORE_MODES_MODULE = HERE / "bench_vllm_capture_modes.py"
+STORE_MODES_FUNCTION = "measure_capture_modes"
+NOT_MEASURED = "not measured: store mode not available"
+
+
+def _tasks(count: int, tokens: int, round_no: int) -> list[Any]:
+    from dataflow.contracts import PromptTask
+
+    return [
+        PromptTask(
+            f"r{round_no}-p{i}",
+            {"input_ids": [(i * 37 + j * 11) % 800 + 10 for j in range(tokens)]},
+            tokens + 16,
+        )
+        for i in range(count)
+    ]
+
+
+def _group_cpu_s(pgid: int | None) -> float:
+    """CPU seconds (user + system) of the live processes of process group ``pgid``."""
+    if pgid is None:
+        return 0.0
+    total = 0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            fields = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid:  # fields after the name: state ppid pgrp ... utime stime
+            total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def _timed(
+    prepare: Callable[[list[Any]], Callable[[], Any]], tasks: list[Any], server_pgid: int | None
+) -> tuple[float, float]:
+    """``(wall s, CPU s)`` of one path: CPU of this process plus, for a vllm path, of the
+    server's whole process group (API server, engine core, worker).
+    """
+    run = prepare(tasks)  # untimed: what a path needs before its first token
+    cpu0, server0 = time.process_time(), _group_cpu_s(server_pgid)
+    started = time.perf_counter()
+    run()
+    wall = time.perf_counter() - started
+    return wall, time.process_time() - cpu0 + _group_cpu_s(server_pgid) - server0
+
+
+def store_vs_file_hook(server_python: str, rounds: int) -> dict[str, Any]:
+    """Store mode vs file mode per sample, measured by ``bench_vllm_capture_modes.py``'s
+    ``measure_capture_modes`` (its own server; ``ratio`` = file time / store time per sample,
+    ``target_ratio``) when that module exists; else
+    ``{"ratio": None, "note": "not measured: store mode not available"}``.
+    """
+    if not STORE_MODES_MODULE.is_file():
+        return {"ratio": None, "note": NOT_MEASURED}
+    spec = importlib.util.spec_from_file_location("bench_vllm_capture_modes", STORE_MODES_MODULE)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    measure = getattr(module, STORE_MODES_FUNCTION, None)
+    if measure is None:
+        return {"ratio": None, "note": f"{NOT_MEASURED} ({STORE_MODES_FUNCTION} missing)"}
+    os.environ["DATAFLOW_VLLM_PYTHON"] = server_python  # the interpreter it starts vLLM with
+    try:
+        result: dict[str, Any] = measure(rounds=rounds)
+    except Exception as exc:  # the other figures stand; this one says why it is missing
+        return {"ratio": None, "note": f"not measured: {type(exc).__name__}: {exc}"[:300]}
+    return result
+
+
+class _Producing:
+    """One engine's rollout producer over a fresh SQLite ledger and ``shm://`` store per round:
+    :meth:`prepare` (untimed) builds, opens and fills it; the returned call (timed) runs it.
+    """
+
+    def __init__(self, engine: Any, model_dir: Path, work: Path) -> None:
+        self.engine, self.model_dir, self.work = engine, model_dir, work
+        self._cleanup: list[Callable[[], None]] = []
+
+    def prepare(self, tasks: list[Any]) -> Callable[[], None]:
+        from dataflow.launch.config import config_from_mapping
+        from dataflow.launch.producer import build_producer, open_config_ledger, open_config_store
+
+        where = self.work / uuid.uuid4().hex[:8]
+        where.mkdir()
+        shm = f"bench-{uuid.uuid4().hex[:10]}"
+        config = config_from_mapping(
+            {
+                "run": {"id": "bench", "out_dir": str(where / "out"), "seed": 0},
+                "target": {
+                    "engine": "hf",
+                    "model_dir": str(self.model_dir),
+                    "dtype": "float32",
+                    "batch_size": BATCH_SIZE,
+                },
+                "data": {"max_length": len(tasks[0].payload["input_ids"]) + 16},
+                "store": {"uri": f"shm://{shm}", "options": {"budget_bytes": 1 << 30}},
+                "ledger": {"uri": f"sqlite://{where}/ledger.sqlite"},
+                "flow": {"high_watermark": 4 * len(tasks), "low_watermark": len(tasks)},
+                "producer": {"workers": 1},
+                "trainer": {"batch_size": BATCH_SIZE, "total_steps": 1, "checkpoint_every": 0},
+            }
+        )
+        ledger, store = open_config_ledger(config), open_config_store(config)
+
+        def cleanup() -> None:
+            ledger.close()
+            store.close()
+            for segment in Path("/dev/shm").glob(f"dfs~{shm}~*"):
+                segment.unlink(missing_ok=True)
+
+        self._cleanup.append(cleanup)
+        producer = build_producer(config, self.engine, ledger, store)
+        producer.open()
+        producer.ingest(tasks)
+
+        def run() -> None:
+            report = producer.run()
+            if report.outcome not in ("closed", "drained"):
+                raise RuntimeError(f"the producer ended {report.outcome}")
+            if ledger.status().prompts.get("done", 0) != len(tasks):
+                raise RuntimeError(f"not every prompt was produced: {ledger.status()}")
+
+        return run
+
+    def close(self) -> None:
+        """Close every round's ledger and store; remove their shared-memory segments."""
+        while self._cleanup:
+            self._cleanup.pop()()
+
+
+def _bare_vllm(url: str, model: str, tasks: list[Any], pool: ThreadPoolExecutor) -> None:
+    import requests
+
+    def one(task: Any) -> None:
+        body = {
+            "model": model,
+            "prompt": list(task.payload["input_ids"]),
+            "max_tokens": 1,
+            "temperature": 0.0,
+            "return_token_ids": True,
+        }
+        answer = requests.post(f"{url}/v1/completions", json=body, timeout=120)
+        answer.raise_for_status()
+
+    list(pool.map(one, tasks))
+
+
+def _served_model(url: str) -> str:
+    import requests
+
+    answer = requests.get(f"{url}/v1/models", timeout=30)
+    answer.raise_for_status()
+    return str(answer.json()["data"][0]["id"])
+
+
+def _bare_hf(model: Any, tasks: list[Any]) -> None:
+    import torch
+
+    with torch.no_grad():
+        for start in range(0, len(tasks), BATCH_SIZE):
+            chunk = tasks[start : start + BATCH_SIZE]
+            ids = torch.tensor([t.payload["input_ids"] for t in chunk], dtype=torch.int64)
+            model(input_ids=ids, attention_mask=torch.ones_like(ids), output_hidden_states=True)
+
+
+def measure(rounds: int, prompts: int, tokens: int, server_python: str) -> dict[str, Any]:
+    """Start the server, run the paired rounds, stop it; the figures as a JSON-ready dict."""
+    import torch
+
+    from dataflow.launch.builtin.save import save_builtin_target
+    from dataflow.launch.config import BuiltinTargetSection, TargetSection
+    from dataflow.launch.engines.hf import HFTargetEngine, load_model_dir
+    from dataflow.launch.engines.vllm import VLLMTargetEngine
+    from dataflow.launch.engines.vllm_server import ManagedVLLMServer
+
+    work = Path(tempfile.mkdtemp(prefix="bench-engines-"))
+    model_dir = save_builtin_target(BuiltinTargetSection(weights="trained"), work / "target")
+    target = TargetSection(
+        engine="vllm",
+        model_dir=str(model_dir),
+        dtype="float32",
+        batch_size=BATCH_SIZE,
+        vllm={"python": server_python, "max_model_len": 512, "startup_timeout_s": 600.0},
+    )
+    server = ManagedVLLMServer(target)
+    times: dict[str, list[float]] = {}
+    cpu: dict[str, list[float]] = {}
+    load = [os.getloadavg()[0]]
+    try:
+        started = time.perf_counter()
+        server.start()
+        startup_s = time.perf_counter() - started
+        vllm = VLLMTargetEngine(
+            server.url, str(model_dir), dtype="float32", batch_size=BATCH_SIZE, timeout_s=120
+        )
+        model, tokenizer = load_model_dir(str(model_dir), "float32")
+        hf = HFTargetEngine(model, tokenizer, batch_size=BATCH_SIZE)
+        pool = ThreadPoolExecutor(max_workers=BATCH_SIZE)
+        served = _served_model(server.url)
+        producers = [_Producing(vllm, model_dir, work), _Producing(hf, model_dir, work)]
+        paths: dict[str, Callable[[list[Any]], Callable[[], Any]]] = {
+            "vllm bare": lambda ts: lambda: _bare_vllm(server.url, served, ts, pool),
+            "vllm capture": lambda ts: lambda: vllm.capture(ts),
+            "vllm producer": producers[0].prepare,
+            "hf bare": lambda ts: lambda: _bare_hf(hf.model, ts),
+            "hf capture": lambda ts: lambda: hf.capture(ts),
+            "hf producer": producers[1].prepare,
+        }
+        warm = _tasks(BATCH_SIZE, tokens, -1)
+        for prepare in paths.values():  # warm-up: first requests, first allocations
+            prepare(warm)()
+        for round_no in range(rounds):
+            tasks = _tasks(prompts, tokens, round_no)
+            order = list(paths.items())  # odd rounds in reverse: a load drift hits both sides
+            for name, prepare in order if round_no % 2 == 0 else order[::-1]:
+                pgid = server.pid if name.startswith("vllm") else None
+                wall, cpu_s = _timed(prepare, tasks, pgid)
+                times.setdefault(name, []).append(wall)
+                cpu.setdefault(name, []).append(cpu_s)
+            load.append(os.getloadavg()[0])
+        for producing in producers:
+            producing.close()
+        pool.shutdown()
+        vllm.close()
+        hf.close()
+    finally:
+        server.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    store_vs_file = store_vs_file_hook(server_python, rounds)  # after: one server at a time
+    total_tokens = prompts * tokens
+
+    def ratio(num: str, den: str, of: dict[str, list[float]] = cpu) -> float:
+        return statistics.median(a / b for a, b in zip(of[num], of[den], strict=True))
+
+    rows = [
+        ("vllm capture / vllm bare server call (max_tokens=1, no capture)", "vllm capture",
+         "vllm bare", OVERHEAD_TARGET),
+        ("vllm producer / vllm bare server call", "vllm producer", "vllm bare", OVERHEAD_TARGET),
+        ("hf producer / bare hf forward (output_hidden_states)", "hf producer", "hf bare",
+         OVERHEAD_TARGET),
+        ("hf capture / bare hf forward (output_hidden_states)", "hf capture", "hf bare", None),
+        ("vllm capture tokens/s / hf capture tokens/s", "hf capture", "vllm capture", None),
+    ]  # fmt: skip
+    return {
+        "rounds": rounds,
+        "prompts": prompts,
+        "tokens_per_prompt": tokens,
+        "batch_size": BATCH_SIZE,
+        "torch_threads": torch.get_num_threads(),
+        "server_startup_s": round(startup_s, 1),
+        "load": {"start": load[0], "end": load[-1], "max": max(load)},
+        "target_ratio": OVERHEAD_TARGET,
+        "tokens_per_s": {
+            name: round(total_tokens / statistics.median(ts), 1) for name, ts in times.items()
+        },
+        "seconds": {name: [round(t, 4) for t in ts] for name, ts in times.items()},
+        "cpu_seconds": {name: [round(t, 4) for t in ts] for name, ts in cpu.items()},
+        "rows": [
+            {
+                "name": what,
+                "ratio": round(ratio(num, den), 3),
+                "wall_ratio": round(ratio(num, den, times), 3),
+                "target": target_ratio,
+                "met": None if target_ratio is None else ratio(num, den) <= target_ratio,
+            }
+            for what, num, den, target_ratio in rows
+        ],
+        "store_vs_file": store_vs_file,
+    }
+
+
+def main() -> None:
+    """Parse the arguments, measure, print (and optionally write) the JSON."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--prompts", type=int, default=16)
+    parser.add_argument("--tokens", type=int, default=128)
+    parser.add_argument(
+        "--vllm-python",
+        default=os.environ.get("DATAFLOW_VLLM_PYTHON") or sys.executable,
+        help="the interpreter that runs the vLLM server (default: $DATAFLOW_VLLM_PYTHON or this)",
+    )
+    parser.add_argument("--json", nargs="?", const="-", help="JSON to stdout or to PATH")
+    args = parser.parse_args()
+    result = measure(args.rounds, args.prompts, args.tokens, args.vllm_python)
+    text = json.dumps(result, indent=2)
+    if args.json and args.json != "-":
+        Path(args.json).write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
