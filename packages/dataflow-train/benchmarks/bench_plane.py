@@ -12,11 +12,15 @@ schedule, clipping and samples):
   (window dispatch on rank 0) through ``FeatureDataLoader`` (get, collate, release — which
   frees the features), and acks every optimizer step in the ledger with ``on_ack`` release.
 
-Rounds alternate the two sides; the ratio is paired (per round, median plane step over median
-bare step, process CPU time, first step of each round left out), and the figure is the median
-over rounds, as in bench_train. Wall time is printed beside it.
+Each round builds both loops (fresh, identical models) and steps them in lockstep, the order
+flipping every step (bare, plane, plane, bare, ...), so every plane step has a bare step right
+beside it in time; each pair gives one ratio (CPU time of this thread: both loops run on it
+alone; the first step of a round left out), and the figure is the median over every pair, with
+its quartiles and range and the load over the run. Wall time is printed beside it, and the
+plane's own calls are timed too (loader ``next`` and ledger ack): 1 + their CPU over the bare
+step's is the plane's cost without the noise of the model's compute.
 
-    python bench_plane.py [--steps 3] [--rounds 12] [--json [PATH]]
+    python bench_plane.py [--steps 4] [--rounds 10] [--json [PATH]]
 """
 
 from __future__ import annotations
@@ -24,16 +28,18 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
 import statistics
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_train import _durations, _now, bare_loop, model_config, put_features, trainer_config
+from bench_train import bare_loop, bare_steps, model_config, put_features, trainer_config
+from paired import describe, load_1m, spread
 
 from dataflow.control import ReleasePolicy, open_ledger
 from dataflow.control.controller import Controller
@@ -48,11 +54,13 @@ MAX_RATIO = 1.01
 _names = itertools.count()
 
 
-def plane_loop(
+def plane_steps(
     count: int, seq_len: int, config: TrainerConfig, precision: str, batch_size: int
-) -> tuple[list[tuple[float, float]], dict[str, int]]:
-    """The bare loop fed through the colocated plane; (wall, CPU) s per step and what the plane
-    left behind (resident features, committed/trained counts) to check it did the work."""
+) -> Iterator[tuple[float, float, float]]:
+    """The bare loop fed through the colocated plane, one optimizer step per ``next``: yields
+    (wall, CPU, plane CPU) seconds of that step, plane CPU being this thread's time inside the
+    plane's calls (loader ``next`` and the ledger ack). After the last step it checks what the
+    plane left behind (every sample trained once, no feature resident) and stops."""
     name = f"plane{next(_names)}"
     store = open_store(f"memory://{name}", retain_on_release=False)
     ledger = open_ledger(f"memory://{name}")
@@ -72,11 +80,15 @@ def plane_loop(
     schedule = WarmupCosineSchedule(optimizer, config.optim, config.total_steps or 1)
     loader = FeatureDataLoader(store, queue=consumer.queue(), batch_size=batch_size)
     batches = iter(loader)
-    ends = [_now()]
+    clock = time.thread_time
     for step in range(1, (config.max_steps or 0) + 1):
+        began = time.perf_counter(), clock()
+        plane = 0.0
         ids: list[str] = []
         for _ in range(accum):
+            t = clock()
             batch = next(batches)
+            plane += clock() - t
             ids.extend(batch.sample_ids)
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
                 out = model(batch.tensors)
@@ -85,8 +97,10 @@ def plane_loop(
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
+        t = clock()
         consumer.ack(step, ids)
-        ends.append(_now())
+        plane += clock() - t
+        yield time.perf_counter() - began[0], clock() - began[1], plane
     assert next(batches, None) is None  # the stream ended cleanly
     loader.close()
     consumer.finish()
@@ -97,13 +111,34 @@ def plane_loop(
     }
     store.close()
     ledger.close()
-    return _durations(ends), left
+    # the plane did its work: every sample trained once, no feature left resident
+    assert left == {"resident_features": 0, "trained": count}, left
+
+
+def lockstep_round(
+    batches: list, count: int, seq_len: int, config: TrainerConfig, precision: str, batch_size: int
+) -> tuple[list[tuple[float, float]], list[tuple[float, float, float]]]:
+    """One round: a bare loop and a plane loop (fresh, identical models) stepped alternately,
+    the order flipping every step (bare, plane, plane, bare, ...); (bare steps, plane steps)."""
+    bare = bare_steps(batches, config, precision)
+    plane = plane_steps(count, seq_len, config, precision, batch_size)
+    out_bare: list[tuple[float, float]] = []
+    out_plane: list[tuple[float, float, float]] = []
+    for step in range(config.max_steps or 0):
+        for side in ("bare", "plane") if step % 2 == 0 else ("plane", "bare"):
+            if side == "bare":
+                out_bare.append(next(bare))
+            else:
+                out_plane.append(next(plane))
+    for rest in (bare, plane):
+        assert next(rest, None) is None  # runs the plane's end-of-stream checks
+    return out_bare, out_plane
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=3, help="optimizer steps per round")
-    parser.add_argument("--rounds", type=int, default=12)
+    parser.add_argument("--steps", type=int, default=4, help="optimizer steps per round")
+    parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--accumulation", type=int, default=2)
     parser.add_argument("--seq-len", type=int, default=512)
@@ -111,6 +146,8 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     parser.add_argument("--json", nargs="?", const="-", help="also emit JSON (stdout or file)")
     args = parser.parse_args()
+    if args.steps < 2:
+        parser.error("--steps must be >= 2 (the first step of a round is warm-up)")
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -118,70 +155,77 @@ def main() -> int:
     count = per_step * args.steps
     source = open_store("memory://bench-plane-source", retain_on_release=True)
     refs = put_features(source, count, args.seq_len)
-    batches = list(FeatureDataLoader(source, refs=refs, batch_size=args.batch_size, shuffle=False))
+    batches = list(
+        FeatureDataLoader(
+            source, refs=refs, batch_size=args.batch_size, shuffle=False, reuse_buffers=False
+        )
+    )
     config = trainer_config(args.steps, args.accumulation)
 
-    steps: dict[str, list[tuple[float, float]]] = {"bare": [], "plane": []}
-    paired: dict[str, list[float]] = {"wall": [], "cpu": []}
-    left: dict[str, int] = {}
+    steps: dict[str, list[tuple[float, ...]]] = {"bare": [], "plane": []}
+    paired: dict[str, list[float]] = {"wall": [], "cpu": [], "attributed": []}
+    loads = [load_1m()]
     bare_loop(batches, trainer_config(1, args.accumulation), args.precision)  # warm-up
-    for round_no in range(args.rounds):
-        sides = ["bare", "plane"] if round_no % 2 == 0 else ["plane", "bare"]
-        measured = {}
-        for side in sides:
-            if side == "bare":
-                measured[side] = bare_loop(batches, config, args.precision)[1:]
-            else:
-                durations, left = plane_loop(
-                    count, args.seq_len, config, args.precision, args.batch_size
-                )
-                measured[side] = durations[1:]
-            steps[side] += measured[side]
-        for i, kind in enumerate(("wall", "cpu")):
-            paired[kind].append(
-                statistics.median(v[i] for v in measured["plane"])
-                / statistics.median(v[i] for v in measured["bare"])
-            )
-    # the plane did its work: every sample trained once, no feature left resident
-    assert left == {"resident_features": 0, "trained": count}, left
-    ratio = {kind: statistics.median(paired[kind]) for kind in ("wall", "cpu")}
+    for _ in range(args.rounds):
+        bare, plane = lockstep_round(
+            batches, count, args.seq_len, config, args.precision, args.batch_size
+        )
+        for b, p in zip(bare[1:], plane[1:], strict=True):  # step 1: warm-up, left out
+            paired["wall"].append(p[0] / b[0])
+            paired["cpu"].append(p[1] / b[1])
+            paired["attributed"].append(1 + p[2] / b[1])
+        steps["bare"] += bare[1:]
+        steps["plane"] += plane[1:]
+        loads.append(load_1m())
+    ratio_spread = {kind: spread(values) for kind, values in paired.items()}
+    ratio = {kind: ratio_spread[kind]["median"] for kind in paired}
     medians = {
         side: {
             kind: statistics.median(v[i] for v in values) for i, kind in enumerate(("wall", "cpu"))
         }
         for side, values in steps.items()
     }
+    plane_ms = statistics.median(p[2] for p in steps["plane"]) * 1e3
     result = {
         "benchmark": "bench-plane",
+        "method": "lockstep: bare and plane loops stepped alternately (order flipping every "
+        "step); one ratio per step pair, median over pairs",
         "precision": args.precision,
         "rounds": args.rounds,
         "steps_per_round": args.steps,
         "samples_per_step": per_step,
         "seq_len": args.seq_len,
         "torch_threads": torch.get_num_threads(),
-        "load_average_1m": os.getloadavg()[0],
+        "load_average_1m": loads[-1],
+        "load": {"start": loads[0], "end": loads[-1], "min": min(loads), "max": max(loads)},
         "median_s_per_step": medians,
+        "plane_cpu_ms_per_step": plane_ms,
         "round_ratios": paired,
+        "ratio_spread": ratio_spread,
         "cpu_overhead_ratio": ratio["cpu"],
         "wall_overhead_ratio": ratio["wall"],
+        "attributed_cpu_ratio": ratio["attributed"],
         "max_ratio": MAX_RATIO,
         "passed": ratio["cpu"] <= MAX_RATIO,
     }
     print(
         f"bench-plane  ({args.precision}, {per_step} samples x {args.seq_len} tokens per step, "
-        f"{args.steps} steps x {args.rounds} rounds, load average "
-        f"{result['load_average_1m']:.1f})"
+        f"{args.steps} steps x {args.rounds} rounds in lockstep, load average {loads[0]:.1f} -> "
+        f"{loads[-1]:.1f} (min {min(loads):.1f}, max {max(loads):.1f}))"
     )
     for side in ("bare", "plane"):
         print(
             f"{side:<7} median CPU s/step {medians[side]['cpu']:.4f}  "
             f"wall s/step {medians[side]['wall']:.4f}"
         )
+    print(f"plane's own calls (loader next + ledger ack): {plane_ms:.2f} ms CPU per step")
     verdict = "PASS" if result["passed"] else "FAIL"
     print(
-        f"colocated plane / bare loop, CPU s/step (median of rounds): {ratio['cpu']:.4f} "
-        f"(limit {MAX_RATIO}) {verdict}; wall: {ratio['wall']:.4f}"
+        describe("plane / bare, CPU s/step", ratio_spread["cpu"])
+        + f"  (limit {MAX_RATIO}) {verdict}"
     )
+    print(describe("plane / bare, wall s/step", ratio_spread["wall"]))
+    print(describe("1 + plane calls' CPU / bare step CPU", ratio_spread["attributed"]))
     if args.json == "-":
         print(json.dumps(result, indent=2))
     elif args.json:

@@ -4,33 +4,40 @@ Both sides train the same EAGLE3 objective (same seed, same weights), on the sam
 the same AdamW, LR schedule and clipping. The bare loop gets the batches already collated in
 memory; the runtime gets refs and does everything it does in production: store get + release,
 collation, prefetch thread, fail-together agreement, ack hook, metrics JSONL, progress
-bookkeeping. Rounds alternate between the two sides so machine noise hits both alike; the
-reported ratio is paired: each round gives median(runtime step time) / median(bare step time),
-both measured back to back, and the figure is the median over rounds (the first step of each
-round is warm-up and left out), so slow drifts in machine load cancel.
+bookkeeping.
 
-Step time is measured twice: the process CPU time of the step (every thread, so the loader's
-prefetch thread counts against the runtime: overlap earns it nothing) and the wall time. The
-gate uses the CPU time: on a shared machine (the project's has 2 cores and runs many jobs) wall
-time mostly measures the neighbours, while CPU time is the work the step itself did. The wall
-ratio is printed beside it.
+The two run in lockstep: a hook of the Trainer runs one bare-loop step right after each Trainer
+step, so under a load that changes by the second every Trainer step has a bare step on either
+side of it. Each Trainer step k gives one ratio, its time over the mean of the bare steps just
+before and just after it (a linear drift cancels); the first two steps of a round are warm-up
+and left out; the figure is the median over every pair of every round, reported with its
+quartiles and range and the load average over the run.
 
-    python bench_train.py [--steps 3] [--rounds 24] [--precision bf16|fp32] [--json [PATH]]
+Time is measured twice. CPU time (the gate): for the bare step, the CPU of the thread it runs
+on (one torch thread: it does all its work there); for the Trainer step, the whole process's
+CPU between its boundaries minus the bare step's, so the prefetch thread's work counts against
+the Trainer wherever it falls (overlap earns it nothing). On a shared machine (2 cores, many
+jobs) wall time mostly measures the neighbours; it is printed beside it.
+
+    python bench_train.py [--steps 4] [--rounds 16] [--precision bf16|fp32] [--json [PATH]]
 """
 
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
-import os
 import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from paired import describe, load_1m, spread
 
 from dataflow.contracts import TrainBatch
 from dataflow.store import open_store
@@ -90,23 +97,19 @@ def _now() -> tuple[float, float]:
     return time.perf_counter(), time.process_time()
 
 
-def _durations(ends: list[tuple[float, float]]) -> list[tuple[float, float]]:
-    """(wall, process CPU) seconds of each step from consecutive boundary timestamps."""
-    return [(b[0] - a[0], b[1] - a[1]) for a, b in itertools.pairwise(ends)]
-
-
-def bare_loop(
+def bare_steps(
     batches: list[TrainBatch], config: TrainerConfig, precision: str
-) -> list[tuple[float, float]]:
-    """The plain PyTorch loop; returns (wall, CPU) seconds of each optimizer step."""
+) -> Iterator[tuple[float, float]]:
+    """The plain PyTorch loop, one optimizer step per ``next``: yields the (wall, CPU) seconds of
+    that step (CPU of this thread: the bare loop runs on it alone), the model built untimed."""
     torch.manual_seed(config.seed)
     model = Eagle3Objective(model_config(), seed=1)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_adamw(params, config.optim)
     schedule = WarmupCosineSchedule(optimizer, config.optim, config.total_steps or 1)
     accum = config.accumulation_steps
-    ends = [_now()]
     for step in range(config.max_steps or 0):
+        began = time.perf_counter(), time.thread_time()
         for micro in range(accum):
             tensors = batches[step * accum + micro].tensors
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
@@ -116,47 +119,81 @@ def bare_loop(
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
-        ends.append(_now())
-    return _durations(ends)
+        yield time.perf_counter() - began[0], time.thread_time() - began[1]
 
 
-class StepClock(TrainerHook):
-    """Timestamps every optimizer boundary (hooks run right after the optimizer step)."""
+def bare_loop(
+    batches: list[TrainBatch], config: TrainerConfig, precision: str
+) -> list[tuple[float, float]]:
+    """The plain PyTorch loop; returns (wall, CPU) seconds of each optimizer step."""
+    return list(bare_steps(batches, config, precision))
 
-    def __init__(self) -> None:
-        self.ends: list[tuple[float, float]] = []
+
+class LockstepBare(TrainerHook):
+    """Runs one bare-loop step right after each Trainer optimizer step (hooks run right after
+    it), so the two loops alternate step by step under the same load.
+
+    Records, per Trainer step, the process (wall, CPU) time from the end of the previous bare
+    step to this boundary plus whatever other threads (the loader's prefetch thread) spent while
+    the bare step ran; and per bare step its (wall, CPU) time on this thread.
+    """
+
+    def __init__(self, bare: Iterator[tuple[float, float]]) -> None:
+        self._bare = bare
+        self.trainer_steps: list[tuple[float, float]] = []
+        self.bare_steps: list[tuple[float, float]] = []
+        self._since: tuple[float, float] = _now()
 
     def on_fit_start(self, context: HookContext) -> None:
-        self.ends = [_now()]
+        self._since = _now()
 
     def on_optimizer_step(self, event: StepEvent) -> None:
-        self.ends.append(_now())
+        now = _now()
+        self.trainer_steps.append((now[0] - self._since[0], now[1] - self._since[1]))
+        wall, thread_cpu = next(self._bare)
+        self.bare_steps.append((wall, thread_cpu))
+        # Everything the process spent during the bare step but the bare step's own thread CPU
+        # (the prefetch thread fetching ahead) is the Trainer's and counts to its next step.
+        self._since = (now[0] + wall, now[1] + thread_cpu)
 
 
-def runtime_loop(
-    store, refs, config: TrainerConfig, precision: str, batch_size: int, workdir: Path
-) -> list[tuple[float, float]]:
-    """The dataflow runtime (``Trainer.fit``); returns (wall, CPU) seconds of each step."""
+def lockstep_round(
+    store, refs, batches, config: TrainerConfig, precision: str, batch_size: int, workdir: Path
+) -> tuple[list[tuple[float, float]], list[tuple[float, float]]]:
+    """One round: ``Trainer.fit`` with a bare step after each of its steps; returns the
+    (wall, CPU) seconds of each Trainer step and of each bare step, in order."""
     loader = FeatureDataLoader(store, refs=refs, batch_size=batch_size, shuffle=False, prefetch=1)
     acked: list[int] = []
-    clock = StepClock()
+    lockstep = LockstepBare(bare_steps(batches, config, precision))
     trainer = Trainer(
         Eagle3Objective(model_config(), seed=1),
         loader,
         config,
         backend=LocalBackend(precision),
-        hooks=[AckHook(lambda step, ids: acked.append(step)), clock],
+        hooks=[AckHook(lambda step, ids: acked.append(step)), lockstep],
         metrics=JsonlMetrics(workdir / f"metrics-{time.monotonic_ns()}.jsonl"),
     )
     trainer.fit()
     assert acked == list(range(1, (config.max_steps or 0) + 1))
-    return _durations(clock.ends)
+    return lockstep.trainer_steps, lockstep.bare_steps
+
+
+def pair_ratios(
+    trainer: list[tuple[float, float]], bare: list[tuple[float, float]], kind: int
+) -> list[float]:
+    """Trainer step k over the mean of the bare steps on either side of it (k-1 before it, k
+    after it), so a linear drift in load cancels; steps 0 and 1 (warm-up: Adam's state is
+    allocated at the first step) are left out of both sides."""
+    return [
+        trainer[k][kind] / ((bare[k - 1][kind] + bare[k][kind]) / 2)
+        for k in range(2, min(len(trainer), len(bare)))
+    ]
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=3, help="optimizer steps per round")
-    parser.add_argument("--rounds", type=int, default=24)
+    parser.add_argument("--steps", type=int, default=4, help="optimizer steps per round")
+    parser.add_argument("--rounds", type=int, default=16)
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--accumulation", type=int, default=2)
     parser.add_argument("--seq-len", type=int, default=512)
@@ -171,6 +208,8 @@ def main() -> int:
         help="also emit the results as JSON: to stdout, or to the given file",
     )
     args = parser.parse_args()
+    if args.steps < 3:
+        parser.error("--steps must be >= 3 (the first two steps of a round are warm-up)")
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -178,31 +217,27 @@ def main() -> int:
     count = per_step * args.steps
     store = open_store("memory://bench", retain_on_release=True)
     refs = put_features(store, count, args.seq_len)
-    batches = list(FeatureDataLoader(store, refs=refs, batch_size=args.batch_size, shuffle=False))
+    batches = list(
+        FeatureDataLoader(
+            store, refs=refs, batch_size=args.batch_size, shuffle=False, reuse_buffers=False
+        )
+    )
     config = trainer_config(args.steps, args.accumulation)
 
     steps: dict[str, list[tuple[float, float]]] = {"bare": [], "runtime": []}
     paired: dict[str, list[float]] = {"wall": [], "cpu": []}
+    loads = [load_1m()]
     with tempfile.TemporaryDirectory() as tmp:
         bare_loop(batches, trainer_config(1, args.accumulation), args.precision)  # warm-up
-        for round_no in range(args.rounds):
-            # Alternate which side goes first so drift in machine load favours neither; the
-            # first step of each round (allocator and autocast warm-up) is left out of both.
-            sides = ["bare", "runtime"] if round_no % 2 == 0 else ["runtime", "bare"]
-            measured = {}
-            for side in sides:
-                if side == "bare":
-                    measured[side] = bare_loop(batches, config, args.precision)[1:]
-                else:
-                    measured[side] = runtime_loop(
-                        store, refs, config, args.precision, args.batch_size, Path(tmp)
-                    )[1:]
-                steps[side] += measured[side]
+        for _ in range(args.rounds):
+            runtime, bare = lockstep_round(
+                store, refs, batches, config, args.precision, args.batch_size, Path(tmp)
+            )
+            steps["runtime"] += runtime[2:]
+            steps["bare"] += bare[2:]
             for i, kind in enumerate(("wall", "cpu")):
-                paired[kind].append(
-                    statistics.median(v[i] for v in measured["runtime"])
-                    / statistics.median(v[i] for v in measured["bare"])
-                )
+                paired[kind] += pair_ratios(runtime, bare, i)
+            loads.append(load_1m())
     stats = {
         side: {
             kind: {
@@ -214,9 +249,12 @@ def main() -> int:
         }
         for side, values in steps.items()
     }
-    ratio = {kind: statistics.median(paired[kind]) for kind in ("wall", "cpu")}
+    ratio_spread = {kind: spread(paired[kind]) for kind in ("wall", "cpu")}
+    ratio = {kind: ratio_spread[kind]["median"] for kind in ("wall", "cpu")}
     result = {
         "benchmark": "bench-train",
+        "method": "lockstep: one bare step after every Trainer step; ratio per Trainer step over "
+        "the mean of the bare steps either side of it; median of those ratios",
         "precision": args.precision,
         "rounds": args.rounds,
         "steps_per_round": args.steps,
@@ -224,9 +262,11 @@ def main() -> int:
         "samples_per_step": per_step,
         "seq_len": args.seq_len,
         "torch_threads": torch.get_num_threads(),
-        "load_average_1m": os.getloadavg()[0],
+        "load_average_1m": loads[-1],
+        "load": {"start": loads[0], "end": loads[-1], "min": min(loads), "max": max(loads)},
         "steps": steps,
         "round_ratios": paired,
+        "ratio_spread": ratio_spread,
         "stats": stats,
         "cpu_overhead_ratio": ratio["cpu"],
         "wall_overhead_ratio": ratio["wall"],
@@ -235,8 +275,9 @@ def main() -> int:
     }
     print(
         f"bench-train  ({args.precision}, {per_step} samples x {args.seq_len} tokens per step, "
-        f"{args.steps} steps x {args.rounds} rounds, {torch.get_num_threads()} torch thread(s), "
-        f"load average {result['load_average_1m']:.1f})"
+        f"{args.steps} steps x {args.rounds} rounds in lockstep, {torch.get_num_threads()} torch "
+        f"thread(s), load average {loads[0]:.1f} -> {loads[-1]:.1f} "
+        f"(min {min(loads):.1f}, max {max(loads):.1f}))"
     )
     print(f"{'loop':<18}{'clock':<7}{'median s/step':>14}{'min':>9}{'max':>9}{'steps':>7}")
     for name, side in (("bare PyTorch", "bare"), ("dataflow Trainer", "runtime")):
@@ -248,10 +289,10 @@ def main() -> int:
             )
     verdict = "PASS" if result["passed"] else "FAIL"
     print(
-        f"overhead ratio (runtime / bare, CPU s/step, median of rounds):  {ratio['cpu']:.4f}  "
-        f"(limit {MAX_RATIO})  {verdict}"
+        describe("Trainer / bare, CPU s/step", ratio_spread["cpu"])
+        + f"  (limit {MAX_RATIO}) {verdict}"
     )
-    print(f"overhead ratio (runtime / bare, wall s/step, median of rounds): {ratio['wall']:.4f}")
+    print(describe("Trainer / bare, wall s/step", ratio_spread["wall"]))
     if args.json == "-":
         print(json.dumps(result, indent=2))
     elif args.json:

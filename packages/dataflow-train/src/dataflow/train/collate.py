@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from dataflow.contracts import FeatureSpec, SampleRef, SchemaMismatchError, TrainBatch
+from dataflow.train.batch_buffers import BatchBuffers
 
 ATTENTION_MASK = "attention_mask"
 """Name of the mask collation adds; a sample must not carry a feature of this name."""
@@ -160,13 +161,15 @@ def collate(
     strategy: str,
     pad_multiple: int = 1,
     metadata: Mapping[str, Any] | None = None,
+    buffers: BatchBuffers | None = None,
 ) -> TrainBatch:
     """Stack samples into one :class:`TrainBatch`, padding the sequence dim with zeros.
 
     Guarantees: row ``i`` of every tensor is ``sample_ids[i]``; the padded length is the
     longest sample's, rounded up to ``pad_multiple``; ``attention_mask`` marks real tokens.
     Samples whose feature names, dtypes, ranks or trailing shapes disagree are refused with
-    :class:`SchemaMismatchError`.
+    :class:`SchemaMismatchError`. With ``buffers`` the feature tensors are written into the
+    pool's idle buffers (see :mod:`dataflow.train.batch_buffers` for when one is reused).
     """
     if len(sample_ids) != len(samples) or not samples:
         raise SchemaMismatchError(
@@ -177,16 +180,26 @@ def collate(
         lengths = [sequence_length(sid, s) for sid, s in zip(sample_ids, samples, strict=True)]
         _check_samples_agree(sample_ids, samples)
     target = padded_length(max(lengths), pad_multiple)
+    if buffers is not None and any(t.device.type != "cpu" for t in samples[0].values()):
+        buffers = None  # the pool holds host memory only
     out: dict[str, torch.Tensor] = {}
     if all(length == target for length in lengths):
         # No padding anywhere: one concatenation (a copy) per feature, an all-ones mask.
-        for name in samples[0]:
-            out[name] = torch.cat([sample[name] for sample in samples])
+        for name, proto in samples[0].items():
+            parts = [sample[name] for sample in samples]
+            if buffers is None:
+                out[name] = torch.cat(parts)
+            else:
+                shape = (len(samples), *proto.shape[1:])
+                out[name] = torch.cat(parts, out=buffers.take(shape, proto.dtype))
         out[ATTENTION_MASK] = torch.ones((len(samples), target), dtype=torch.int64)
     else:
         for name, proto in samples[0].items():
             # Only the padding is zeroed: the rest is overwritten at once.
-            batched = proto.new_empty((len(samples), target, *proto.shape[2:]))
+            shape = (len(samples), target, *proto.shape[2:])
+            batched = (
+                proto.new_empty(shape) if buffers is None else buffers.take(shape, proto.dtype)
+            )
             for row, (sample, length) in enumerate(zip(samples, lengths, strict=True)):
                 batched[row, :length] = sample[name][0]
                 if length < target:

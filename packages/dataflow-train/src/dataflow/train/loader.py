@@ -28,6 +28,7 @@ from dataflow.contracts import (
 )
 from dataflow.contracts.checks import is_int
 from dataflow.contracts.features import FEATURE_SCHEMA_VERSION
+from dataflow.train.batch_buffers import BatchBuffers
 from dataflow.train.collate import check_refs_agree, collate
 from dataflow.train.ref_sources import AbortSettler, FixedRefPlan, QueueRefSource, RefSettler
 from dataflow.train.sample_checks import (
@@ -64,6 +65,11 @@ class FeatureDataLoader:
       it is handed to the settler with its reason and recorded in ``bad_samples``; past
       ``max_bad_samples`` of them, or when no sample of a batch is left, the loader raises
       :class:`~dataflow.train.sample_checks.BadSampleError` naming them;
+    - with ``reuse_buffers`` (the default) batches are collated into a small pool of kept
+      buffers, one reused only once nothing references it any more (every batch, view and
+      autograd-saved tensor of it dropped: :mod:`~dataflow.train.batch_buffers`), so a batch
+      a caller still holds is never overwritten; at most ``4 * (prefetch + 3)`` are kept, and
+      ``close`` drops them;
     - at most ``prefetch`` batches are fetched ahead; ``close`` stops the prefetch thread within
       ``join_timeout_s`` and returns every ref fetched from the source but never yielded.
     """
@@ -89,6 +95,7 @@ class FeatureDataLoader:
         join_timeout_s: float = 5.0,
         max_length: int | None = None,
         max_bad_samples: int = 0,
+        reuse_buffers: bool = True,
     ) -> None:
         if (refs is None) == (queue is None):
             raise InvalidInputError("FeatureDataLoader needs exactly one of refs= or queue=")
@@ -101,6 +108,8 @@ class FeatureDataLoader:
         ):
             if not is_int(value) or value < low:
                 raise InvalidInputError(f"{name} must be an int >= {low}, got {value!r}")
+        if not isinstance(reuse_buffers, bool):
+            raise InvalidInputError(f"reuse_buffers must be a bool, got {reuse_buffers!r}")
         if not isinstance(strategy, str) or not strategy:
             raise InvalidInputError(f"strategy must be a non-empty str, got {strategy!r}")
         self._store = store
@@ -121,6 +130,7 @@ class FeatureDataLoader:
         self._join_timeout_s = join_timeout_s
         self._max_length = max_length
         self._max_bad = max_bad_samples
+        self._buffers = BatchBuffers(4 * (prefetch + 3)) if reuse_buffers else None
         self.bad_samples: dict[str, str] = {}
         """Samples refused for their feature values, with the reason (they never trained)."""
         # Online refs are consume-once: nobody else will ever train a refused one, so its
@@ -268,6 +278,8 @@ class FeatureDataLoader:
             active.close()  # type: ignore[attr-defined]
         with self._lock:
             returned, self._returned = self._returned, []
+        if self._buffers is not None:
+            self._buffers.clear()
         return returned
 
     def _iterate(self) -> Iterator[TrainBatch]:
@@ -393,6 +405,7 @@ class FeatureDataLoader:
             strategy=self._strategy,
             pad_multiple=self._pad_multiple,
             metadata={"schema_version": refs[0].schema_version},
+            buffers=self._buffers,
         )
 
     def _refuse_bad(self, refs: list[SampleRef], bad: dict[str, str], empty: bool) -> None:
