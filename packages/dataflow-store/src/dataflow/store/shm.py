@@ -74,8 +74,8 @@ from dataflow.store.arena import (
 from dataflow.store.base import BookkeepingStore, Generation
 from dataflow.store.layout import plan
 from dataflow.store.owner import DETACHED, current_owner, owner_alive
-from dataflow.store.segments import map_sample, read_layout, read_sample, write_sample
-from dataflow.store.staging import parse_steward, same_specs
+from dataflow.store.segments import map_sample, read_layout, write_sample
+from dataflow.store.staging import check_staged_file, parse_steward, read_staged_file
 from dataflow.store.tensors import PreparedSample
 
 PREFIX = "dfs~"
@@ -403,22 +403,16 @@ class ShmFeatureStore(BookkeepingStore):
     def _check_staged(
         self, sample_id: str, generation: int, specs: Mapping[str, FeatureSpec]
     ) -> None:
-        where = f"{self._where(sample_id, generation)} (staged)"
-        try:
-            layout = read_layout(self._staged_path(sample_id, generation), where)
-        except NotFoundError:
-            raise NotFoundError(
-                f"{where}: nothing is staged there (wrong generation or sample, never written, "
-                "already adopted or aborted)"
-            ) from None
-        same_specs(layout.entries, specs, where)
+        check_staged_file(
+            self._staged_path(sample_id, generation), specs, self._where(sample_id, generation)
+        )
 
     def _read_staged(
         self, sample_id: str, generation: int, wanted: Mapping[str, FeatureSpec]
     ) -> dict[str, torch.Tensor]:
-        where = f"{self._where(sample_id, generation)} (staged)"
-        tensors, _ = read_sample(self._staged_path(sample_id, generation), wanted, where)
-        return tensors
+        return read_staged_file(
+            self._staged_path(sample_id, generation), wanted, self._where(sample_id, generation)
+        )
 
     def _promote(self, sample_id: str, generation: int, specs: Mapping[str, FeatureSpec]) -> None:
         staged = self._staged_path(sample_id, generation)

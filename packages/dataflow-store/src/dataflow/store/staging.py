@@ -29,9 +29,12 @@ import socket
 from collections.abc import Mapping
 from typing import Any
 
-from dataflow.contracts import FeatureSpec, InvalidInputError, SchemaMismatchError
+import torch
+
+from dataflow.contracts import FeatureSpec, InvalidInputError, NotFoundError, SchemaMismatchError
 from dataflow.contracts.checks import is_int
 from dataflow.store.owner import current_owner
+from dataflow.store.segments import read_layout, read_sample
 from dataflow.store.tensors import describe
 
 _STEWARD = re.compile(r"^(?P<host>[A-Za-z0-9._-]{1,64})@(?P<owner>\d{10}\.\d{20}\.\d{12})$")
@@ -80,3 +83,27 @@ def same_specs(stored: Mapping[str, Any], specs: Mapping[str, FeatureSpec], wher
                 f"{where}: feature {name!r} was staged as {describe(stored[name].spec)}, "
                 f"expected {describe(spec)}"
             )
+
+
+def check_staged_file(path: str, specs: Mapping[str, FeatureSpec], where: str) -> None:
+    """A staged segment file at ``path`` holds exactly ``specs``: ``NotFoundError`` when nothing
+    is staged there, ``SchemaMismatchError`` naming the difference (file-backed stores:
+    ``shm://``, ``dir://``).
+    """
+    where = f"{where} (staged)"
+    try:
+        layout = read_layout(path, where)
+    except NotFoundError:
+        raise NotFoundError(
+            f"{where}: nothing is staged there (wrong generation or sample, never written, "
+            "already adopted or aborted)"
+        ) from None
+    same_specs(layout.entries, specs, where)
+
+
+def read_staged_file(
+    path: str, wanted: Mapping[str, FeatureSpec], where: str
+) -> dict[str, torch.Tensor]:
+    """The ``wanted`` tensors of the staged segment file at ``path`` (private copies)."""
+    tensors, _ = read_sample(path, wanted, f"{where} (staged)")
+    return tensors
