@@ -347,37 +347,19 @@ class ShmFeatureStore(BookkeepingStore):
     def _write(self, sample_id: str, generation: int, sample: PreparedSample) -> None:
         if self._arena_bytes and self._write_arena(sample_id, generation, sample):
             return
-        final = self._path(sample_id, generation)
-        temp = f"{final}~{self._owner}.tmp"
-        fd = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        try:
-            try:
-                write_sample(
-                    fd,
-                    sample,
-                    {_OWNER_KEY: self._owner, "sample_id": sample_id},
-                    self._where(sample_id, generation),
-                )
-            finally:
-                os.close(fd)
-            os.link(temp, final)  # never overwrites: a name, once published, is one generation
-        except BaseException:
-            _unlink(temp)
-            raise
-        _unlink(temp)
+        self._publish_segment(
+            self._path(sample_id, generation), self._owner, sample_id, generation, sample
+        )
         with self._lock:
             self._mine.add((sample_id, generation))
 
-    # ------------------------------------------------------------------ staging
-
-    def _staged_path(self, sample_id: str, generation: int, owner: str | None = None) -> str:
-        return f"{self._path(sample_id, generation)}~{owner or self._owner}.staged"
-
-    def _write_staged(
-        self, sample_id: str, generation: int, sample: PreparedSample, steward: str
+    def _publish_segment(
+        self, name: str, owner: str, sample_id: str, generation: int, sample: PreparedSample
     ) -> None:
-        _, owner = parse_steward(steward)
-        staged = self._staged_path(sample_id, generation, owner)
+        """Write ``sample`` (headed by ``owner``) to this process's temporary, then link it to
+        ``name``: readers see a whole segment or none, and a taken name is never overwritten
+        (``FileExistsError``: a name, once published, is one generation).
+        """
         temp = f"{self._path(sample_id, generation)}~{self._owner}.tmp"
         fd = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
@@ -390,15 +372,27 @@ class ShmFeatureStore(BookkeepingStore):
                 )
             finally:
                 os.close(fd)
-            try:
-                os.link(temp, staged)
-            except FileExistsError:
-                raise CorruptRecordError(
-                    f"{self._where(sample_id, generation)} is already staged; refusing to "
-                    "overwrite it (reserve a new generation)"
-                ) from None
+            os.link(temp, name)
         finally:
             _unlink(temp)
+
+    # ------------------------------------------------------------------ staging
+
+    def _staged_path(self, sample_id: str, generation: int, owner: str | None = None) -> str:
+        return f"{self._path(sample_id, generation)}~{owner or self._owner}.staged"
+
+    def _write_staged(
+        self, sample_id: str, generation: int, sample: PreparedSample, steward: str
+    ) -> None:
+        _, owner = parse_steward(steward)
+        staged = self._staged_path(sample_id, generation, owner)
+        try:
+            self._publish_segment(staged, owner, sample_id, generation, sample)
+        except FileExistsError:
+            raise CorruptRecordError(
+                f"{self._where(sample_id, generation)} is already staged; refusing to "
+                "overwrite it (reserve a new generation)"
+            ) from None
 
     def _check_staged(
         self, sample_id: str, generation: int, specs: Mapping[str, FeatureSpec]
