@@ -14,9 +14,8 @@ from collections.abc import Sequence
 from dataflow.contracts.prompt import PromptTask
 from dataflow.contracts.states import CommitResult, PromptState
 from dataflow.control.ledger._meta import RunMeta, prompt_counter
-from dataflow.control.ledger._rows import PromptChange, PromptRow
 from dataflow.control.ledger._rules import conflict
-from dataflow.control.ledger._tx import LedgerTx
+from dataflow.control.ledger._tx import LedgerTx, PromptChange, PromptRow
 
 PENDING = PromptState.PENDING
 LEASED = PromptState.LEASED

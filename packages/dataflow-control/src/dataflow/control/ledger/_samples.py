@@ -25,9 +25,8 @@ from dataflow.control.ledger._meta import (
     prompt_counter,
     sample_counter,
 )
-from dataflow.control.ledger._rows import PromptChange, SampleChange, SampleRow
 from dataflow.control.ledger._rules import check_dp_size, check_window_shape, conflict
-from dataflow.control.ledger._tx import LedgerTx
+from dataflow.control.ledger._tx import LedgerTx, PromptChange, SampleChange, SampleRow
 
 PARTIAL_WINDOW = "partial_window"
 """Drop reason of the sub-quantum remainder at end of stream."""

@@ -1,4 +1,5 @@
-"""What a ledger backend provides: atomic transactions over a few primitive reads and writes.
+"""What a ledger backend provides: atomic transactions over a few primitive reads and writes
+of the rows it stores per sample and per prompt.
 
 The rules of the ledger live once, in the operations of ``_samples``, ``_prompts`` and
 ``_run``; a backend only stores. Every operation runs inside ``LedgerStorage.write`` (or
@@ -11,16 +12,52 @@ from __future__ import annotations
 
 import abc
 from collections.abc import Callable, Mapping, Sequence
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 from dataflow.contracts.features import SampleRef
 from dataflow.contracts.prompt import PromptTask
 from dataflow.contracts.states import PromptState, SampleState
 from dataflow.contracts.weights import WeightVersion
 from dataflow.control.ledger._meta import RunMeta
-from dataflow.control.ledger._rows import PromptChange, PromptRow, SampleChange, SampleRow
 
 R = TypeVar("R")
+
+
+# The rows a backend stores per sample and per prompt (the records stay separate).
+class SampleRow(NamedTuple):
+    """Where one sample is: its commit order (``seq``), state and the state's arguments.
+
+    ``rank``/``window`` are set while ASSIGNED (and kept after), ``step`` once TRAINED,
+    ``reason`` once DROPPED; -1 / "" otherwise. ``nbytes`` is the ref's estimated size.
+    """
+
+    sample_id: str
+    seq: int
+    state: SampleState
+    rank: int = -1
+    window: int = -1
+    step: int = -1
+    reason: str = ""
+    nbytes: int = 0
+
+
+class PromptRow(NamedTuple):
+    """Where one prompt task is: FIFO order (``seq``), state, attempt, lease and failure."""
+
+    task_id: str
+    seq: int
+    state: PromptState
+    attempt: int = 0
+    worker: str = ""
+    deadline: float = 0.0
+    reason: str = ""
+
+
+SampleChange = tuple[SampleState, SampleRow]
+"""A sample row's previous state and its new row (backends keep per-state indexes)."""
+
+PromptChange = tuple[PromptState, PromptRow]
+"""A prompt row's previous state and its new row."""
 
 
 class LedgerTx(abc.ABC):

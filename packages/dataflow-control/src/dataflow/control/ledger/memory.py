@@ -16,8 +16,14 @@ from dataflow.contracts.features import SampleRef
 from dataflow.contracts.prompt import PromptTask
 from dataflow.contracts.states import PromptState, SampleState
 from dataflow.contracts.weights import WeightVersion
-from dataflow.control.ledger._rows import PromptChange, PromptRow, SampleChange, SampleRow
-from dataflow.control.ledger._tx import LedgerStorage, LedgerTx
+from dataflow.control.ledger._tx import (
+    LedgerStorage,
+    LedgerTx,
+    PromptChange,
+    PromptRow,
+    SampleChange,
+    SampleRow,
+)
 
 R = TypeVar("R")
 

@@ -39,7 +39,6 @@ from dataflow.contracts.prompt import PromptTask
 from dataflow.contracts.states import PromptState, SampleState
 from dataflow.contracts.uris import ParsedURI
 from dataflow.contracts.weights import WeightVersion
-from dataflow.control.ledger._rows import PromptChange, PromptRow, SampleChange, SampleRow
 from dataflow.control.ledger._serial import (
     decode_record,
     encode_record,
@@ -47,7 +46,14 @@ from dataflow.control.ledger._serial import (
     open_sealed_ref,
     seal_ref,
 )
-from dataflow.control.ledger._tx import LedgerStorage, LedgerTx
+from dataflow.control.ledger._tx import (
+    LedgerStorage,
+    LedgerTx,
+    PromptChange,
+    PromptRow,
+    SampleChange,
+    SampleRow,
+)
 
 if TYPE_CHECKING:
     import redis as redis_py

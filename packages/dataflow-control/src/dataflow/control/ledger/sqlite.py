@@ -33,7 +33,6 @@ from dataflow.contracts.prompt import PromptTask
 from dataflow.contracts.states import PromptState, SampleState
 from dataflow.contracts.weights import WeightVersion
 from dataflow.control.ledger._meta import RunMeta
-from dataflow.control.ledger._rows import PromptChange, PromptRow, SampleChange, SampleRow
 from dataflow.control.ledger._serial import (
     decode_checked_ref,
     decode_record,
@@ -52,7 +51,14 @@ from dataflow.control.ledger._sqlite_schema import (
     schema_version,
     upgrade,
 )
-from dataflow.control.ledger._tx import LedgerStorage, LedgerTx
+from dataflow.control.ledger._tx import (
+    LedgerStorage,
+    LedgerTx,
+    PromptChange,
+    PromptRow,
+    SampleChange,
+    SampleRow,
+)
 
 R = TypeVar("R")
 
