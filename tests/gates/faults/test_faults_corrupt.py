@@ -37,7 +37,7 @@ from gate_runs import (
 from dataflow.contracts import CorruptRecordError, NotFoundError, SampleRef, SchemaMismatchError
 from dataflow.control import open_ledger
 from dataflow.store import open_store
-from dataflow.store.arena import GEOMETRY, RECORD, WRITING
+from dataflow.store.arena_format import GEOMETRY, RECORD, WRITING
 from dataflow.store.usage import ArenaRun, shm_usage
 
 FEATURES = {

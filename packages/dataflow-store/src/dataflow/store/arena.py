@@ -35,7 +35,6 @@ import collections
 import contextlib
 import errno
 import fcntl
-import hashlib
 import mmap
 import os
 import struct
@@ -48,26 +47,13 @@ import numpy as np
 import torch
 
 from dataflow.contracts import CorruptRecordError, FeatureSpec, InvalidInputError
+from dataflow.store.arena_format import CONT, FREE, GEOMETRY, LIVE, MAGIC, RECORD, WRITING
 from dataflow.store.layout import Layout, check_against, read_header, view
 from dataflow.store.tensors import PreparedSample
 
 PAGE = mmap.PAGESIZE
-MAGIC = b"dataflow-arena\x00\x02"
-GEOMETRY = struct.Struct("<16sQQQQ")  # magic, slab_bytes, nslabs, table_offset, data_offset
 MAX_SLAB = 1 << 20
 TARGET_SLABS = 1024
-
-FREE, WRITING, LIVE, CONT = 0, 1, 2, 3
-RECORD = np.dtype(
-    [
-        ("state", "<u4"),
-        ("span", "<u4"),
-        ("tag", "<u8"),
-        ("idhash", "<u8"),
-        ("nbytes", "<u8"),  # the sample's bytes in the run (head row; read by usage.py)
-        ("owner", "S48"),
-    ]
-)
 
 _MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)
 _MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)
@@ -75,11 +61,6 @@ _F_OFD_GETLK = getattr(fcntl, "F_OFD_GETLK", 36)
 _F_OFD_SETLK = getattr(fcntl, "F_OFD_SETLK", 37)
 _FLOCK = "hhqqi4x"  # struct flock on Linux (type, whence, start, len, pid)
 _PM_PRESENT, _PM_FILE = np.uint64(1 << 63), np.uint64(1 << 61)
-
-
-def id_hash(sample_id: str) -> int:
-    """The 64-bit tag of a sample id in the slab table (collisions are checked in the header)."""
-    return int.from_bytes(hashlib.blake2b(sample_id.encode(), digest_size=8).digest(), "little")
 
 
 def parse_arena_bytes(value: object, where: str) -> int:

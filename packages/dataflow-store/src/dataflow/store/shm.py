@@ -64,14 +64,8 @@ from dataflow.contracts import (
     NotFoundError,
 )
 from dataflow.contracts.uris import ParsedURI
-from dataflow.store.arena import (
-    LIVE,
-    Arena,
-    ArenaFull,
-    id_hash,
-    parse_arena_bytes,
-    space_error,
-)
+from dataflow.store.arena import Arena, ArenaFull, parse_arena_bytes, space_error
+from dataflow.store.arena_format import LIVE, id_hash
 from dataflow.store.base import BookkeepingStore, Generation
 from dataflow.store.layout import plan
 from dataflow.store.owner import DETACHED, current_owner, owner_alive

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from dataflow.contracts import CorruptRecordError
-from dataflow.store.arena import GEOMETRY, LIVE, MAGIC, RECORD, WRITING, id_hash
+from dataflow.store.arena_format import GEOMETRY, LIVE, MAGIC, RECORD, WRITING, id_hash
 
 _PREFIX = "dfs~"  # dataflow.store.shm.PREFIX (shm imports this module's users, not the reverse)
 _ARENA = "arena"
