@@ -56,6 +56,7 @@ class Job:
     run_id: str = "gate"
     store_name: str = field(default_factory=lambda: f"gate-{uuid.uuid4().hex[:10]}")
     extra: tuple[str, ...] = ()
+    store_query: str = ""  # e.g. "?arena_bytes=0": one segment per sample, no arena
 
     @property
     def ledger(self) -> str:
@@ -63,7 +64,7 @@ class Job:
 
     @property
     def store_uri(self) -> str:
-        return f"shm://{self.store_name}"
+        return f"shm://{self.store_name}{self.store_query}"
 
     @property
     def trained_log(self) -> Path:
@@ -151,19 +152,27 @@ def trained_steps(path: Path) -> list[tuple[int, list[str]]]:
 
 
 def shm_segments(store_name: str) -> list[Path]:
-    """Our store's segments in /dev/shm."""
+    """Every file of our store in /dev/shm: segments, temporaries and the arena file.
+
+    For "nothing left" checks: a finished run leaves none of them (an arena left behind, even
+    with no run in use, would keep the memory of every slab it ever used).
+    """
     return sorted(SHM_ROOT.glob(f"{SHM_PREFIX}{store_name}~*"))
 
 
+def shm_samples(store_name: str) -> int:
+    """Samples of our store in /dev/shm now: published segments plus LIVE arena runs."""
+    from dataflow.store.usage import shm_usage
+
+    return shm_usage(store_name, str(SHM_ROOT)).samples
+
+
 def shm_bytes(store_name: str) -> int:
-    """Bytes our store's segments occupy in /dev/shm right now (vanishing files skipped)."""
-    total = 0
-    for path in shm_segments(store_name):
-        try:
-            total += path.stat().st_size
-        except FileNotFoundError:
-            continue
-    return total
+    """Bytes our store holds in /dev/shm now: segment files plus the arena's runs in use (the
+    samples' bytes, not the arena file's size)."""
+    from dataflow.store.usage import shm_usage
+
+    return shm_usage(store_name, str(SHM_ROOT)).bytes_in_use
 
 
 def ledger_status(uri: str):  # -> LedgerStatus
@@ -191,8 +200,8 @@ def audit_job(job: Job, quantum: int = 2, passes: int = 1) -> Audit:
     By `trained.jsonl`: steps 1..S contiguous, one window each, no sample twice. By the ledger:
     every expected sample is known (none lost), trained ones RELEASED, the rest DROPPED with a
     reason (only the sub-window tail), nothing in flight, prompts all DONE, producer CLOSED and
-    consumer DONE. By the store: no segment of ours left in /dev/shm, a fresh store's health at
-    the baseline.
+    consumer DONE. By the store: no segment, arena run or arena file of ours left in /dev/shm,
+    a fresh store's health at the baseline.
     """
     from dataflow.control import open_ledger
     from dataflow.store import open_store
@@ -228,8 +237,11 @@ def audit_job(job: Job, quantum: int = 2, passes: int = 1) -> Audit:
     assert status.markers.producer == "closed", status.markers
     assert status.markers.consumer == "done", status.markers
 
-    leaked = shm_segments(job.store_name)
-    assert leaked == [], f"segments leaked in /dev/shm: {[p.name for p in leaked]}"
+    from dataflow.store.usage import shm_usage
+
+    usage = shm_usage(job.store_name, str(SHM_ROOT))
+    assert usage.runs == (), f"arena runs leaked: {usage.runs}"
+    assert usage.empty, f"files leaked in /dev/shm: {list(usage.files)}"
     store = open_store(job.store_uri)
     try:
         health = store.health()

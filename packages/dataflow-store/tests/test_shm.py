@@ -80,6 +80,7 @@ class TestShmConformance(StoreConformance):
         self.name = name
 
     def open(self, tmp_path: Path, **options: Any) -> FeatureStore:
+        options.setdefault("arena_bytes", 0)  # one segment per sample (the arena's own suite)
         return open_store(f"shm://{self.name}", **options)
 
 

@@ -17,12 +17,13 @@ from conformance import StoreConformance, eagle_sample, same_bits
 from procs import DEAD, expected_digest, run_child, start_child
 from test_shm import SHM, leftovers, stored
 
-from dataflow.contracts import FeatureStore, InvalidInputError
+from dataflow.contracts import CorruptRecordError, FeatureStore, InvalidInputError
 from dataflow.contracts.codec import dumps
 from dataflow.store import open_store
 from dataflow.store.arena import geometry
 from dataflow.store.owner import current_owner
 from dataflow.store.shm import ARENA, PREFIX
+from dataflow.store.usage import shm_usage
 
 ARENA_BYTES = 8 << 20
 _NAMES_USED: list[str] = []
@@ -334,11 +335,69 @@ def test_budget_still_refuses_and_without_arena_bytes_puts_make_segments(name: s
     assert stored(name) == ["arena@0"]
     store.abort("a", "done")
     store.close()
-    off = open_store(f"shm://{name}", budget_bytes=1 << 20)  # the arena is opt-in
+    off = open_store(f"shm://{name}?arena_bytes=0", budget_bytes=1 << 20)  # explicitly off
     ref = off.put("c", eagle_sample(2))
     assert leftovers(name) == [f"{PREFIX}{name}~c~{ref.generation}"]
     off.abort("c", "done")
+    off.close()
     assert leftovers(name) == []
+
+
+def test_the_arena_defaults_to_the_byte_budget_and_is_off_without_one(name: str) -> None:
+    budget = 4 << 20
+    store = open_store(f"shm://{name}", budget_bytes=budget)
+    ref = store.put("a", eagle_sample(0))
+    assert stored(name) == ["arena@0"]
+    slab, nslabs = geometry(budget)
+    assert os.path.getsize(arena_file(name)) >= slab * nslabs  # sized from budget_bytes
+    store.abort("a", "done")
+    store.close()
+    assert leftovers(name) == []
+    plain = open_store(f"shm://{name}")  # no budget: no arena
+    ref = plain.put("b", eagle_sample(1))
+    assert leftovers(name) == [f"{PREFIX}{name}~b~{ref.generation}"]
+    plain.abort("b", "done")
+    plain.close()
+
+
+def test_usage_counts_segments_and_arena_runs_from_outside(name: str) -> None:
+    arena = open_store(f"shm://{name}", budget_bytes=4 << 20)
+    segments = open_store(f"shm://{name}?arena_bytes=0", budget_bytes=4 << 20)
+    assert shm_usage(name).empty
+    a = arena.put("a", eagle_sample(0))
+    arena.put("b", eagle_sample(1, tokens=64))
+    s = segments.put("s", eagle_sample(0))
+    usage = shm_usage(name)
+    segment_size = os.path.getsize(os.path.join(SHM, f"{PREFIX}{name}~s~{s.generation}"))
+    assert (usage.segments, usage.arena_runs, usage.samples) == (1, 2, 3)
+    assert usage.segment_bytes == segment_size
+    (run_a,) = [r for r in usage.runs if r.holds("a")]
+    assert (run_a.state, run_a.generation, run_a.owner) == ("LIVE", a.generation, current_owner())
+    assert run_a.nbytes == segment_size  # the same sample: the same layout bytes
+    assert usage.bytes_in_use == segment_size + sum(r.nbytes for r in usage.runs)
+    assert usage.bytes_in_use < usage.arena_file_bytes  # runs in use, not the file's size
+    got, handle = segments.get(a)  # any store reads the arena
+    want = eagle_sample(0)
+    assert all(same_bits(got[k], want[k]) for k in want)
+    segments.release(handle)
+    del got
+    for sample_id in ("a", "b", "s"):
+        arena.abort(sample_id, "done")
+    usage = shm_usage(name)
+    assert (usage.samples, usage.bytes_in_use, usage.runs) == (0, 0, ())
+    arena.close()
+    segments.close()
+    assert shm_usage(name).empty
+
+
+def test_usage_refuses_a_file_that_is_not_an_arena(name: str) -> None:
+    with open(arena_file(name), "wb") as bogus:
+        bogus.write(b"x" * 4096)
+    try:
+        with pytest.raises(CorruptRecordError, match="not a dataflow arena"):
+            shm_usage(name)
+    finally:
+        os.unlink(arena_file(name))
 
 
 def _reap(*procs: subprocess.Popen[str]) -> None:

@@ -20,6 +20,7 @@ from gate_runs import (
     consumer,
     ledger_status,
     producer,
+    shm_samples,
     shm_segments,
     trained_steps,
     wait_until,
@@ -88,7 +89,7 @@ def test_killed_producer_is_not_end_of_stream(tmp_path, summary):
     job = Job(tmp_path / "run", 64, extra=("flow.high_watermark=4", "flow.low_watermark=2"))
     prod, cons = producer(job), consumer(job)
     try:
-        assert wait_until(lambda: len(shm_segments(job.store_name)) >= 3, 240), prod.output()
+        assert wait_until(lambda: shm_samples(job.store_name) >= 3, 240), prod.output()
         prod.kill()
         marker = ledger_status(job.ledger).markers.producer
         assert marker == "running", f"the producer ended ({marker}) before the kill: no test"

@@ -2,8 +2,10 @@
 
 Real processes (`soak_roles.py`: the launch builders' producer with the built-in hf target, and
 the real trainer with a delay injected per optimizer step), a SQLite ledger and the real
-`shm://` store. A monitor thread samples, every 20 ms, the ledger's in-flight bytes and the
-bytes our store's segments occupy in /dev/shm; every sample must be at or under the cap.
+`shm://` store (its arena on, by default, from the run's byte budget). A monitor thread
+samples, every 20 ms, the ledger's in-flight bytes and the bytes our store holds in /dev/shm
+(segments plus the sample bytes of the arena's runs in use, `dataflow.store.usage`); every
+sample must be at or under the cap.
 """
 
 from __future__ import annotations
@@ -24,9 +26,10 @@ from gate_runs import (
     expect_clean_exits,
     gate_variant,
     ledger_status,
-    shm_bytes,
     shm_segments,
 )
+
+from dataflow.store.usage import shm_usage
 
 ROLES = Path(__file__).with_name("soak_roles.py")
 CAP = 160_000  # bytes; one tiny sample is ~10 kB, so the cap holds about 16 samples
@@ -40,6 +43,8 @@ class Peaks:
     in_flight_bytes: int = 0
     resident_bytes: int = 0
     over_cap: int = 0
+    arena_runs: int = 0  # peak samples held in the store's arena
+    segments: int = 0  # peak samples held in their own segments (arena off or full)
 
 
 class Monitor(threading.Thread):
@@ -55,7 +60,8 @@ class Monitor(threading.Thread):
     def run(self) -> None:
         try:
             while not self.stop.wait(0.02):
-                resident = shm_bytes(self.job.store_name)
+                usage = shm_usage(self.job.store_name)
+                resident = usage.bytes_in_use
                 in_flight = 0
                 if (self.job.root / "ledger.sqlite").exists():
                     in_flight = ledger_status(self.job.ledger).in_flight_bytes
@@ -63,6 +69,8 @@ class Monitor(threading.Thread):
                 p.samples += 1
                 p.in_flight_bytes = max(p.in_flight_bytes, in_flight)
                 p.resident_bytes = max(p.resident_bytes, resident)
+                p.arena_runs = max(p.arena_runs, usage.arena_runs)
+                p.segments = max(p.segments, usage.segments)
                 p.over_cap += int(in_flight > CAP or resident > CAP)
         except BaseException as exc:  # surfaced by the test
             self.error = exc
@@ -119,6 +127,7 @@ def _line(name: str, flow: dict, train: dict, peaks: Peaks, ratio: float) -> str
         f"soak/{name}: {train['samples']} samples trained in {train['seconds']:.0f}s; producer "
         f"{ratio:.1f}x the trainer's rate; peak in-flight {peaks.in_flight_bytes} B, peak "
         f"resident {peaks.resident_bytes} B vs cap {CAP} B over {peaks.samples} samples "
+        f"(peak {peaks.arena_runs} arena runs, {peaks.segments} segments) "
         f"({peaks.over_cap} over); {flow['pauses']} paused waits ({flow['paused_s']:.1f} worker-s paused); "
         f"resident after drain 0"
     )

@@ -35,7 +35,6 @@ import collections
 import contextlib
 import errno
 import fcntl
-import hashlib
 import mmap
 import os
 import struct
@@ -48,19 +47,13 @@ import numpy as np
 import torch
 
 from dataflow.contracts import CorruptRecordError, FeatureSpec, InvalidInputError
+from dataflow.store.arena_format import CONT, FREE, GEOMETRY, LIVE, MAGIC, RECORD, WRITING
 from dataflow.store.layout import Layout, check_against, read_header, view
 from dataflow.store.tensors import PreparedSample
 
 PAGE = mmap.PAGESIZE
-MAGIC = b"dataflow-arena\x00\x01"
-_GEOMETRY = struct.Struct("<16sQQQQ")  # magic, slab_bytes, nslabs, table_offset, data_offset
 MAX_SLAB = 1 << 20
 TARGET_SLABS = 1024
-
-FREE, WRITING, LIVE, CONT = 0, 1, 2, 3
-RECORD = np.dtype(
-    [("state", "<u4"), ("span", "<u4"), ("tag", "<u8"), ("idhash", "<u8"), ("owner", "S48")]
-)
 
 _MADV_POPULATE_READ = getattr(mmap, "MADV_POPULATE_READ", 22)
 _MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)
@@ -68,11 +61,6 @@ _F_OFD_GETLK = getattr(fcntl, "F_OFD_GETLK", 36)
 _F_OFD_SETLK = getattr(fcntl, "F_OFD_SETLK", 37)
 _FLOCK = "hhqqi4x"  # struct flock on Linux (type, whence, start, len, pid)
 _PM_PRESENT, _PM_FILE = np.uint64(1 << 63), np.uint64(1 << 61)
-
-
-def id_hash(sample_id: str) -> int:
-    """The 64-bit tag of a sample id in the slab table (collisions are checked in the header)."""
-    return int.from_bytes(hashlib.blake2b(sample_id.encode(), digest_size=8).digest(), "little")
 
 
 def parse_arena_bytes(value: object, where: str) -> int:
@@ -125,10 +113,10 @@ class Arena:
         self._fd = fd
         st = os.fstat(fd)
         self.inode = (st.st_dev, st.st_ino)
-        head = os.pread(fd, _GEOMETRY.size, 0)
-        if len(head) < _GEOMETRY.size:
+        head = os.pread(fd, GEOMETRY.size, 0)
+        if len(head) < GEOMETRY.size:
             raise CorruptRecordError(f"{path}: arena header is truncated")
-        magic, self.slab, self.nslabs, self._table_at, self.data_at = _GEOMETRY.unpack(head)
+        magic, self.slab, self.nslabs, self._table_at, self.data_at = GEOMETRY.unpack(head)
         if magic != MAGIC or self.data_at + self.slab * self.nslabs != st.st_size:
             raise CorruptRecordError(f"{path}: not a dataflow arena (or another version)")
         self._shared = mmap.mmap(fd, st.st_size, flags=mmap.MAP_SHARED)
@@ -179,7 +167,7 @@ class Arena:
         fd = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
             os.ftruncate(fd, data_at + slab * nslabs)
-            os.pwrite(fd, _GEOMETRY.pack(MAGIC, slab, nslabs, table_at, data_at), 0)
+            os.pwrite(fd, GEOMETRY.pack(MAGIC, slab, nslabs, table_at, data_at), 0)
             try:
                 os.link(temp, path)
             except FileExistsError:
@@ -311,7 +299,7 @@ class Arena:
             rows["state"], rows["span"], rows["tag"], rows["idhash"] = CONT, 0, generation, idhash
             rows["owner"] = owner.encode()
             head = self.table[start : start + 1]
-            head["state"], head["span"] = WRITING, span
+            head["state"], head["span"], head["nbytes"] = WRITING, span, nbytes
             return Run(start, span, offset, span * self.slab)
         raise ArenaFull(f"no free run of {span} slab(s) of {self.slab} bytes")
 
@@ -345,7 +333,8 @@ class Arena:
         """Return a run's slabs to the pool (pins still protect readers); its byte length."""
         span = int(self.table["span"][start])
         rows = self.table[start : start + max(span, 1)]
-        rows["state"], rows["span"], rows["tag"], rows["idhash"], rows["owner"] = FREE, 0, 0, 0, b""
+        rows["state"], rows["span"], rows["tag"], rows["idhash"] = FREE, 0, 0, 0
+        rows["nbytes"], rows["owner"] = 0, b""
         return span * self.slab
 
     def set_owner(self, start: int, owner: str) -> None:

@@ -26,15 +26,16 @@ Guarantees:
   name. ``gc`` reclaims it like a temporary once the steward is dead; ``abort`` removes it.
 
 Arena (:mod:`dataflow.store.arena`): with ``arena_bytes`` > 0 (keyword option or
-``shm://name?arena_bytes=N``; default 0 = off, so ``/dev/shm`` holds one segment per sample as
-before unless a run asks for the arena) puts go into one
+``shm://name?arena_bytes=N``; by default ``budget_bytes`` when the store has a byte budget, else
+0; ``arena_bytes=0`` turns it off: one segment per sample) puts go into one
 preallocated arena file per store, ``dfs~<store>~arena``, reused across samples: a put is one
 copy into already-mapped memory and a get maps nothing (see that module for the view rule: a
 get's tensors are never overwritten while any of them is alive). Any process reads arena samples,
 whatever its own options. A sample that does not fit a free run of the arena (larger than the
 arena, or the arena full of live or still-viewed samples) falls back to its own segment, as
 without an arena; the budget refuses puts exactly as before. The first process to create the
-arena fixes its size.
+arena fixes its size. :func:`dataflow.store.usage.shm_usage` reads a store's segments and arena
+runs in use from outside any store process.
 
 Options: the common ones (:class:`~dataflow.store.base.BookkeepingStore`), ``root`` (the
 shared-memory directory, default ``/dev/shm``) and ``arena_bytes``. Segments are created mode
@@ -63,14 +64,8 @@ from dataflow.contracts import (
     NotFoundError,
 )
 from dataflow.contracts.uris import ParsedURI
-from dataflow.store.arena import (
-    LIVE,
-    Arena,
-    ArenaFull,
-    id_hash,
-    parse_arena_bytes,
-    space_error,
-)
+from dataflow.store.arena import Arena, ArenaFull, parse_arena_bytes, space_error
+from dataflow.store.arena_format import LIVE, id_hash
 from dataflow.store.base import BookkeepingStore, Generation
 from dataflow.store.layout import plan
 from dataflow.store.owner import DETACHED, current_owner, owner_alive
@@ -137,7 +132,9 @@ class ShmFeatureStore(BookkeepingStore):
         self._root = root
         self._owner = current_owner()
         self._mine: set[tuple[str, int]] = set()
-        self._arena_bytes = size or 0  # opt-in (see the module docstring)
+        if size is None:  # the default: an arena of the byte budget (module docstring)
+            size = self.options.budget_bytes or 0
+        self._arena_bytes = size
         self._arena_path = os.path.join(root, f"{PREFIX}{name}~{ARENA}")
         self._arena: Arena | None = None
         self._attach_lock = threading.Lock()  # one attachment per instance, whatever the threads
