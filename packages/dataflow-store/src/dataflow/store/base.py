@@ -88,7 +88,7 @@ from dataflow.contracts.frozen import freeze_map
 from dataflow.contracts.ids import validate_sample_id
 from dataflow.contracts.uris import ParsedURI, parse_store_uri
 from dataflow.store.faults import FaultInjector
-from dataflow.store.staging import check_generation, parse_steward
+from dataflow.store.staging import check_generation, checked_specs, parse_steward
 from dataflow.store.tensors import PreparedSample, jsonable_metadata, prepare_tensors
 
 _log = logging.getLogger(__name__)
@@ -105,25 +105,6 @@ def _ref_metadata(metadata: object) -> tuple[FrozenDict, int]:
     if num_tokens < 0:
         raise InvalidInputError(f"SampleRef.num_tokens must be >= 0, got {num_tokens}")
     return frozen, num_tokens  # type: ignore[return-value]  # freeze_map returns a FrozenDict
-
-
-def _checked_specs(
-    sample_id: str, specs: Mapping[str, FeatureSpec], what: str
-) -> dict[str, FeatureSpec]:
-    """``specs`` as a plain dict after checking it is a non-empty name → FeatureSpec mapping."""
-    if not isinstance(specs, Mapping) or not specs:
-        raise InvalidInputError(
-            f"{what} of {sample_id!r}: specs must be a non-empty mapping of FeatureSpec"
-        )
-    out: dict[str, FeatureSpec] = {}
-    for name, spec in specs.items():
-        if not isinstance(spec, FeatureSpec) or spec.name != name:
-            raise InvalidInputError(
-                f"{what} of {sample_id!r}: specs[{name!r}] must be a FeatureSpec named "
-                f"{name!r}, got {spec!r}"
-            )
-        out[name] = spec
-    return out
 
 
 @functools.lru_cache(maxsize=256)
@@ -385,7 +366,7 @@ class BookkeepingStore(abc.ABC):
         self._enter()
         validate_sample_id(sample_id)
         generation = check_generation(sample_id, generation, "staged_tensors")
-        wanted = _checked_specs(sample_id, specs, "staged_tensors")
+        wanted = checked_specs(sample_id, specs, "staged_tensors")
         if not self.staging:
             raise InvalidInputError(self._no_staging())
         return self._read_staged(sample_id, generation, wanted)
@@ -420,7 +401,7 @@ class BookkeepingStore(abc.ABC):
         self._enter()
         validate_sample_id(sample_id)
         generation = check_generation(sample_id, generation, "adopt")
-        wanted = _checked_specs(sample_id, specs, "adopt")
+        wanted = checked_specs(sample_id, specs, "adopt")
         if not self.staging:
             raise InvalidInputError(self._no_staging())
         meta, num_tokens = _ref_metadata(metadata)

@@ -79,6 +79,7 @@ from dataflow.store import mooncake_wire as wire
 from dataflow.store.base import BookkeepingStore, Generation
 from dataflow.store.mooncake_client import MooncakeClient, ObjectIO, Region
 from dataflow.store.mooncake_settings import settings_from_uri
+from dataflow.store.staging import checked_specs
 from dataflow.store.tensors import PreparedSample, describe, empty_like_spec, jsonable_metadata
 
 _STORE_OPTIONS = ("budget_bytes", "max_age_s", "retain_on_release", "clock", "faults")
@@ -190,7 +191,7 @@ class MooncakeFeatureStore(BookkeepingStore):
                 f"adopt_external of {sample_id!r}: generation must be an int >= 1, "
                 f"got {generation!r}"
             )
-        wanted = external.checked_specs(sample_id, specs)
+        wanted = checked_specs(sample_id, specs, "adopt_external")
         meta = {**jsonable_metadata(metadata), external.LAYOUT_KEY: external.RAW}
         num_tokens = meta.get("num_tokens", 0)
         if isinstance(num_tokens, bool) or not isinstance(num_tokens, int):

@@ -24,7 +24,7 @@ neither absent nor :data:`RAW`.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 from dataflow.contracts import (
     FeatureSpec,
@@ -52,23 +52,6 @@ def layout_of(ref: SampleRef) -> str:
             f"is either headerless ({RAW!r}) or carries no layout marker"
         )
     return str(layout)
-
-
-def checked_specs(sample_id: str, specs: Mapping[str, FeatureSpec]) -> dict[str, FeatureSpec]:
-    """``specs`` as a plain dict, after checking it is a non-empty name → FeatureSpec mapping."""
-    if not isinstance(specs, Mapping) or not specs:
-        raise InvalidInputError(
-            f"adopt_external of {sample_id!r}: specs must be a non-empty mapping of FeatureSpec"
-        )
-    out: dict[str, FeatureSpec] = {}
-    for name, spec in specs.items():
-        if not isinstance(spec, FeatureSpec) or spec.name != name:
-            raise InvalidInputError(
-                f"adopt_external of {sample_id!r}: specs[{name!r}] must be a FeatureSpec named "
-                f"{name!r}, got {spec!r}"
-            )
-        out[name] = spec
-    return out
 
 
 def check_sizes(

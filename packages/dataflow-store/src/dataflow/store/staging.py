@@ -107,3 +107,24 @@ def read_staged_file(
     """The ``wanted`` tensors of the staged segment file at ``path`` (private copies)."""
     tensors, _ = read_sample(path, wanted, f"{where} (staged)")
     return tensors
+
+
+def checked_specs(
+    sample_id: str, specs: Mapping[str, FeatureSpec], what: str
+) -> dict[str, FeatureSpec]:
+    """``specs`` as a plain dict after checking it is a non-empty name → FeatureSpec mapping;
+    ``InvalidInputError`` naming ``what`` (the operation) and the sample otherwise.
+    """
+    if not isinstance(specs, Mapping) or not specs:
+        raise InvalidInputError(
+            f"{what} of {sample_id!r}: specs must be a non-empty mapping of FeatureSpec"
+        )
+    out: dict[str, FeatureSpec] = {}
+    for name, spec in specs.items():
+        if not isinstance(spec, FeatureSpec) or spec.name != name:
+            raise InvalidInputError(
+                f"{what} of {sample_id!r}: specs[{name!r}] must be a FeatureSpec named "
+                f"{name!r}, got {spec!r}"
+            )
+        out[name] = spec
+    return out
