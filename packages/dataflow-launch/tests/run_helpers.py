@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import signal
 import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -44,6 +47,52 @@ def cli(
         check=False,
         cwd=cwd,
     )
+
+
+def start_logged(args: list[str], log: Path) -> subprocess.Popen[bytes]:
+    """Start ``args`` in a new session, stdout and stderr into ``log`` (a role run by hand)."""
+    with log.open("wb") as fh:
+        return subprocess.Popen(args, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def start_cli(*args: str, log: Path) -> subprocess.Popen[bytes]:
+    """Start ``dataflow-launch ARGS --no-progress`` with :func:`start_logged`."""
+    return start_logged([str(script()), *args, "--no-progress"], log)
+
+
+def torchrun_cli(nproc: int, *args: str) -> list[str]:
+    """The command line of ``dataflow-launch ARGS --no-progress`` under ``torchrun
+    --standalone --nproc-per-node NPROC`` (this interpreter's torch).
+    """
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc-per-node={nproc}",
+        "-m",
+        "dataflow.launch.cli",
+        *args,
+        "--no-progress",
+    ]
+
+
+def _descendants(pid: int) -> list[int]:
+    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True)
+    children = [int(p) for p in out.stdout.split()]
+    return [d for c in children for d in (c, *_descendants(c))]
+
+
+def kill_tree(proc: subprocess.Popen[bytes]) -> None:
+    """SIGKILL ``proc`` and every process below it, as a host failure would, and reap it.
+
+    Walks the process tree rather than the process group: torchrun starts its workers in
+    sessions of their own, so a kill of torchrun's group would leave them running.
+    """
+    for pid in (proc.pid, *_descendants(proc.pid)):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    proc.wait()
 
 
 def sets(*items: str) -> list[str]:

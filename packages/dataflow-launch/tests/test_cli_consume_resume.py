@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import time
 from pathlib import Path
 
@@ -16,25 +15,16 @@ from run_helpers import (
     TINY_RUN,
     cli,
     fresh_shm_name,
+    kill_tree,
     read_jsonl,
-    script,
     sets,
     shm_segments,
+    start_cli,
     trained_ids,
 )
 
 PROMPTS = 24
 KILL_AFTER_LINES = 3
-
-
-def _start(*args: str, log: Path) -> subprocess.Popen[bytes]:
-    with log.open("wb") as fh:
-        return subprocess.Popen(
-            [str(script()), *args, "--no-progress"],
-            stdout=fh,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
 
 
 def _lines(path: Path) -> int:
@@ -62,8 +52,8 @@ def _kill_and_resume(tmp_path: Path, shm_name: str) -> None:
     )
     config = str(EXAMPLES / "disaggregated_online.yaml")
     out.mkdir()
-    producer = _start("produce", config, *overrides, log=tmp_path / "producer.log")
-    consumer = _start("consume", config, *overrides, log=tmp_path / "consumer.log")
+    producer = start_cli("produce", config, *overrides, log=tmp_path / "producer.log")
+    consumer = start_cli("consume", config, *overrides, log=tmp_path / "consumer.log")
     try:
         deadline = time.monotonic() + 120
         while _lines(out / "trained.jsonl") < KILL_AFTER_LINES:
@@ -81,8 +71,7 @@ def _kill_and_resume(tmp_path: Path, shm_name: str) -> None:
     finally:
         for proc in (producer, consumer):
             if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+                kill_tree(proc)
 
     ids = trained_ids(out)
     assert len(ids) == len(set(ids)) == PROMPTS  # each sample exactly once, none lost

@@ -9,12 +9,7 @@ starts next to a producer, about a minute or two on 2 shared cores).
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -24,35 +19,16 @@ from run_helpers import (
     TINY_RUN,
     cli,
     fresh_shm_name,
-    script,
+    kill_tree,
     sets,
     shm_segments,
+    start_cli,
+    start_logged,
+    torchrun_cli,
     trained_ids,
 )
 
 PROMPTS = 32  # 8 optimizer steps of 4 samples
-
-
-def _descendants(pid: int) -> list[int]:
-    """Every process below ``pid`` (torchrun starts its workers in their own sessions, so a
-    process-group kill of torchrun would leave them running)."""
-    out = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True, text=True)
-    children = [int(p) for p in out.stdout.split()]
-    return [d for c in children for d in (c, *_descendants(c))]
-
-
-def _kill_tree(proc: subprocess.Popen[bytes]) -> None:
-    """SIGKILL ``proc`` and every process below it, as a host failure would."""
-    below = _descendants(proc.pid)
-    for pid in (proc.pid, *below):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    proc.wait()
-
-
-def _start(args: list[str], log: Path) -> subprocess.Popen[bytes]:
-    with log.open("wb") as fh:
-        return subprocess.Popen(args, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 @pytest.mark.slow
@@ -78,23 +54,8 @@ def _run(tmp_path: Path, shm_name: str) -> None:
     config = str(EXAMPLES / "disaggregated_online.yaml")
     out.mkdir()
     producer_log, consumer_log = tmp_path / "producer.log", tmp_path / "consumer.log"
-    producer = _start([str(script()), "produce", config, *two_ranks, "--no-progress"], producer_log)
-    consumer = _start(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc-per-node=2",
-            "-m",
-            "dataflow.launch.cli",
-            "consume",
-            config,
-            *two_ranks,
-            "--no-progress",
-        ],
-        consumer_log,
-    )
+    producer = start_cli("produce", config, *two_ranks, log=producer_log)
+    consumer = start_logged(torchrun_cli(2, "consume", config, *two_ranks), consumer_log)
     checkpoint = out / "checkpoints" / "step-00000002" / "COMPLETE"
     try:
         deadline = time.monotonic() + 240
@@ -102,7 +63,7 @@ def _run(tmp_path: Path, shm_name: str) -> None:
             assert consumer.poll() is None, consumer_log.read_text()[-3000:]
             assert time.monotonic() < deadline, "the 2-rank consumer made no checkpoint"
             time.sleep(0.02)
-        _kill_tree(consumer)
+        kill_tree(consumer)
         killed_at = len(trained_ids(out))
         assert killed_at < PROMPTS, "the consumer finished before it was killed"
 
@@ -112,7 +73,7 @@ def _run(tmp_path: Path, shm_name: str) -> None:
     finally:
         for proc in (producer, consumer):
             if proc.poll() is None:
-                _kill_tree(proc)
+                kill_tree(proc)
 
     report = json.loads((out / "trainer.json").read_text())
     # The one-rank consumer resumed from a 2-rank checkpoint and trained the rest itself.

@@ -7,10 +7,7 @@ once, the ledger shows all of them released, and nothing is left in ``/dev/shm``
 from __future__ import annotations
 
 import json
-import os
-import signal
 import subprocess
-import sys
 from pathlib import Path
 
 from run_helpers import (
@@ -18,10 +15,13 @@ from run_helpers import (
     TINY_RUN,
     cli,
     fresh_shm_name,
+    kill_tree,
     read_jsonl,
-    script,
     sets,
     shm_segments,
+    start_cli,
+    start_logged,
+    torchrun_cli,
     trained_ids,
 )
 
@@ -32,11 +32,6 @@ CHECKPOINT_EVERY = 2  # so the run passes checkpoints at steps 2 and 4
 def test_two_rank_consumer_passes_its_checkpoints_and_trains_every_sample_once(tmp_path):
     with fresh_shm_name() as name:
         _run_two_ranks(tmp_path, name)
-
-
-def _start(args: list[str], log: Path) -> subprocess.Popen[bytes]:
-    with log.open("wb") as fh:
-        return subprocess.Popen(args, stdout=fh, stderr=subprocess.STDOUT, start_new_session=True)
 
 
 def _run_two_ranks(tmp_path: Path, shm_name: str) -> None:
@@ -55,23 +50,8 @@ def _run_two_ranks(tmp_path: Path, shm_name: str) -> None:
     config = str(EXAMPLES / "disaggregated_online.yaml")
     out.mkdir()
     producer_log, consumer_log = tmp_path / "producer.log", tmp_path / "consumer.log"
-    producer = _start([str(script()), "produce", config, *overrides, "--no-progress"], producer_log)
-    consumer = _start(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc-per-node=2",
-            "-m",
-            "dataflow.launch.cli",
-            "consume",
-            config,
-            *overrides,
-            "--no-progress",
-        ],
-        consumer_log,
-    )
+    producer = start_cli("produce", config, *overrides, log=producer_log)
+    consumer = start_logged(torchrun_cli(2, "consume", config, *overrides), consumer_log)
     try:
         # A hang in a collective (the reported bug) shows as a timeout here, not a stuck suite.
         try:
@@ -85,8 +65,7 @@ def _run_two_ranks(tmp_path: Path, shm_name: str) -> None:
     finally:
         for proc in (producer, consumer):
             if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+                kill_tree(proc)
 
     ids = trained_ids(out)
     assert len(ids) == len(set(ids)) == PROMPTS  # each committed sample exactly once

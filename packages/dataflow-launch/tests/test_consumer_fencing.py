@@ -18,23 +18,13 @@ from run_helpers import (
     TINY_RUN,
     cli,
     fresh_shm_name,
-    script,
     sets,
     shm_segments,
+    start_cli,
     trained_ids,
 )
 
 PROMPTS = 16
-
-
-def _start(*args: str, log: Path) -> subprocess.Popen[bytes]:
-    with log.open("wb") as fh:
-        return subprocess.Popen(
-            [str(script()), *args, "--no-progress"],
-            stdout=fh,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
 
 
 def _status(uri: str):  # type: ignore[no-untyped-def]
@@ -93,7 +83,7 @@ def test_a_second_consumer_is_refused_naming_the_first(tmp_path, backend, reques
         out.mkdir()
         # The first consumer opens the run and waits for data: no producer yet, so it is
         # certainly still running (and holding its lease) when the second one starts.
-        first = _start("consume", config, *overrides, log=tmp_path / "consumer.log")
+        first = start_cli("consume", config, *overrides, log=tmp_path / "consumer.log")
         producer = None
         try:
             _wait_for_lease(ledger_uri, first, tmp_path / "consumer.log")
@@ -107,7 +97,7 @@ def test_a_second_consumer_is_refused_naming_the_first(tmp_path, backend, reques
             assert f"host {socket.gethostname()} pid {first.pid}" in lines[0]
             assert (out / "config.yaml").read_bytes() == config_before
             assert _status(ledger_uri) == status_before
-            producer = _start("produce", config, *overrides, log=tmp_path / "producer.log")
+            producer = start_cli("produce", config, *overrides, log=tmp_path / "producer.log")
             assert first.wait(timeout=180) == 0, (tmp_path / "consumer.log").read_text()[-3000:]
             assert producer.wait(timeout=60) == 0, (tmp_path / "producer.log").read_text()[-2000:]
         finally:
