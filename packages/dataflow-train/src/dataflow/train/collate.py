@@ -126,13 +126,15 @@ def _lengths_if_agreeing(samples: Sequence[Mapping[str, torch.Tensor]]) -> list[
     if not first or ATTENTION_MASK in first:
         return None
     expected = {}
+    first_length = -1
     for name, tensor in first.items():
         shape = tensor.shape
-        if len(shape) < 2 or shape[0] != 1:
+        if len(shape) < 2 or shape[0] != 1 or (first_length != -1 and shape[1] != first_length):
             return None
+        first_length = shape[1]
         expected[name] = (tensor.dtype, shape[2:])
-    lengths = []
-    for sample in samples:
+    lengths = [int(first_length)]
+    for sample in samples[1:]:
         if sample.keys() != expected.keys():
             return None
         length = -1
