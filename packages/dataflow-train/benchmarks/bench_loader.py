@@ -7,9 +7,9 @@ per-sample work (get, checks, collation, release, prefetch hand-off), not memory
 
 - bare: for each batch, ``torch.cat`` of the same tensors along dim 0 plus an all-ones
   attention mask: the same batch the loader yields; with prefetch, the bare loop does the same
-  on a thread handing its batches over through a ``queue.Queue(prefetch)`` (the least any
-  prefetching loop pays for the hand-off); the overhead over the single-threaded bare loop is
-  reported beside it;
+  on a thread handing its batches over the way the loader does (a ``SimpleQueue`` of batches,
+  ``prefetch`` slot tokens coming back), so only the loader's own work differs; the overhead
+  over the single-threaded bare loop is reported beside it;
 - loader: ``FeatureDataLoader`` over a ``memory://`` store, in refs mode (a fixed ref list,
   ``retain_on_release``) and in queue mode (a consume-once store fed through a ref queue; the
   release frees each sample; puts are untimed), batch 1 and 8, prefetch 0 and 2.
@@ -89,17 +89,23 @@ def bare(data: list[dict[str, torch.Tensor]], batch_size: int, prefetch: int = 0
         for _ in _bare_batches(data, batch_size):
             pass
         return time.process_time() - start
-    out: queue.Queue = queue.Queue(prefetch)
+    # The loader's own hand-off: batches through a SimpleQueue, one slot token back per batch.
+    out: queue.SimpleQueue = queue.SimpleQueue()
+    slots: queue.SimpleQueue = queue.SimpleQueue()
+    for _ in range(prefetch):
+        slots.put(None)
 
     def work() -> None:
         for batch in _bare_batches(data, batch_size):
+            slots.get()
             out.put(batch)
+        slots.get()
         out.put(None)
 
     worker = threading.Thread(target=work, daemon=True)
     worker.start()
     while out.get() is not None:
-        pass
+        slots.put(None)
     worker.join()
     return time.process_time() - start
 
