@@ -286,7 +286,8 @@ class FeatureDataLoader:
         stop = threading.Event()
         try:
             if self._prefetch == 0:
-                for batch in self._fetched(stop):
+                for refs in self._ref_batches(stop):
+                    batch = self._materialise(refs)
                     self._advance(batch)
                     yield batch
             else:
@@ -361,11 +362,12 @@ class FeatureDataLoader:
         batch: TrainBatch | None = None
         try:
             samples, kept = [], []
+            get, max_length = self._store.get, self._max_length
             for ref in refs:
-                tensors, handle = self._store.get(ref)
+                tensors, handle = get(ref)
                 handles.append(handle)
                 checked = _checked_tensors(ref, tensors)
-                problem = length_problem(checked, self._max_length)
+                problem = length_problem(checked, max_length)
                 if problem is not None:
                     bad[ref.sample_id] = problem
                     continue
