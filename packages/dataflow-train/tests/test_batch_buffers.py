@@ -5,7 +5,7 @@ import torch
 from train_support import put_samples
 
 from dataflow.store import open_store
-from dataflow.train.batch_buffers import BatchBuffers
+from dataflow.train.batch_buffers import POOL_MIN_BYTES, BatchBuffers
 from dataflow.train.collate import collate
 from dataflow.train.loader import FeatureDataLoader
 
@@ -25,7 +25,7 @@ def test_a_buffer_is_reused_only_after_every_reference_to_it_is_gone():
     del view
     again = pool.take((3,), torch.float32)  # idle now, and big enough
     assert _ptr(again) == ptr and pool.reused == 1
-    assert pool.take((2, 3), torch.int64).dtype == torch.int64  # never across dtypes
+    assert pool.take((2, 3), torch.int64).dtype == torch.int64  # both kept ones are held
     assert pool.kept == 3
 
 
@@ -61,11 +61,34 @@ def test_the_pool_keeps_at_most_its_bound_and_hands_out_unkept_buffers_past_it()
         BatchBuffers(-1)
 
 
+def test_collation_pools_only_batch_tensors_past_the_mmap_threshold():
+    pool = BatchBuffers(4)
+    small = {"input_ids": torch.zeros(1, 8, dtype=torch.int64), "hidden_state": torch.ones(1, 8, 4)}
+    collate(["a"], [small], strategy="eagle3", buffers=pool)
+    assert pool.kept == 0  # the allocator serves small tensors without page faults
+    width = POOL_MIN_BYTES // (2 * 8 * 4)  # two rows of this width reach the threshold
+    big = {
+        "input_ids": torch.zeros(1, 8, dtype=torch.int64),
+        "hidden_state": torch.ones(1, 8, width),
+    }
+    one = collate(["a"], [big], strategy="eagle3", buffers=pool)
+    assert pool.kept == 0  # one row is half the threshold
+    two = collate(["a", "b"], [big, big], strategy="eagle3", buffers=pool)
+    assert pool.kept == 1  # only hidden_state: input_ids stays small
+    assert torch.equal(two.tensors["hidden_state"][1], big["hidden_state"][0])
+    assert torch.equal(one.tensors["hidden_state"], big["hidden_state"])
+    del two
+    again = collate(["a", "b"], [big, big], strategy="eagle3", buffers=pool)
+    assert pool.reused == 1 and torch.equal(again.tensors["input_ids"], torch.zeros(2, 8))
+
+
 def test_pooled_collation_gives_the_same_batches_and_never_overwrites_a_held_one():
+    width = POOL_MIN_BYTES // (2 * 2 * 4) + 1  # even two rows of two tokens are pooled
+
     def sample(length: int, value: float) -> dict[str, torch.Tensor]:
         return {
             "input_ids": torch.full((1, length), int(value), dtype=torch.int64),
-            "hidden_state": torch.full((1, length, 3), value),
+            "hidden_state": torch.full((1, length, width), value),
         }
 
     pool = BatchBuffers(8)
@@ -77,6 +100,7 @@ def test_pooled_collation_gives_the_same_batches_and_never_overwrites_a_held_one
         for name, tensor in plain.tensors.items():
             assert torch.equal(pooled.tensors[name], tensor), name
         kept.append((pooled, plain))
+    assert pool.kept == 4
     for pooled, plain in kept:  # every batch still held keeps its own values
         for name, tensor in plain.tensors.items():
             assert torch.equal(pooled.tensors[name], tensor), name
@@ -85,7 +109,7 @@ def test_pooled_collation_gives_the_same_batches_and_never_overwrites_a_held_one
 @pytest.mark.parametrize("prefetch", [0, 1])
 def test_the_loader_reuses_buffers_of_dropped_batches_and_keeps_held_ones_intact(prefetch):
     store = open_store("memory://buffers", retain_on_release=True)
-    refs = put_samples(store, 8, lengths=6)
+    refs = put_samples(store, 8, lengths=512)  # aux_hidden_state [2, 512, 48] f32: pooled
     expected = list(
         FeatureDataLoader(store, refs=refs, batch_size=2, shuffle=False, reuse_buffers=False)
     )
@@ -100,7 +124,7 @@ def test_the_loader_reuses_buffers_of_dropped_batches_and_keeps_held_ones_intact
     for got, want in zip(streamed, expected, strict=True):  # each batch dropped at the next
         for name, tensor in want.tensors.items():
             assert torch.equal(got.tensors[name], tensor), name
-        pointers.add(_ptr(got.tensors["hidden_state"]))
+        pointers.add(_ptr(got.tensors["aux_hidden_state"]))
     assert streamed._buffers is not None and streamed._buffers.reused > 0
     assert len(pointers) < len(expected)
     streamed.close()

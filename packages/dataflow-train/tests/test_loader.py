@@ -220,6 +220,9 @@ def test_constructor_refuses_bad_arguments():
     with pytest.raises(InvalidInputError, match="duplicate sample ids"):
         ref = put_samples(store, 1)[0]
         FeatureDataLoader(store, refs=[ref, ref])
+    tensors = {"input_ids": torch.zeros(1, 4, dtype=torch.int64)}  # features, not a ref
+    with pytest.raises(InvalidInputError, match=r"refs\[1\] is a dict, not a SampleRef"):
+        FeatureDataLoader(store, refs=[ref, tensors])  # type: ignore[list-item]
 
 
 class _HangingGets:

@@ -2,7 +2,9 @@
 
 A fresh multi-megabyte batch tensor per batch costs page faults on every page it touches (and
 the free afterwards returns the pages). :class:`BatchBuffers` keeps a few flat buffers and hands
-one out again only when it is provably idle.
+one out again only when it is provably idle. Small tensors gain nothing from it: the allocator
+serves them from memory it already holds (no page faults), faster than a pool lookup, so
+collation pools only batch tensors of at least :data:`POOL_MIN_BYTES`.
 
 The reuse rule: a buffer is handed out again only when nothing but the pool references its
 storage, read from the storage's use count. Every batch tensor, every view of one, every tensor
@@ -16,15 +18,26 @@ from __future__ import annotations
 import math
 import threading
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
 _use_count = getattr(torch._C, "_storage_Use_Count", None)
 
+POOL_MIN_BYTES = 128 * 1024
+"""The size from which a fresh allocation is mapped anew (glibc's default mmap threshold), so
+page faults on it are worth a kept buffer; smaller tensors are allocated fresh."""
 
-def _storage_uses(tensor: torch.Tensor) -> int:
-    assert _use_count is not None
-    return int(_use_count(tensor.untyped_storage()._cdata))
+
+@dataclass
+class _Kept:
+    flat: torch.Tensor
+    cdata: int  # its storage's address: read without creating a storage object per check
+    idle_uses: int  # the storage's use count while only the pool holds it
+
+    def idle(self) -> bool:
+        assert _use_count is not None
+        return int(_use_count(self.cdata)) == self.idle_uses
 
 
 class BatchBuffers:
@@ -41,7 +54,7 @@ class BatchBuffers:
         if not isinstance(max_buffers, int) or isinstance(max_buffers, bool) or max_buffers < 0:
             raise ValueError(f"max_buffers must be an int >= 0, got {max_buffers!r}")
         self._max = max_buffers if _use_count is not None else 0
-        self._kept: list[tuple[torch.Tensor, int]] = []  # (flat buffer, use count when idle)
+        self._kept: list[_Kept] = []  # least recently handed out first
         self._lock = threading.Lock()
         self.reused = 0
         """How many ``take`` calls were served by a kept buffer."""
@@ -55,25 +68,25 @@ class BatchBuffers:
         """A tensor of ``shape`` and ``dtype`` to write a batch feature into."""
         numel = math.prod(shape)
         with self._lock:
-            best = -1
-            idle: list[int] = []
-            for i, (buffer, idle_uses) in enumerate(self._kept):
-                if buffer.dtype != dtype or _storage_uses(buffer) != idle_uses:
+            first_idle = -1
+            for i, kept in enumerate(self._kept):  # the oldest first: the likeliest idle
+                if kept.flat.dtype != dtype or not kept.idle():
                     continue
-                idle.append(i)
-                size = buffer.numel()
-                if size >= numel and (best < 0 or size < self._kept[best][0].numel()):
-                    best = i
-            if best >= 0:
-                self.reused += 1
-                return self._kept[best][0][:numel].view(*shape)
+                if kept.flat.numel() >= numel:
+                    self.reused += 1
+                    self._kept.append(self._kept.pop(i))
+                    return kept.flat[:numel].view(shape)
+                if first_idle < 0:
+                    first_idle = i
             fresh = torch.empty(numel, dtype=dtype)
             if len(self._kept) >= self._max:
-                if not idle:  # every kept buffer is in use: this one is the caller's alone
-                    return fresh.view(*shape)
-                del self._kept[idle[0]]  # an idle buffer too small (or of another dtype)
-            self._kept.append((fresh, _storage_uses(fresh)))
-            return fresh.view(*shape)
+                if first_idle < 0:  # every kept buffer is in use: this one is the caller's alone
+                    return fresh.view(shape)
+                del self._kept[first_idle]  # an idle buffer too small
+            assert _use_count is not None
+            cdata = fresh.untyped_storage()._cdata
+            self._kept.append(_Kept(fresh, cdata, int(_use_count(cdata))))
+            return fresh.view(shape)
 
     def clear(self) -> None:
         """Drop every kept buffer (tensors already handed out stay valid)."""

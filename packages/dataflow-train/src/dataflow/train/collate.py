@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from dataflow.contracts import FeatureSpec, SampleRef, SchemaMismatchError, TrainBatch
-from dataflow.train.batch_buffers import BatchBuffers
+from dataflow.train.batch_buffers import POOL_MIN_BYTES, BatchBuffers
 
 ATTENTION_MASK = "attention_mask"
 """Name of the mask collation adds; a sample must not carry a feature of this name."""
@@ -126,13 +126,15 @@ def _lengths_if_agreeing(samples: Sequence[Mapping[str, torch.Tensor]]) -> list[
     if not first or ATTENTION_MASK in first:
         return None
     expected = {}
+    first_length = -1
     for name, tensor in first.items():
         shape = tensor.shape
-        if len(shape) < 2 or shape[0] != 1:
+        if len(shape) < 2 or shape[0] != 1 or (first_length != -1 and shape[1] != first_length):
             return None
+        first_length = shape[1]
         expected[name] = (tensor.dtype, shape[2:])
-    lengths = []
-    for sample in samples:
+    lengths = [int(first_length)]
+    for sample in samples[1:]:
         if sample.keys() != expected.keys():
             return None
         length = -1
@@ -147,6 +149,32 @@ def _lengths_if_agreeing(samples: Sequence[Mapping[str, torch.Tensor]]) -> list[
                 length = shape[1]
         lengths.append(int(length))
     return lengths
+
+
+def _pooled(
+    buffers: BatchBuffers | None,
+    rows: int,
+    target: int,
+    first_length: int,
+    protos: Mapping[str, torch.Tensor],
+) -> list[torch.Tensor | None] | None:
+    """Per feature (in ``protos`` order) a pool tensor to collate into, or ``None`` to allocate
+    it fresh: no pool, a device tensor (the pool holds host memory), or a batch tensor smaller
+    than :data:`~dataflow.train.batch_buffers.POOL_MIN_BYTES`. ``None`` when none is pooled.
+    """
+    if buffers is None:
+        return None
+    # Every feature is [1, T, ...]: its batch tensor holds rows * target / T times its bytes.
+    scale = rows * target
+    least = POOL_MIN_BYTES * max(first_length, 1)
+    if max(proto.nbytes for proto in protos.values()) * scale < least:
+        return None
+    return [
+        buffers.take((rows, target, *proto.shape[2:]), proto.dtype)
+        if proto.nbytes * scale >= least and proto.is_cpu
+        else None
+        for proto in protos.values()
+    ]
 
 
 def padded_length(longest: int, multiple: int) -> int:
@@ -168,8 +196,9 @@ def collate(
     Guarantees: row ``i`` of every tensor is ``sample_ids[i]``; the padded length is the
     longest sample's, rounded up to ``pad_multiple``; ``attention_mask`` marks real tokens.
     Samples whose feature names, dtypes, ranks or trailing shapes disagree are refused with
-    :class:`SchemaMismatchError`. With ``buffers`` the feature tensors are written into the
-    pool's idle buffers (see :mod:`dataflow.train.batch_buffers` for when one is reused).
+    :class:`SchemaMismatchError`. With ``buffers`` each batch tensor of at least
+    :data:`~dataflow.train.batch_buffers.POOL_MIN_BYTES` is written into one of the pool's idle
+    buffers (see :mod:`dataflow.train.batch_buffers` for when one is reused).
     """
     if len(sample_ids) != len(samples) or not samples:
         raise SchemaMismatchError(
@@ -180,26 +209,23 @@ def collate(
         lengths = [sequence_length(sid, s) for sid, s in zip(sample_ids, samples, strict=True)]
         _check_samples_agree(sample_ids, samples)
     target = padded_length(max(lengths), pad_multiple)
-    if buffers is not None and any(t.device.type != "cpu" for t in samples[0].values()):
-        buffers = None  # the pool holds host memory only
+    rows = len(samples)
+    protos = samples[0]
+    same_length = all(length == target for length in lengths)
+    views = _pooled(buffers, rows, target, lengths[0], protos)
     out: dict[str, torch.Tensor] = {}
-    if all(length == target for length in lengths):
+    if same_length:
         # No padding anywhere: one concatenation (a copy) per feature, an all-ones mask.
-        for name, proto in samples[0].items():
+        for i, name in enumerate(protos):
             parts = [sample[name] for sample in samples]
-            if buffers is None:
-                out[name] = torch.cat(parts)
-            else:
-                shape = (len(samples), *proto.shape[1:])
-                out[name] = torch.cat(parts, out=buffers.take(shape, proto.dtype))
-        out[ATTENTION_MASK] = torch.ones((len(samples), target), dtype=torch.int64)
+            into = None if views is None else views[i]
+            out[name] = torch.cat(parts) if into is None else torch.cat(parts, out=into)
+        out[ATTENTION_MASK] = torch.ones((rows, target), dtype=torch.int64)
     else:
-        for name, proto in samples[0].items():
+        for i, (name, proto) in enumerate(protos.items()):
             # Only the padding is zeroed: the rest is overwritten at once.
-            shape = (len(samples), target, *proto.shape[2:])
-            batched = (
-                proto.new_empty(shape) if buffers is None else buffers.take(shape, proto.dtype)
-            )
+            into = None if views is None else views[i]
+            batched = proto.new_empty((rows, target, *proto.shape[2:])) if into is None else into
             for row, (sample, length) in enumerate(zip(samples, lengths, strict=True)):
                 batched[row, :length] = sample[name][0]
                 if length < target:

@@ -286,7 +286,8 @@ class FeatureDataLoader:
         stop = threading.Event()
         try:
             if self._prefetch == 0:
-                for batch in self._fetched(stop):
+                for refs in self._ref_batches(stop):
+                    batch = self._materialise(refs)
                     self._advance(batch)
                     yield batch
             else:
@@ -361,11 +362,12 @@ class FeatureDataLoader:
         batch: TrainBatch | None = None
         try:
             samples, kept = [], []
+            get, max_length = self._store.get, self._max_length
             for ref in refs:
-                tensors, handle = self._store.get(ref)
+                tensors, handle = get(ref)
                 handles.append(handle)
                 checked = _checked_tensors(ref, tensors)
-                problem = length_problem(checked, self._max_length)
+                problem = length_problem(checked, max_length)
                 if problem is not None:
                     bad[ref.sample_id] = problem
                     continue
@@ -435,34 +437,47 @@ class FeatureDataLoader:
 
     # ----------------------------------------------------------------- prefetch
     def _prefetched(self, stop: threading.Event) -> Iterator[TrainBatch]:
-        out: queue_mod.Queue[TrainBatch | _End | _Failed] = queue_mod.Queue(self._prefetch)
+        # Two C-level queues, no Python condition variable: ``out`` carries whole batches, and
+        # ``slots`` holds one token per batch the worker may still hand over, so at most
+        # ``prefetch`` wait in ``out`` (the worker holds one more while it waits for a slot).
+        out: queue_mod.SimpleQueue[TrainBatch | _End | _Failed] = queue_mod.SimpleQueue()
+        slots: queue_mod.SimpleQueue[None] = queue_mod.SimpleQueue()
+        for _ in range(self._prefetch):
+            slots.put(None)
         worker = threading.Thread(
-            target=self._work, args=(stop, out), name="loader-prefetch", daemon=True
+            target=self._work, args=(stop, out, slots), name="loader-prefetch", daemon=True
         )
         worker.start()
         try:
             while True:
                 item = out.get()
-                if isinstance(item, _End):
+                slots.put(None)
+                if type(item) is _End:
                     return
-                if isinstance(item, _Failed):
+                if type(item) is _Failed:
                     raise item.error
-                self._advance(item)
-                yield item
+                batch = cast("TrainBatch", item)
+                self._advance(batch)
+                yield batch
         finally:
             stop.set()
             self._stop_worker(worker, out)
 
-    def _work(self, stop: threading.Event, out: queue_mod.Queue[Any]) -> None:
+    def _work(
+        self,
+        stop: threading.Event,
+        out: queue_mod.SimpleQueue[Any],
+        slots: queue_mod.SimpleQueue[None],
+    ) -> None:
         try:
             for batch in self._fetched(stop):
-                if not _put(out, batch, stop):
+                if not _put(out, slots, batch, stop):
                     return
-            _put(out, _End(), stop)
+            _put(out, slots, _End(), stop)
         except BaseException as exc:  # forwarded to the consumer, raised there
-            _put(out, _Failed(exc), stop)
+            _put(out, slots, _Failed(exc), stop)
 
-    def _stop_worker(self, worker: threading.Thread, out: queue_mod.Queue[Any]) -> None:
+    def _stop_worker(self, worker: threading.Thread, out: queue_mod.SimpleQueue[Any]) -> None:
         worker.join(self._join_timeout_s)
         # Batches fetched but never handed over hold no lease; their refs stay pending.
         while not out.empty():
@@ -476,13 +491,20 @@ class FeatureDataLoader:
             )
 
 
-def _put(out: queue_mod.Queue[Any], item: object, stop: threading.Event) -> bool:
+def _put(
+    out: queue_mod.SimpleQueue[Any],
+    slots: queue_mod.SimpleQueue[None],
+    item: object,
+    stop: threading.Event,
+) -> bool:
+    """Hand ``item`` over once a slot is free; ``False`` (not handed over) once ``stop`` is set."""
     while not stop.is_set():
         try:
-            out.put(item, timeout=0.05)
-            return True
-        except queue_mod.Full:
+            slots.get(timeout=0.05)
+        except queue_mod.Empty:
             continue
+        out.put(item)
+        return True
     return False
 
 

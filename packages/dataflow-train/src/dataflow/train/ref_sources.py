@@ -12,7 +12,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from dataflow.contracts import InvalidInputError, RefQueue, SampleRef, assert_no_tensors
+from dataflow.contracts import InvalidInputError, RefQueue, SampleRef
 
 
 class RefSettler(Protocol):
@@ -83,7 +83,11 @@ class FixedRefPlan:
             raise InvalidInputError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.world_size < 1 or not 0 <= self.rank < self.world_size:
             raise InvalidInputError(f"rank {self.rank} is not within world_size {self.world_size}")
-        assert_no_tensors(self.refs, "refs")
+        # A SampleRef admits only checked ids, specs and frozen JSON metadata, so a list of them
+        # holds no tensor; walking every field of every ref (tens of us each) would re-prove it.
+        for i, ref in enumerate(self.refs):
+            if not isinstance(ref, SampleRef):
+                raise InvalidInputError(f"refs[{i}] is a {type(ref).__name__}, not a SampleRef")
         ids = [ref.sample_id for ref in self.refs]
         if len(set(ids)) != len(ids):
             dupes = sorted({i for i in ids if ids.count(i) > 1})

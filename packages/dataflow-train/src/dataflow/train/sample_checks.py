@@ -71,10 +71,9 @@ def values_surely_fine(tensors: Mapping[str, torch.Tensor]) -> bool:
         return False
     for value in tensors.values():
         dtype = value.dtype
-        if (
-            dtype.is_floating_point
-            and value.numel()
-            and not math.isfinite(float(value.sum(dtype=_WIDE.get(dtype, dtype))))
-        ):
-            return False
+        if dtype.is_floating_point:  # an empty tensor sums to 0: finite
+            wide = _WIDE.get(dtype)
+            total = value.sum() if wide is None else value.sum(dtype=wide)
+            if not math.isfinite(total.item()):
+                return False
     return True
