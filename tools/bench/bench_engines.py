@@ -15,11 +15,16 @@ Paths timed per round:
 - ``vllm capture``: ``VLLMTargetEngine.capture`` over the prompts (the request with capture, the
   file read under its lock and removed, the final norm applied, the checked sample);
 - ``vllm producer``: the rollout producer on the vllm engine (SQLite ledger, ``shm://`` store:
-  lease, capture, put, commit), a fresh ledger and store each round;
+  lease, capture, put, commit), a fresh ledger each round and one store for all rounds (the
+  previous round's samples removed, untimed, before the next: a steady-state, warm store);
 - ``hf bare``: ``model(input_ids, attention_mask, output_hidden_states=True)`` in batches of
   ``batch_size``, in this process;
 - ``hf capture``: ``HFTargetEngine.capture`` over the same prompts;
 - ``hf producer``: the rollout producer on the hf engine, as above.
+
+Every path runs in a fresh thread, as the producer's forward runs in its worker thread: torch's
+OpenMP pool behaves differently in the main thread (see ``_in_fresh_thread``). ``--engines hf``
+times the hf paths only (no server; the vllm rows and store_vs_file are left out).
 
 Each path's time is measured as wall time and as CPU time (this process, plus for the vllm paths
 the server's whole process group: API server, engine core, worker); the verdicts read CPU time,
@@ -32,7 +37,8 @@ the hf capture's (reported, no target). Store mode vs file mode per sample comes
 one stopped) when that module exists (``store_vs_file_hook``), else it is reported as "not
 measured: store mode not available".
 
-    python bench_engines.py [--rounds 7] [--prompts 16] [--tokens 128] [--json [PATH]]
+    python bench_engines.py [--rounds 7] [--prompts 16] [--tokens 128] [--engines vllm,hf]
+        [--json [PATH]]
 """
 
 from __future__ import annotations
@@ -45,6 +51,7 @@ import shutil
 import statistics
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Callable
@@ -91,16 +98,41 @@ def _group_cpu_s(pgid: int | None) -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
+def _in_fresh_thread(run: Callable[[], Any]) -> None:
+    """Run ``run`` in a new thread and wait for it, re-raising what it raised.
+
+    Every path runs this way because the producer's forward runs in its worker thread, and
+    OpenMP (torch's intra-op pool) behaves differently in the main thread than in a thread that
+    starts its own team (libgomp spins less once it manages more threads than there are CPUs):
+    timing the bare forward in the main thread and the producer's in a worker compared two
+    thread setups, not two code paths (0.4x to 1.3x depending on the machine's load).
+    """
+    failure: list[BaseException] = []
+
+    def body() -> None:
+        try:
+            run()
+        except BaseException as exc:
+            failure.append(exc)
+
+    thread = threading.Thread(target=body, name="bench-path")
+    thread.start()
+    thread.join()
+    if failure:
+        raise failure[0]
+
+
 def _timed(
     prepare: Callable[[list[Any]], Callable[[], Any]], tasks: list[Any], server_pgid: int | None
 ) -> tuple[float, float]:
-    """``(wall s, CPU s)`` of one path: CPU of this process plus, for a vllm path, of the
-    server's whole process group (API server, engine core, worker).
+    """``(wall s, CPU s)`` of one path, run in a fresh thread (:func:`_in_fresh_thread`): CPU of
+    this process (every thread) plus, for a vllm path, of the server's whole process group (API
+    server, engine core, worker).
     """
     run = prepare(tasks)  # untimed: what a path needs before its first token
     cpu0, server0 = time.process_time(), _group_cpu_s(server_pgid)
     started = time.perf_counter()
-    run()
+    _in_fresh_thread(run)
     wall = time.perf_counter() - started
     return wall, time.process_time() - cpu0 + _group_cpu_s(server_pgid) - server0
 
@@ -129,12 +161,20 @@ def store_vs_file_hook(server_python: str, rounds: int) -> dict[str, Any]:
 
 
 class _Producing:
-    """One engine's rollout producer over a fresh SQLite ledger and ``shm://`` store per round:
-    :meth:`prepare` (untimed) builds, opens and fills it; the returned call (timed) runs it.
+    """One engine's rollout producer over a fresh SQLite ledger per round and one ``shm://``
+    store for all rounds: :meth:`prepare` (untimed) removes the previous round's samples from
+    the store (what the trainer's consume does), then builds, opens and fills a new producer;
+    the returned call (timed) runs it. The store stays because a running producer's store is
+    warm: its arena's slabs were faulted in once and are reused, while a store created per round
+    made every put pay first-touch page allocation that no steady-state put pays (the bare
+    forward's allocator is warm after the warm-up, too).
     """
 
     def __init__(self, engine: Any, model_dir: Path, work: Path) -> None:
         self.engine, self.model_dir, self.work = engine, model_dir, work
+        self._shm = f"bench-{uuid.uuid4().hex[:10]}"
+        self._store: Any = None
+        self._produced: list[str] = []
         self._cleanup: list[Callable[[], None]] = []
 
     def prepare(self, tasks: list[Any]) -> Callable[[], None]:
@@ -143,7 +183,6 @@ class _Producing:
 
         where = self.work / uuid.uuid4().hex[:8]
         where.mkdir()
-        shm = f"bench-{uuid.uuid4().hex[:10]}"
         config = config_from_mapping(
             {
                 "run": {"id": "bench", "out_dir": str(where / "out"), "seed": 0},
@@ -154,22 +193,20 @@ class _Producing:
                     "batch_size": BATCH_SIZE,
                 },
                 "data": {"max_length": len(tasks[0].payload["input_ids"]) + 16},
-                "store": {"uri": f"shm://{shm}", "options": {"budget_bytes": 1 << 30}},
+                "store": {"uri": f"shm://{self._shm}", "options": {"budget_bytes": 1 << 30}},
                 "ledger": {"uri": f"sqlite://{where}/ledger.sqlite"},
                 "flow": {"high_watermark": 4 * len(tasks), "low_watermark": len(tasks)},
                 "producer": {"workers": 1},
                 "trainer": {"batch_size": BATCH_SIZE, "total_steps": 1, "checkpoint_every": 0},
             }
         )
-        ledger, store = open_config_ledger(config), open_config_store(config)
-
-        def cleanup() -> None:
-            ledger.close()
-            store.close()
-            for segment in Path("/dev/shm").glob(f"dfs~{shm}~*"):
-                segment.unlink(missing_ok=True)
-
-        self._cleanup.append(cleanup)
+        if self._store is None:
+            self._store = open_config_store(config)
+        store = self._store
+        while self._produced:  # the previous round's samples, consumed
+            store.abort(self._produced.pop(), "bench: consumed")
+        ledger = open_config_ledger(config)
+        self._cleanup.append(ledger.close)
         producer = build_producer(config, self.engine, ledger, store)
         producer.open()
         producer.ingest(tasks)
@@ -180,13 +217,19 @@ class _Producing:
                 raise RuntimeError(f"the producer ended {report.outcome}")
             if ledger.status().prompts.get("done", 0) != len(tasks):
                 raise RuntimeError(f"not every prompt was produced: {ledger.status()}")
+            self._produced.extend(t.task_id for t in tasks)
 
         return run
 
     def close(self) -> None:
-        """Close every round's ledger and store; remove their shared-memory segments."""
+        """Close every round's ledger and the store; remove its shared-memory segments."""
         while self._cleanup:
             self._cleanup.pop()()
+        if self._store is not None:
+            self._store.close()
+            self._store = None
+        for segment in Path("/dev/shm").glob(f"dfs~{self._shm}~*"):
+            segment.unlink(missing_ok=True)
 
 
 def _bare_vllm(url: str, model: str, tasks: list[Any], pool: ThreadPoolExecutor) -> None:
@@ -224,8 +267,15 @@ def _bare_hf(model: Any, tasks: list[Any]) -> None:
             model(input_ids=ids, attention_mask=torch.ones_like(ids), output_hidden_states=True)
 
 
-def measure(rounds: int, prompts: int, tokens: int, server_python: str) -> dict[str, Any]:
-    """Start the server, run the paired rounds, stop it; the figures as a JSON-ready dict."""
+ENGINES = ("vllm", "hf")
+
+
+def measure(
+    rounds: int, prompts: int, tokens: int, server_python: str, engines: tuple[str, ...] = ENGINES
+) -> dict[str, Any]:
+    """Start the server (when ``engines`` has vllm), run the paired rounds over the paths of
+    ``engines``, stop it; the figures as a JSON-ready dict (rows of an engine not run: omitted).
+    """
     import torch
 
     from dataflow.launch.builtin.save import save_builtin_target
@@ -243,51 +293,59 @@ def measure(rounds: int, prompts: int, tokens: int, server_python: str) -> dict[
         batch_size=BATCH_SIZE,
         vllm={"python": server_python, "max_model_len": 512, "startup_timeout_s": 600.0},
     )
-    server = ManagedVLLMServer(target)
+    server = ManagedVLLMServer(target) if "vllm" in engines else None
     times: dict[str, list[float]] = {}
     cpu: dict[str, list[float]] = {}
     load = [os.getloadavg()[0]]
+    startup_s: float | None = None
+    closers: list[Callable[[], None]] = []
     try:
-        started = time.perf_counter()
-        server.start()
-        startup_s = time.perf_counter() - started
-        vllm = VLLMTargetEngine(
-            server.url, str(model_dir), dtype="float32", batch_size=BATCH_SIZE, timeout_s=120
-        )
-        model, tokenizer = load_model_dir(str(model_dir), "float32")
-        hf = HFTargetEngine(model, tokenizer, batch_size=BATCH_SIZE)
-        pool = ThreadPoolExecutor(max_workers=BATCH_SIZE)
-        served = _served_model(server.url)
-        producers = [_Producing(vllm, model_dir, work), _Producing(hf, model_dir, work)]
-        paths: dict[str, Callable[[list[Any]], Callable[[], Any]]] = {
-            "vllm bare": lambda ts: lambda: _bare_vllm(server.url, served, ts, pool),
-            "vllm capture": lambda ts: lambda: vllm.capture(ts),
-            "vllm producer": producers[0].prepare,
-            "hf bare": lambda ts: lambda: _bare_hf(hf.model, ts),
-            "hf capture": lambda ts: lambda: hf.capture(ts),
-            "hf producer": producers[1].prepare,
-        }
+        paths: dict[str, Callable[[list[Any]], Callable[[], Any]]] = {}
+        if server is not None:
+            started = time.perf_counter()
+            server.start()
+            startup_s = time.perf_counter() - started
+            vllm = VLLMTargetEngine(
+                server.url, str(model_dir), dtype="float32", batch_size=BATCH_SIZE, timeout_s=120
+            )
+            pool = ThreadPoolExecutor(max_workers=BATCH_SIZE)
+            served, url = _served_model(server.url), server.url
+            vllm_producing = _Producing(vllm, model_dir, work)
+            closers += [vllm_producing.close, pool.shutdown, vllm.close]
+            paths["vllm bare"] = lambda ts: lambda: _bare_vllm(url, served, ts, pool)
+            paths["vllm capture"] = lambda ts: lambda: vllm.capture(ts)
+            paths["vllm producer"] = vllm_producing.prepare
+        if "hf" in engines:
+            model, tokenizer = load_model_dir(str(model_dir), "float32")
+            hf = HFTargetEngine(model, tokenizer, batch_size=BATCH_SIZE)
+            hf_producing = _Producing(hf, model_dir, work)
+            closers += [hf_producing.close, hf.close]
+            paths["hf bare"] = lambda ts: lambda: _bare_hf(hf.model, ts)
+            paths["hf capture"] = lambda ts: lambda: hf.capture(ts)
+            paths["hf producer"] = hf_producing.prepare
         warm = _tasks(BATCH_SIZE, tokens, -1)
         for prepare in paths.values():  # warm-up: first requests, first allocations
-            prepare(warm)()
+            _in_fresh_thread(prepare(warm))
         for round_no in range(rounds):
             tasks = _tasks(prompts, tokens, round_no)
             order = list(paths.items())  # odd rounds in reverse: a load drift hits both sides
             for name, prepare in order if round_no % 2 == 0 else order[::-1]:
-                pgid = server.pid if name.startswith("vllm") else None
+                pgid = server.pid if server is not None and name.startswith("vllm") else None
                 wall, cpu_s = _timed(prepare, tasks, pgid)
                 times.setdefault(name, []).append(wall)
                 cpu.setdefault(name, []).append(cpu_s)
             load.append(os.getloadavg()[0])
-        for producing in producers:
-            producing.close()
-        pool.shutdown()
-        vllm.close()
-        hf.close()
+        for close in closers:
+            close()
     finally:
-        server.stop()
+        if server is not None:
+            server.stop()
         shutil.rmtree(work, ignore_errors=True)
-    store_vs_file = store_vs_file_hook(server_python, rounds)  # after: one server at a time
+    store_vs_file = (  # after: one server at a time
+        store_vs_file_hook(server_python, rounds)
+        if server is not None
+        else {"ratio": None, "note": "not measured: --engines without vllm"}
+    )
     total_tokens = prompts * tokens
 
     def ratio(num: str, den: str, of: dict[str, list[float]] = cpu) -> float:
@@ -308,7 +366,8 @@ def measure(rounds: int, prompts: int, tokens: int, server_python: str) -> dict[
         "tokens_per_prompt": tokens,
         "batch_size": BATCH_SIZE,
         "torch_threads": torch.get_num_threads(),
-        "server_startup_s": round(startup_s, 1),
+        "engines": list(engines),
+        "server_startup_s": None if startup_s is None else round(startup_s, 1),
         "load": {"start": load[0], "end": load[-1], "max": max(load)},
         "target_ratio": OVERHEAD_TARGET,
         "tokens_per_s": {
@@ -325,6 +384,7 @@ def measure(rounds: int, prompts: int, tokens: int, server_python: str) -> dict[
                 "met": None if target_ratio is None else ratio(num, den) <= target_ratio,
             }
             for what, num, den, target_ratio in rows
+            if num in cpu and den in cpu
         ],
         "store_vs_file": store_vs_file,
     }
@@ -341,9 +401,18 @@ def main() -> None:
         default=os.environ.get("DATAFLOW_VLLM_PYTHON") or sys.executable,
         help="the interpreter that runs the vLLM server (default: $DATAFLOW_VLLM_PYTHON or this)",
     )
+    parser.add_argument(
+        "--engines",
+        default=",".join(ENGINES),
+        help="comma-separated engines to time (default: vllm,hf); without vllm no server is "
+        "started and the vllm rows and store_vs_file are not measured",
+    )
     parser.add_argument("--json", nargs="?", const="-", help="JSON to stdout or to PATH")
     args = parser.parse_args()
-    result = measure(args.rounds, args.prompts, args.tokens, args.vllm_python)
+    engines = tuple(e.strip() for e in args.engines.split(",") if e.strip())
+    if not engines or set(engines) - set(ENGINES):
+        parser.error(f"--engines: choose from {', '.join(ENGINES)}, got {args.engines!r}")
+    result = measure(args.rounds, args.prompts, args.tokens, args.vllm_python, engines)
     text = json.dumps(result, indent=2)
     if args.json and args.json != "-":
         Path(args.json).write_text(text)

@@ -305,11 +305,13 @@ def _ratios(outcomes: Sequence[Any]) -> list[str]:
 
 def _engines_details(engines: dict[str, Any]) -> list[str]:
     load = engines["load"]
+    startup = engines.get("server_startup_s")
+    started = "not started" if startup is None else f"started in {startup:.0f} s"
     lines = [
         f"Workload: {engines['prompts']} prompts of {engines['tokens_per_prompt']} tokens, "
         f"{engines['rounds']} paired rounds (every path once per round, same prompts), the "
         "trained built-in target (fp32) on a real vLLM CPU server (eager, managed by the vllm "
-        f"engine; started in {engines['server_startup_s']:.0f} s) and in-process (hf, "
+        f"engine; {started}) and in-process (hf, every path in a fresh thread, "
         f"{engines['torch_threads']} torch threads), {engines['batch_size']} requests or rows "
         "at a time. Ratios are medians of per-round ratios of CPU time (this process, plus the "
         "server's process group on the vllm paths; wall-time ratios beside them); 1-minute load "

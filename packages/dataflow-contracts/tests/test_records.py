@@ -100,6 +100,20 @@ def test_prompt_task_and_handle():
         FeatureHandle("s1", 0, "")
 
 
+def test_frozen_payload_sequences_are_tuples_and_still_checked_element_by_element():
+    ids = list(range(300))
+    task = PromptTask("t1", payload={"input_ids": ids, "mix": [1, "a", None, True, [2.5]]})
+    ids.append(7)  # the task holds its own copy
+    assert task.payload["input_ids"] == tuple(range(300))
+    assert task.payload["mix"] == (1, "a", None, True, (2.5,))
+    again = dataclasses.replace(task, attempt=1)  # re-freezing a frozen payload: same value
+    assert again.payload == task.payload
+    with pytest.raises(InvalidInputError, match=r"payload\['ids'\]\[2\] is nan"):
+        PromptTask("t1", payload={"ids": [1, 2, float("nan")]})
+    with pytest.raises(InvalidInputError, match=r"\['ids'\]\[1\] holds a builtins.bytes"):
+        PromptTask("t1", payload={"ids": [1, b"x"]})
+
+
 def test_weight_version_status_and_modes():
     assert WeightVersion("w1", 10, status="active").status is WeightStatus.ACTIVE
     with pytest.raises(InvalidInputError, match="WeightVersion.status 'live' is not one of"):

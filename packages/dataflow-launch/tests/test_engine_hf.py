@@ -15,6 +15,7 @@ from dataflow.launch.engines import (
     open_engine,
     resolve_aux_layer_ids,
 )
+from dataflow.launch.engines.features import batch_finite
 from dataflow.launch.engines.hf import open_hf_engine
 
 
@@ -175,6 +176,23 @@ def test_feature_check_refuses_wrong_shapes_dtypes_and_nan(tiny_engine):
     missing = {k: v for k, v in tensors.items() if k != "loss_mask"}
     with pytest.raises(SchemaMismatchError, match="captured features"):
         check_features("x", missing, specs)
+
+
+def test_batch_finiteness_is_certain_when_true_and_checked_per_sample_when_not(tiny_engine):
+    sample = tiny_engine.capture(make_tasks(tiny_engine, 1))[0]
+    assert sample.values_checked  # the producer then reads no value of it again
+    specs = tiny_engine.feature_specs(sample.num_tokens)
+    tensors = dict(sample.tensors)
+    assert batch_finite(tensors["hidden_state"], tensors["aux_hidden_state"])
+    big = {**tensors, "hidden_state": torch.full_like(tensors["hidden_state"], 3e38)}
+    assert not batch_finite(big["hidden_state"])  # the sum overflows: a false alarm ...
+    check_features("x", big, specs)  # ... which the exact check clears
+    nan = {**tensors, "aux_hidden_state": tensors["aux_hidden_state"].clone()}
+    nan["aux_hidden_state"][0, -1, -1] = float("nan")
+    assert not batch_finite(tensors["hidden_state"], nan["aux_hidden_state"])
+    bad_mask = {**tensors, "loss_mask": torch.full_like(tensors["loss_mask"], 2)}
+    with pytest.raises(SchemaMismatchError, match="loss_mask"):  # known_finite skips NaN only
+        check_features("x", bad_mask, specs, known_finite=True)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")

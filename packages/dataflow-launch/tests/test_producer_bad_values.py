@@ -11,6 +11,7 @@ from launch_helpers import make_tasks
 
 from dataflow.contracts import RunFailedError
 from dataflow.control import open_ledger
+from dataflow.launch.engines import CapturedSample
 from dataflow.launch.engines.hf import open_hf_engine
 from dataflow.launch.producer import ProducerSettings, RolloutProducer
 from dataflow.store import open_store
@@ -68,3 +69,39 @@ def test_a_sample_longer_than_max_length_is_refused_before_the_put(tiny_engine):
     assert report.committed == 0 and sum(w.rejected for w in report.workers) == 2
     assert store.health().resident_samples == 0
     assert ledger.status().prompts["failed"] == 2
+
+
+class _UncheckedNaNEngine:
+    """A real hf engine whose samples reach the producer unchecked (as a custom engine's may),
+    one of them with a NaN: the worker must read their values itself.
+    """
+
+    def __init__(self, engine):
+        self._engine = engine
+        self.info = engine.info
+
+    def feature_specs(self, num_tokens):
+        return self._engine.feature_specs(num_tokens)
+
+    def capture(self, tasks):
+        samples = self._engine.capture(tasks)
+        out = []
+        for sample in samples:
+            tensors = {k: v.clone() for k, v in sample.tensors.items()}
+            if sample.task_id.endswith("0"):
+                tensors["aux_hidden_state"][0, -1, 0] = float("inf")
+            out.append(CapturedSample(sample.task_id, tensors))
+        return out
+
+
+def test_an_unchecked_sample_has_its_values_read_by_the_worker(tiny_engine):
+    engine = _UncheckedNaNEngine(tiny_engine)
+    tasks = make_tasks(tiny_engine, 2, prefix=RUN)
+    assert [t.task_id[-1] for t in tasks] == ["0", "1"]
+    ledger, store, producer = _produce(engine, {"max_failed_prompts": 1}, tasks)
+    report = producer.run()
+    assert report.committed == 1 and sum(w.rejected for w in report.workers) == 1
+    assert ledger.status().prompts["failed"] == 1
+    assert store.health().resident_samples == 1
+    (fine,) = [t for t in tasks if t.task_id.endswith("1")]
+    assert [ref.sample_id for ref in ledger.refs([fine.task_id])] == [fine.task_id]

@@ -15,6 +15,7 @@ from conformance import StoreConformance, eagle_sample, same_bits
 from procs import DEAD, FULL_DISK_PUT, expected_digest, run_child, start_child
 
 from dataflow.contracts import (
+    CapacityExceededError,
     FeatureStore,
     InvalidInputError,
     NotFoundError,
@@ -175,6 +176,26 @@ def test_abort_from_another_process_frees_and_producer_health_follows(name: str)
     assert store.health().resident_samples == 0
     with pytest.raises(NotFoundError, match="released or aborted"):
         store.get(ref)
+    store.close()
+    assert leftovers(name) == []
+
+
+def test_a_put_over_budget_finds_the_room_another_process_freed(name: str) -> None:
+    one = sum(t.numel() * t.element_size() for t in eagle_sample(0).values())
+    store = open_store(f"shm://{name}", budget_bytes=2 * one)
+    store.put("f1", eagle_sample(1))
+    store.put("f2", eagle_sample(2))
+    with pytest.raises(CapacityExceededError, match="budget"):
+        store.put("f3", eagle_sample(3))
+    run_child("open_store(sys.argv[1]).abort('f1', 'consumed')", f"shm://{name}")
+    ref = store.put("f3", eagle_sample(3))  # no health() first: the put itself re-reads
+    with pytest.raises(CapacityExceededError, match="budget"):  # f2 + f3: full again
+        store.put("f4", eagle_sample(4))
+    got, handle = store.get(ref)
+    assert same_bits(got["hidden_state"], eagle_sample(3)["hidden_state"])
+    store.release(handle)  # consume-once: frees f3
+    del got
+    store.abort("f2", "done")
     store.close()
     assert leftovers(name) == []
 

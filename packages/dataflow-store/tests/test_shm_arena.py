@@ -20,7 +20,7 @@ from test_shm import SHM, leftovers, stored
 from dataflow.contracts import CorruptRecordError, FeatureStore, InvalidInputError
 from dataflow.contracts.codec import dumps
 from dataflow.store import open_store
-from dataflow.store.arena import geometry
+from dataflow.store.arena import PARALLEL_COPY_BYTES, geometry
 from dataflow.store.owner import current_owner
 from dataflow.store.shm import ARENA, PREFIX
 from dataflow.store.usage import shm_usage
@@ -100,6 +100,28 @@ def test_put_and_get_go_through_one_reused_arena_mapping(name: str) -> None:
     del got
     store.close()
     assert leftovers(name) == []
+
+
+def test_small_and_large_tensors_are_copied_into_the_arena_bit_for_bit(name: str) -> None:
+    # Below PARALLEL_COPY_BYTES a tensor is one memcpy in the caller's thread, at or above it
+    # torch's copy: both, an empty tensor and odd offsets between them read back exactly.
+    store = open_store(f"shm://{name}", arena_bytes=4 * PARALLEL_COPY_BYTES)
+    large = PARALLEL_COPY_BYTES // 4 + 3  # float32 elements: just over the threshold
+    tensors = {
+        "a_small": torch.arange(7, dtype=torch.int64),
+        "b_large": torch.randn(large, generator=torch.Generator().manual_seed(0)),
+        "c_empty": torch.empty(0, 5, dtype=torch.bfloat16),
+        "d_just_under": torch.randint(0, 255, (PARALLEL_COPY_BYTES - 1,), dtype=torch.uint8),
+    }
+    ref = store.put("sizes", tensors)
+    assert leftovers(name) == [f"{PREFIX}{name}~{ARENA}"]  # in the arena, not a segment
+    got, handle = store.get(ref)
+    assert backing(got["b_large"].data_ptr()) == [os.stat(arena_file(name)).st_ino]
+    for key, tensor in tensors.items():
+        assert same_bits(got[key], tensor), key
+    store.release(handle)
+    del got
+    store.close()
 
 
 def test_a_tensor_still_referenced_after_release_is_never_overwritten(

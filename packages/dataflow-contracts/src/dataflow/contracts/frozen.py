@@ -45,6 +45,10 @@ JsonMap = Mapping[str, Any]
 """A read-only JSON object: str keys; values are None, bool, int, float, str, tuples, JsonMaps."""
 
 
+_PLAIN = frozenset((int, str, bool, type(None)))
+"""Element types :func:`freeze_json` returns as they are (a float is checked for NaN/inf)."""
+
+
 def freeze_json(value: Any, path: str = "value") -> Any:
     """Return a deep read-only copy of a JSON-compatible value.
 
@@ -65,6 +69,8 @@ def freeze_json(value: Any, path: str = "value") -> Any:
             out[key] = freeze_json(child, f"{path}[{key!r}]")
         return FrozenDict(out)
     if isinstance(value, (list, tuple)):
+        if all(type(child) in _PLAIN for child in value):  # token ids: no element to check
+            return tuple(value)
         return tuple(freeze_json(child, f"{path}[{i}]") for i, child in enumerate(value))
     raise InvalidInputError(
         f"{path} holds a {type(value).__module__}.{type(value).__qualname__}; "

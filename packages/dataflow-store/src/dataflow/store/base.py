@@ -680,8 +680,12 @@ class BookkeepingStore(abc.ABC):
         budget = self.options.budget_bytes
         if budget is None:
             return
-        self._sync_with_backend()
         used = self._resident_bytes() + self._reserved
+        if used + nbytes > budget:
+            # Syncing only forgets entries another process freed, so it can only make room:
+            # done when the put would not fit, not on every put (a check per resident sample).
+            self._sync_with_backend()
+            used = self._resident_bytes() + self._reserved
         if used + nbytes > budget:
             raise CapacityExceededError(
                 f"{self._uri}: put of {sample_id!r} needs {nbytes} bytes but {used} of the "

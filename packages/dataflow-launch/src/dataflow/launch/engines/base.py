@@ -80,6 +80,10 @@ class CapturedSample:
     task_id: str
     tensors: Mapping[str, torch.Tensor] = field(hash=False)
     written: ServerWritten | None = None
+    values_checked: bool = False
+    """True when :func:`~dataflow.launch.engines.features.checked_sample` passed ``tensors``'
+    values (finite hidden states, a 0/1 loss mask, at least one token): the producer then checks
+    only what depends on its run (``max_length``) instead of reading every value again."""
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "tensors", MappingProxyType(dict(self.tensors)))

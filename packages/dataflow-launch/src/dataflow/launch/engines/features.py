@@ -27,10 +27,17 @@ def torch_dtype_name(dtype: torch.dtype) -> str:
 
 
 def check_features(
-    task_id: str, tensors: Mapping[str, torch.Tensor], specs: Mapping[str, FeatureSpec]
+    task_id: str,
+    tensors: Mapping[str, torch.Tensor],
+    specs: Mapping[str, FeatureSpec],
+    *,
+    known_finite: bool = False,
 ) -> None:
     """Raise :class:`SchemaMismatchError` naming the task and feature unless ``tensors`` has
     exactly the spec'd names, shapes and dtypes, a 0/1 loss mask and finite hidden states.
+
+    ``known_finite``: the caller already proved every floating tensor finite (for a whole batch
+    at once, :func:`batch_finite`); the NaN/inf scan is then skipped, every other check runs.
     """
     if set(tensors) != set(specs):
         raise SchemaMismatchError(
@@ -44,9 +51,21 @@ def check_features(
                 f"task {task_id!r}: feature {name!r} is {got_dtype}{list(tensor.shape)}, "
                 f"expected {spec.dtype}{list(spec.shape)}"
             )
+    if known_finite:
+        tensors = {k: v for k, v in tensors.items() if not v.is_floating_point()}
     problem = value_problem(tensors)
     if problem is not None:
         raise BadFeatureValuesError(f"task {task_id!r}: {problem}")
+
+
+def batch_finite(*tensors: torch.Tensor) -> bool:
+    """Whether every element of ``tensors`` is finite, read with one reduction per tensor (a
+    whole engine batch at once). ``True`` is certain (a NaN or inf makes the sum non-finite);
+    ``False`` may be a false alarm (a finite sum that overflowed): check each sample then.
+    """
+    from dataflow.train.sample_checks import values_surely_fine
+
+    return values_surely_fine({f"t{i}": t for i, t in enumerate(tensors)})
 
 
 class BadFeatureValuesError(SchemaMismatchError):
@@ -66,10 +85,27 @@ def value_problem(tensors: Mapping[str, torch.Tensor], max_length: int | None = 
     return sample_problem(tensors, max_length)
 
 
+def length_problem(tensors: Mapping[str, torch.Tensor], max_length: int | None) -> str | None:
+    """The checks of :func:`value_problem` that read only shapes (no token, no tensor value)."""
+    from dataflow.train.sample_checks import length_problem as shapes_only
+
+    return shapes_only(tensors, max_length)
+
+
 def checked_sample(
-    task_id: str, tensors: Mapping[str, torch.Tensor], info: TargetInfo
+    task_id: str,
+    tensors: Mapping[str, torch.Tensor],
+    info: TargetInfo,
+    *,
+    known_finite: bool = False,
 ) -> CapturedSample:
-    """A :class:`CapturedSample` after :func:`check_features` against this target's specs."""
+    """A :class:`CapturedSample` after :func:`check_features` against this target's specs
+    (``known_finite`` as there), marked ``values_checked``.
+    """
     num_tokens = int(tensors["input_ids"].shape[-1]) if "input_ids" in tensors else 0
-    check_features(task_id, tensors, eagle3_feature_specs(info, num_tokens))
-    return CapturedSample(task_id, {name: tensors[name] for name in FEATURE_NAMES})
+    check_features(
+        task_id, tensors, eagle3_feature_specs(info, num_tokens), known_finite=known_finite
+    )
+    return CapturedSample(
+        task_id, {name: tensors[name] for name in FEATURE_NAMES}, values_checked=True
+    )

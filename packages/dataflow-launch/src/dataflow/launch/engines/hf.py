@@ -26,7 +26,12 @@ import torch
 from dataflow.contracts import FeatureSpec, InvalidInputError, PromptTask
 from dataflow.launch.config import TargetSection
 from dataflow.launch.engines.base import CapturedSample, Regeneration, TargetHead, TargetInfo
-from dataflow.launch.engines.features import checked_sample, eagle3_feature_specs, torch_dtype_name
+from dataflow.launch.engines.features import (
+    batch_finite,
+    checked_sample,
+    eagle3_feature_specs,
+    torch_dtype_name,
+)
 from dataflow.launch.engines.generate import eos_token_ids, generate_tokens, task_seed
 from dataflow.launch.engines.layers import resolve_aux_layer_ids
 from dataflow.launch.engines.payload import encode_payload
@@ -189,6 +194,9 @@ class HFTargetEngine:
                 hook.remove()
         last = out.last_hidden_state.to("cpu")
         aux = torch.cat([captured[k].to("cpu") for k in self._info.aux_layer_ids], dim=-1)
+        # One finiteness reduction per batch (padding included: finite there too, or each
+        # sample is scanned on its own below) instead of one scan per sample and feature.
+        finite = batch_finite(last, aux)
         samples = []
         for row, (task, (tokens, mask)) in enumerate(zip(tasks, encoded, strict=True)):
             n = len(tokens)
@@ -198,7 +206,7 @@ class HFTargetEngine:
                 "hidden_state": last[row : row + 1, :n].clone(),
                 "aux_hidden_state": aux[row : row + 1, :n].clone(),
             }
-            samples.append(checked_sample(task.task_id, tensors, self._info))
+            samples.append(checked_sample(task.task_id, tensors, self._info, known_finite=finite))
         return samples
 
     @staticmethod

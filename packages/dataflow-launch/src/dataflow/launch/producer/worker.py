@@ -44,7 +44,7 @@ from dataflow.contracts.states import clip_reason
 from dataflow.control.flow import Admission
 from dataflow.control.producer import ProducerSide
 from dataflow.launch.engines import CapturedSample, TargetEngine
-from dataflow.launch.engines.features import BadFeatureValuesError, value_problem
+from dataflow.launch.engines.features import BadFeatureValuesError, length_problem, value_problem
 from dataflow.launch.producer.report import WorkerReport
 from dataflow.launch.producer.settings import ProducerSettings
 
@@ -185,8 +185,14 @@ class RolloutWorker:
                     for rest_task, rest in zip(tasks[index:], samples[index:], strict=True):
                         self._discard_staged(rest_task, rest)
                     break  # unfinished leases are handed back by run(); the put ones commit
-                problem = value_problem(sample.tensors, self._settings.max_length)
                 limit = self._settings.max_length
+                # An engine's checked sample had its values read already; only the run's
+                # max_length is new here (shapes only).
+                problem = (
+                    length_problem(sample.tensors, limit)
+                    if sample.values_checked
+                    else value_problem(sample.tensors, limit)
+                )
                 if sample.written is not None and limit is not None and sample.num_tokens > limit:
                     # Server-written features: their length is known from the specs (their
                     # values are checked by the trainer's loader, which reads them).
