@@ -33,13 +33,8 @@ from dataflow.contracts.prompt import PromptTask
 from dataflow.contracts.states import PromptState, SampleState
 from dataflow.contracts.weights import WeightVersion
 from dataflow.control.ledger._meta import RunMeta
-from dataflow.control.ledger._serial import (
-    decode_checked_ref,
-    decode_record,
-    encode_record,
-    encode_ref,
-    ref_crc,
-)
+from dataflow.control.ledger._packed import pack_ref, read_ref
+from dataflow.control.ledger._serial import decode_record, encode_record, ref_crc
 from dataflow.control.ledger._sqlite_schema import (
     PROMPT_CODES,
     SAMPLE_CODES,
@@ -214,7 +209,7 @@ class _SQLiteTx(LedgerTx):
             texts.update((sid, (text, crc)) for sid, text, crc in self._in(sql, missing))
         path = self._path
         return {
-            sid: decode_checked_ref(text, crc, sid, f"{path} sample {sid!r}")
+            sid: read_ref(text, crc, sid, f"{path} sample {sid!r}")
             for sid, (text, crc) in texts.items()
         }
 
@@ -268,7 +263,7 @@ class _SQLiteTx(LedgerTx):
                 for r in rows
             ],
         )  # fmt: skip
-        texts = [(r.seq, encode_ref(ref)) for r, ref in zip(rows, refs, strict=True)]
+        texts = [(r.seq, pack_ref(ref)) for r, ref in zip(rows, refs, strict=True)]
         self._c.executemany(
             "INSERT INTO sample_refs (seq, ref, crc) VALUES (?, ?, ?)",
             [(seq, text, ref_crc(text)) for seq, text in texts],
