@@ -46,23 +46,29 @@ def ref_bytes(ref: SampleRef) -> int:
 
 def _apply(tx: LedgerTx, changes: Sequence[SampleChange]) -> None:
     """Write sample changes with the counters they imply (state counts, in-flight bytes)."""
-    moves: Counter[tuple[SampleState, SampleState]] = Counter()
-    in_flight = 0
+    # Per (old, new) move: how many rows and their bytes (plain dicts: this runs per row).
+    moves: dict[tuple[SampleState, SampleState], list[int]] = {}
     dropped: Counter[str] = Counter()
     for old, row in changes:
         new = row.state
         if old is new:
             continue
-        moves[old, new] += 1
-        was, now = old in _IN_FLIGHT, new in _IN_FLIGHT
-        if was != now:
-            in_flight += row.nbytes if now else -row.nbytes
+        move = moves.get((old, new))
+        if move is None:
+            moves[old, new] = [1, row.nbytes]
+        else:
+            move[0] += 1
+            move[1] += row.nbytes
         if new is DROPPED:
             dropped[row.reason] += 1
     deltas: Counter[str] = Counter()
-    for (old, new), count in moves.items():
+    in_flight = 0
+    for (old, new), (count, nbytes) in moves.items():
         deltas[sample_counter(old)] -= count
         deltas[sample_counter(new)] += count
+        was, now = old in _IN_FLIGHT, new in _IN_FLIGHT
+        if was != now:
+            in_flight += nbytes if now else -nbytes
     if in_flight:
         deltas[IN_FLIGHT_BYTES] += in_flight
     for reason, count in dropped.items():
@@ -184,7 +190,7 @@ def assign_window(tx: LedgerTx, dp_size: int, per_rank: int) -> Window | None:
 
 def assigned(tx: LedgerTx, rank: int, after_window: int) -> list[SampleRef]:
     """A rank's ASSIGNED refs in windows after ``after_window``, in window and commit order."""
-    return _ordered_refs(tx, tx.assigned_rows(rank, after_window))
+    return tx.assigned_refs(rank, after_window)
 
 
 def committed(tx: LedgerTx, limit: int) -> list[SampleRef]:

@@ -104,6 +104,14 @@ class LedgerTx(abc.ABC):
     def assigned_rows(self, rank: int, after_window: int) -> list[SampleRow]:
         """ASSIGNED rows of ``rank`` in windows after ``after_window``, by window then seq."""
 
+    def assigned_refs(self, rank: int, after_window: int) -> list[SampleRef]:
+        """The refs of ``assigned_rows(rank, after_window)``, in that order (a backend may read
+        them with the rows).
+        """
+        rows = self.assigned_rows(rank, after_window)
+        refs = self.refs([row.sample_id for row in rows])
+        return [refs[row.sample_id] for row in rows]
+
     @abc.abstractmethod
     def refs(self, sample_ids: Sequence[str]) -> dict[str, SampleRef]:
         """The committed refs of the known ids among ``sample_ids``."""

@@ -61,7 +61,6 @@ SAMPLE_STATES = {code: state for state, code in SAMPLE_CODES.items()}
 PROMPT_STATES = {code: state for state, code in PROMPT_CODES.items()}
 _CHUNK = 500  # ids per IN (...) list, well under SQLite's variable limit
 _SAMPLE_COLUMNS = "id, seq, state, rank, win, step, reason, nbytes"
-_SAMPLE_COLUMNS_S = ", ".join(f"s.{name}" for name in _SAMPLE_COLUMNS.split(", "))
 _PROMPT_COLUMNS = "id, seq, state, attempt, worker, deadline, reason"
 
 
@@ -103,9 +102,6 @@ class _SQLiteTx(LedgerTx):
         self._cache = cache
         self._values: dict[str, str] | None = None
         self.meta_written: dict[str, str] = {}
-        # Ref texts and CRCs already read in this transaction (assigned_rows reads them with
-        # the rows), so the refs() that follows needs no second query.
-        self._texts: dict[str, tuple[str, int | None]] = {}
 
     def _in(self, sql: str, ids: Sequence[str]) -> list[tuple[Any, ...]]:
         # Fetched whole (never a lazy generator): a row that fails to decode must not leave a
@@ -185,32 +181,35 @@ class _SQLiteTx(LedgerTx):
 
     def assigned_rows(self, rank: int, after_window: int) -> list[SampleRow]:
         sql = (
-            f"SELECT {_SAMPLE_COLUMNS_S}, r.ref, r.crc FROM samples AS s "
-            "INDEXED BY samples_assigned "
+            f"SELECT {_SAMPLE_COLUMNS} FROM samples INDEXED BY samples_assigned "
+            f"WHERE state = {SAMPLE_CODES[SampleState.ASSIGNED]} AND rank = ? AND win > ? "
+            "ORDER BY win, seq"
+        )
+        return [_sample(row) for row in self._c.execute(sql, (rank, after_window)).fetchall()]
+
+    def assigned_refs(self, rank: int, after_window: int) -> list[SampleRef]:
+        # The texts with the rows, in one query, and no SampleRow built (dispatch's hot path).
+        sql = (
+            "SELECT s.id, r.ref, r.crc FROM samples AS s INDEXED BY samples_assigned "
             "JOIN sample_refs AS r ON r.seq = s.seq "
             f"WHERE s.state = {SAMPLE_CODES[SampleState.ASSIGNED]} AND s.rank = ? AND s.win > ? "
             "ORDER BY s.win, s.seq"
         )
-        rows = []
-        texts = self._texts
-        for row in self._c.execute(sql, (rank, after_window)):
-            rows.append(_sample(row[:-2]))
-            texts[row[0]] = (row[-2], row[-1])
-        return rows
+        path = self._path
+        return [
+            read_ref(text, crc, sid, f"{path} sample {sid!r}")
+            for sid, text, crc in self._c.execute(sql, (rank, after_window)).fetchall()
+        ]
 
     def refs(self, sample_ids: Sequence[str]) -> dict[str, SampleRef]:
-        texts = {sid: self._texts[sid] for sid in sample_ids if sid in self._texts}
-        missing = [sid for sid in sample_ids if sid not in texts]
-        if missing:
-            sql = (
-                "SELECT s.id, r.ref, r.crc FROM samples AS s "
-                "JOIN sample_refs AS r ON r.seq = s.seq WHERE s.id IN ({})"
-            )
-            texts.update((sid, (text, crc)) for sid, text, crc in self._in(sql, missing))
+        sql = (
+            "SELECT s.id, r.ref, r.crc FROM samples AS s "
+            "JOIN sample_refs AS r ON r.seq = s.seq WHERE s.id IN ({})"
+        )
         path = self._path
         return {
             sid: read_ref(text, crc, sid, f"{path} sample {sid!r}")
-            for sid, (text, crc) in texts.items()
+            for sid, text, crc in self._in(sql, sample_ids)
         }
 
     def prompts(self, task_ids: Sequence[str]) -> dict[str, PromptRow]:
