@@ -187,6 +187,35 @@ class _SQLiteTx(LedgerTx):
         )
         return [_sample(row) for row in self._c.execute(sql, (rank, after_window)).fetchall()]
 
+    def assign_oldest(self, quantum: int, per_rank: int, window_id: int) -> list[str] | None:
+        committed = SAMPLE_CODES[SampleState.COMMITTED]
+        rows = self._c.execute(
+            "SELECT seq, id FROM samples WHERE state = ? ORDER BY seq LIMIT ?", (committed, quantum)
+        ).fetchall()
+        if len(rows) < quantum:
+            return None
+        # These are the oldest COMMITTED rows, so every COMMITTED row between a rank's first and
+        # last seq is one of that rank's: one range UPDATE per rank, no seq list to bind.
+        for rank, start in enumerate(range(0, quantum, per_rank)):
+            changed = self._c.execute(
+                "UPDATE samples SET state = ?, rank = ?, win = ? "
+                "WHERE state = ? AND seq BETWEEN ? AND ?",
+                (
+                    SAMPLE_CODES[SampleState.ASSIGNED],
+                    rank,
+                    window_id,
+                    committed,
+                    rows[start][0],
+                    rows[start + per_rank - 1][0],
+                ),
+            ).rowcount
+            if changed != per_rank:  # cannot happen inside this transaction; never half-written
+                raise CorruptRecordError(
+                    f"{self._path}: window {window_id} rank {rank} assigned {changed} rows, "
+                    f"not {per_rank}"
+                )
+        return [sid for _, sid in rows]
+
     def assigned_refs(self, rank: int, after_window: int) -> list[SampleRef]:
         # The texts with the rows, in one query, and no SampleRow built (dispatch's hot path).
         sql = (
