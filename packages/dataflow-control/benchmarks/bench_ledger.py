@@ -8,8 +8,8 @@ and ``ack`` (one call per window). Two raw ``sqlite3`` baselines run in the same
 same disk, one transaction per window, with the same pragmas (WAL, synchronous=FULL):
 
 - ``raw-same-rows``: what a hand-written sqlite3 ledger does with the same rows: each ref
-  encoded to the same text when committed and decoded back to a SampleRef when dispatched,
-  but no validation, no transition rules, no counters.
+  encoded to the same text the ledger stores (its packed form) when committed and decoded
+  back to a SampleRef (validated) when dispatched, but no transition rules, no counters.
 - ``raw-sql-only``: the database floor: pre-encoded text in, text out.
 
 Each measurement is repeated and each phase's best time kept (the machine is shared; the best
@@ -33,7 +33,7 @@ from typing import Any
 
 from dataflow.contracts import FeatureSpec, Ledger, SampleRef
 from dataflow.control.ledger import open_ledger
-from dataflow.control.ledger._serial import decode_ref, encode_ref
+from dataflow.control.ledger._packed import pack_ref, unpack_ref
 
 DP_SIZE = 2
 TARGETS = {
@@ -153,14 +153,14 @@ def run_raw(path: Path, refs: list[SampleRef], window: int, same_rows: bool) -> 
     conn.execute("PRAGMA synchronous = FULL")
     for statement in _RAW_SCHEMA:
         conn.execute(statement)
-    pre_encoded = None if same_rows else [encode_ref(ref) for ref in refs]
+    pre_encoded = None if same_rows else [pack_ref(ref) for ref in refs]
     windows: list[list[str]] = []
 
     def commit() -> None:
         for start in range(0, len(refs), window):
             batch = refs[start : start + window]
             texts = (
-                [encode_ref(ref) for ref in batch]
+                [pack_ref(ref) for ref in batch]
                 if pre_encoded is None
                 else pre_encoded[start : start + window]
             )
@@ -189,7 +189,7 @@ def run_raw(path: Path, refs: list[SampleRef], window: int, same_rows: bool) -> 
             window_only["wall"] += time.perf_counter() - wall
             window_only["cpu"] += time.process_time() - cpu
             if same_rows:
-                [decode_ref(row[2], "raw") for row in rows]
+                [unpack_ref(row[2], "raw") for row in rows]
             windows.append([row[1] for row in rows])
 
     def ack() -> None:

@@ -317,6 +317,26 @@ class LedgerConformance:
             "dropped": 0,
         }
 
+    def test_a_window_skips_samples_no_longer_committed_between_its_own(self, run: Ledger) -> None:
+        # Dropped and assigned samples sit between the committed ones in commit order: a window
+        # takes the oldest committed only, and each rank gets its own in commit order.
+        run.commit(make_refs(0, 10))
+        run.drop(["s00001", "s00004"], "bad")
+        w0 = run.assign_window(2, 2)
+        assert w0 is not None
+        assert w0.assignments == (("s00000", "s00002"), ("s00003", "s00005"))
+        run.drop(["s00007"], "bad")
+        assert run.assign_window(2, 2) is None  # s00006, s00008, s00009: three left
+        run.commit(make_refs(10, 1))
+        w1 = run.assign_window(2, 2)
+        assert w1 is not None
+        assert w1.assignments == (("s00006", "s00008"), ("s00009", "s00010"))
+        assert ids(run.assigned(0)) == ["s00000", "s00002", "s00006", "s00008"]
+        assert ids(run.assigned(1, after_window=w0.window_id)) == ["s00009", "s00010"]
+        status = run.status()
+        assert status.samples["assigned"] == 8 and status.samples["committed"] == 0
+        assert status.samples["dropped"] == 3
+
     def test_window_shape_must_match_the_quantum(self, run: Ledger) -> None:
         run.commit(make_refs(0, 8))
         with pytest.raises(InvalidInputError, match="differs from the run's quantum 4"):

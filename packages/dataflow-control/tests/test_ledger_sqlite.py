@@ -7,7 +7,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from ledger_conformance import LedgerConformance, make_ref, make_refs
+from ledger_conformance import LedgerConformance, ids, make_ref, make_refs
 
 from dataflow.contracts import (
     BackendUnavailableError,
@@ -15,6 +15,7 @@ from dataflow.contracts import (
     InvalidInputError,
     LedgerConflictError,
     ProducerState,
+    SchemaVersionError,
 )
 from dataflow.control.ledger import open_ledger
 
@@ -32,7 +33,7 @@ def test_pragmas_wal_and_full_sync(tmp_path: Path) -> None:
     conn = sqlite3.connect(tmp_path / "l.db")
     assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert conn.execute("SELECT name, version FROM ledger_schema").fetchall() == [
-        ("dataflow-ledger", 3)
+        ("dataflow-ledger", 4)
     ]
     conn.close()
 
@@ -104,7 +105,7 @@ def test_a_schema_1_file_is_read_read_only_and_upgraded_when_opened_to_write(
     assert ledger.status().samples["assigned"] == 2 and ledger.status().in_flight == 3
     ledger.close()
     conn = sqlite3.connect(path)
-    assert conn.execute("SELECT version FROM ledger_schema").fetchone() == (3,)
+    assert conn.execute("SELECT version FROM ledger_schema").fetchone() == (4,)
     columns = [row[1] for row in conn.execute("PRAGMA table_info(samples)")]
     assert "ref" not in columns
     # The upgraded rows have no CRC (validated in full when read); the new commit has one.
@@ -139,10 +140,62 @@ def test_a_schema_2_file_is_read_read_only_and_upgraded_when_opened_to_write(
     assert ledger.refs([make_ref(5).sample_id]) == [make_ref(5, run="old")]
     ledger.close()
     conn = sqlite3.connect(path)
-    assert conn.execute("SELECT version FROM ledger_schema").fetchone() == (3,)
+    assert conn.execute("SELECT version FROM ledger_schema").fetchone() == (4,)
     crcs = conn.execute("SELECT crc FROM sample_refs ORDER BY seq").fetchall()
     assert crcs[:2] == [(None,), (None,)] and isinstance(crcs[2][0], int)
     conn.close()
+
+
+def _as_schema_3(path: Path) -> None:
+    """Rewrite a closed ledger file as schema 3 wrote it: each ref as the codec's JSON object."""
+    from dataflow.control.ledger._packed import unpack_ref
+    from dataflow.control.ledger._serial import encode_ref, ref_crc
+
+    conn = sqlite3.connect(path)
+    rows = conn.execute("SELECT seq, ref FROM sample_refs").fetchall()
+    texts = [(seq, encode_ref(unpack_ref(text, "test"))) for seq, text in rows]
+    conn.executemany(
+        "UPDATE sample_refs SET ref = ?, crc = ? WHERE seq = ?",
+        [(text, ref_crc(text), seq) for seq, text in texts],
+    )
+    conn.execute("UPDATE ledger_schema SET version = 3")
+    conn.commit()
+    conn.close()
+
+
+def test_a_schema_3_file_reads_its_object_texts_and_packs_new_commits(tmp_path: Path) -> None:
+    path = tmp_path / "v3.db"
+    ledger = open_ledger(f"sqlite://{path}")
+    ledger.open_run("old", 2, resume=False)
+    refs = make_refs(0, 4, run="old")
+    ledger.commit(refs)
+    assert ledger.assign_window(1, 2) is not None
+    ledger.close()
+    _as_schema_3(path)
+    reader = open_ledger(f"sqlite://{path}", read_only=True)
+    assert reader.refs(ids(refs)) == refs and reader.assigned(0) == refs[:2]
+    reader.close()
+    ledger = open_ledger(f"sqlite://{path}")
+    assert ledger.refs(ids(refs)) == refs
+    ledger.commit([make_ref(5, run="old")])
+    assert ledger.committed(10) == [*refs[2:], make_ref(5, run="old")]
+    ledger.close()
+    conn = sqlite3.connect(path)
+    assert conn.execute("SELECT version FROM ledger_schema").fetchone() == (4,)
+    texts = [row[0] for row in conn.execute("SELECT ref FROM sample_refs ORDER BY seq")]
+    assert [text[0] for text in texts] == ["{"] * 4 + ["["]  # old rows kept, the new one packed
+    conn.close()
+
+
+def test_a_newer_schema_is_refused_by_this_code(tmp_path: Path) -> None:
+    path = tmp_path / "v5.db"
+    open_ledger(f"sqlite://{path}").close()
+    conn = sqlite3.connect(path)
+    conn.execute("UPDATE ledger_schema SET version = 5")
+    conn.commit()
+    conn.close()
+    with pytest.raises(SchemaVersionError, match="schema 5, newer than the 4"):
+        open_ledger(f"sqlite://{path}")
 
 
 def _alter_ref_text(path: Path, sample_id: str, edit: Callable[[str], str]) -> None:
@@ -162,25 +215,35 @@ def _alter_ref_text(path: Path, sample_id: str, edit: Callable[[str], str]) -> N
 
 
 @pytest.mark.parametrize(
-    "edit",
+    ("schema", "edit"),
     [
-        lambda text: text.replace('"estimated_bytes":100', '"estimated_bytes":101'),
-        lambda text: text.replace('"target_version":"unknown"', '"target_version":"other"'),
-        lambda text: text.replace('"metadata":{"i":1}', '"metadata":{"i":2}'),
+        (4, lambda text: text.replace(",100,4,", ",101,4,")),
+        (4, lambda text: text.replace('"unknown"', '"other"')),
+        (4, lambda text: text.replace('{"i":1}', '{"i":2}')),
+        (3, lambda text: text.replace('"estimated_bytes":100', '"estimated_bytes":101')),
+        (3, lambda text: text.replace('"target_version":"unknown"', '"target_version":"other"')),
+        (3, lambda text: text.replace('"metadata":{"i":1}', '"metadata":{"i":2}')),
     ],
-    ids=["estimated_bytes", "target_version", "metadata"],
+    ids=[
+        f"{form}-{field}"
+        for form in ("packed", "object")
+        for field in ("estimated_bytes", "target_version", "metadata")
+    ],
 )
 def test_a_ref_text_altered_after_commit_fails_its_checksum(
-    tmp_path: Path, edit: Callable[[str], str]
+    tmp_path: Path, schema: int, edit: Callable[[str], str]
 ) -> None:
     # Valid JSON and a valid-looking ref, but not what was committed: refused, naming the row,
     # on every read path (by id, a rank's window, the committed list); other rows still read.
+    # Both stored forms: packed (schema 4) and the codec's object (rows from schema 3).
     path = tmp_path / "l.db"
     ledger = open_ledger(f"sqlite://{path}")
     ledger.open_run("run-1", 2, resume=False)
     refs = make_refs(0, 4, run="run-1")
     ledger.commit(refs)
     ledger.close()
+    if schema == 3:
+        _as_schema_3(path)
     victim = refs[1].sample_id
     _alter_ref_text(path, victim, edit)
     ledger = open_ledger(f"sqlite://{path}")

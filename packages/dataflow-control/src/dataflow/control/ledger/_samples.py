@@ -46,23 +46,29 @@ def ref_bytes(ref: SampleRef) -> int:
 
 def _apply(tx: LedgerTx, changes: Sequence[SampleChange]) -> None:
     """Write sample changes with the counters they imply (state counts, in-flight bytes)."""
-    moves: Counter[tuple[SampleState, SampleState]] = Counter()
-    in_flight = 0
+    # Per (old, new) move: how many rows and their bytes (plain dicts: this runs per row).
+    moves: dict[tuple[SampleState, SampleState], list[int]] = {}
     dropped: Counter[str] = Counter()
     for old, row in changes:
         new = row.state
         if old is new:
             continue
-        moves[old, new] += 1
-        was, now = old in _IN_FLIGHT, new in _IN_FLIGHT
-        if was != now:
-            in_flight += row.nbytes if now else -row.nbytes
+        move = moves.get((old, new))
+        if move is None:
+            moves[old, new] = [1, row.nbytes]
+        else:
+            move[0] += 1
+            move[1] += row.nbytes
         if new is DROPPED:
             dropped[row.reason] += 1
     deltas: Counter[str] = Counter()
-    for (old, new), count in moves.items():
+    in_flight = 0
+    for (old, new), (count, nbytes) in moves.items():
         deltas[sample_counter(old)] -= count
         deltas[sample_counter(new)] += count
+        was, now = old in _IN_FLIGHT, new in _IN_FLIGHT
+        if was != now:
+            in_flight += nbytes if now else -nbytes
     if in_flight:
         deltas[IN_FLIGHT_BYTES] += in_flight
     for reason, count in dropped.items():
@@ -164,18 +170,13 @@ def assign_window(tx: LedgerTx, dp_size: int, per_rank: int) -> Window | None:
     """Assign the oldest quantum of COMMITTED samples as one window, or return None."""
     meta = tx.run_meta()
     check_window_shape(dp_size, per_rank, meta.quantum)
-    rows = tx.samples_in(COMMITTED, limit=meta.quantum)
-    if len(rows) < meta.quantum:
-        return None
     window_id = meta.next_window
-    # Rows built directly (not ``_replace``, which is several times slower per row).
-    changes: list[SampleChange] = [
-        (COMMITTED, SampleRow(sid, seq, ASSIGNED, i // per_rank, window_id, step, reason, nbytes))
-        for i, (sid, seq, _, _, _, step, reason, nbytes) in enumerate(rows)
-    ]
-    _apply(tx, changes)
+    ids = tx.assign_oldest(meta.quantum, per_rank, window_id)
+    if ids is None:
+        return None
+    # What _apply would count: COMMITTED and ASSIGNED are both in flight, so no bytes move.
+    tx.add_counters({sample_counter(COMMITTED): -len(ids), sample_counter(ASSIGNED): len(ids)})
     tx.set_meta(meta.changes(next_window=window_id + 1)[1])
-    ids = [row.sample_id for row in rows]
     return Window(
         window_id=window_id,
         assignments=tuple(tuple(ids[r * per_rank : (r + 1) * per_rank]) for r in range(dp_size)),
@@ -184,7 +185,7 @@ def assign_window(tx: LedgerTx, dp_size: int, per_rank: int) -> Window | None:
 
 def assigned(tx: LedgerTx, rank: int, after_window: int) -> list[SampleRef]:
     """A rank's ASSIGNED refs in windows after ``after_window``, in window and commit order."""
-    return _ordered_refs(tx, tx.assigned_rows(rank, after_window))
+    return tx.assigned_refs(rank, after_window)
 
 
 def committed(tx: LedgerTx, limit: int) -> list[SampleRef]:

@@ -25,9 +25,14 @@ from dataflow.contracts.codec import SCHEMA_VERSIONS, dumps, loads
 from dataflow.contracts.errors import CorruptRecordError, DataflowError
 from dataflow.contracts.features import FeatureSpec, SampleRef
 
+try:
+    import orjson
+except ImportError:  # pragma: no cover - a declared dependency; the stdlib gives equal texts
+    orjson = None  # type: ignore[assignment]
+
 R = TypeVar("R")
 
-_REF_VERSION = SCHEMA_VERSIONS["SampleRef"]
+REF_VERSION = SCHEMA_VERSIONS["SampleRef"]
 _SPEC_VERSION = SCHEMA_VERSIONS["FeatureSpec"]
 _REF_FIELDS = frozenset(
     {
@@ -51,27 +56,40 @@ _REF_FIELDS = frozenset(
 )
 
 
-_SCALARS = frozenset({str, int, float, bool, type(None)})
+SCALARS = frozenset({str, int, float, bool, type(None)})
 _ENCODER = json.JSONEncoder(separators=(",", ":"), allow_nan=False)
 
 
-def _thaw(value: Any) -> Any:
+def thaw(value: Any) -> Any:
+    """A frozen JSON value as json takes it (tuples to lists, mappings to dicts)."""
     kind = type(value)
-    if kind in _SCALARS:
+    if kind in SCALARS:
         return value
     if kind is tuple:
-        return [_thaw(child) for child in value]
+        return [thaw(child) for child in value]
     if isinstance(value, Mapping):
-        return {key: _thaw(child) for key, child in value.items()}
+        return {key: thaw(child) for key, child in value.items()}
     return value
+
+
+def encode_json(data: Any) -> str:
+    """Compact JSON text of plain values (no NaN: validated records hold none)."""
+    # orjson writes the same JSON values several times faster (UTF-8 where json escapes to
+    # ASCII); what it refuses (an int beyond 64 bits) goes through json, which takes it.
+    if orjson is not None:
+        try:
+            return orjson.dumps(data).decode()
+        except TypeError:  # orjson.JSONEncodeError
+            pass
+    return _ENCODER.encode(data)
 
 
 def encode_ref(ref: SampleRef) -> str:
     """The codec's JSON text of ``ref`` (same fields and values), built directly."""
-    return _ENCODER.encode(
+    return encode_json(
         {
             "kind": "SampleRef",
-            "v": _REF_VERSION,
+            "v": REF_VERSION,
             "sample_id": ref.sample_id,
             "store_uri": ref.store_uri,
             # SampleRef froze these to FrozenDicts, tuples and scalars: json takes them as they are.
@@ -89,7 +107,7 @@ def encode_ref(ref: SampleRef) -> str:
             "num_tokens": ref.num_tokens,
             "target_version": ref.target_version,
             "draft_weight_version": ref.draft_weight_version,
-            "metadata": meta if type(meta := ref.metadata) is FrozenDict else _thaw(meta),
+            "metadata": meta if type(meta := ref.metadata) is FrozenDict else thaw(meta),
         }
     )
 
@@ -125,7 +143,7 @@ def decode_ref(text: str, where: str) -> SampleRef:
     """Rebuild a stored ref; ``where`` names the row in the error if it does not decode."""
     try:
         data = json.loads(text)
-        if type(data) is dict and data.get("v") == _REF_VERSION and set(data) == _REF_FIELDS:
+        if type(data) is dict and data.get("v") == REF_VERSION and set(data) == _REF_FIELDS:
             specs = data["feature_specs"]
             if type(specs) is not dict:
                 raise TypeError("feature_specs is not an object")
@@ -150,7 +168,19 @@ def decode_record(text: str, kind: type[R], where: str) -> R:
         raise CorruptRecordError(f"{where}: stored record does not decode ({exc})") from None
 
 
-_DECODE = json.JSONDecoder().decode
+_STDLIB_DECODE = json.JSONDecoder().decode
+
+
+def decode_json(text: str) -> Any:
+    """``json.loads`` of text this ledger wrote, through orjson where it takes it (it refuses
+    ints beyond 64 bits, which json reads).
+    """
+    if orjson is not None:
+        try:
+            return orjson.loads(text)
+        except ValueError:  # orjson.JSONDecodeError
+            pass
+    return _STDLIB_DECODE(text)
 
 
 def ref_crc(text: str) -> int:
@@ -158,20 +188,20 @@ def ref_crc(text: str) -> int:
     return zlib.crc32(text.encode())
 
 
-def _frozen(value: Any) -> Any:
+def freeze_parsed(value: Any) -> Any:
     """A parsed JSON value deep-frozen as ``freeze_json`` would (objects to FrozenDicts, arrays
     to tuples), for values parsed from verified text: nothing to validate.
     """
     kind = type(value)
     if kind is dict:
-        return FrozenDict({key: _frozen(child) for key, child in value.items()})
+        return FrozenDict({key: freeze_parsed(child) for key, child in value.items()})
     if kind is list:
-        return tuple(_frozen(child) for child in value)
+        return tuple(freeze_parsed(child) for child in value)
     return value
 
 
-def _checked_spec(body: dict[str, Any]) -> FeatureSpec:
-    name, shape, dtype = body["name"], body["shape"], body["dtype"]
+def checked_spec(name: str, shape: Any, dtype: str) -> FeatureSpec:
+    """The FeatureSpec of values read from verified text (shared as ``_spec`` shares them)."""
     key = (name, dtype, *shape)
     spec = _SPEC_MEMO.get(key)
     if spec is None:
@@ -196,22 +226,25 @@ def decode_checked_ref(text: str, crc: int | None, sample_id: str, where: str) -
                 f"{where}: stored ref fails its checksum (the text changed after commit)"
             )
         try:
-            data = _DECODE(text)
+            data = decode_json(text)
             if not (
                 type(data) is dict
                 and data.get("kind") == "SampleRef"
-                and data.get("v") == _REF_VERSION
+                and data.get("v") == REF_VERSION
                 and data.keys() == _REF_FIELDS
             ):
                 raise ValueError("not this ledger's SampleRef encoding")
             del data["kind"], data["v"]
             data["feature_keys"] = FrozenDict(data["feature_keys"])
             data["feature_specs"] = FrozenDict(
-                {name: _checked_spec(body) for name, body in data["feature_specs"].items()}
+                {
+                    name: checked_spec(body["name"], body["shape"], body["dtype"])
+                    for name, body in data["feature_specs"].items()
+                }
             )
             metadata = data["metadata"]
-            flat = all(type(value) in _SCALARS for value in metadata.values())
-            data["metadata"] = FrozenDict(metadata) if flat else _frozen(metadata)
+            flat = all(type(value) in SCALARS for value in metadata.values())
+            data["metadata"] = FrozenDict(metadata) if flat else freeze_parsed(metadata)
             ref = SampleRef.from_validated(**data)
         except (ValueError, TypeError, KeyError, AttributeError) as exc:
             raise CorruptRecordError(f"{where}: stored ref does not decode ({exc})") from None

@@ -10,8 +10,12 @@ from dataflow.contracts.errors import CorruptRecordError, InvalidInputError, Sch
 from dataflow.contracts.states import PromptState, SampleState
 
 SCHEMA_NAME = "dataflow-ledger"
-SCHEMA_VERSION = 3
-"""3: ``sample_refs.crc`` holds the CRC-32 of the ref text written at commit (from a ref the
+SCHEMA_VERSION = 4
+"""4: a ref committed from now on is stored packed (``_packed``: its values as a JSON array,
+about half the text of the codec's object); rows written before keep their object text and
+read as they did, so the upgrade only records the version (older code refuses the file
+instead of misreading packed rows);
+3: ``sample_refs.crc`` holds the CRC-32 of the ref text written at commit (from a ref the
 ledger validated), so a read that finds it intact rebuilds the ref without re-validating it;
 2: a ref's text lives in ``sample_refs`` beside its row, so the state changes of dispatch and
 ack rewrite a few small columns instead of the whole ~0.7 KB record (1: the text inline).
@@ -140,6 +144,8 @@ def upgrade(conn: sqlite3.Connection, version: int) -> None:
     if version <= 2:
         for statement in _UPGRADE_FROM_2:
             conn.execute(statement)
+    # 3 -> 4 changes no table: the decoder tells packed text from object text by its first
+    # character.
     conn.execute(
         "UPDATE ledger_schema SET version = ? WHERE name = ?", (SCHEMA_VERSION, SCHEMA_NAME)
     )

@@ -104,6 +104,36 @@ class LedgerTx(abc.ABC):
     def assigned_rows(self, rank: int, after_window: int) -> list[SampleRow]:
         """ASSIGNED rows of ``rank`` in windows after ``after_window``, by window then seq."""
 
+    def assign_oldest(self, quantum: int, per_rank: int, window_id: int) -> list[str] | None:
+        """Make the oldest ``quantum`` COMMITTED samples ASSIGNED in window ``window_id``, the
+        i-th in commit order to rank ``i // per_rank``, and return their ids in that order; or
+        write nothing and return None when fewer than ``quantum`` are COMMITTED. The state
+        counters are the caller's to write. A backend may do it without reading the rows.
+        """
+        rows = self.samples_in(SampleState.COMMITTED, limit=quantum)
+        if len(rows) < quantum:
+            return None
+        # Rows built directly (not ``_replace``, which is several times slower per row).
+        changes: list[SampleChange] = [
+            (
+                SampleState.COMMITTED,
+                SampleRow(
+                    sid, seq, SampleState.ASSIGNED, i // per_rank, window_id, step, why, size
+                ),
+            )
+            for i, (sid, seq, _, _, _, step, why, size) in enumerate(rows)
+        ]
+        self.update_samples(changes)
+        return [row.sample_id for row in rows]
+
+    def assigned_refs(self, rank: int, after_window: int) -> list[SampleRef]:
+        """The refs of ``assigned_rows(rank, after_window)``, in that order (a backend may read
+        them with the rows).
+        """
+        rows = self.assigned_rows(rank, after_window)
+        refs = self.refs([row.sample_id for row in rows])
+        return [refs[row.sample_id] for row in rows]
+
     @abc.abstractmethod
     def refs(self, sample_ids: Sequence[str]) -> dict[str, SampleRef]:
         """The committed refs of the known ids among ``sample_ids``."""

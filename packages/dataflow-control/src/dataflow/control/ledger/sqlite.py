@@ -33,13 +33,8 @@ from dataflow.contracts.prompt import PromptTask
 from dataflow.contracts.states import PromptState, SampleState
 from dataflow.contracts.weights import WeightVersion
 from dataflow.control.ledger._meta import RunMeta
-from dataflow.control.ledger._serial import (
-    decode_checked_ref,
-    decode_record,
-    encode_record,
-    encode_ref,
-    ref_crc,
-)
+from dataflow.control.ledger._packed import pack_ref, read_ref
+from dataflow.control.ledger._serial import decode_record, encode_record, ref_crc
 from dataflow.control.ledger._sqlite_schema import (
     PROMPT_CODES,
     SAMPLE_CODES,
@@ -66,7 +61,6 @@ SAMPLE_STATES = {code: state for state, code in SAMPLE_CODES.items()}
 PROMPT_STATES = {code: state for state, code in PROMPT_CODES.items()}
 _CHUNK = 500  # ids per IN (...) list, well under SQLite's variable limit
 _SAMPLE_COLUMNS = "id, seq, state, rank, win, step, reason, nbytes"
-_SAMPLE_COLUMNS_S = ", ".join(f"s.{name}" for name in _SAMPLE_COLUMNS.split(", "))
 _PROMPT_COLUMNS = "id, seq, state, attempt, worker, deadline, reason"
 
 
@@ -108,9 +102,6 @@ class _SQLiteTx(LedgerTx):
         self._cache = cache
         self._values: dict[str, str] | None = None
         self.meta_written: dict[str, str] = {}
-        # Ref texts and CRCs already read in this transaction (assigned_rows reads them with
-        # the rows), so the refs() that follows needs no second query.
-        self._texts: dict[str, tuple[str, int | None]] = {}
 
     def _in(self, sql: str, ids: Sequence[str]) -> list[tuple[Any, ...]]:
         # Fetched whole (never a lazy generator): a row that fails to decode must not leave a
@@ -190,32 +181,64 @@ class _SQLiteTx(LedgerTx):
 
     def assigned_rows(self, rank: int, after_window: int) -> list[SampleRow]:
         sql = (
-            f"SELECT {_SAMPLE_COLUMNS_S}, r.ref, r.crc FROM samples AS s "
-            "INDEXED BY samples_assigned "
+            f"SELECT {_SAMPLE_COLUMNS} FROM samples INDEXED BY samples_assigned "
+            f"WHERE state = {SAMPLE_CODES[SampleState.ASSIGNED]} AND rank = ? AND win > ? "
+            "ORDER BY win, seq"
+        )
+        return [_sample(row) for row in self._c.execute(sql, (rank, after_window)).fetchall()]
+
+    def assign_oldest(self, quantum: int, per_rank: int, window_id: int) -> list[str] | None:
+        committed = SAMPLE_CODES[SampleState.COMMITTED]
+        rows = self._c.execute(
+            "SELECT seq, id FROM samples WHERE state = ? ORDER BY seq LIMIT ?", (committed, quantum)
+        ).fetchall()
+        if len(rows) < quantum:
+            return None
+        # These are the oldest COMMITTED rows, so every COMMITTED row between a rank's first and
+        # last seq is one of that rank's: one range UPDATE per rank, no seq list to bind.
+        for rank, start in enumerate(range(0, quantum, per_rank)):
+            changed = self._c.execute(
+                "UPDATE samples SET state = ?, rank = ?, win = ? "
+                "WHERE state = ? AND seq BETWEEN ? AND ?",
+                (
+                    SAMPLE_CODES[SampleState.ASSIGNED],
+                    rank,
+                    window_id,
+                    committed,
+                    rows[start][0],
+                    rows[start + per_rank - 1][0],
+                ),
+            ).rowcount
+            if changed != per_rank:  # cannot happen inside this transaction; never half-written
+                raise CorruptRecordError(
+                    f"{self._path}: window {window_id} rank {rank} assigned {changed} rows, "
+                    f"not {per_rank}"
+                )
+        return [sid for _, sid in rows]
+
+    def assigned_refs(self, rank: int, after_window: int) -> list[SampleRef]:
+        # The texts with the rows, in one query, and no SampleRow built (dispatch's hot path).
+        sql = (
+            "SELECT s.id, r.ref, r.crc FROM samples AS s INDEXED BY samples_assigned "
             "JOIN sample_refs AS r ON r.seq = s.seq "
             f"WHERE s.state = {SAMPLE_CODES[SampleState.ASSIGNED]} AND s.rank = ? AND s.win > ? "
             "ORDER BY s.win, s.seq"
         )
-        rows = []
-        texts = self._texts
-        for row in self._c.execute(sql, (rank, after_window)):
-            rows.append(_sample(row[:-2]))
-            texts[row[0]] = (row[-2], row[-1])
-        return rows
+        path = self._path
+        return [
+            read_ref(text, crc, sid, f"{path} sample {sid!r}")
+            for sid, text, crc in self._c.execute(sql, (rank, after_window)).fetchall()
+        ]
 
     def refs(self, sample_ids: Sequence[str]) -> dict[str, SampleRef]:
-        texts = {sid: self._texts[sid] for sid in sample_ids if sid in self._texts}
-        missing = [sid for sid in sample_ids if sid not in texts]
-        if missing:
-            sql = (
-                "SELECT s.id, r.ref, r.crc FROM samples AS s "
-                "JOIN sample_refs AS r ON r.seq = s.seq WHERE s.id IN ({})"
-            )
-            texts.update((sid, (text, crc)) for sid, text, crc in self._in(sql, missing))
+        sql = (
+            "SELECT s.id, r.ref, r.crc FROM samples AS s "
+            "JOIN sample_refs AS r ON r.seq = s.seq WHERE s.id IN ({})"
+        )
         path = self._path
         return {
-            sid: decode_checked_ref(text, crc, sid, f"{path} sample {sid!r}")
-            for sid, (text, crc) in texts.items()
+            sid: read_ref(text, crc, sid, f"{path} sample {sid!r}")
+            for sid, text, crc in self._in(sql, sample_ids)
         }
 
     def prompts(self, task_ids: Sequence[str]) -> dict[str, PromptRow]:
@@ -268,7 +291,7 @@ class _SQLiteTx(LedgerTx):
                 for r in rows
             ],
         )  # fmt: skip
-        texts = [(r.seq, encode_ref(ref)) for r, ref in zip(rows, refs, strict=True)]
+        texts = [(r.seq, pack_ref(ref)) for r, ref in zip(rows, refs, strict=True)]
         self._c.executemany(
             "INSERT INTO sample_refs (seq, ref, crc) VALUES (?, ?, ?)",
             [(seq, text, ref_crc(text)) for seq, text in texts],
