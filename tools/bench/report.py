@@ -130,7 +130,8 @@ def _control_targets(control: dict[str, Any] | None) -> list[Target]:
                     )
                     + ")"
                 )
-        out.append(Target(4, f"{name} {relation} {target}", value, bool(v["met"])))
+        issue = 15 if "pipeline" in name or "us/ref" in name else 4  # issue 15 set these two
+        out.append(Target(issue, f"{name} {relation} {target}", value, bool(v["met"])))
     return out
 
 
