@@ -20,6 +20,7 @@ from procs import DEAD
 
 from dataflow.contracts import (
     CapacityExceededError,
+    CorruptRecordError,
     FeatureSpec,
     InvalidInputError,
     NotFoundError,
@@ -239,3 +240,70 @@ def test_unstage_removes_only_that_staged_generation(backend) -> None:
     del got
     producer.gc()
     assert left() == []
+
+
+def test_a_sample_written_in_place_is_adopted_like_a_staged_one(backend) -> None:
+    _, open_, left = backend
+    producer, writer = open_(), open_()
+    tensors = eagle_sample(3, tokens=10, hidden=16)
+    specs = specs_of(tensors)
+    gen = producer.reserve("w1")
+    with writer.stage_writer("w1", gen, specs, steward=steward()) as staged:
+        assert {n: specs_of({n: t})[n] for n, t in staged.tensors.items()} == specs
+        with pytest.raises(NotFoundError):  # nothing is staged before publish
+            producer.staged_tensors("w1", gen, {"input_ids": specs["input_ids"]})
+        for name, tensor in tensors.items():
+            staged.tensors[name].copy_(tensor)
+    ref = producer.adopt("w1", gen, specs, {"num_tokens": 10})
+    consumer = open_()
+    got, handle = consumer.get(ref)
+    for name, tensor in tensors.items():
+        assert same_bits(got[name], tensor), name
+    consumer.release(handle)
+    del got, staged
+    producer.gc()
+    assert left() == []
+
+
+def test_a_failed_or_discarded_in_place_write_stages_nothing(backend) -> None:
+    _, open_, left = backend
+    producer, writer = open_(), open_()
+    tensors = eagle_sample(4, tokens=6, hidden=8)
+    specs = specs_of(tensors)
+    gen = producer.reserve("w2")
+    with pytest.raises(RuntimeError), writer.stage_writer("w2", gen, specs, steward=steward()):
+        raise RuntimeError("the capture failed half-way")
+    with pytest.raises(NotFoundError):
+        producer.adopt("w2", gen, specs)
+    staged = writer.stage_writer("w2", gen, specs, steward=steward())
+    staged.discard()
+    staged.discard()  # idempotent
+    with pytest.raises(InvalidInputError):
+        staged.publish()
+    with pytest.raises(NotFoundError):
+        producer.adopt("w2", gen, specs)
+    with pytest.raises(InvalidInputError):  # refused before anything is written
+        writer.stage_writer("w2", gen, specs, steward="nobody")
+    with pytest.raises(InvalidInputError):
+        writer.stage_writer("w2", 0, specs, steward=steward())
+    del staged
+    producer.gc()
+    assert left() == []
+
+
+def test_an_in_place_write_never_overwrites_a_staged_generation(backend) -> None:
+    scheme, open_, _ = backend
+    if scheme != "shm":
+        pytest.skip("the in-place path of shm:// (elsewhere publish is stage(), tested above)")
+    producer, writer = open_(), open_()
+    tensors = eagle_sample(5, tokens=4, hidden=8)
+    specs = specs_of(tensors)
+    gen = producer.reserve("w3")
+    writer.stage("w3", gen, tensors, steward=steward())
+    staged = writer.stage_writer("w3", gen, specs, steward=steward())
+    staged.tensors["input_ids"].fill_(7)
+    with pytest.raises(CorruptRecordError):
+        staged.publish()
+    got = producer.staged_tensors("w3", gen, {"input_ids": specs["input_ids"]})
+    assert torch.equal(got["input_ids"], tensors["input_ids"])
+    producer.abort("w3", "test done")

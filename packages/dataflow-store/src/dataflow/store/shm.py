@@ -47,6 +47,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import logging
+import mmap
 import os
 import threading
 import time
@@ -57,6 +58,7 @@ from typing import Any
 import torch
 
 from dataflow.contracts import (
+    CapacityExceededError,
     CorruptRecordError,
     DataflowError,
     FeatureSpec,
@@ -67,10 +69,15 @@ from dataflow.contracts.uris import ParsedURI
 from dataflow.store.arena import Arena, ArenaFull, parse_arena_bytes, space_error
 from dataflow.store.arena_format import LIVE, id_hash
 from dataflow.store.base import BookkeepingStore, Generation
-from dataflow.store.layout import plan
+from dataflow.store.layout import plan, view
 from dataflow.store.owner import DETACHED, current_owner, owner_alive
 from dataflow.store.segments import map_sample, read_layout, write_sample
-from dataflow.store.staging import check_staged_file, parse_steward, read_staged_file
+from dataflow.store.staging import (
+    StagedWrite,
+    check_staged_file,
+    parse_steward,
+    read_staged_file,
+)
 from dataflow.store.tensors import PreparedSample
 
 PREFIX = "dfs~"
@@ -78,6 +85,7 @@ MAX_STORE_NAME = 40
 _OWNER_KEY = "owner"
 ARENA = "arena"
 _log = logging.getLogger(__name__)
+_MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)
 _OPEN: weakref.WeakSet[ShmFeatureStore] = weakref.WeakSet()
 
 
@@ -390,6 +398,49 @@ class ShmFeatureStore(BookkeepingStore):
                 f"{self._where(sample_id, generation)} is already staged; refusing to "
                 "overwrite it (reserve a new generation)"
             ) from None
+
+    def _staged_writer(
+        self, sample_id: str, generation: int, specs: dict[str, FeatureSpec], steward: str
+    ) -> StagedWrite:
+        """Tensors viewing this writer's temporary segment (allocated up front, so a full
+        ``/dev/shm`` is a ``CapacityExceededError`` here, never a SIGBUS on a write), linked
+        to the staged name on publish; discard unlinks the temporary.
+        """
+        _, owner = parse_steward(steward)
+        staged = self._staged_path(sample_id, generation, owner)
+        where = self._where(sample_id, generation)
+        layout = plan(specs.values(), {_OWNER_KEY: owner, "sample_id": sample_id})
+        temp = f"{self._path(sample_id, generation)}~{self._owner}.tmp"
+        fd = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            try:
+                os.posix_fallocate(fd, 0, layout.total_bytes)
+            except OSError as exc:
+                raise CapacityExceededError(
+                    f"{where}: no room for {layout.total_bytes} bytes in {self._root} "
+                    f"({os.strerror(exc.errno or 0)}); nothing was staged"
+                ) from exc
+            mapped = mmap.mmap(fd, layout.total_bytes, flags=mmap.MAP_SHARED)
+        except BaseException:
+            _unlink(temp)
+            raise
+        finally:
+            os.close(fd)
+        with contextlib.suppress(OSError, ValueError):  # page tables in one call (>= 5.14)
+            mapped.madvise(_MADV_POPULATE_WRITE, 0, layout.total_bytes)
+        mapped[: len(layout.header)] = layout.header
+        tensors = {name: view(mapped, entry) for name, entry in layout.entries.items()}
+
+        def publish() -> None:
+            try:
+                os.link(temp, staged)
+            except FileExistsError:
+                raise CorruptRecordError(
+                    f"{where} is already staged; refusing to overwrite it (reserve a new "
+                    "generation)"
+                ) from None
+
+        return StagedWrite(tensors, publish, lambda: _unlink(temp))
 
     def _check_staged(
         self, sample_id: str, generation: int, specs: Mapping[str, FeatureSpec]
