@@ -176,6 +176,37 @@ def _connector_timings(path: Path) -> dict[str, dict[str, float]]:
     }
 
 
+SERVER_METRICS = (
+    "vllm:request_prefill_time_seconds",
+    "vllm:request_queue_time_seconds",
+    "vllm:e2e_request_latency_seconds",
+)
+
+
+def _server_metrics(url: str) -> dict[str, float]:
+    """``<name>_sum`` and ``<name>_count`` of the server's own timing histograms."""
+    import requests
+
+    out: dict[str, float] = {}
+    for line in requests.get(f"{url}/metrics", timeout=30).text.splitlines():
+        for name in SERVER_METRICS:
+            for part in ("_sum", "_count"):
+                if line.startswith(f"{name}{part}"):
+                    out[name + part] = out.get(name + part, 0.0) + float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def _server_means(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    """Mean seconds per request of each server histogram between two snapshots."""
+    means = {}
+    for name in SERVER_METRICS:
+        count = after.get(name + "_count", 0.0) - before.get(name + "_count", 0.0)
+        if count > 0:
+            total = after.get(name + "_sum", 0.0) - before.get(name + "_sum", 0.0)
+            means[name.removeprefix("vllm:").removesuffix("_seconds") + "_s"] = total / count
+    return means
+
+
 def measure_workload(
     workload: str,
     rounds: int = 5,
@@ -246,6 +277,7 @@ def measure_workload(
             for mode, run in ROUNDS.items():  # warm-up
                 run(engines[mode], store, _tasks(2, tokens, f"warm-{mode}"))
             timings.unlink(missing_ok=True)
+            before = _server_metrics(server.url)
             for r in range(rounds):
                 order = list(ROUNDS) if r % 2 == 0 else list(reversed(ROUNDS))
                 for mode in order:
@@ -254,6 +286,7 @@ def measure_workload(
                     wall[mode].append(w)
                     cpu[mode].append(c)
                     finish[mode].append(f)
+            server_means = _server_means(before, _server_metrics(server.url))
         finally:
             for name in ("file", "store"):
                 engines[name].close()
@@ -275,6 +308,7 @@ def measure_workload(
         "file_put_s_per_sample": statistics.median(finish["file"]),
         "store_adopt_s_per_sample": statistics.median(finish["store"]),
         "connector": connector,
+        "server": server_means,
         "bytes_per_sample": feature_bytes,
         "target_ratio": TARGET_RATIO,
         "rounds": wall,
@@ -332,6 +366,10 @@ def describe_row(row: dict[str, Any]) -> str:
         f"connector {m} save {c['step_s'] * 1e3:.1f} ms in step + {c['write_s'] * 1e3:.1f} ms "
         "on its thread"
         for m, c in sorted(conn.items())
+    )
+    server = row.get("server") or {}
+    saves += "; server per request (all modes): " + ", ".join(
+        f"{k.removesuffix('_s')} {v * 1e3:.1f} ms" for k, v in sorted(server.items())
     )
     return (
         f"{row['workload']} ({row['tokens']} tokens, H={row['hidden']}, "
