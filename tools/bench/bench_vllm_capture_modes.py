@@ -221,8 +221,8 @@ def measure_workload(
     """
     from dataflow.launch.config import TargetSection
     from dataflow.launch.engines.vllm import VLLMTargetEngine
-    from dataflow.launch.engines.vllm_connector import TIMINGS_ENV
     from dataflow.launch.engines.vllm_server import ManagedVLLMServer
+    from dataflow.launch.engines.vllm_wire import TIMINGS_ENV
     from dataflow.store import open_store
 
     python = os.environ.get("DATAFLOW_VLLM_PYTHON") or sys.executable

@@ -59,13 +59,13 @@ from vllm.distributed.kv_transfer.kv_connector.v1.example_hidden_states_connecto
 )
 
 from dataflow.contracts import FeatureSpec
+from dataflow.launch.engines.vllm_wire import TIMINGS_ENV
 from dataflow.store.staging import StagedWrite
 
 _SAVED_KEPT = 4096
 STORE_MARK = "dataflow-store:"
 """Prefix of a PendingSave ``filename`` that names a store target instead of a file."""
 TOKEN_ENV = "DATAFLOW_STORE_TOKEN"
-TIMINGS_ENV = "DATAFLOW_CONNECTOR_TIMINGS"
 _log = logging.getLogger(__name__)
 
 
