@@ -476,7 +476,8 @@ class ShmFeatureStore(BookkeepingStore):
                     f"{where} is already staged; refusing to overwrite it (reserve a new "
                     "generation)"
                 )
-            arena.hold_keeper()
+            # No keeper lock: the arena is never unlinked while it holds a run, and a writer
+            # (e.g. a capture server) must not keep it alive once the steward is gone.
             try:
                 run = arena.allocate(layout.total_bytes, generation, idhash, self._owner)
             except ArenaFull:
