@@ -9,8 +9,10 @@ same run, on two workloads (one managed vLLM server each, eager, CPU build, fp32
 - ``transfer-bound`` (the verdict's workload): what the modes are for on a GPU, where an 8B
   target's forward over 2048 tokens takes ~50 ms and its features are ~67 MB. Emulated on CPU
   by a LLaMA whose residual stream is wide (``--wide-hidden`` 2048) but whose compute is small
-  (2 heads of 64, MLP width 64, 4 layers, the shipped 1k vocabulary), over ``--wide-tokens``
-  2048-token prompts: 64 MiB of fp32 features per sample for a forward of tens of ms.
+  (1 head of 64, MLP width 16, 4 layers, the shipped 1k vocabulary), over ``--wide-tokens``
+  2048-token prompts: 64 MiB of fp32 features per sample. Its forward is still ~10 GFLOP
+  (the projections in and out of the wide stream), on one torch thread of a CPU vLLM server:
+  hundreds of ms, not 50, so this workload still understates the transfer's share.
 
 Per workload, ``--prompts`` prompts are captured in ``--rounds`` interleaved rounds (bare,
 file, store, then the reverse order: the load drifts alike for all). Per sample, each mode's
@@ -92,10 +94,10 @@ def _wide_llama(path: Path, hidden: int) -> Path:
     config = transformers.LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=hidden,
-        intermediate_size=64,
+        intermediate_size=16,
         num_hidden_layers=4,
-        num_attention_heads=2,
-        num_key_value_heads=2,
+        num_attention_heads=1,
+        num_key_value_heads=1,
         head_dim=64,
         max_position_embeddings=8192,
         pad_token_id=0,
