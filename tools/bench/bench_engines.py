@@ -33,8 +33,9 @@ which a shared machine's load disturbs far less than wall time (both are reporte
 Figures (time ratios: higher is slower): capture overhead of vllm (capture / bare, target
 <= 1.25), producer / bare of each engine (target <= 1.25), and the vllm capture's tokens/s over
 the hf capture's (reported, no target). Store mode vs file mode per sample comes from
-``bench_vllm_capture_modes.py`` (its ``measure_capture_modes``, with its own server, after this
-one stopped) when that module exists (``store_vs_file_hook``), else it is reported as "not
+``bench_vllm_capture_modes.py`` (its ``measure_capture_modes``: two workloads, default and
+transfer-bound, each with its own server, after this one stopped; the verdict is read on the
+transfer-bound one, the default's ratio beside it) when that module exists (``store_vs_file_hook``), else it is reported as "not
 measured: store mode not available".
 
     python bench_engines.py [--rounds 7] [--prompts 16] [--tokens 128] [--engines vllm,hf]

@@ -221,7 +221,12 @@ def _engines_targets(engines: dict[str, Any] | None) -> list[Target]:
         out.append(Target(11, what, modes.get("note", "not measured"), None))
     else:
         met = modes["ratio"] >= modes.get("target_ratio", 1.5)
-        out.append(Target(11, what, f"{modes['ratio']:.2f}x", met))
+        value = f"{modes['ratio']:.2f}x"
+        if modes.get("verdict_workload"):
+            value += f" on the {modes['verdict_workload']} workload"
+            if modes.get("default_ratio") is not None:
+                value += f" (default workload: {modes['default_ratio']:.2f}x)"
+        out.append(Target(11, what, value, met))
     return out
 
 
@@ -232,10 +237,21 @@ def _engines_ratios(engines: dict[str, Any] | None) -> list[str]:
         if row.get("wall_ratio") is not None:
             lines.append(f"| engines | {row['name']}, wall s | {row['wall_ratio']:.2f}x |")
     modes = (engines or {}).get("store_vs_file") or {}
-    if modes.get("ratio") is not None:
-        lines.append(
-            f"| engines | vllm file mode / store mode, time per sample | {modes['ratio']:.2f}x |"
-        )
+    rows = modes.get("workloads") or ({"": modes} if modes.get("ratio") is not None else {})
+    for name, row in rows.items():
+        if row.get("ratio") is None:
+            continue
+        what = "vllm file mode / store mode, time per sample"
+        if name:
+            load = row.get("load_avg") or [0.0]
+            what += (
+                f", {name} workload ({row['tokens']} tokens, H={row['hidden']}, "
+                f"{row['bytes_per_sample'] / 2**20:.1f} MiB/sample: file "
+                f"{row['file_s_per_sample'] * 1e3:.0f} ms, store "
+                f"{row['store_s_per_sample'] * 1e3:.0f} ms, bare request "
+                f"{row['bare_s_per_sample'] * 1e3:.0f} ms; load {load[0]:.1f})"
+            )
+        lines.append(f"| engines | {what} | {row['ratio']:.2f}x |")
     return lines
 
 

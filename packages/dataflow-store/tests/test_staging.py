@@ -20,6 +20,7 @@ from procs import DEAD
 
 from dataflow.contracts import (
     CapacityExceededError,
+    CorruptRecordError,
     FeatureSpec,
     InvalidInputError,
     NotFoundError,
@@ -39,13 +40,24 @@ def specs_of(tensors: dict[str, torch.Tensor]) -> dict[str, FeatureSpec]:
     }
 
 
-def _shm_opener(tmp_path: Path) -> tuple[Opener, Callable[[], list[str]]]:
-    name = f"stg{uuid.uuid4().hex[:8]}"
+def _shm_left(name: str) -> Callable[[], list[str]]:
+    """Files of ``shm://name`` but its arena (kept while instances are open) + its arena runs."""
+    from dataflow.store.usage import shm_usage
 
     def left() -> list[str]:
-        return sorted(e for e in os.listdir("/dev/shm") if e.startswith(f"dfs~{name}~"))
+        files = [
+            e
+            for e in os.listdir("/dev/shm")
+            if e.startswith(f"dfs~{name}~") and e != f"dfs~{name}~arena"
+        ]
+        return sorted(files + [f"arena run {r.state}" for r in shm_usage(name).runs])
 
-    return (lambda **o: open_store(f"shm://{name}", **o)), left
+    return left
+
+
+def _shm_opener(tmp_path: Path) -> tuple[Opener, Callable[[], list[str]]]:
+    name = f"stg{uuid.uuid4().hex[:8]}"
+    return (lambda **o: open_store(f"shm://{name}", **o)), _shm_left(name)
 
 
 def _dir_opener(tmp_path: Path) -> tuple[Opener, Callable[[], list[str]]]:
@@ -59,7 +71,16 @@ def _dir_opener(tmp_path: Path) -> tuple[Opener, Callable[[], list[str]]]:
     return (lambda **o: open_store(f"dir://{root}", fsync=False, **o)), left
 
 
-@pytest.fixture(params=["shm", "dir", pytest.param("mooncake", marks=pytest.mark.mooncake)])
+def _shm_arena_opener(tmp_path: Path) -> tuple[Opener, Callable[[], list[str]]]:
+    """shm:// with an arena (the producer's options); files and arena runs left over."""
+    name = f"sta{uuid.uuid4().hex[:8]}"
+    left = _shm_left(name)
+    return (lambda **o: open_store(f"shm://{name}", **{"arena_bytes": 16 << 20, **o})), left
+
+
+@pytest.fixture(
+    params=["shm", "shm-arena", "dir", pytest.param("mooncake", marks=pytest.mark.mooncake)]
+)
 def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[str, Opener, Any]]:
     """(scheme, opener of instances, leftovers) for one backend; every instance closed after."""
     made: list[Any] = []
@@ -83,7 +104,8 @@ def backend(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[st
             return []  # checked per case through the producer's health and exists()
 
     else:
-        opener, left = (_shm_opener if request.param == "shm" else _dir_opener)(tmp_path)
+        openers = {"shm": _shm_opener, "shm-arena": _shm_arena_opener, "dir": _dir_opener}
+        opener, left = openers[request.param](tmp_path)
         clients = []
 
     def tracked(**o: Any) -> Any:
@@ -192,9 +214,10 @@ def test_budget_holds_and_abort_removes_an_unadopted_sample(backend) -> None:
     assert left() == []
 
 
-@pytest.mark.parametrize("scheme", ["shm", "dir"])
+@pytest.mark.parametrize("scheme", ["shm", "shm-arena", "dir"])
 def test_a_sample_staged_for_a_dead_steward_is_reclaimed_by_gc(scheme, tmp_path) -> None:
-    opener, left = (_shm_opener if scheme == "shm" else _dir_opener)(tmp_path)
+    openers = {"shm": _shm_opener, "shm-arena": _shm_arena_opener, "dir": _dir_opener}
+    opener, left = openers[scheme](tmp_path)
     writer, bystander = opener(), opener()
     host = steward().split("@")[0]
     gen = bystander.reserve("s6")
@@ -239,3 +262,108 @@ def test_unstage_removes_only_that_staged_generation(backend) -> None:
     del got
     producer.gc()
     assert left() == []
+
+
+def test_a_sample_written_in_place_is_adopted_like_a_staged_one(backend) -> None:
+    _, open_, left = backend
+    producer, writer = open_(), open_()
+    tensors = eagle_sample(3, tokens=10, hidden=16)
+    specs = specs_of(tensors)
+    gen = producer.reserve("w1")
+    with writer.stage_writer("w1", gen, specs, steward=steward()) as staged:
+        assert {n: specs_of({n: t})[n] for n, t in staged.tensors.items()} == specs
+        with pytest.raises(NotFoundError):  # nothing is staged before publish
+            producer.staged_tensors("w1", gen, {"input_ids": specs["input_ids"]})
+        for name, tensor in tensors.items():
+            staged.tensors[name].copy_(tensor)
+    ref = producer.adopt("w1", gen, specs, {"num_tokens": 10})
+    consumer = open_()
+    got, handle = consumer.get(ref)
+    for name, tensor in tensors.items():
+        assert same_bits(got[name], tensor), name
+    consumer.release(handle)
+    del got, staged
+    producer.gc()
+    assert left() == []
+
+
+def test_a_failed_or_discarded_in_place_write_stages_nothing(backend) -> None:
+    _, open_, left = backend
+    producer, writer = open_(), open_()
+    tensors = eagle_sample(4, tokens=6, hidden=8)
+    specs = specs_of(tensors)
+    gen = producer.reserve("w2")
+    with pytest.raises(RuntimeError), writer.stage_writer("w2", gen, specs, steward=steward()):
+        raise RuntimeError("the capture failed half-way")
+    with pytest.raises(NotFoundError):
+        producer.adopt("w2", gen, specs)
+    staged = writer.stage_writer("w2", gen, specs, steward=steward())
+    staged.discard()
+    staged.discard()  # idempotent
+    with pytest.raises(InvalidInputError):
+        staged.publish()
+    with pytest.raises(NotFoundError):
+        producer.adopt("w2", gen, specs)
+    with pytest.raises(InvalidInputError):  # refused before anything is written
+        writer.stage_writer("w2", gen, specs, steward="nobody")
+    with pytest.raises(InvalidInputError):
+        writer.stage_writer("w2", 0, specs, steward=steward())
+    del staged
+    producer.gc()
+    assert left() == []
+
+
+def test_an_in_place_write_never_overwrites_a_staged_generation(backend) -> None:
+    scheme, open_, _ = backend
+    if not scheme.startswith("shm"):
+        pytest.skip("the in-place path of shm:// (elsewhere publish is stage(), tested above)")
+    producer, writer = open_(), open_()
+    tensors = eagle_sample(5, tokens=4, hidden=8)
+    specs = specs_of(tensors)
+    gen = producer.reserve("w3")
+    writer.stage("w3", gen, tensors, steward=steward())
+    with pytest.raises(CorruptRecordError):  # refused when opened (arena) or at publish
+        staged = writer.stage_writer("w3", gen, specs, steward=steward())
+        staged.tensors["input_ids"].fill_(7)
+        staged.publish()
+    got = producer.staged_tensors("w3", gen, {"input_ids": specs["input_ids"]})
+    assert torch.equal(got["input_ids"], tensors["input_ids"])
+    producer.abort("w3", "test done")
+
+
+def test_with_an_arena_a_staged_sample_takes_an_arena_run_not_a_segment(tmp_path) -> None:
+    from dataflow.store.usage import shm_usage
+
+    opener, left = _shm_arena_opener(tmp_path)
+    producer = opener()
+    writer = open_store(producer.uri)  # a foreign writer opens by URI, without options
+    tensors = eagle_sample(8, tokens=16, hidden=32)
+    specs = specs_of(tensors)
+    gen = producer.reserve("a1")
+    with writer.stage_writer("a1", gen, specs, steward=steward()) as staged:
+        for name, tensor in tensors.items():
+            staged.tensors[name].copy_(tensor)
+    name = producer.uri.removeprefix("shm://")
+    usage = shm_usage(name)
+    assert [r.state for r in usage.runs] == ["STAGED"] and usage.segments == 0
+    assert usage.samples == 0  # staged is not in flight until adopted
+    assert left() == ["arena run STAGED"]
+    ids = producer.staged_tensors("a1", gen, {"input_ids": specs["input_ids"]})
+    assert torch.equal(ids["input_ids"], tensors["input_ids"])
+    with pytest.raises(NotFoundError):  # get never reads a staged run
+        producer.adopt("a1", gen + 1, specs)
+    ref = producer.adopt("a1", gen, specs)
+    assert [r.state for r in shm_usage(name).runs] == ["LIVE"]
+    with pytest.raises(NotFoundError):
+        producer.adopt("a1", gen, specs)  # not twice: nothing is staged any more
+    consumer = opener()
+    got, handle = consumer.get(ref)
+    for feature, tensor in tensors.items():
+        assert same_bits(got[feature], tensor), feature
+    consumer.release(handle)
+    del got, staged
+    producer.gc()
+    assert left() == []
+    for store in (writer, consumer, producer):
+        store.close()
+    assert not os.path.exists(f"/dev/shm/dfs~{name}~arena")

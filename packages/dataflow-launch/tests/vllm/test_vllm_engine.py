@@ -254,15 +254,21 @@ def adopted(store, sample):
     return out
 
 
-def test_store_mode_features_equal_file_mode_and_hf(server, model_dir, hf_engine):
+@pytest.mark.parametrize("arena", [False, True], ids=["segments", "arena"])
+def test_store_mode_features_equal_file_mode_and_hf(server, model_dir, hf_engine, arena):
     from run_helpers import fresh_shm_name, shm_segments
 
     from dataflow.store import open_store
+    from dataflow.store.usage import shm_usage
 
+    # With a byte budget (as a run's store) the arena is on: the server stages into its runs.
+    options = {"budget_bytes": 1 << 28} if arena else {}
     with fresh_shm_name() as shm:
-        store = open_store(f"shm://{shm}")
-        staged = store_engine(server, model_dir, shm)
+        store = open_store(f"shm://{shm}", **options)
+        staged = store_engine(server, model_dir, shm, store_options=options)
         got = staged.capture(tasks())
+        runs = [r.state for r in shm_usage(shm).runs]
+        assert runs == (["STAGED"] * len(got) if arena else []), runs
         want_file = engine(server, model_dir).capture(tasks())
         want_hf = hf_engine.capture(tasks())
         for s, f, h in zip(got, want_file, want_hf, strict=True):
@@ -286,8 +292,9 @@ def test_store_mode_features_equal_file_mode_and_hf(server, model_dir, hf_engine
         staged.close()
         regen.close()
         store.gc()
-        assert shm_segments(shm) == []  # nothing staged, stored or temporary is left
+        assert shm_usage(shm).runs == () and shm_usage(shm).segments == 0
         store.close()
+        assert shm_segments(shm) == []  # nothing staged, stored, temporary or arena is left
     assert leftovers(server) == []  # and no capture file: store mode writes none
 
 

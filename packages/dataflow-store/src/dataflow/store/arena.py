@@ -12,7 +12,9 @@ already-mapped memory and a get maps nothing.
 Guarantees:
 - **Cross-process table, crash-safe.** Every table change runs under ``flock`` on the arena
   file (released by the kernel if the holder dies). A run is ``WRITING`` (owner recorded) until
-  its bytes are complete, then ``LIVE``; a reader sees a whole generation or none.
+  its bytes are complete, then ``LIVE``; a reader sees a whole generation or none. A foreign
+  writer's run (:mod:`dataflow.store.staging`) goes ``WRITING`` -> ``STAGED`` (owned by its
+  steward, never read by ``get``) -> ``LIVE`` when the steward adopts it.
 - **A slab in use is never reused.** A reader pins the run it views with an open-file-description
   read lock on that byte range (the kernel drops it when the reader dies); the allocator skips
   any run another open file description has locked, and this instance's own pinned runs.
@@ -47,7 +49,7 @@ import numpy as np
 import torch
 
 from dataflow.contracts import CorruptRecordError, FeatureSpec, InvalidInputError
-from dataflow.store.arena_format import CONT, FREE, GEOMETRY, LIVE, MAGIC, RECORD, WRITING
+from dataflow.store.arena_format import CONT, FREE, GEOMETRY, LIVE, MAGIC, RECORD, STAGED, WRITING
 from dataflow.store.layout import Layout, check_against, read_header, view
 from dataflow.store.tensors import PreparedSample, as_bytes
 
@@ -255,16 +257,33 @@ class Arena:
         )
         return self._run(int(hits[0])) if len(hits) else None
 
+    def find_staged(self, idhash: int, generation: int) -> Run | None:
+        """The STAGED run of (sample, generation), or None. Call under :meth:`locked`."""
+        t = self.table
+        hits = np.flatnonzero(
+            (t["state"] == STAGED) & (t["tag"] == np.uint64(generation)) & (t["idhash"] == idhash)
+        )
+        return self._run(int(hits[0])) if len(hits) else None
+
+    def staged_starts(self, idhash: int, generation: int | None) -> list[int]:
+        """Starts of the STAGED runs of a sample (one generation, or all). Under locked."""
+        t = self.table
+        hit = (t["state"] == STAGED) & (t["idhash"] == idhash)
+        if generation is not None:
+            hit &= t["tag"] == np.uint64(generation)
+        return [int(i) for i in np.flatnonzero(hit)]
+
     def generations(self, idhash: int) -> list[int]:
         """Generations of LIVE runs of the sample with this id hash. Call under :meth:`locked`."""
         t = self.table
         return [int(g) for g in t["tag"][(t["state"] == LIVE) & (t["idhash"] == idhash)]]
 
     def heads(self) -> list[tuple[int, int, str, int, int]]:
-        """(start, state, owner, tag, idhash) of every WRITING/LIVE run. Call under locked."""
+        """(start, state, owner, tag, idhash) of every WRITING/LIVE/STAGED run. Under locked."""
         t = self.table
         out = []
-        for i in np.flatnonzero((t["state"] == LIVE) | (t["state"] == WRITING)):
+        in_use = (t["state"] == LIVE) | (t["state"] == WRITING) | (t["state"] == STAGED)
+        for i in np.flatnonzero(in_use):
             r = t[i]
             out.append(
                 (int(i), int(r["state"]), r["owner"].decode(), int(r["tag"]), int(r["idhash"]))
@@ -307,8 +326,21 @@ class Arena:
             return Run(start, span, offset, span * self.slab)
         raise ArenaFull(f"no free run of {span} slab(s) of {self.slab} bytes")
 
-    def write(self, run: Run, layout: Layout, sample: PreparedSample) -> None:
-        """Copy the header and tensors into ``run`` (no lock needed: the run is ours)."""
+    def writable(self, run: Run, layout: Layout) -> dict[str, torch.Tensor]:
+        """Write ``layout``'s header into ``run`` and return writable tensors viewing each of
+        its entries in the shared mapping (no lock needed: the run is ours until published).
+        """
+        self._populate(run)
+        self._shared[run.offset : run.offset + len(layout.header)] = layout.header
+        blob = memoryview(self._shared)[run.offset : run.offset + run.length]
+        return {name: view(blob, entry) for name, entry in layout.entries.items()}
+
+    def stage(self, run: Run, steward_owner: str) -> None:
+        """WRITING -> STAGED, owned by the steward from now on. Call under :meth:`locked`."""
+        self.set_owner(run.start, steward_owner)
+        self.table["state"][run.start] = STAGED
+
+    def _populate(self, run: Run) -> None:
         todo = np.flatnonzero(~self._written[run.start : run.start + run.span])
         if len(todo):  # first use of these slabs in this process: allocate + map once
             first, last = run.start + int(todo[0]), run.start + int(todo[-1]) + 1
@@ -318,6 +350,10 @@ class Arena:
                 (last - first) * self.slab,
             )  # raises OSError (ENOMEM/EFAULT) if /dev/shm is full, instead of SIGBUS
             self._written[first:last] = True
+
+    def write(self, run: Run, layout: Layout, sample: PreparedSample) -> None:
+        """Copy the header and tensors into ``run`` (no lock needed: the run is ours)."""
+        self._populate(run)
         self._shared[run.offset : run.offset + len(layout.header)] = layout.header
         for name, entry in layout.entries.items():
             tensor = sample.tensors[name]
@@ -331,7 +367,7 @@ class Arena:
                 target.copy_(tensor.reshape(-1).view(torch.uint8))
 
     def publish(self, run: Run) -> None:
-        """WRITING -> LIVE. Call under :meth:`locked`."""
+        """WRITING (or STAGED, on adoption) -> LIVE. Call under :meth:`locked`."""
         self.table["state"][run.start] = LIVE
 
     def free(self, start: int) -> int:

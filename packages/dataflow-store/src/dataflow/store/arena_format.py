@@ -2,7 +2,7 @@
 
 A header page (:data:`GEOMETRY`: magic, slab bytes, slab count, table offset, data offset), the
 slab table (one :data:`RECORD` per slab; a run's head row holds its state, span, generation,
-sample id hash, sample bytes and owner, the rest of the run are ``CONT`` rows), then the slabs.
+sample id hash, sample bytes and owner (a ``STAGED`` run: its steward), the rest of the run are ``CONT`` rows), then the slabs.
 Kept apart so the status reader (:mod:`dataflow.store.usage`) does not import the arena itself
 (this module and that one import no torch; the package ``__init__`` still does).
 """
@@ -17,7 +17,8 @@ import numpy as np
 MAGIC = b"dataflow-arena\x00\x02"
 GEOMETRY = struct.Struct("<16sQQQQ")  # magic, slab_bytes, nslabs, table_offset, data_offset
 
-FREE, WRITING, LIVE, CONT = 0, 1, 2, 3
+FREE, WRITING, LIVE, CONT, STAGED = 0, 1, 2, 3, 4
+"""STAGED: a foreign writer's complete run, owned by its steward, invisible to get until adopted."""
 RECORD = np.dtype(
     [
         ("state", "<u4"),

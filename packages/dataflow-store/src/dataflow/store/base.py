@@ -88,8 +88,13 @@ from dataflow.contracts.frozen import freeze_map
 from dataflow.contracts.ids import validate_sample_id
 from dataflow.contracts.uris import ParsedURI, parse_store_uri
 from dataflow.store.faults import FaultInjector
-from dataflow.store.staging import check_generation, checked_specs, parse_steward
-from dataflow.store.tensors import PreparedSample, jsonable_metadata, prepare_tensors
+from dataflow.store.staging import StagedWrite, check_generation, checked_specs, parse_steward
+from dataflow.store.tensors import (
+    PreparedSample,
+    empty_like_spec,
+    jsonable_metadata,
+    prepare_tensors,
+)
 
 _log = logging.getLogger(__name__)
 
@@ -253,6 +258,22 @@ class BookkeepingStore(abc.ABC):
         """Write one staged generation (invisible to ``get``) atomically; leave nothing on error."""
         raise InvalidInputError(self._no_staging())
 
+    def _staged_writer(
+        self, sample_id: str, generation: int, specs: dict[str, FeatureSpec], steward: str
+    ) -> StagedWrite:
+        """Writable tensors for ``stage_writer``; by default private memory, staged on publish
+        through ``_write_staged`` (backends that can map the staged place override this).
+        """
+        tensors = {name: empty_like_spec(spec) for name, spec in specs.items()}
+        nbytes = sum(spec.nbytes for spec in specs.values())
+
+        def publish() -> None:
+            self._write_staged(
+                sample_id, generation, PreparedSample(tensors, specs, nbytes), steward
+            )
+
+        return StagedWrite(tensors, publish, lambda: None)
+
     def _check_staged(
         self, sample_id: str, generation: int, specs: Mapping[str, FeatureSpec]
     ) -> None:
@@ -355,6 +376,29 @@ class BookkeepingStore(abc.ABC):
         sample = prepare_tensors(tensors)
         self._write_staged(sample_id, generation, sample, steward)
         return dict(sample.specs)
+
+    def stage_writer(
+        self,
+        sample_id: str,
+        generation: int,
+        specs: Mapping[str, FeatureSpec],
+        *,
+        steward: str,
+    ) -> StagedWrite:
+        """Stage by writing in place: writable, uninitialised tensors of ``specs``, staged as
+        ``generation`` of ``sample_id`` for ``steward`` on ``publish()``
+        (:class:`~dataflow.store.staging.StagedWrite`); the same refusals as ``stage``, before
+        anything is written. On ``shm://`` the tensors view the staged segment (no copy at
+        publish); elsewhere they are private memory written out at publish.
+        """
+        self._enter()
+        validate_sample_id(sample_id)
+        generation = check_generation(sample_id, generation, "stage_writer")
+        parse_steward(steward)
+        wanted = checked_specs(sample_id, specs, "stage_writer")
+        if not self.staging:
+            raise InvalidInputError(self._no_staging())
+        return self._staged_writer(sample_id, generation, wanted, steward)
 
     def staged_tensors(
         self, sample_id: str, generation: int, specs: Mapping[str, FeatureSpec]

@@ -24,6 +24,11 @@ Guarantees:
   ``<final name>~<steward owner>.staged`` (written through a temporary named after the writer,
   linked when complete), carrying the steward as its owner; ``adopt`` links it to its final
   name. ``gc`` reclaims it like a temporary once the steward is dead; ``abort`` removes it.
+  When the store has an arena (the steward's ``reserve`` creates it), a staged sample goes into
+  an arena run instead (``WRITING`` under the writer, ``STAGED`` under the steward, ``LIVE`` on
+  adoption: no new segment, no page allocation for memory already used), by the same rules;
+  ``stage_writer`` hands out tensors viewing that run (or the temporary segment) to write in
+  place.
 
 Arena (:mod:`dataflow.store.arena`): with ``arena_bytes`` > 0 (keyword option or
 ``shm://name?arena_bytes=N``; by default ``budget_bytes`` when the store has a byte budget, else
@@ -47,6 +52,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import logging
+import mmap
 import os
 import threading
 import time
@@ -57,6 +63,7 @@ from typing import Any
 import torch
 
 from dataflow.contracts import (
+    CapacityExceededError,
     CorruptRecordError,
     DataflowError,
     FeatureSpec,
@@ -67,10 +74,16 @@ from dataflow.contracts.uris import ParsedURI
 from dataflow.store.arena import Arena, ArenaFull, parse_arena_bytes, space_error
 from dataflow.store.arena_format import LIVE, id_hash
 from dataflow.store.base import BookkeepingStore, Generation
-from dataflow.store.layout import plan
+from dataflow.store.layout import Layout, check_against, plan, read_header, view
 from dataflow.store.owner import DETACHED, current_owner, owner_alive
 from dataflow.store.segments import map_sample, read_layout, write_sample
-from dataflow.store.staging import check_staged_file, parse_steward, read_staged_file
+from dataflow.store.staging import (
+    StagedWrite,
+    check_staged_file,
+    parse_steward,
+    read_staged_file,
+    same_specs,
+)
 from dataflow.store.tensors import PreparedSample
 
 PREFIX = "dfs~"
@@ -78,6 +91,7 @@ MAX_STORE_NAME = 40
 _OWNER_KEY = "owner"
 ARENA = "arena"
 _log = logging.getLogger(__name__)
+_MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)
 _OPEN: weakref.WeakSet[ShmFeatureStore] = weakref.WeakSet()
 
 
@@ -382,6 +396,13 @@ class ShmFeatureStore(BookkeepingStore):
         self, sample_id: str, generation: int, sample: PreparedSample, steward: str
     ) -> None:
         _, owner = parse_steward(steward)
+        layout = plan(sample.specs.values(), {_OWNER_KEY: owner, "sample_id": sample_id})
+        in_arena = self._arena_writer(sample_id, generation, layout, owner)
+        if in_arena is not None:
+            with in_arena:
+                for name, tensor in sample.tensors.items():
+                    in_arena.tensors[name].copy_(tensor)
+            return
         staged = self._staged_path(sample_id, generation, owner)
         try:
             self._publish_segment(staged, owner, sample_id, generation, sample)
@@ -391,9 +412,133 @@ class ShmFeatureStore(BookkeepingStore):
                 "overwrite it (reserve a new generation)"
             ) from None
 
+    def _staged_writer(
+        self, sample_id: str, generation: int, specs: dict[str, FeatureSpec], steward: str
+    ) -> StagedWrite:
+        """Tensors viewing this writer's temporary segment (allocated up front, so a full
+        ``/dev/shm`` is a ``CapacityExceededError`` here, never a SIGBUS on a write), linked
+        to the staged name on publish; discard unlinks the temporary.
+        """
+        _, owner = parse_steward(steward)
+        staged = self._staged_path(sample_id, generation, owner)
+        where = self._where(sample_id, generation)
+        layout = plan(specs.values(), {_OWNER_KEY: owner, "sample_id": sample_id})
+        in_arena = self._arena_writer(sample_id, generation, layout, owner)
+        if in_arena is not None:
+            return in_arena
+        temp = f"{self._path(sample_id, generation)}~{self._owner}.tmp"
+        fd = os.open(temp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try:
+            try:
+                os.posix_fallocate(fd, 0, layout.total_bytes)
+            except OSError as exc:
+                raise CapacityExceededError(
+                    f"{where}: no room for {layout.total_bytes} bytes in {self._root} "
+                    f"({os.strerror(exc.errno or 0)}); nothing was staged"
+                ) from exc
+            mapped = mmap.mmap(fd, layout.total_bytes, flags=mmap.MAP_SHARED)
+        except BaseException:
+            _unlink(temp)
+            raise
+        finally:
+            os.close(fd)
+        with contextlib.suppress(OSError, ValueError):  # page tables in one call (>= 5.14)
+            mapped.madvise(_MADV_POPULATE_WRITE, 0, layout.total_bytes)
+        mapped[: len(layout.header)] = layout.header
+        tensors = {name: view(mapped, entry) for name, entry in layout.entries.items()}
+
+        def publish() -> None:
+            try:
+                os.link(temp, staged)
+            except FileExistsError:
+                raise CorruptRecordError(
+                    f"{where} is already staged; refusing to overwrite it (reserve a new "
+                    "generation)"
+                ) from None
+
+        return StagedWrite(tensors, publish, lambda: _unlink(temp))
+
+    def _arena_writer(
+        self, sample_id: str, generation: int, layout: Layout, steward_owner: str
+    ) -> StagedWrite | None:
+        """A staged write into a run of the store's arena (already-faulted memory, no new
+        segment), when an arena exists and has room; None: use a segment. The run is
+        ``WRITING`` under this writer's identity (``gc`` frees it if the writer dies), then
+        ``STAGED`` under the steward's on publish.
+        """
+        where = self._where(sample_id, generation)
+        idhash = id_hash(sample_id)
+        with self._arena_locked(create=False) as arena:
+            if arena is None or layout.total_bytes > arena.slab * arena.nslabs:
+                return None
+            if arena.find_staged(idhash, generation) is not None:
+                raise CorruptRecordError(
+                    f"{where} is already staged; refusing to overwrite it (reserve a new "
+                    "generation)"
+                )
+            # No keeper lock: the arena is never unlinked while it holds a run, and a writer
+            # (e.g. a capture server) must not keep it alive once the steward is gone.
+            try:
+                run = arena.allocate(layout.total_bytes, generation, idhash, self._owner)
+            except ArenaFull:
+                return None
+        state = {"open": True}
+
+        def discard() -> None:
+            if state.pop("open", False):
+                with arena.locked():
+                    arena.free(run.start)
+
+        def publish() -> None:
+            with arena.locked():
+                if arena.find_staged(idhash, generation) is not None:
+                    raise CorruptRecordError(
+                        f"{where} is already staged; refusing to overwrite it (reserve a new "
+                        "generation)"
+                    )
+                arena.stage(run, steward_owner)
+                state.pop("open", None)
+
+        try:
+            tensors = arena.writable(run, layout)
+        except BaseException as exc:
+            discard()
+            if isinstance(exc, OSError) and space_error(exc):
+                return None  # /dev/shm is full: the segment path reports it
+            raise
+        return StagedWrite(tensors, publish, discard)
+
+    def reserve(self, sample_id: str) -> int:
+        """As the base class; with an arena configured, it exists from now on, so that a
+        foreign writer (which opens the store by URI, without options) stages into it.
+        """
+        if self._arena_bytes:
+            with self._arena_locked(create=True) as arena:
+                if arena is not None:
+                    arena.hold_keeper()
+        return super().reserve(sample_id)
+
+    def _staged_run(self, arena: Arena | None, sample_id: str, generation: int) -> Any:
+        return None if arena is None else arena.find_staged(id_hash(sample_id), generation)
+
+    def _staged_layout(self, arena: Arena, run: Any, sample_id: str, where: str) -> Any:
+        blob = memoryview(arena._shared)[run.offset : run.offset + run.length]
+        layout = read_header(blob, len(blob), where)
+        if layout.metadata.get("sample_id") != sample_id:
+            raise CorruptRecordError(f"{where}: the staged arena run holds another sample")
+        return blob, layout
+
     def _check_staged(
         self, sample_id: str, generation: int, specs: Mapping[str, FeatureSpec]
     ) -> None:
+        where = self._where(sample_id, generation)
+        with self._arena_locked(create=False) as arena:
+            run = self._staged_run(arena, sample_id, generation)
+            if run is not None:
+                assert arena is not None
+                _, layout = self._staged_layout(arena, run, sample_id, f"{where} (staged)")
+                same_specs(layout.entries, specs, f"{where} (staged)")
+                return
         check_staged_file(
             self._staged_path(sample_id, generation), specs, self._where(sample_id, generation)
         )
@@ -401,11 +546,38 @@ class ShmFeatureStore(BookkeepingStore):
     def _read_staged(
         self, sample_id: str, generation: int, wanted: Mapping[str, FeatureSpec]
     ) -> dict[str, torch.Tensor]:
+        where = self._where(sample_id, generation)
+        with self._arena_locked(create=False) as arena:
+            run = self._staged_run(arena, sample_id, generation)
+            if run is not None:
+                assert arena is not None
+                blob, layout = self._staged_layout(arena, run, sample_id, f"{where} (staged)")
+                check_against(layout, wanted, f"{where} (staged)")
+                return {n: view(blob, layout.entries[n]).clone() for n in wanted}
         return read_staged_file(
             self._staged_path(sample_id, generation), wanted, self._where(sample_id, generation)
         )
 
     def _promote(self, sample_id: str, generation: int, specs: Mapping[str, FeatureSpec]) -> None:
+        with self._arena_locked(create=False) as arena:
+            run = self._staged_run(arena, sample_id, generation)
+            if run is not None:
+                assert arena is not None
+                if arena.find(id_hash(sample_id), generation) is not None:
+                    raise CorruptRecordError(
+                        f"{self._where(sample_id, generation)} is already stored; not adopting "
+                        "twice"
+                    )
+                arena.hold_keeper()
+                arena.set_owner(run.start, self._owner)
+                arena.publish(run)
+                adopted = True
+            else:
+                adopted = False
+        if adopted:
+            with self._lock:
+                self._in_arena.add((sample_id, generation))
+            return
         staged = self._staged_path(sample_id, generation)
         try:
             os.link(staged, self._path(sample_id, generation))
@@ -422,6 +594,11 @@ class ShmFeatureStore(BookkeepingStore):
             self._mine.add((sample_id, generation))
 
     def _drop_staged(self, sample_id: str, generation: int | None = None) -> None:
+        with self._arena_locked(create=False) as arena:
+            if arena is not None:
+                for start in arena.staged_starts(id_hash(sample_id), generation):
+                    arena.free(start)
+                self._unlink_arena_if_unused(arena)
         for entry, sid, gen, owner in self._listing():
             staged = sid == sample_id and owner is not None and entry.endswith(".staged")
             if staged and (generation is None or gen == generation):

@@ -15,6 +15,11 @@ The protocol (one mechanism for every shared backend: ``shm://``, ``dir://``, ``
    metadata)``): the staged specs must equal the expected ones, then the generation is moved to
    its final place and lives by every rule of a put (leases, consume-once, abort, gc, budget).
 
+A writer that builds the features itself can write them in place instead
+(``store.stage_writer(...)``: writable tensors of the expected specs, then ``publish()``,
+:class:`StagedWrite`): on ``shm://`` they view the staged segment's memory, so each byte is
+written once, straight where the sample lives.
+
 Crash rules: a writer killed mid-write leaves a temporary named after the writer, reclaimed by
 ``gc`` once the writer is dead (as a put's temporary); a staged sample never adopted carries the
 steward's identity and is reclaimed by ``gc`` in any process once the steward is dead, and
@@ -26,7 +31,7 @@ from __future__ import annotations
 
 import re
 import socket
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -128,3 +133,49 @@ def checked_specs(
             )
         out[name] = spec
     return out
+
+
+class StagedWrite:
+    """Writable tensors of one staged sample (``store.stage_writer``), uninitialised.
+
+    ``publish()`` makes what was written the staged generation, atomically and at most once (as
+    ``stage`` does: a reader sees the whole sample or none); ``discard()`` (idempotent; a no-op
+    once published) removes what was written and stages nothing. As a context manager: publish
+    on a clean exit, discard on an exception. The tensors must not be written after either
+    call (on ``shm://`` they view the staged segment itself).
+    """
+
+    def __init__(
+        self,
+        tensors: dict[str, torch.Tensor],
+        publish: Callable[[], None],
+        discard: Callable[[], None],
+    ) -> None:
+        self.tensors = tensors
+        self._publish: Callable[[], None] | None = publish
+        self._discard = discard
+
+    def publish(self) -> None:
+        """Stage what was written (``CorruptRecordError`` if that generation is already staged)."""
+        publish = self._publish
+        if publish is None:
+            raise InvalidInputError("this staged write was already published or discarded")
+        self._publish = None
+        try:
+            publish()
+        finally:
+            self._discard()
+
+    def discard(self) -> None:
+        """Stage nothing and free what was written (idempotent)."""
+        self._publish = None
+        self._discard()
+
+    def __enter__(self) -> StagedWrite:
+        return self
+
+    def __exit__(self, kind: object, *rest: object) -> None:
+        if kind is None and self._publish is not None:
+            self.publish()
+        else:
+            self.discard()

@@ -6,7 +6,8 @@ and takes no range lock, so it never keeps an arena alive nor blocks a reader's 
 tool or a test gate can call it while a run is in flight.
 
 Accounting: a sample in flight is a published segment or a ``LIVE`` arena run; bytes in use are
-the segments' sizes plus the sample bytes of the arena's ``LIVE`` and ``WRITING`` runs (not the
+the segments' sizes plus the sample bytes of the arena's ``LIVE``, ``WRITING`` and ``STAGED``
+runs (a staged run counts as a staged segment file does; not the
 arena file's size, which is fixed when it is created, nor the slab rounding).
 """
 
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from dataflow.contracts import CorruptRecordError
-from dataflow.store.arena_format import GEOMETRY, LIVE, MAGIC, RECORD, WRITING, id_hash
+from dataflow.store.arena_format import GEOMETRY, LIVE, MAGIC, RECORD, STAGED, WRITING, id_hash
 
 _PREFIX = "dfs~"  # dataflow.store.shm.PREFIX (shm imports this module's users, not the reverse)
 _ARENA = "arena"
@@ -28,7 +29,9 @@ _ARENA = "arena"
 
 @dataclass(frozen=True)
 class ArenaRun:
-    """One run in use: ``LIVE`` (published) or ``WRITING`` (a put in progress or torn)."""
+    """One run in use: ``LIVE`` (published), ``WRITING`` (a put in progress or torn) or
+    ``STAGED`` (a foreign writer's sample not yet adopted).
+    """
 
     state: str
     start: int
@@ -65,7 +68,7 @@ class ShmUsage:
 
     @property
     def arena_bytes(self) -> int:
-        """Sample bytes of the arena's runs in use (``LIVE`` and ``WRITING``)."""
+        """Sample bytes of the arena's runs in use (``LIVE``, ``WRITING``, ``STAGED``)."""
         return sum(r.nbytes for r in self.runs)
 
     @property
@@ -138,11 +141,12 @@ def _read_arena(path: str) -> tuple[int, int, int, int, tuple[ArenaRun, ...]]:
         raise CorruptRecordError(f"{path}: arena table is truncated")
     table = np.frombuffer(raw, dtype=RECORD)
     runs = []
-    for i in np.flatnonzero((table["state"] == LIVE) | (table["state"] == WRITING)).tolist():
+    states = {LIVE: "LIVE", WRITING: "WRITING", STAGED: "STAGED"}
+    for i in np.flatnonzero(np.isin(table["state"], list(states))).tolist():
         r = table[i]
         runs.append(
             ArenaRun(
-                state="LIVE" if int(r["state"]) == LIVE else "WRITING",
+                state=states[int(r["state"])],
                 start=i,
                 span=int(r["span"]),
                 generation=int(r["tag"]),

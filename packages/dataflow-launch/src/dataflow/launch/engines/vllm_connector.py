@@ -28,8 +28,10 @@ Store mode (``target.vllm.capture_mode: store``; the server started with
 store URI, sample id, reserved generation, steward, loss mask, tokens kept) gets no file and no
 lock: the worker builds the sample's four EAGLE3 features itself (the three aux layers
 concatenated, the target's final norm applied to the last id, the token ids, the loss mask)
-and stages them into the run's feature store (``store.stage``, see
-:mod:`dataflow.store.staging`) under the sample's key; ``request_finished`` answers their
+and stages them into the run's feature store under the sample's key, written in place
+(``store.stage_writer``, see :mod:`dataflow.store.staging`: on ``shm://`` the tensors view the
+staged segment, so the captured streams are copied once, cache -> store, in the engine step;
+the final norm and the publish run on the write thread); ``request_finished`` answers their
 names, shapes and dtypes (``dataflow_store.features``) for the client to check and the producer
 to adopt. A ``dir://`` store's token comes from ``DATAFLOW_STORE_TOKEN`` in the server's
 environment. A server started without ``dataflow_store_capture`` answers
@@ -46,6 +48,7 @@ import contextlib
 import logging
 import os
 import threading
+import time
 from typing import Any
 
 import torch
@@ -54,6 +57,10 @@ from vllm.distributed.kv_transfer.kv_connector.v1.example_hidden_states_connecto
     PendingSave,
     extract_from_kv_cache,
 )
+
+from dataflow.contracts import FeatureSpec
+from dataflow.launch.engines.vllm_wire import TIMINGS_ENV
+from dataflow.store.staging import StagedWrite
 
 _SAVED_KEPT = 4096
 STORE_MARK = "dataflow-store:"
@@ -81,6 +88,32 @@ def server_facts(vllm_config: Any) -> dict[str, Any]:
         "dtype": str(model.dtype).removeprefix("torch."),
         "hidden_size": int(model.get_hidden_size()),
         "model": str(model.model),
+    }
+
+
+def _record_timing(mode: str, nbytes: int, step_s: float, write_s: float) -> None:
+    """One JSON line per save into ``$DATAFLOW_CONNECTOR_TIMINGS`` when set (benchmarks read
+    it): the mode, the bytes, the seconds spent in the engine step and on the write thread.
+    """
+    path = os.environ.get(TIMINGS_ENV)
+    if not path:
+        return
+    import json
+
+    line = json.dumps({"mode": mode, "bytes": nbytes, "step_s": step_s, "write_s": write_s})
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, (line + "\n").encode())
+        finally:
+            os.close(fd)
+
+
+def feature_specs(num_tokens: int, facts: dict[str, Any]) -> dict[str, FeatureSpec]:
+    """The :func:`feature_answer` features as specs (what ``stage_writer`` is given)."""
+    return {
+        name: FeatureSpec(name, tuple(meta["shape"]), meta["dtype"])
+        for name, meta in feature_answer(num_tokens, facts).items()
     }
 
 
@@ -135,34 +168,105 @@ class DataflowHiddenStatesConnector(ExampleHiddenStatesConnector):
                 store = self._stores[uri] = open_store(uri, **options)
             return store
 
-    def _features(
-        self, target: dict[str, Any], hidden: torch.Tensor, tokens: torch.Tensor
-    ) -> dict[str, torch.Tensor]:
-        from dataflow.launch.engines.vllm_wire import eagle3_from_capture, read_norm_weight
-
+    def _norm_weight(self, dtype: torch.dtype) -> torch.Tensor:
         if self._norm is None:
-            self._norm = read_norm_weight(self._model_dir).to(hidden.dtype)
-        keep = int(target.get("keep_tokens") or tokens.shape[0])
-        return eagle3_from_capture(
-            hidden[:keep], tokens[:keep], list(target["loss_mask"]), self._norm, self._eps
-        )
+            from dataflow.launch.engines.vllm_wire import read_norm_weight
 
-    def _stage(self, target: dict[str, Any], hidden: torch.Tensor, tokens: torch.Tensor) -> None:
+            self._norm = read_norm_weight(self._model_dir).to(dtype)
+        return self._norm
+
+    def _stage_in_place(self, target: dict[str, Any], pending: PendingSave) -> None:
+        """Store mode, in the engine step (the blocks are freed after it): open the staged
+        sample's writable tensors and copy the captured streams from the cache straight into
+        them (the only copy of the bulk bytes); the final norm and the publish run on the
+        write thread. A failure stages nothing (the client's wait times out and says so).
+        """
+        started = time.perf_counter()
         try:
-            tensors = self._features(target, hidden, tokens)
-            self._store(str(target["uri"])).stage(
+            keep = min(
+                int(target.get("keep_tokens") or pending.token_ids.shape[0]),
+                int(pending.token_ids.shape[0]),
+            )
+            mask = list(target["loss_mask"])[:keep]
+            mask += [1] * (keep - len(mask))  # generated tokens are trained on
+            staged = self._store(str(target["uri"])).stage_writer(
                 str(target["sample_id"]),
                 int(target["generation"]),
-                tensors,
+                feature_specs(keep, self._facts),
                 steward=str(target["steward"]),
             )
-        except Exception:  # the client's wait for the staged sample times out and says so
+        except Exception:
             _log.exception("dataflow store capture of %s failed", target.get("sample_id"))
+            return
+        try:
+            out = staged.tensors
+            out["input_ids"][0].copy_(pending.token_ids[:keep])
+            out["loss_mask"][0].copy_(torch.tensor(mask, dtype=torch.int64))
+            hidden = out["hidden_state"][0]
+            aux = out["aux_hidden_state"][0].view(keep, -1, hidden.shape[-1])
+            self._copy_capture(pending.block_ids, keep, aux, hidden)
+        except Exception:
+            staged.discard()
+            _log.exception("dataflow store capture of %s failed", target.get("sample_id"))
+            return
+        copied = time.perf_counter()
+        future = self._executor.submit(self._publish_staged, target, staged, started, copied)
+        self._req_copy_events[pending.req_id] = _Done()
+        self._req_futures[pending.req_id] = future
+        future.add_done_callback(lambda f, rid=pending.req_id: self._on_write_done(rid, f))
+
+    def _copy_capture(
+        self, block_ids: list[int], keep: int, aux: torch.Tensor, last: torch.Tensor
+    ) -> None:
+        """Copy the first ``keep`` tokens' captured streams out of the cache (``[blocks, ids,
+        block_size, H]``): ids but the last into ``aux`` ``[T, ids - 1, H]``, the last (id L,
+        before the final norm) into ``last`` ``[T, H]``.
+        """
+        cache, size = self._kv_cache, self._block_size
+        assert cache is not None
+        if cache.device.type == "cpu":  # block by block: no gathered intermediate
+            for i, block in enumerate(block_ids[: -(-keep // size)]):
+                lo = i * size
+                n = min(size, keep - lo)
+                aux[lo : lo + n].copy_(cache[block, :-1, :n].transpose(0, 1))
+                last[lo : lo + n].copy_(cache[block, -1, :n])
+            return
+        blocks = torch.tensor(block_ids, dtype=torch.long)
+        offsets = torch.arange(0, size, dtype=torch.long)
+        slots = (offsets.reshape(1, -1) + blocks.reshape(-1, 1) * size).flatten()
+        hidden = extract_from_kv_cache(cache, slots.to(cache.device), keep)  # on the device
+        aux.copy_(hidden[:, :-1])  # one device-to-host copy each, into the staged memory
+        last.copy_(hidden[:, -1])
+
+    def _publish_staged(
+        self, target: dict[str, Any], staged: StagedWrite, started: float, copied: float
+    ) -> None:
+        from dataflow.launch.engines.vllm_wire import final_norm
+
+        try:
+            # The views were made in the engine step, under inference mode: so is their update.
+            with torch.inference_mode():
+                hidden = staged.tensors["hidden_state"]
+                hidden.copy_(final_norm(hidden, self._norm_weight(hidden.dtype), self._eps))
+            staged.publish()
+        except Exception:  # the client's wait for the staged sample times out and says so
+            staged.discard()
+            _log.exception("dataflow store capture of %s failed", target.get("sample_id"))
+            return
+        nbytes = sum(t.numel() * t.element_size() for t in staged.tensors.values())
+        _record_timing("store", nbytes, copied - started, time.perf_counter() - copied)
 
     def _submit_async_write(self, pending: PendingSave) -> None:
         if not self._is_tp_rank_zero:
             return
         assert self._kv_cache is not None
+        if pending.filename.startswith(STORE_MARK):
+            import json
+
+            assert pending.req_id not in self._req_futures, "two saves for one request id"
+            self._stage_in_place(json.loads(pending.filename[len(STORE_MARK) :]), pending)
+            return
+        started = time.perf_counter()
         block_ids = torch.tensor(pending.block_ids, dtype=torch.long)
         offsets = torch.arange(0, self._block_size, dtype=torch.long)
         slots = (offsets.reshape(1, -1) + block_ids.reshape(-1, 1) * self._block_size).flatten()
@@ -171,16 +275,6 @@ class DataflowHiddenStatesConnector(ExampleHiddenStatesConnector):
             self._kv_cache, slots.to(self._kv_cache.device), num_tokens
         ).to("cpu", copy=True)
         assert pending.req_id not in self._req_futures, "two saves for one request id"
-        if pending.filename.startswith(STORE_MARK):
-            import json
-
-            target = json.loads(pending.filename[len(STORE_MARK) :])
-            done = _Done()
-            future = self._executor.submit(self._stage, target, hidden, pending.token_ids.clone())
-            self._req_copy_events[pending.req_id] = done
-            self._req_futures[pending.req_id] = future
-            future.add_done_callback(lambda f, rid=pending.req_id: self._on_write_done(rid, f))
-            return
         tensors = {"hidden_states": hidden.contiguous(), "token_ids": pending.token_ids.clone()}
         import fcntl
         import os
@@ -192,7 +286,7 @@ class DataflowHiddenStatesConnector(ExampleHiddenStatesConnector):
             fcntl.flock(lock_fd, fcntl.LOCK_EX)
         done = _Done()
         future = self._executor.submit(
-            self._write_tensors, tensors, done, pending.filename, lock_fd
+            self._write_timed, tensors, done, pending.filename, lock_fd, started
         )
         self._req_copy_events[pending.req_id] = done
         self._req_futures[pending.req_id] = future
@@ -200,6 +294,14 @@ class DataflowHiddenStatesConnector(ExampleHiddenStatesConnector):
         self._saved[pending.req_id] = pending.filename
         while len(self._saved) > _SAVED_KEPT:
             self._saved.popitem(last=False)
+
+    def _write_timed(
+        self, tensors: dict[str, torch.Tensor], done: _Done, path: str, lock: Any, started: float
+    ) -> None:
+        copied = time.perf_counter()
+        self._write_tensors(tensors, done, path, lock)
+        nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+        _record_timing("file", nbytes, copied - started, time.perf_counter() - copied)
 
     def wait_for_save(self) -> None:
         """The stock lock pre-creation, then: a lock it took for a request already saved is

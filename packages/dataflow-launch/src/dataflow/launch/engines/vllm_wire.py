@@ -39,6 +39,9 @@ from dataflow.contracts import (
 CONNECTOR_CLASS = "DataflowHiddenStatesConnector"
 CONNECTOR_MODULE = "dataflow.launch.engines.vllm_connector"
 NORM_KEY = "model.norm.weight"
+TIMINGS_ENV = "DATAFLOW_CONNECTOR_TIMINGS"
+"""When set in the server's environment: a file the connector appends one JSON line per save to
+(mode, bytes, seconds in the engine step and on its write thread), for benchmarks."""
 STORE_SCHEMES = ("shm", "dir", "mooncake")
 """Stores the connector can write into from the server process (store mode)."""
 
