@@ -314,9 +314,7 @@ def test_a_failed_or_discarded_in_place_write_stages_nothing(backend) -> None:
 
 
 def test_an_in_place_write_never_overwrites_a_staged_generation(backend) -> None:
-    scheme, open_, _ = backend
-    if not scheme.startswith("shm"):
-        pytest.skip("the in-place path of shm:// (elsewhere publish is stage(), tested above)")
+    _, open_, _ = backend
     producer, writer = open_(), open_()
     tensors = eagle_sample(5, tokens=4, hidden=8)
     specs = specs_of(tensors)

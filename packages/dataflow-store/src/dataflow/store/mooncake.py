@@ -307,9 +307,13 @@ class MooncakeFeatureStore(BookkeepingStore):
         self, sample_id: str, generation: int, sample: PreparedSample, *, manifest: bool = True
     ) -> None:
         manifest_key = wire.manifest_key(sample_id, generation)
-        if self.client.exists([manifest_key])[0]:
+        # The manifest (stored) and every feature key (staged, or a torn write): Mooncake keeps
+        # the old bytes of a key written twice, so a second write must be refused, not ignored.
+        keys = [manifest_key, *(wire.feature_key(sample_id, generation, n) for n in sample.specs)]
+        taken = [key for key, found in zip(keys, self.client.exists(keys), strict=True) if found]
+        if taken:
             raise CorruptRecordError(
-                f"{self.uri}: key {manifest_key!r} already exists; refusing to write generation "
+                f"{self.uri}: key {taken[0]!r} already exists; refusing to write generation "
                 f"{generation} of {sample_id!r} over it (Mooncake would keep the old bytes)"
             )
         keep_alive = [_buffer(wire.manifest_bytes(sample_id, generation, list(sample.specs)))]

@@ -243,8 +243,15 @@ class SharedDirFeatureStore(BookkeepingStore):
                 os.mkdir(os.path.dirname(final), 0o700)
             self._checked_path(sample_id, 0)
             try:
-                os.rename(temp, final)
+                # link + unlink, not rename: a rename would replace a file already there (a
+                # generation staged twice), a link refuses it atomically.
+                os.link(temp, final)
+                os.unlink(temp)
                 return
+            except FileExistsError:
+                raise CorruptRecordError(
+                    f"{self._uri}: {final} already exists; refusing to write over it"
+                ) from None
             except FileNotFoundError:
                 if not os.path.exists(temp):
                     raise
