@@ -19,7 +19,13 @@ CPU between its boundaries minus the bare step's, so the prefetch thread's work 
 the Trainer wherever it falls (overlap earns it nothing). On a shared machine (2 cores, many
 jobs) wall time mostly measures the neighbours; it is printed beside it.
 
-    python bench_train.py [--steps 4] [--rounds 16] [--precision bf16|fp32] [--json [PATH]]
+Both loops run in one process under the host-memory policy the Trainer sets
+(:mod:`dataflow.train.host_memory`, set here before the warm-up too): under glibc's default
+moving thresholds each step page-faults a varying share of its activations back in (4k-130k
+faults, up to 0.2 s of kernel time a step), split between the two interleaved loops by chance.
+Rounds of 10 steps give 8 pairs each (steps 0 and 1 are warm-up), 48 pairs by default.
+
+    python bench_train.py [--steps 10] [--rounds 6] [--precision bf16|fp32] [--json [PATH]]
 """
 
 from __future__ import annotations
@@ -44,6 +50,7 @@ from dataflow.store import open_store
 from dataflow.train.config import TrainerConfig
 from dataflow.train.eagle3 import Eagle3Config, Eagle3Objective
 from dataflow.train.hooks import AckHook, HookContext, StepEvent, TrainerHook
+from dataflow.train.host_memory import retain_freed_host_memory
 from dataflow.train.loader import FeatureDataLoader
 from dataflow.train.metrics import JsonlMetrics
 from dataflow.train.optim import OptimConfig, WarmupCosineSchedule, build_adamw
@@ -192,8 +199,8 @@ def pair_ratios(
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=4, help="optimizer steps per round")
-    parser.add_argument("--rounds", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=10, help="optimizer steps per round")
+    parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--accumulation", type=int, default=2)
     parser.add_argument("--seq-len", type=int, default=512)
@@ -212,6 +219,7 @@ def main() -> int:
         parser.error("--steps must be >= 3 (the first two steps of a round are warm-up)")
     if args.threads:
         torch.set_num_threads(args.threads)
+    host_memory_retained = retain_freed_host_memory()
 
     per_step = args.batch_size * args.accumulation
     count = per_step * args.steps
@@ -262,6 +270,7 @@ def main() -> int:
         "samples_per_step": per_step,
         "seq_len": args.seq_len,
         "torch_threads": torch.get_num_threads(),
+        "host_memory_retained": host_memory_retained,
         "load_average_1m": loads[-1],
         "load": {"start": loads[0], "end": loads[-1], "min": min(loads), "max": max(loads)},
         "steps": steps,

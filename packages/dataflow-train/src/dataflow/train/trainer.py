@@ -35,6 +35,7 @@ from dataflow.train.checkpoint_state import (
 from dataflow.train.config import TrainerConfig
 from dataflow.train.elastic import Resharding, resume_plan
 from dataflow.train.hooks import AckHook, HookContext, StepEvent, TrainerHook
+from dataflow.train.host_memory import retain_freed_host_memory
 from dataflow.train.loader import FeatureDataLoader
 from dataflow.train.metrics import MetricsProgress, MetricsSink
 from dataflow.train.nonfinite import guard_step
@@ -99,7 +100,10 @@ class Trainer:
     - ``fit(resume=...)`` restores model, optimizer, schedule, RNG, loader position and hook
       states, after refusing a checkpoint written under a different config;
     - when ``fit`` ends, by success or failure, the loader is closed and the refs it fetched but
-      never yielded are in ``unyielded_refs`` for the caller to settle.
+      never yielded are in ``unyielded_refs`` for the caller to settle;
+    - the process keeps freed host memory mapped (glibc: fixed mmap and trim thresholds, see
+      :mod:`dataflow.train.host_memory`), so a step reuses the last step's activation memory
+      instead of faulting it in again.
     """
 
     def __init__(
@@ -116,6 +120,8 @@ class Trainer:
         contract_extra: Mapping[str, Any] | None = None,
         metrics_from_counts: CountsToMetrics | None = None,
     ) -> None:
+        # Process-wide and once: set before the model and its first step allocate anything.
+        self.host_memory_retained = retain_freed_host_memory()
         self.config = config
         self.loader = loader
         self.backend: TrainBackend = backend or LocalBackend()
