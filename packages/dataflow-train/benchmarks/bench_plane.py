@@ -47,6 +47,7 @@ from dataflow.control.window import WindowShape
 from dataflow.store import open_store
 from dataflow.train.config import TrainerConfig
 from dataflow.train.eagle3 import Eagle3Objective
+from dataflow.train.host_memory import retain_freed_host_memory
 from dataflow.train.loader import FeatureDataLoader
 from dataflow.train.optim import WarmupCosineSchedule, build_adamw
 
@@ -150,6 +151,9 @@ def main() -> int:
         parser.error("--steps must be >= 2 (the first step of a round is warm-up)")
     if args.threads:
         torch.set_num_threads(args.threads)
+    # Both loops under the Trainer's host-memory policy (as bench_train): without it each step
+    # page-faults a varying share of its activations back in, split between the loops by chance.
+    host_memory_retained = retain_freed_host_memory()
 
     per_step = args.batch_size * args.accumulation
     count = per_step * args.steps
@@ -196,6 +200,7 @@ def main() -> int:
         "samples_per_step": per_step,
         "seq_len": args.seq_len,
         "torch_threads": torch.get_num_threads(),
+        "host_memory_retained": host_memory_retained,
         "load_average_1m": loads[-1],
         "load": {"start": loads[0], "end": loads[-1], "min": min(loads), "max": max(loads)},
         "median_s_per_step": medians,
