@@ -10,9 +10,9 @@ less to parse at dispatch). Layout, in this order::
 
 ``v`` is the contracts' SampleRef schema version (an array of another version is refused); an
 object (a row written by schemas 1 to 3) goes through ``_serial``'s decoders. Reading follows
-``_serial``: text
-whose stored CRC-32 matches is rebuilt with ``SampleRef.from_validated``; without a CRC every
-field is validated by the constructor; a mismatch or a malformed array is ``CorruptRecordError``.
+``_serial``: text whose stored CRC-32 matches is rebuilt with ``SampleRef.from_validated``;
+without a CRC every field is validated by the constructor; a mismatch or a malformed array is
+``CorruptRecordError``.
 """
 
 from __future__ import annotations
