@@ -3,7 +3,8 @@ each target engine, against the same engine's bare forward on the same prompts, 
 
 Target: the shipped trained built-in LLaMA saved as a model directory (fp32), served by a real
 vLLM CPU server started by the ``vllm`` engine's own managed-server code (eager, the
-``extract_hidden_states`` method and this project's connector in file mode). Prompts:
+``extract_hidden_states`` method and this project's connector, taking file- and store-mode
+requests). Prompts:
 ``--prompts`` token-id prompts of ``--tokens`` tokens. Paired rounds: each round times every
 path below once (odd rounds in reverse order), so every ratio is of two timings taken under the
 same load; the reported ratio is the median over rounds of the per-round ratios.
@@ -17,6 +18,10 @@ Paths timed per round:
 - ``vllm producer``: the rollout producer on the vllm engine (SQLite ledger, ``shm://`` store:
   lease, capture, put, commit), a fresh ledger each round and one store for all rounds (the
   previous round's samples removed, untimed, before the next: a steady-state, warm store);
+- ``vllm capture (store mode)`` / ``vllm producer (store mode)``: the same with
+  ``capture_mode: store`` (the connector stages the features in the producer's ``shm://``
+  store, the producer checks and adopts them; no file); the capture path's staged samples are
+  unstaged, untimed, before the next round;
 - ``hf bare``: ``model(input_ids, attention_mask, output_hidden_states=True)`` in batches of
   ``batch_size``, in this process;
 - ``hf capture``: ``HFTargetEngine.capture`` over the same prompts;
@@ -174,6 +179,8 @@ class _Producing:
     def __init__(self, engine: Any, model_dir: Path, work: Path) -> None:
         self.engine, self.model_dir, self.work = engine, model_dir, work
         self._shm = f"bench-{uuid.uuid4().hex[:10]}"
+        self.store_uri = f"shm://{self._shm}"
+        """The producer's store: a store-mode vLLM engine stages into it."""
         self._store: Any = None
         self._produced: list[str] = []
         self._cleanup: list[Callable[[], None]] = []
@@ -194,7 +201,7 @@ class _Producing:
                     "batch_size": BATCH_SIZE,
                 },
                 "data": {"max_length": len(tasks[0].payload["input_ids"]) + 16},
-                "store": {"uri": f"shm://{self._shm}", "options": {"budget_bytes": 1 << 30}},
+                "store": {"uri": self.store_uri, "options": {"budget_bytes": STORE_BUDGET}},
                 "ledger": {"uri": f"sqlite://{where}/ledger.sqlite"},
                 "flow": {"high_watermark": 4 * len(tasks), "low_watermark": len(tasks)},
                 "producer": {"workers": 1},
@@ -269,6 +276,7 @@ def _bare_hf(model: Any, tasks: list[Any]) -> None:
 
 
 ENGINES = ("vllm", "hf")
+STORE_BUDGET = 1 << 30
 
 
 def measure(
@@ -292,7 +300,14 @@ def measure(
         model_dir=str(model_dir),
         dtype="float32",
         batch_size=BATCH_SIZE,
-        vllm={"python": server_python, "max_model_len": 512, "startup_timeout_s": 600.0},
+        # capture_mode store: the server's connector also takes store-mode requests (file-mode
+        # requests as before), so both modes are measured against the same server.
+        vllm={
+            "python": server_python,
+            "max_model_len": 512,
+            "startup_timeout_s": 600.0,
+            "capture_mode": "store",
+        },
     )
     server = ManagedVLLMServer(target) if "vllm" in engines else None
     times: dict[str, list[float]] = {}
@@ -316,6 +331,34 @@ def measure(
             paths["vllm bare"] = lambda ts: lambda: _bare_vllm(url, served, ts, pool)
             paths["vllm capture"] = lambda ts: lambda: vllm.capture(ts)
             paths["vllm producer"] = vllm_producing.prepare
+            # Store mode (target.vllm.capture_mode: store): the connector stages into the
+            # producer's shm:// store, the producer adopts. The capture path's staged samples are
+            # unstaged untimed before the next round (nothing adopts them).
+            store_producing = _Producing(None, model_dir, work)
+            vllm_store = VLLMTargetEngine(
+                server.url,
+                str(model_dir),
+                dtype="float32",
+                batch_size=BATCH_SIZE,
+                timeout_s=120,
+                capture_mode="store",
+                store_uri=store_producing.store_uri,
+                store_options={"budget_bytes": STORE_BUDGET},
+            )
+            store_producing.engine = vllm_store
+            staged: list[Any] = []
+
+            def unstage() -> None:
+                vllm_store._unstage(staged)
+                staged.clear()
+
+            def store_capture(ts: list[Any]) -> Callable[[], None]:
+                unstage()
+                return lambda: staged.extend(vllm_store.capture(ts))
+
+            closers += [unstage, store_producing.close, vllm_store.close]
+            paths["vllm capture (store mode)"] = store_capture
+            paths["vllm producer (store mode)"] = store_producing.prepare
         if "hf" in engines:
             model, tokenizer = load_model_dir(str(model_dir), "float32")
             hf = HFTargetEngine(model, tokenizer, batch_size=BATCH_SIZE)
@@ -356,6 +399,10 @@ def measure(
         ("vllm capture / vllm bare server call (max_tokens=1, no capture)", "vllm capture",
          "vllm bare", OVERHEAD_TARGET),
         ("vllm producer / vllm bare server call", "vllm producer", "vllm bare", OVERHEAD_TARGET),
+        ("vllm capture (store mode) / vllm bare server call (max_tokens=1, no capture)",
+         "vllm capture (store mode)", "vllm bare", OVERHEAD_TARGET),
+        ("vllm producer (store mode) / vllm bare server call", "vllm producer (store mode)",
+         "vllm bare", OVERHEAD_TARGET),
         ("hf producer / bare hf forward (output_hidden_states)", "hf producer", "hf bare",
          OVERHEAD_TARGET),
         ("hf capture / bare hf forward (output_hidden_states)", "hf capture", "hf bare", None),
